@@ -1,0 +1,55 @@
+"""devicemap: decide where each layer of a large PyTorch model lives (GPUs, CPU, disk).
+
+    >>> import torch, devicemap
+    >>> with torch.device("meta"):
+    ...     model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(8)])
+    >>> plan = devicemap.plan(model, max_memory={0: "200MiB", 1: "200MiB", "cpu": "8GiB"})
+    >>> sorted(set(plan.device_map.values()), key=str)
+    [0, 1, 'cpu']
+
+``plan.device_map`` is accelerate's format, accepted by transformers' ``from_pretrained`` and by
+accelerate's ``dispatch_model`` / ``load_checkpoint_and_dispatch``. ``devicemap.compat`` holds
+drop-in replacements for accelerate's ``infer_auto_device_map`` and ``get_balanced_memory``.
+"""
+
+from . import compat
+from ._core import __version__
+from .errors import (
+    AccelerateCompatError,
+    DoesNotFitError,
+    InternalError,
+    InvalidSizeError,
+    InvalidTreeError,
+    PinConflictError,
+    PlacementError,
+    TiedPinConflictError,
+    UnknownDeviceError,
+    UnknownModuleError,
+)
+from .memory import available_memory, normalize_max_memory, parse_size
+from .planning import STRATEGIES, DeviceUsage, Offload, Plan, plan
+from .tree import ModuleTree
+
+__all__ = [
+    "STRATEGIES",
+    "AccelerateCompatError",
+    "DeviceUsage",
+    "DoesNotFitError",
+    "InternalError",
+    "InvalidSizeError",
+    "InvalidTreeError",
+    "ModuleTree",
+    "Offload",
+    "PinConflictError",
+    "Plan",
+    "PlacementError",
+    "TiedPinConflictError",
+    "UnknownDeviceError",
+    "UnknownModuleError",
+    "__version__",
+    "available_memory",
+    "compat",
+    "normalize_max_memory",
+    "parse_size",
+    "plan",
+]

@@ -1,0 +1,185 @@
+"""Drop-in replacements for accelerate's placement helpers, computed by the Rust core.
+
+``devicemap.compat.infer_auto_device_map`` and ``devicemap.compat.get_balanced_memory`` take the
+same arguments as ``accelerate.utils.infer_auto_device_map`` / ``get_balanced_memory`` (accelerate
+1.x) and return the same result, much faster on large models::
+
+    from devicemap.compat import get_balanced_memory, infer_auto_device_map
+
+    max_memory = get_balanced_memory(model, max_memory={0: "20GiB", 1: "20GiB"},
+                                     no_split_module_classes=["LlamaDecoderLayer"])
+    device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                       no_split_module_classes=["LlamaDecoderLayer"])
+
+Known differences, all where accelerate raises: a ``"disk"`` key in ``get_balanced_memory``'s
+``max_memory`` is ignored rather than crashing ``torch.device("disk")``; inputs on which accelerate
+raises ``IndexError`` raise :class:`devicemap.AccelerateCompatError`. ``verbose`` prints nothing and
+the buffer warning of ``offload_buffers`` is not emitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Optional, Union
+
+from . import _core
+from .errors import InvalidSizeError, UnknownDeviceError
+from .memory import DeviceKey, available_memory
+from .tree import DtypeLike, ModuleTree
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["get_balanced_memory", "get_max_memory", "infer_auto_device_map"]
+
+
+def _convert_size(size: Union[int, float, str]) -> Union[int, float]:
+    """accelerate's size reading (lenient like it: ``"20 GB"`` is read as 20 GB)."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        if size < 0:
+            raise InvalidSizeError(f"invalid memory size {size!r}: sizes cannot be negative")
+        return size
+    message = f"invalid memory size {size!r}: use an int for bytes or a string with a unit such as '5GB'"
+    if not isinstance(size, str):
+        raise InvalidSizeError(message)
+    upper = size.upper()
+    try:
+        for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10)):
+            if upper.endswith(unit):
+                value = int(float(size[:-3]) * factor)
+                break
+        else:
+            for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+                if upper.endswith(unit):
+                    value = int(float(size[:-2]) * factor)
+                    value = value // 8 if size.endswith("b") else value
+                    break
+            else:
+                raise InvalidSizeError(message)
+    except (ValueError, OverflowError):
+        raise InvalidSizeError(message) from None
+    if value < 0:
+        raise InvalidSizeError(message)
+    return value
+
+
+def get_max_memory(
+    max_memory: Optional[Mapping[object, object]] = None,
+) -> dict[DeviceKey, Union[int, float]]:
+    """accelerate's ``get_max_memory``: sizes to bytes, devices sorted (GPU indices, mps, cpu, disk).
+
+    >>> get_max_memory({"cpu": "1GiB", 1: 100, 0: "1KB"})
+    {0: 1000, 1: 100, 'cpu': 1073741824}
+    """
+    if max_memory is None:
+        return dict(available_memory())
+    converted = {k: _convert_size(v) if isinstance(v, str) else v for k, v in max_memory.items()}
+    gpus = sorted(k for k in converted if isinstance(k, int) and not isinstance(k, bool))
+    ordered: list[DeviceKey] = [*gpus, *(k for k in ("mps", "cpu", "disk") if k in converted)]
+    for k in converted:
+        if k not in ordered:
+            raise UnknownDeviceError(
+                f"Device {k!r} is not recognized: use integers for GPUs, 'mps', 'cpu' and 'disk'"
+            )
+    return {k: converted[k] for k in ordered}
+
+
+def _no_split(no_split_module_classes: object) -> list[str]:
+    if no_split_module_classes is None:
+        return []
+    if isinstance(no_split_module_classes, str):
+        return [no_split_module_classes]
+    return [str(c) for c in no_split_module_classes]  # type: ignore[union-attr]
+
+
+def _bits(size: Union[int, float]) -> int:
+    # accelerate compares (possibly fractional) byte counts; whole bits, rounded down, give the same
+    # answers for its `<=` tests. A negative capacity holds nothing, like 0.
+    return max(math.floor(size * 8), 0)
+
+
+def infer_auto_device_map(
+    model: torch.nn.Module,
+    max_memory: Optional[Mapping[object, object]] = None,
+    no_split_module_classes: Optional[list[str]] = None,
+    dtype: Optional[DtypeLike] = None,
+    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    verbose: bool = False,
+    clean_result: bool = True,
+    offload_buffers: bool = False,
+    fallback_allocation: bool = False,
+) -> dict[str, DeviceKey]:
+    """Same arguments and result as ``accelerate.utils.infer_auto_device_map`` (accelerate 1.x).
+
+    GPUs first (keeping room on the main devices for the largest layer), then CPU, then disk.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> infer_auto_device_map(model, max_memory={0: 400, "cpu": 1000})
+    {'0': 0, '1': 'cpu'}
+    """
+    memory = get_max_memory(max_memory)
+    tree = ModuleTree.from_module(
+        model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
+    )
+    entries = _core.infer_auto_device_map(
+        tree.core,
+        [(str(k), _bits(v)) for k, v in memory.items()],
+        _no_split(no_split_module_classes),
+        bool(fallback_allocation),
+        bool(clean_result),
+    )
+    return {name: int(d) if d.isdigit() else d for name, d in entries}
+
+
+def get_balanced_memory(
+    model: torch.nn.Module,
+    max_memory: Optional[Mapping[object, object]] = None,
+    no_split_module_classes: Optional[list[str]] = None,
+    dtype: Optional[DtypeLike] = None,
+    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    low_zero: bool = False,
+) -> dict[DeviceKey, Union[int, float]]:
+    """Same arguments and result as ``accelerate.utils.get_balanced_memory`` (accelerate 1.x): a
+    ``max_memory`` that spreads the model over the GPUs (accelerate's heuristic budget).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    >>> get_balanced_memory(model, max_memory={0: 10_000, 1: 10_000, "cpu": 10_000})
+    {0: 936, 1: 10000, 'cpu': 10000}
+    """
+    user_set = max_memory is not None
+    memory = get_max_memory(max_memory)
+    counts_mps = _mps_available()
+    num_devices = sum(
+        1 for k, v in memory.items() if (isinstance(k, int) or (k == "mps" and counts_mps)) and v > 0
+    )
+    if num_devices == 0:
+        return memory
+    if num_devices == 1:
+        low_zero = False
+        if not user_set:
+            for key in memory:
+                if isinstance(key, int):
+                    memory[key] *= 0.9
+                    break
+    tree = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes)
+    share = num_devices - 1 if low_zero else num_devices
+    total_bits, per_gpu_bits = _core.balanced_budget(tree.core, _no_split(no_split_module_classes), share)
+    total: Union[int, float] = total_bits // 8 if total_bits % 8 == 0 else total_bits / 8
+    per_gpu = per_gpu_bits // 8
+    gpus = sorted(k for k, v in memory.items() if isinstance(k, int) and v > 0)
+    for index in gpus[:-1]:
+        memory[index] = min(memory[0] if low_zero and index == 0 else per_gpu, memory[index])
+    if low_zero:
+        min_zero = max(0, total - sum(memory[i] for i in range(1, num_devices)))
+        memory[0] = min(min_zero, memory[0])
+    return memory
+
+
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())

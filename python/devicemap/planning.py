@@ -1,0 +1,208 @@
+"""plan(): decide where each module lives, and the Plan it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
+
+from . import _core
+from .errors import PlacementError, UnknownModuleError
+from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory
+from .tree import DtypeLike, ModuleTree
+
+if TYPE_CHECKING:
+    import torch
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_from_core(text: str) -> DeviceKey:
+    return int(text) if text.isdigit() else text
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    """What one device holds in a plan."""
+
+    device: DeviceKey
+    capacity: Optional[int]
+    """Bytes the plan may use (``None``: unbounded disk)."""
+    weights: int
+    """Bytes of parameters and buffers placed here."""
+    reserve: int
+    """Bytes kept free to stage offloaded blocks (0 unless something is offloaded)."""
+    blocks: tuple[str, ...]
+    """The finest placed pieces (layers) on this device, in model order."""
+
+    @property
+    def used(self) -> int:
+        return self.weights + self.reserve
+
+
+@dataclass(frozen=True)
+class Offload:
+    """A block placed on CPU or disk, and why it is not on a GPU."""
+
+    name: str
+    device: DeviceKey
+    bytes: int
+    reason: str
+
+
+class Plan:
+    """Where every module of a model lives.
+
+    ``plan.device_map`` is accelerate's format: pass it to ``from_pretrained(device_map=...)``,
+    ``accelerate.dispatch_model`` or ``load_checkpoint_and_dispatch``.
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        device_map: dict[str, DeviceKey],
+        assignments: dict[str, DeviceKey],
+        usage: list[DeviceUsage],
+        offloaded: list[Offload],
+    ):
+        self.strategy = strategy
+        self.device_map = device_map
+        self.assignments = assignments
+        """Every block (the finest placed piece) and its device, in model order."""
+        self.usage = usage
+        self.offloaded = offloaded
+
+    @property
+    def device_bytes(self) -> dict[DeviceKey, int]:
+        """Bytes of weights on each device (reserve not included), devices in placement order."""
+        return {u.device: u.weights for u in self.usage}
+
+    @property
+    def reserve_bytes(self) -> dict[DeviceKey, int]:
+        """Staging reserve per device (only non-zero when something is offloaded)."""
+        return {u.device: u.reserve for u in self.usage if u.reserve}
+
+    def __repr__(self) -> str:
+        return f"Plan(strategy={self.strategy!r}, devices={self.device_bytes})"
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        """A readable per-device table: bytes used, capacity, reserve, layers held, offloads."""
+        rows = [("device", "weights", "reserve", "capacity", "use", "blocks")]
+        for u in self.usage:
+            cap = "unbounded" if u.capacity is None else _human(u.capacity)
+            pct = "" if not u.capacity else f"{100 * u.used / u.capacity:.0f}%"
+            rows.append((str(u.device), _human(u.weights), _human(u.reserve), cap, pct, _span(u.blocks)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"devicemap plan ({self.strategy})"]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if self.offloaded:
+            lines.append(f"offloaded ({len(self.offloaded)} blocks):")
+            for o in self.offloaded[:10]:
+                lines.append(f"  {o.name} -> {o.device} ({_human(o.bytes)}): {o.reason}")
+            if len(self.offloaded) > 10:
+                lines.append(f"  ... and {len(self.offloaded) - 10} more")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _span(blocks: tuple[str, ...]) -> str:
+    if not blocks:
+        return "-"
+    if len(blocks) == 1:
+        return blocks[0]
+    return f"{blocks[0]} .. {blocks[-1]} ({len(blocks)})"
+
+
+def plan(
+    model_or_tree: Union[torch.nn.Module, ModuleTree],
+    max_memory: Optional[Mapping[object, Size]] = None,
+    strategy: str = "auto",
+    no_split_module_classes: Optional[Iterable[str]] = None,
+    dtype: Optional[DtypeLike] = None,
+    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    pins: Optional[Mapping[str, object]] = None,
+    offload_buffers: bool = False,
+) -> Plan:
+    """Decide where each module of a model lives.
+
+    Args:
+        model_or_tree: a ``torch.nn.Module`` (meta device is fine) or a :class:`ModuleTree`.
+        max_memory: ``{device: size}`` with GPU indices, ``"cpu"`` and optionally ``"disk"`` (offload to
+            disk is only used when ``"disk"`` is present). Sizes are bytes or strings like ``"20GiB"``.
+            ``None`` reads the free memory of this machine's GPUs and CPU.
+        strategy: ``"auto"`` (one GPU: sequential; several: balanced), ``"balanced"`` (contiguous runs
+            with the smallest possible largest GPU load), ``"balanced_low_0"`` (GPU 0 as empty as
+            possible, the rest balanced) or ``"sequential"`` (fill GPU 0, then 1, ...).
+        no_split_module_classes: class names never split across devices. Defaults to the model's own
+            ``_no_split_modules`` (transformers models declare them).
+        dtype, special_dtypes: size floating weights as if loaded in this dtype (per-name overrides).
+        pins: ``{module name: device}`` placements to keep, e.g. ``{"lm_head": 0}``.
+        offload_buffers: offload buffers with their layers (default: buffers of offloaded layers stay on
+            the execution device, and the plan reserves room for them there).
+
+    Raises:
+        DoesNotFitError: the model does not fit (the message says how much and where).
+        InvalidSizeError, UnknownDeviceError, UnknownModuleError, TiedPinConflictError: bad input.
+
+    Example:
+        >>> import torch, devicemap
+        >>> with torch.device("meta"):
+        ...     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+        >>> p = devicemap.plan(model, max_memory={0: "10MiB", 1: "10MiB", "cpu": "1GiB"}, dtype="float16")
+        >>> p.device_map
+        {'0': 0, '1': 0, '2': 0, '3': 0, '4': 1, '5': 1, '6': 1, '7': 1}
+    """
+    if strategy not in STRATEGIES:
+        raise PlacementError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if isinstance(model_or_tree, ModuleTree):
+        if dtype is not None or special_dtypes is not None:
+            raise PlacementError(
+                "dtype/special_dtypes apply when sizing a model: pass them to ModuleTree.from_module()"
+            )
+        tree = model_or_tree
+    else:
+        tree = ModuleTree.from_module(model_or_tree, dtype=dtype, special_dtypes=special_dtypes)
+    if no_split_module_classes is None:
+        classes = list(tree.no_split_module_classes)
+    elif isinstance(no_split_module_classes, str):
+        classes = [no_split_module_classes]
+    else:
+        classes = [str(c) for c in no_split_module_classes]
+
+    memory = normalize_max_memory(max_memory)
+    devices = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
+    pin_list: list[tuple[str, str]] = []
+    for name, device in (pins or {}).items():
+        if not isinstance(name, str):
+            raise UnknownModuleError(f"pin key {name!r} must be a module name string such as 'lm_head'")
+        pin_list.append((name, str(device_key(device))))
+
+    strategy_ran, device_map, assignments, usage, offloaded = _core.solve(
+        tree.core, devices, strategy, classes, pin_list, offload_buffers
+    )
+    return Plan(
+        strategy=strategy_ran,
+        device_map={n: _device_from_core(d) for n, d in device_map},
+        assignments={n: _device_from_core(d) for n, d in assignments},
+        usage=[
+            DeviceUsage(
+                device=_device_from_core(d),
+                capacity=None if cap is None else cap // 8,
+                weights=-(-weights // 8),
+                reserve=-(-reserve // 8),
+                blocks=tuple(blocks),
+            )
+            for d, cap, weights, reserve, blocks in usage
+        ],
+        offloaded=[Offload(n, _device_from_core(d), -(-b // 8), r) for n, d, b, r in offloaded],
+    )

@@ -1,0 +1,273 @@
+"""Module size trees: the input of every placement, exported from a torch model without allocating.
+
+A :class:`ModuleTree` lists a model's modules, parameters and buffers in definition order with their
+sizes (after an optional dtype conversion), which parameters are tied (one storage, several names),
+and each module's class name (so ``no_split_module_classes`` can apply). It works on meta-device
+models, so a 400B-parameter model can be planned on a laptop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Optional, Union
+
+from . import _core
+
+if TYPE_CHECKING:
+    import torch
+
+MODULE, PARAMETER, BUFFER, NON_PERSISTENT_BUFFER, PARAMETER_ALIAS = 0, 1, 2, 3, 4
+DtypeLike = Union[str, "torch.dtype"]
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    """Bits per element as accelerate counts them (``bool``: 1 bit, float8: 8 bits, else the width).
+
+    >>> import torch
+    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool)
+    (16, 1)
+    """
+    import torch
+
+    if dtype == torch.bool:
+        return 1
+    if "float8" in str(dtype):
+        return 8
+    match = re.search(r"[^\d](\d+)$", str(dtype))
+    if match is None:
+        raise ValueError(f"cannot size dtype {dtype}: its name carries no bit width")
+    return int(match.group(1)) // 8 * 8
+
+
+def to_dtype(dtype: DtypeLike) -> torch.dtype:
+    """Accept ``torch.float16``, ``"float16"`` or ``"torch.float16"``."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.replace("torch.", ""), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ValueError(f"unknown dtype {dtype!r}: use a torch.dtype or its name, e.g. 'float16' or 'bfloat16'")
+
+
+class _Sizer:
+    """Tensor size in bits under accelerate's dtype rules: integer and bool tensors keep their width,
+    floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name."""
+
+    def __init__(self, dtype: Optional[DtypeLike], special_dtypes: Optional[Mapping[str, DtypeLike]]):
+        self.target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
+        self.special = {k: dtype_bits(to_dtype(v)) for k, v in (special_dtypes or {}).items()}
+        self.cache: dict[object, int] = {}
+
+    def bits(self, name: str, tensor: torch.Tensor) -> int:
+        if self.special and name in self.special:
+            return tensor.numel() * self.special[name]
+        per = self.cache.get(tensor.dtype)
+        if per is None:
+            own = dtype_bits(tensor.dtype)
+            keeps_width = str(tensor.dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
+            per = own if self.target is None or keeps_width else min(self.target, own)
+            self.cache[tensor.dtype] = per
+        return tensor.numel() * per
+
+
+class ModuleTree:
+    """A model's module/tensor tree with sizes, ready for :func:`devicemap.plan`.
+
+    >>> import torch
+    >>> tree = ModuleTree.from_module(torch.nn.Linear(4, 2))
+    >>> tree.total_bytes
+    40
+    """
+
+    def __init__(self, core: _core.Tree, no_split_module_classes: Iterable[str] = ()):
+        self._core = core
+        self.no_split_module_classes: list[str] = list(no_split_module_classes)
+        """Classes the model itself declares unsplittable (transformers' ``_no_split_modules``)."""
+
+    @classmethod
+    def from_module(
+        cls,
+        model: torch.nn.Module,
+        dtype: Optional[DtypeLike] = None,
+        special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+        *,
+        accelerate_tie_order: bool = False,
+    ) -> ModuleTree:
+        """Export ``model`` (any device, including ``meta``: nothing is allocated).
+
+        ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
+        tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
+        Buffers count whether persistent or not. Parameters reachable under several names (tied
+        weights, shared modules) are counted once, under their first name, and recorded as tied.
+
+        >>> import torch
+        >>> with torch.device("meta"):
+        ...     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU())
+        >>> ModuleTree.from_module(model, dtype="float16").total_bytes
+        2099200
+        """
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}")
+        sizer = _Sizer(dtype, special_dtypes)
+        names: list[str] = [""]
+        parents: list[int] = [-1]
+        kinds: list[int] = [MODULE]
+        classes: list[int] = []
+        bits: list[int] = [0]
+        duplicate: list[bool] = [False]  # root entries; its class is appended by the walk
+        class_ids: dict[str, int] = {}
+        first_param: dict[int, int] = {}  # id(parameter) -> node of its first name
+        param_nodes: dict[int, list[int]] = {}
+        seen_buffers: set[int] = set()
+        full_names: list[str] = [""]
+
+        def class_id(obj: object) -> int:
+            name = type(obj).__name__
+            found = class_ids.get(name)
+            if found is None:
+                found = class_ids[name] = len(class_ids)
+            return found
+
+        param_names: list[str] = []  # every parameter name in named_parameters(remove_duplicate=False) order
+        # Pre-order walk: a module, its parameters, its buffers, then its child modules' subtrees.
+        stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
+        while stack:
+            module, parent, local = stack.pop()
+            node = len(names) - 1 if parent < 0 else len(names)
+            if parent >= 0:
+                names.append(local)
+                full_names.append(full_names[parent] + "." + local if parent else local)
+                parents.append(parent)
+                kinds.append(MODULE)
+                bits.append(0)
+                duplicate.append(False)
+            classes.append(class_id(module))
+            prefix = full_names[node] + "." if node else ""
+            seen_here: set[int] = set()
+            for name, param in module._parameters.items():
+                if param is None:
+                    continue
+                # A parameter held twice by one module: torch lists the second name only when asked for
+                # duplicates, so it is an alias (tied, counted once, never placed on its own).
+                is_alias = id(param) in seen_here
+                seen_here.add(id(param))
+                index = len(names)
+                full = prefix + name
+                names.append(name)
+                full_names.append(full)
+                param_names.append(full)
+                parents.append(node)
+                kinds.append(PARAMETER_ALIAS if is_alias else PARAMETER)
+                classes.append(class_id(param))
+                key = id(param)
+                if key in first_param:
+                    duplicate.append(True)
+                    bits.append(0)
+                    param_nodes[key].append(index)
+                else:
+                    first_param[key] = index
+                    param_nodes[key] = [index]
+                    duplicate.append(False)
+                    bits.append(sizer.bits(full, param))
+            non_persistent = module._non_persistent_buffers_set
+            for name, buf in module._buffers.items():
+                if buf is None:
+                    continue
+                full = prefix + name
+                names.append(name)
+                full_names.append(full)
+                parents.append(node)
+                kinds.append(NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER)
+                classes.append(class_id(buf))
+                if id(buf) in seen_buffers:
+                    duplicate.append(True)
+                    bits.append(0)
+                else:
+                    seen_buffers.add(id(buf))
+                    duplicate.append(False)
+                    bits.append(sizer.bits(full, buf))
+            children = []
+            seen_children: set[int] = set()
+            for name, child in module._modules.items():
+                if child is None or id(child) in seen_children:
+                    continue
+                seen_children.add(id(child))
+                children.append((child, node, name))
+            stack.extend(reversed(children))
+
+        tie = [-1] * len(names)
+        groups = [nodes for nodes in param_nodes.values() if len(nodes) > 1]
+        if accelerate_tie_order and len(groups) > 1:
+            groups = _accelerate_group_order(groups, full_names, param_names)
+        for number, nodes in enumerate(groups):
+            for n in nodes:
+                tie[n] = number
+
+        core = _core.Tree(names, parents, kinds, classes, list(class_ids), bits, duplicate, tie)
+        no_split = getattr(model, "_no_split_modules", None) or []
+        return cls(core, no_split_module_classes=[str(c) for c in no_split])
+
+    # -- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of nodes (modules, parameters and buffers, the root included)."""
+        return len(self._core)
+
+    def __repr__(self) -> str:
+        return f"ModuleTree({len(self)} nodes, {self.total_bytes / 2**30:.2f} GiB)"
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all tensors, each storage counted once (rounded up to whole bytes)."""
+        return -(-self._core.subtree_bits(0) // 8)
+
+    def module_bytes(self, name: str) -> int:
+        """Bytes under a module or tensor name (``""`` is the whole model).
+
+        >>> import torch
+        >>> ModuleTree.from_module(torch.nn.Sequential(torch.nn.Linear(2, 2))).module_bytes("0.bias")
+        8
+        """
+        node = self._core.find(name)
+        if node is None:
+            from .errors import UnknownModuleError
+
+            close = self._core.suggest(name)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownModuleError(f"unknown module {name!r} in this tree{hint}")
+        return -(-self._core.subtree_bits(node) // 8)
+
+    @property
+    def tied_groups(self) -> list[list[str]]:
+        """Tied parameter names, one sorted list per shared storage."""
+        return self._core.tie_groups()
+
+    @property
+    def core(self) -> _core.Tree:
+        """The Rust tree (for the binding functions)."""
+        return self._core
+
+
+def _accelerate_group_order(
+    groups: list[list[int]], full_names: list[str], param_names: list[str]
+) -> list[list[int]]:
+    """Order tie groups as accelerate's ``find_tied_parameters`` does in this process.
+
+    accelerate walks a ``set`` of the duplicate names, so its group order follows string hashing. With
+    two or more groups that order can change which tied module it splits first; building the same sets
+    from the same names in the same order reproduces it (within one process, like accelerate itself).
+    """
+    later_names = {full_names[n] for g in groups for n in g[1:]}
+    all_names = dict.fromkeys(param_names)
+    first_names = dict.fromkeys(n for n in param_names if n not in later_names)
+    by_name = {full_names[n]: g for g in groups for n in g}
+    order: dict[int, list[int]] = {}
+    for name in set(all_names.keys()) - set(first_names.keys()):
+        group = by_name[name]
+        order.setdefault(id(group), group)
+    return list(order.values())

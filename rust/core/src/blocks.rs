@@ -1,0 +1,113 @@
+//! Cutting a tree into placement blocks: the finest pieces that may go to different devices.
+//!
+//! A block is a module that may not be split (no child modules, or a no-split class) or a tensor that
+//! sits directly in a module that is split. Blocks partition every tensor of the tree and are listed in
+//! model (pre-order) order, so "contiguous runs of blocks" means "consecutive layers".
+
+use crate::tree::{ModuleTree, NodeId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub node: NodeId,
+    /// Bits of tensors counted in this block (tied storage counted once, at its first name).
+    pub bits: u64,
+    /// Bits of buffers in this block (kept on the execution device when the block is offloaded and
+    /// buffers are not offloaded).
+    pub buffer_bits: u64,
+}
+
+/// Whether `node` is kept whole: a tensor, a module without child modules, or a no-split class.
+pub fn is_atomic(tree: &ModuleTree, no_split: &[bool], node: NodeId) -> bool {
+    tree.is_tensor(node) || no_split[tree.class_id(node) as usize] || !tree.has_child_modules(node)
+}
+
+/// Per class id: whether the class is listed in `no_split_module_classes`.
+pub fn no_split_mask(tree: &ModuleTree, no_split_classes: &[String]) -> Vec<bool> {
+    tree.class_names()
+        .iter()
+        .map(|c| no_split_classes.iter().any(|n| n == c))
+        .collect()
+}
+
+pub fn cut_blocks(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    let mut stack = vec![tree.root()];
+    while let Some(node) = stack.pop() {
+        if is_atomic(tree, no_split, node) {
+            blocks.push(make_block(tree, node));
+            continue;
+        }
+        // A split module: its own tensors become blocks, then its child modules in order.
+        for &child in tree.children(node) {
+            if tree.is_tensor(child) {
+                blocks.push(make_block(tree, child));
+            }
+        }
+        for child in tree
+            .child_modules(node)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            stack.push(child);
+        }
+    }
+    blocks.sort_by_key(|b| b.node);
+    blocks
+}
+
+fn make_block(tree: &ModuleTree, node: NodeId) -> Block {
+    let buffer_bits = (node..tree.end(node))
+        .filter(|&i| matches!(tree.kind(i), crate::tree::NodeKind::Buffer { .. }))
+        .map(|i| tree.own_bits(i))
+        .sum();
+    Block {
+        node,
+        bits: tree.subtree_bits(node),
+        buffer_bits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::TreeBuilder;
+
+    #[test]
+    fn blocks_partition_the_tensors_in_model_order() {
+        let mut b = TreeBuilder::new("Net");
+        b.param(0, "scale", 4);
+        let layers = b.module(0, "layers", "ModuleList");
+        for i in 0..2 {
+            let l = b.module(layers, &i.to_string(), "Layer");
+            b.buffer(l, "mask", 2);
+            let a = b.module(l, "attn", "Linear");
+            b.param(a, "w", 10);
+        }
+        let t = b.build().unwrap();
+        let cut = |classes: &[&str]| -> Vec<String> {
+            let classes: Vec<String> = classes.iter().map(|s| s.to_string()).collect();
+            cut_blocks(&t, &no_split_mask(&t, &classes))
+                .iter()
+                .map(|b| t.name(b.node).to_string())
+                .collect()
+        };
+        assert_eq!(
+            cut(&[]),
+            vec![
+                "scale",
+                "layers.0.mask",
+                "layers.0.attn",
+                "layers.1.mask",
+                "layers.1.attn"
+            ]
+        );
+        assert_eq!(cut(&["Layer"]), vec!["scale", "layers.0", "layers.1"]);
+        let blocks = cut_blocks(&t, &no_split_mask(&t, &["Layer".to_string()]));
+        assert_eq!(
+            blocks.iter().map(|b| b.bits).sum::<u64>(),
+            t.subtree_bits(0)
+        );
+        assert_eq!(blocks[1].buffer_bits, 16);
+    }
+}

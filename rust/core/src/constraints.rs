@@ -1,0 +1,150 @@
+//! Constraints on blocks: tied parameters (blocks that must share a device) and pins (blocks the user
+//! fixed to a device). The result is a set of *units*: a free unit is a leader block plus the blocks
+//! tied to it; a pinned unit has its device decided.
+
+use crate::blocks::Block;
+use crate::device::{Device, DeviceSpec};
+use crate::error::{PlacementError, Result};
+use crate::tree::{ModuleTree, NodeId};
+
+/// A group of blocks that must share one device; `blocks` are indices into the block list, leader first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub blocks: Vec<usize>,
+    pub bits: u64,
+    pub buffer_bits: u64,
+    pub pinned: Option<Device>,
+}
+
+fn find(parent: &mut [usize], mut x: usize) -> usize {
+    while parent[x] != x {
+        parent[x] = parent[parent[x]];
+        x = parent[x];
+    }
+    x
+}
+
+/// The block containing `node` (blocks are sorted by node id and partition the tree below the root).
+fn block_of(tree: &ModuleTree, blocks: &[Block], node: NodeId) -> Option<usize> {
+    let i = blocks.partition_point(|b| b.node <= node).checked_sub(1)?;
+    let b = blocks[i].node;
+    (b == node || tree.is_strict_descendant(node, b)).then_some(i)
+}
+
+/// Group blocks into units: tied blocks join their earliest block; pins are resolved (the deepest pin
+/// above a block wins; pins inside a block pin the whole block and must agree).
+pub fn build_units(
+    tree: &ModuleTree,
+    blocks: &[Block],
+    pins: &[(String, Device)],
+    spec: &DeviceSpec,
+) -> Result<Vec<Unit>> {
+    let mut parent: Vec<usize> = (0..blocks.len()).collect();
+    for group in tree.tie_groups() {
+        let mut members = group.iter().filter_map(|&p| block_of(tree, blocks, p));
+        if let Some(first) = members.next() {
+            for other in members {
+                let (a, b) = (find(&mut parent, first), find(&mut parent, other));
+                if a != b {
+                    let (lo, hi) = (a.min(b), a.max(b));
+                    parent[hi] = lo;
+                }
+            }
+        }
+    }
+
+    // Resolve pins per block: (depth of the pin node, pin lies inside the block, device, pin name).
+    // Deeper pins win; two different pins inside one unsplittable block are a conflict.
+    let mut block_pin: Vec<Option<(usize, bool, Device, String)>> = vec![None; blocks.len()];
+    for (name, device) in pins {
+        let node = tree.find(name).ok_or_else(|| {
+            let close = tree.suggest(name);
+            PlacementError::UnknownModule {
+                name: name.clone(),
+                context: "pins".into(),
+                suggestion: if close.is_empty() {
+                    "; pin names are module or parameter names as in model.named_modules()".into()
+                } else {
+                    format!("; did you mean {}?", close.join(", "))
+                },
+            }
+        })?;
+        if !spec.contains(*device) {
+            return Err(PlacementError::UnknownDevice {
+                key: device.to_string(),
+                hint: format!("pin {name:?} names a device that is not in max_memory; add it there or pin elsewhere"),
+            });
+        }
+        let depth = tree.ancestors_top_down(node).len() + usize::from(node != tree.root());
+        let first = blocks.partition_point(|b| b.node < node);
+        let mut covered: Vec<usize> = (first..blocks.len())
+            .take_while(|&i| {
+                blocks[i].node < tree.end(node)
+                    && (blocks[i].node == node || tree.is_strict_descendant(blocks[i].node, node))
+            })
+            .collect();
+        let inside_block = covered.is_empty();
+        if inside_block {
+            covered.extend(block_of(tree, blocks, node));
+        }
+        for i in covered {
+            match &block_pin[i] {
+                Some((_, true, dev, other)) if inside_block && *dev != *device => {
+                    return Err(PlacementError::PinConflict {
+                        detail: format!(
+                            "{name:?} -> {device} and {other:?} -> {dev} fall in the same unsplittable block {:?}",
+                            tree.name(blocks[i].node)
+                        ),
+                    });
+                }
+                Some((d, _, _, _)) if *d > depth => {}
+                _ => block_pin[i] = Some((depth, inside_block, *device, name.clone())),
+            }
+        }
+    }
+
+    let mut units: Vec<Unit> = Vec::new();
+    let mut unit_of_root: Vec<Option<usize>> = vec![None; blocks.len()];
+    for i in 0..blocks.len() {
+        let root = find(&mut parent, i);
+        let u = match unit_of_root[root] {
+            Some(u) => u,
+            None => {
+                units.push(Unit {
+                    blocks: Vec::new(),
+                    bits: 0,
+                    buffer_bits: 0,
+                    pinned: None,
+                });
+                unit_of_root[root] = Some(units.len() - 1);
+                units.len() - 1
+            }
+        };
+        let unit = &mut units[u];
+        unit.blocks.push(i);
+        unit.bits += blocks[i].bits;
+        unit.buffer_bits += blocks[i].buffer_bits;
+        if let Some((_, _, device, pin_name)) = &block_pin[i] {
+            match unit.pinned {
+                Some(existing) if existing != *device => {
+                    let members = &unit.blocks;
+                    let names = tree
+                        .tie_groups()
+                        .iter()
+                        .flatten()
+                        .filter(|&&p| {
+                            block_of(tree, blocks, p).is_some_and(|b| members.contains(&b))
+                        })
+                        .map(|&p| tree.name(p).to_string())
+                        .collect();
+                    return Err(PlacementError::TiedPinConflict {
+                        names,
+                        devices: format!("{existing} and {device} (from pin {pin_name:?})"),
+                    });
+                }
+                _ => unit.pinned = Some(*device),
+            }
+        }
+    }
+    Ok(units)
+}

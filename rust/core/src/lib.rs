@@ -1,0 +1,20 @@
+//! devicemap-core: decide where each layer of a large model lives (GPU 0..n, CPU, disk).
+//!
+//! The crate is pure Rust (no Python) so that it can be tested with `cargo test` alone and reused from
+//! other front ends. Sizes are counted in **bits** internally: accelerate counts a `bool` element as
+//! 1/8 byte, and integer bits keep every comparison exact. Convert with [`device::bits_to_bytes`].
+
+pub mod blocks;
+pub mod clean;
+pub mod constraints;
+pub mod device;
+pub mod error;
+pub mod plan;
+pub mod strategy;
+pub mod tree;
+
+pub use device::{parse_size, Device, DeviceSpec};
+pub use error::{PlacementError, Result};
+pub use plan::Plan;
+pub use strategy::{solve, SolveOptions, Strategy};
+pub use tree::{ModuleTree, NodeKind, TreeColumns};

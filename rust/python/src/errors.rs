@@ -1,0 +1,123 @@
+//! The one place where core errors (and panics) become Python exceptions.
+
+use devicemap_core::PlacementError as CoreError;
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+create_exception!(
+    devicemap,
+    PlacementError,
+    PyValueError,
+    "Base class of every devicemap error."
+);
+create_exception!(
+    devicemap,
+    InvalidSizeError,
+    PlacementError,
+    "A memory size that cannot be read."
+);
+create_exception!(
+    devicemap,
+    UnknownDeviceError,
+    PlacementError,
+    "A device key that is not a GPU index, 'mps', 'cpu' or 'disk'."
+);
+create_exception!(
+    devicemap,
+    UnknownModuleError,
+    PlacementError,
+    "A module name (e.g. in pins) that the model does not have."
+);
+create_exception!(
+    devicemap,
+    TiedPinConflictError,
+    PlacementError,
+    "Tied parameters pinned to different devices."
+);
+create_exception!(
+    devicemap,
+    PinConflictError,
+    PlacementError,
+    "Pins that contradict each other."
+);
+create_exception!(
+    devicemap,
+    DoesNotFitError,
+    PlacementError,
+    "The model does not fit on the given devices."
+);
+create_exception!(
+    devicemap,
+    InvalidTreeError,
+    PlacementError,
+    "A malformed module tree."
+);
+create_exception!(
+    devicemap,
+    AccelerateCompatError,
+    PlacementError,
+    "accelerate itself fails on this input."
+);
+create_exception!(
+    devicemap,
+    InternalError,
+    PlacementError,
+    "A bug in devicemap (a Rust panic, caught)."
+);
+
+pub fn to_py(err: CoreError) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        CoreError::InvalidSize { .. } => InvalidSizeError::new_err(msg),
+        CoreError::UnknownDevice { .. } => UnknownDeviceError::new_err(msg),
+        CoreError::UnknownModule { .. } => UnknownModuleError::new_err(msg),
+        CoreError::TiedPinConflict { .. } => TiedPinConflictError::new_err(msg),
+        CoreError::PinConflict { .. } => PinConflictError::new_err(msg),
+        CoreError::DoesNotFit { .. } => DoesNotFitError::new_err(msg),
+        CoreError::InvalidTree(_) => InvalidTreeError::new_err(msg),
+        CoreError::AccelerateFailure(_) => AccelerateCompatError::new_err(msg),
+    }
+}
+
+/// Run `work` without the GIL; a panic inside becomes `InternalError` instead of aborting Python.
+pub fn guarded<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> Result<T, CoreError> + Send,
+) -> PyResult<T> {
+    let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    match outcome {
+        Ok(result) => result.map_err(to_py),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(InternalError::new_err(format!(
+                "devicemap hit an internal error ({what}); please report it with the model and arguments"
+            )))
+        }
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("PlacementError", py.get_type::<PlacementError>())?;
+    m.add("InvalidSizeError", py.get_type::<InvalidSizeError>())?;
+    m.add("UnknownDeviceError", py.get_type::<UnknownDeviceError>())?;
+    m.add("UnknownModuleError", py.get_type::<UnknownModuleError>())?;
+    m.add(
+        "TiedPinConflictError",
+        py.get_type::<TiedPinConflictError>(),
+    )?;
+    m.add("PinConflictError", py.get_type::<PinConflictError>())?;
+    m.add("DoesNotFitError", py.get_type::<DoesNotFitError>())?;
+    m.add("InvalidTreeError", py.get_type::<InvalidTreeError>())?;
+    m.add(
+        "AccelerateCompatError",
+        py.get_type::<AccelerateCompatError>(),
+    )?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    Ok(())
+}

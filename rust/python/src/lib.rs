@@ -1,0 +1,272 @@
+//! devicemap._core: thin PyO3 wrappers over devicemap-core. Convert arguments, release the GIL around
+//! the work, map errors (see errors.rs). No placement logic lives here.
+
+mod errors;
+
+use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
+use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
+use devicemap_core::{
+    Device, DeviceSpec, ModuleTree, PlacementError as CoreError, SolveOptions, Strategy,
+    TreeColumns,
+};
+use errors::guarded;
+use pyo3::prelude::*;
+use std::sync::Arc;
+
+/// An immutable module size tree owned by Rust (build it with `devicemap.ModuleTree`).
+#[pyclass(frozen, module = "devicemap._core")]
+struct Tree {
+    inner: Arc<ModuleTree>,
+}
+
+#[pymethods]
+impl Tree {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        names: Vec<String>,
+        parents: Vec<i64>,
+        kinds: Vec<u8>,
+        classes: Vec<u32>,
+        class_names: Vec<String>,
+        bits: Vec<u64>,
+        duplicate: Vec<bool>,
+        tie: Vec<i64>,
+    ) -> PyResult<Tree> {
+        let columns = TreeColumns {
+            names,
+            parents,
+            kinds,
+            classes,
+            class_names,
+            bits,
+            duplicate,
+            tie,
+        };
+        let tree = guarded(py, move || ModuleTree::from_columns(columns))?;
+        Ok(Tree {
+            inner: Arc::new(tree),
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn name(&self, node: u32) -> PyResult<String> {
+        self.check(node)?;
+        Ok(self.inner.name(node).to_string())
+    }
+
+    fn find(&self, name: &str) -> Option<u32> {
+        self.inner.find(name)
+    }
+
+    fn subtree_bits(&self, node: u32) -> PyResult<u64> {
+        self.check(node)?;
+        Ok(self.inner.subtree_bits(node))
+    }
+
+    fn class_name(&self, node: u32) -> PyResult<String> {
+        self.check(node)?;
+        Ok(self.inner.class_name(node).to_string())
+    }
+
+    fn kind(&self, node: u32) -> PyResult<&'static str> {
+        self.check(node)?;
+        Ok(match self.inner.kind(node) {
+            devicemap_core::NodeKind::Module => "module",
+            devicemap_core::NodeKind::Parameter => "parameter",
+            devicemap_core::NodeKind::Buffer { .. } => "buffer",
+        })
+    }
+
+    fn tie_groups(&self) -> Vec<Vec<String>> {
+        self.inner
+            .tie_groups()
+            .iter()
+            .map(|g| g.iter().map(|&m| self.inner.name(m).to_string()).collect())
+            .collect()
+    }
+
+    fn suggest(&self, name: &str) -> Vec<String> {
+        self.inner.suggest(name)
+    }
+}
+
+impl Tree {
+    fn check(&self, node: u32) -> PyResult<()> {
+        if (node as usize) < self.inner.len() {
+            Ok(())
+        } else {
+            Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                "node {node} is out of range ({} nodes)",
+                self.inner.len()
+            )))
+        }
+    }
+}
+
+fn parse_devices(
+    devices: Vec<(String, Option<u64>)>,
+) -> Result<Vec<(Device, Option<u64>)>, CoreError> {
+    devices
+        .into_iter()
+        .map(|(key, cap)| Ok((Device::parse(&key)?, cap)))
+        .collect()
+}
+
+type NamedDevice = (String, String);
+/// (device, capacity bits or None, weight bits, reserve bits, block names)
+type UsageRow = (String, Option<u64>, u64, u64, Vec<String>);
+/// (name, device, bits, reason)
+type OffloadRow = (String, String, u64, String);
+
+/// Solve a placement. Devices are (key, capacity in bits) pairs; keys as accelerate's max_memory keys.
+#[pyfunction]
+#[pyo3(signature = (tree, devices, strategy, no_split_module_classes, pins, offload_buffers))]
+#[allow(clippy::type_complexity)]
+fn solve(
+    py: Python<'_>,
+    tree: &Tree,
+    devices: Vec<(String, Option<u64>)>,
+    strategy: String,
+    no_split_module_classes: Vec<String>,
+    pins: Vec<(String, String)>,
+    offload_buffers: bool,
+) -> PyResult<(
+    String,
+    Vec<NamedDevice>,
+    Vec<NamedDevice>,
+    Vec<UsageRow>,
+    Vec<OffloadRow>,
+)> {
+    let t = Arc::clone(&tree.inner);
+    guarded(py, move || {
+        let spec = DeviceSpec::new(parse_devices(devices)?)?;
+        let pins = pins
+            .into_iter()
+            .map(|(n, d)| Ok((n, Device::parse(&d)?)))
+            .collect::<Result<Vec<_>, CoreError>>()?;
+        let options = SolveOptions {
+            strategy: Strategy::parse(&strategy)?,
+            no_split_module_classes,
+            pins,
+            offload_buffers,
+        };
+        let plan = devicemap_core::solve(&t, &spec, &options)?;
+        let named = |pairs: &[(u32, Device)]| -> Vec<NamedDevice> {
+            pairs
+                .iter()
+                .map(|(n, d)| (t.name(*n).to_string(), d.to_string()))
+                .collect()
+        };
+        let usage = plan
+            .usage
+            .iter()
+            .map(|u| {
+                let blocks = u.blocks.iter().map(|b| t.name(*b).to_string()).collect();
+                (
+                    u.device.to_string(),
+                    u.capacity_bits,
+                    u.weight_bits,
+                    u.reserve_bits,
+                    blocks,
+                )
+            })
+            .collect();
+        let offloaded = plan
+            .offloaded
+            .iter()
+            .map(|o| {
+                (
+                    t.name(o.node).to_string(),
+                    o.device.to_string(),
+                    o.bits,
+                    o.reason.clone(),
+                )
+            })
+            .collect();
+        Ok((
+            plan.strategy.to_string(),
+            named(&plan.device_map),
+            named(&plan.assignments),
+            usage,
+            offloaded,
+        ))
+    })
+}
+
+/// accelerate's infer_auto_device_map on a tree; max_memory as (key, capacity bits) in accelerate order.
+#[pyfunction]
+#[pyo3(signature = (tree, max_memory, no_split_module_classes, fallback_allocation, clean_result))]
+fn infer_auto_device_map(
+    py: Python<'_>,
+    tree: &Tree,
+    max_memory: Vec<(String, u64)>,
+    no_split_module_classes: Vec<String>,
+    fallback_allocation: bool,
+    clean_result: bool,
+) -> PyResult<Vec<NamedDevice>> {
+    let t = Arc::clone(&tree.inner);
+    guarded(py, move || {
+        let mm = max_memory
+            .into_iter()
+            .map(|(k, c)| Ok((Device::parse(&k)?, c)))
+            .collect::<Result<Vec<_>, CoreError>>()?;
+        let options = CompatOptions {
+            no_split_module_classes,
+            fallback_allocation,
+            clean_result,
+        };
+        let result = accelerate_compat::infer_auto_device_map(&t, &mm, &options)?;
+        Ok(result
+            .device_map
+            .iter()
+            .map(|(n, d)| (t.name(*n).to_string(), d.to_string()))
+            .collect())
+    })
+}
+
+/// accelerate's get_balanced_memory numbers: (model bits, per-GPU budget bits).
+#[pyfunction]
+fn balanced_budget(
+    py: Python<'_>,
+    tree: &Tree,
+    no_split_module_classes: Vec<String>,
+    share_devices: u64,
+) -> PyResult<(u64, u64)> {
+    let t = Arc::clone(&tree.inner);
+    guarded(py, move || {
+        let b = core_budget(&t, &no_split_module_classes, share_devices);
+        Ok((b.total_bits, b.per_gpu_bits))
+    })
+}
+
+/// Parse "20GiB"-style sizes strictly; returns bytes.
+#[pyfunction]
+fn parse_size(py: Python<'_>, text: String) -> PyResult<u64> {
+    guarded(py, move || devicemap_core::parse_size(&text))
+}
+
+/// Raise InternalError from a deliberate panic (tests check that panics never abort Python).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
+    guarded(py, || -> Result<(), CoreError> {
+        panic!("deliberate test panic")
+    })
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Tree>()?;
+    m.add_function(wrap_pyfunction!(solve, m)?)?;
+    m.add_function(wrap_pyfunction!(infer_auto_device_map, m)?)?;
+    m.add_function(wrap_pyfunction!(balanced_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

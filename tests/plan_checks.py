@@ -1,0 +1,55 @@
+"""Helpers that check a Plan against its model (used by several test files)."""
+
+from __future__ import annotations
+
+import torch
+
+import devicemap
+
+
+def device_of(name: str, device_map: dict) -> object:
+    """The device a tensor/module name lands on: the value of its longest covering key."""
+    best = None
+    for key, device in device_map.items():
+        covers = key == "" or key == name or name.startswith(key + ".")
+        if covers and (best is None or len(key) > len(best[0])):
+            best = (key, device)
+    assert best is not None, f"{name} is not covered by the device map"
+    return best[1]
+
+
+def covering_keys(name: str, device_map: dict) -> list[str]:
+    return [k for k in device_map if k == "" or k == name or name.startswith(k + ".")]
+
+
+def tensor_names(model: torch.nn.Module) -> list[str]:
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return names + [n for n, _ in model.named_buffers(remove_duplicate=False)]
+
+
+def check_plan(model: torch.nn.Module, plan: devicemap.Plan, pins: dict | None = None) -> None:
+    """Every invariant a plan must satisfy."""
+    tree = devicemap.ModuleTree.from_module(model)
+    for mapping in (plan.device_map, plan.assignments):
+        # Every tensor is placed exactly once (by one key of the finest map; maybe nested keys in none).
+        for name in tensor_names(model):
+            keys = covering_keys(name, plan.assignments)
+            assert len(keys) == 1, f"{name} covered by {keys}"
+            assert device_of(name, mapping) == device_of(name, plan.assignments)
+    # Capacities respected, bytes add up.
+    for usage in plan.usage:
+        if usage.capacity is not None:
+            assert usage.weights + usage.reserve <= usage.capacity + 1, usage
+    placed = sum(u.weights for u in plan.usage)
+    buffers_kept = sum(u.reserve for u in plan.usage)
+    assert placed <= tree.total_bytes + len(plan.usage)
+    assert placed + buffers_kept >= tree.total_bytes - len(plan.usage)
+    # Tied parameters share a device.
+    for group in tree.tied_groups:
+        devices = {device_of(n, plan.device_map) for n in group}
+        assert len(devices) == 1, (group, devices)
+    # Pins honoured.
+    for name, device in (pins or {}).items():
+        for tensor in tensor_names(model):
+            if tensor == name or tensor.startswith(name + "."):
+                assert device_of(tensor, plan.device_map) == device

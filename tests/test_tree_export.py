@@ -1,0 +1,91 @@
+"""ModuleTree.from_module: sizes equal accelerate's compute_module_sizes, on meta and real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.utils import compute_module_sizes, find_tied_parameters
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import devicemap
+
+from model_strategies import models
+
+
+def assert_sizes_match(model, **kwargs):
+    tree = devicemap.ModuleTree.from_module(model, **kwargs)
+    expected = compute_module_sizes(model, **kwargs)
+    for name, size in list(expected.items()):
+        assert tree.module_bytes(name) == -(-int(size * 8) // 8), name
+    return tree
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=models(), dtype=st.sampled_from([None, "float16", torch.bfloat16, "float32", "int8"]))
+def test_sizes_and_ties_match_accelerate(model, dtype):
+    tree = assert_sizes_match(model, dtype=dtype)
+    assert sorted(tree.tied_groups) == sorted(find_tied_parameters(model))
+
+
+def test_meta_device_model_exports_without_allocating(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_llama.config)
+    meta.tie_weights()
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    tree = assert_sizes_match(meta, dtype="bfloat16")
+    assert tree.total_bytes == assert_sizes_match(tiny_llama, dtype="bfloat16").total_bytes
+    assert tree.tied_groups == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert "LlamaDecoderLayer" in tree.no_split_module_classes
+
+
+def test_buffers_count_whether_persistent_or_not():
+    module = torch.nn.Module()
+    module.register_buffer("kept", torch.zeros(10), persistent=True)
+    module.register_buffer("scratch", torch.zeros(6, dtype=torch.float16), persistent=False)
+    tree = devicemap.ModuleTree.from_module(module)
+    assert tree.module_bytes("kept") == 40 and tree.module_bytes("scratch") == 12
+    assert tree.total_bytes == 52
+
+
+def test_dtype_shrinks_floats_only_and_special_dtypes_override():
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(8))
+    module.register_buffer("ids", torch.zeros(8, dtype=torch.int64))
+    tree = devicemap.ModuleTree.from_module(module, dtype="float16", special_dtypes={"ids": "int8"})
+    assert tree.module_bytes("weight") == 16  # float32 -> float16
+    assert tree.module_bytes("ids") == 8  # special dtype wins, even for integers
+    assert (
+        devicemap.ModuleTree.from_module(module, dtype=torch.float64).module_bytes("weight") == 32
+    )  # never grows
+
+
+def test_unknown_names_and_dtypes_are_reported():
+    tree = devicemap.ModuleTree.from_module(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(devicemap.UnknownModuleError, match="did you mean 0.weight"):
+        tree.module_bytes("0.weigth")
+    with pytest.raises(ValueError, match="unknown dtype 'float17'"):
+        devicemap.ModuleTree.from_module(torch.nn.Linear(2, 2), dtype="float17")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        devicemap.ModuleTree.from_module("not a model")
+
+
+def test_malformed_columns_raise_instead_of_crashing():
+    from devicemap import _core
+
+    with pytest.raises(devicemap.InvalidTreeError, match="parent"):
+        _core.Tree(["", "a"], [-1, 7], [0, 1], [0, 0], ["M"], [0, 8], [False, False], [-1, -1])
+    with pytest.raises(devicemap.InvalidTreeError, match="column"):
+        _core.Tree(["", "a"], [-1], [0, 1], [0, 0], ["M"], [0, 8], [False, False], [-1, -1])
+
+
+def test_a_60k_module_tree_exports():
+    layers = torch.nn.ModuleList()
+    with torch.device("meta"):
+        for _ in range(20):
+            layers.append(torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3000)))
+    tree = devicemap.ModuleTree.from_module(layers)
+    assert len(tree) == 1 + 20 + 20 * 3000 * 3
+    assert tree.total_bytes == 20 * 3000 * (64 + 8) * 4
