@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from accelerate.utils import check_device_map
 
 import devicemap
 
@@ -29,6 +32,9 @@ def tensor_names(model: torch.nn.Module) -> list[str]:
 
 def check_plan(model: torch.nn.Module, plan: devicemap.Plan, pins: dict | None = None) -> None:
     """Every invariant a plan must satisfy."""
+    with warnings.catch_warnings():  # tensor-level keys (as accelerate itself emits) draw a warning only
+        warnings.simplefilter("ignore", UserWarning)
+        check_device_map(model, plan.device_map)  # accelerate accepts it: every weight covered
     tree = devicemap.ModuleTree.from_module(model)
     for mapping in (plan.device_map, plan.assignments):
         # Every tensor is placed exactly once (by one key of the finest map; maybe nested keys in none).

@@ -355,3 +355,137 @@ fn build_plan(
         offloaded,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::TreeBuilder;
+
+    /// embed (tied with head), `n` decoder layers of `layer` bytes, norm, head.
+    fn decoder(n: usize, layer: u64) -> ModuleTree {
+        let mut b = TreeBuilder::new("LM");
+        let m = b.module(0, "model", "Model");
+        let e = b.module(m, "embed", "Embedding");
+        b.tied_param(e, "weight", 50, 0, false);
+        let layers = b.module(m, "layers", "ModuleList");
+        for i in 0..n {
+            let l = b.module(layers, &i.to_string(), "Layer");
+            b.param(l, "w", layer);
+        }
+        let norm = b.module(m, "norm", "Norm");
+        b.param(norm, "w", 1);
+        let head = b.module(0, "head", "Linear");
+        b.tied_param(head, "weight", 50, 0, true);
+        b.build().unwrap()
+    }
+
+    fn spec(devices: &[(Device, Option<u64>)]) -> DeviceSpec {
+        DeviceSpec::new(devices.iter().map(|(d, c)| (*d, c.map(|b| b * 8))).collect()).unwrap()
+    }
+
+    fn on(tree: &ModuleTree, plan: &Plan, name: &str) -> Device {
+        plan.device_of(tree.find(name).unwrap()).unwrap()
+    }
+
+    fn bytes(plan: &Plan, device: Device) -> u64 {
+        plan.usage.iter().find(|u| u.device == device).map(|u| u.weight_bits / 8).unwrap()
+    }
+
+    fn opts(strategy: Strategy) -> SolveOptions {
+        SolveOptions { strategy, ..Default::default() }
+    }
+
+    #[test]
+    fn balanced_splits_evenly_and_keeps_tied_head_with_embedding() {
+        let t = decoder(8, 100);
+        let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000)), (Device::Cpu, Some(0))]);
+        let plan = solve(&t, &s, &opts(Strategy::Balanced)).unwrap();
+        assert_eq!(on(&t, &plan, "head"), on(&t, &plan, "model.embed"));
+        // 50 (embed+head) + 8 * 100 + 1: best split is 450 / 401.
+        assert_eq!(plan.peak_gpu_bits() / 8, 450);
+        assert!(plan.offloaded.is_empty());
+        assert!(plan.usage.iter().all(|u| u.reserve_bits == 0));
+    }
+
+    #[test]
+    fn sequential_fills_gpu0_first_and_low_zero_empties_it() {
+        let t = decoder(8, 100);
+        let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000)), (Device::Cpu, Some(0))]);
+        let seq = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        assert_eq!(bytes(&seq, Device::Gpu(0)), 851);
+        let low = solve(&t, &s, &opts(Strategy::BalancedLow0)).unwrap();
+        assert_eq!(bytes(&low, Device::Gpu(0)), 0); // 851 bytes fit on GPU 1 alone
+        let bigger = decoder(10, 100); // 1051 bytes: GPU 0 takes the fewest leading blocks possible
+        let low = solve(&bigger, &s, &opts(Strategy::BalancedLow0)).unwrap();
+        assert_eq!(bytes(&low, Device::Gpu(0)), 150);
+        assert_eq!(bytes(&low, Device::Gpu(1)), 901);
+        // auto on two GPUs is balanced
+        assert_eq!(solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy, "balanced");
+    }
+
+    #[test]
+    fn offloading_reserves_exactly_the_largest_offloaded_block_on_gpu0() {
+        let t = decoder(8, 100);
+        let s = spec(&[(Device::Gpu(0), Some(500)), (Device::Cpu, Some(10_000))]);
+        let plan = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        let gpu0 = &plan.usage[0];
+        assert_eq!(gpu0.reserve_bits / 8, 100);
+        assert!(gpu0.weight_bits + gpu0.reserve_bits <= 500 * 8);
+        assert_eq!(bytes(&plan, Device::Gpu(0)), 350); // embed + 3 layers, 100 reserved
+        assert_eq!(on(&t, &plan, "model.layers.3"), Device::Cpu);
+        assert!(plan.offloaded.iter().all(|o| o.device == Device::Cpu));
+    }
+
+    #[test]
+    fn spills_to_disk_only_when_allowed() {
+        let t = decoder(8, 100);
+        let tight = spec(&[(Device::Gpu(0), Some(300)), (Device::Cpu, Some(300))]);
+        let err = solve(&t, &tight, &opts(Strategy::Sequential)).unwrap_err();
+        assert!(matches!(err, PlacementError::DoesNotFit { .. }), "{err}");
+        assert!(err.to_string().contains("add \"disk\""), "{err}");
+        let with_disk = spec(&[(Device::Gpu(0), Some(300)), (Device::Cpu, Some(300)), (Device::Disk, None)]);
+        let plan = solve(&t, &with_disk, &opts(Strategy::Sequential)).unwrap();
+        assert_eq!(on(&t, &plan, "model.norm"), Device::Disk);
+        assert_eq!(on(&t, &plan, "model.layers.2"), Device::Cpu);
+    }
+
+    #[test]
+    fn pins_win_and_conflicting_tied_pins_are_rejected() {
+        let t = decoder(4, 100);
+        let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000))]);
+        let pinned = SolveOptions { pins: vec![("model.layers.0".into(), Device::Gpu(1))], ..opts(Strategy::Balanced) };
+        let plan = solve(&t, &s, &pinned).unwrap();
+        assert_eq!(on(&t, &plan, "model.layers.0"), Device::Gpu(1));
+        let split = SolveOptions {
+            pins: vec![("model.embed".into(), Device::Gpu(0)), ("head".into(), Device::Gpu(1))],
+            ..opts(Strategy::Balanced)
+        };
+        let err = solve(&t, &s, &split).unwrap_err();
+        assert!(matches!(err, PlacementError::TiedPinConflict { .. }), "{err}");
+        let unknown = SolveOptions { pins: vec![("model.layer.0".into(), Device::Gpu(0))], ..opts(Strategy::Auto) };
+        let err = solve(&t, &s, &unknown).unwrap_err();
+        assert!(err.to_string().contains("did you mean model.layers.0"), "{err}");
+    }
+
+    #[test]
+    fn no_split_classes_keep_blocks_whole() {
+        let mut b = TreeBuilder::new("Net");
+        for i in 0..3 {
+            let blk = b.module(0, &format!("b{i}"), "Block");
+            for j in 0..2 {
+                let l = b.module(blk, &format!("l{j}"), "Linear");
+                b.param(l, "w", 60);
+            }
+        }
+        let t = b.build().unwrap();
+        let s = spec(&[(Device::Gpu(0), Some(200)), (Device::Gpu(1), Some(1000))]);
+        let free = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        assert_eq!(on(&t, &free, "b1.l0"), Device::Gpu(0));
+        assert_eq!(on(&t, &free, "b1.l1"), Device::Gpu(1));
+        let whole = SolveOptions { no_split_module_classes: vec!["Block".into()], ..opts(Strategy::Sequential) };
+        let plan = solve(&t, &s, &whole).unwrap();
+        assert_eq!(on(&t, &plan, "b1"), Device::Gpu(1));
+        let names: Vec<&str> = plan.device_map.iter().map(|(n, _)| t.name(*n)).collect();
+        assert_eq!(names, vec!["b0", "b1", "b2"]);
+    }
+}

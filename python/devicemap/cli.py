@@ -1,0 +1,170 @@
+"""The ``devicemap`` command: plan a model on a device spec and show where every layer goes.
+
+    devicemap demo                                   # the bundled default: llama-3-8b on 2 x 12 GiB
+    devicemap models                                 # bundled model shapes
+    devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16
+    devicemap plan ./my-model/config.json --max-memory 0=20GiB,1=20GiB,cpu=64GiB --json
+
+Exit codes: 0 planned, 1 the model does not fit, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import DoesNotFitError, PlacementError
+from .memory import DeviceKey, device_key, parse_size
+from .planning import STRATEGIES, Plan, plan
+
+DEMO_MODEL = "llama-3-8b"
+DEMO_GPUS = "2x12GiB"
+DEMO_CPU = "64GiB"
+
+
+def parse_gpus(text: str) -> dict[DeviceKey, int]:
+    """``"4x24GiB"`` -> four GPUs of 24 GiB; ``"80GiB,40GiB"`` -> GPU 0 and GPU 1.
+
+    >>> parse_gpus("2x1KiB")
+    {0: 1024, 1: 1024}
+    """
+    sizes: list[int] = []
+    for part in text.split(","):
+        count, sep, size = part.partition("x")
+        if sep and count.isdigit():
+            sizes.extend([parse_size(size)] * int(count))
+        else:
+            sizes.append(parse_size(part))
+    return dict(enumerate(sizes))
+
+
+def parse_max_memory(text: str) -> dict[DeviceKey, object]:
+    """``"0=20GiB,1=20GiB,cpu=64GiB,disk"`` -> a max_memory dict."""
+    memory: dict[DeviceKey, object] = {}
+    for part in text.split(","):
+        key, sep, size = part.partition("=")
+        memory[device_key(key)] = parse_size(size) if sep else 0
+    return memory
+
+
+def load_model(source: str, num_hidden_layers: Optional[int] = None):
+    """A meta-device model from a catalog name, a config.json or a folder holding one."""
+    from . import catalog
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.exists():
+        config = json.loads(path.read_text())
+        return catalog.build_meta_model(config, num_hidden_layers=num_hidden_layers)
+    return catalog.build_meta_model(source, num_hidden_layers=num_hidden_layers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devicemap", description="Decide where each layer of a model lives.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate")
+    sub.add_parser("models", help="list the bundled model shapes")
+    p = sub.add_parser("plan", help="plan a model (catalog name, config.json or model folder)")
+    p.add_argument("model")
+    p.add_argument("--gpus", help="GPU sizes: '4x24GiB' or '80GiB,40GiB'")
+    p.add_argument("--cpu", help="CPU memory for offloaded layers, e.g. '64GiB'")
+    p.add_argument("--disk", action="store_true", help="allow offloading to disk")
+    p.add_argument("--max-memory", help="accelerate-style spec: '0=20GiB,1=20GiB,cpu=64GiB,disk'")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    p.add_argument("--dtype", help="size weights as this dtype, e.g. bfloat16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def plan_to_json(result: Plan) -> dict:
+    return {
+        "strategy": result.strategy,
+        "device_map": result.device_map,
+        "devices": [
+            {
+                "device": u.device,
+                "capacity": u.capacity,
+                "weights": u.weights,
+                "reserve": u.reserve,
+                "blocks": list(u.blocks),
+            }
+            for u in result.usage
+        ],
+        "offloaded": [{"name": o.name, "device": o.device, "bytes": o.bytes, "reason": o.reason} for o in result.offloaded],
+    }
+
+
+def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
+    if args.max_memory:
+        return parse_max_memory(args.max_memory)
+    memory: dict[DeviceKey, object] = dict(parse_gpus(args.gpus)) if args.gpus else {}
+    if args.cpu:
+        memory["cpu"] = parse_size(args.cpu)
+    if args.disk:
+        memory["disk"] = 0
+    if not memory:
+        raise PlacementError("give the devices: --gpus 2x24GiB [--cpu 64GiB] [--disk], or --max-memory ...")
+    return memory
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    result = plan(model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    print(json.dumps(plan_to_json(result), indent=2) if args.json else result)
+    return 0
+
+
+def run_models() -> int:
+    from . import catalog
+
+    for name in catalog.names():
+        print(f"{name:24s} {catalog.parameter_count(name) / 1e9:8.2f} B parameters")
+    return 0
+
+
+def run_demo() -> int:
+    """The main job on the bundled default: plan, show, and compare with accelerate's 'balanced'."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    model = load_model(DEMO_MODEL)
+    memory = {**parse_gpus(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
+    start = time.perf_counter()
+    result = plan(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
+    ours = time.perf_counter() - start
+    print(f"{DEMO_MODEL} (bfloat16) on GPUs {DEMO_GPUS} + CPU {DEMO_CPU}\n")
+    print(result)
+    no_split = model._no_split_modules
+    start = time.perf_counter()
+    budget = get_balanced_memory(model, max_memory=dict(memory), no_split_module_classes=no_split, dtype="bfloat16")
+    theirs = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype="bfloat16")
+    acc_time = time.perf_counter() - start
+    offloaded = sorted({k for k, v in theirs.items() if v in ("cpu", "disk")})
+    print(f"\naccelerate 'balanced' on the same inputs: {len(offloaded)} module(s) off the GPUs {offloaded[:4]}")
+    print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
+    print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return run_demo()
+        if args.command == "models":
+            return run_models()
+        return run_plan(args)
+    except DoesNotFitError as err:
+        print(f"devicemap: {err}", file=sys.stderr)
+        return 1
+    except (PlacementError, FileNotFoundError) as err:
+        print(f"devicemap: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
