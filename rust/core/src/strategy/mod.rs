@@ -380,7 +380,13 @@ mod tests {
     }
 
     fn spec(devices: &[(Device, Option<u64>)]) -> DeviceSpec {
-        DeviceSpec::new(devices.iter().map(|(d, c)| (*d, c.map(|b| b * 8))).collect()).unwrap()
+        DeviceSpec::new(
+            devices
+                .iter()
+                .map(|(d, c)| (*d, c.map(|b| b * 8)))
+                .collect(),
+        )
+        .unwrap()
     }
 
     fn on(tree: &ModuleTree, plan: &Plan, name: &str) -> Device {
@@ -388,17 +394,28 @@ mod tests {
     }
 
     fn bytes(plan: &Plan, device: Device) -> u64 {
-        plan.usage.iter().find(|u| u.device == device).map(|u| u.weight_bits / 8).unwrap()
+        plan.usage
+            .iter()
+            .find(|u| u.device == device)
+            .map(|u| u.weight_bits / 8)
+            .unwrap()
     }
 
     fn opts(strategy: Strategy) -> SolveOptions {
-        SolveOptions { strategy, ..Default::default() }
+        SolveOptions {
+            strategy,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn balanced_splits_evenly_and_keeps_tied_head_with_embedding() {
         let t = decoder(8, 100);
-        let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000)), (Device::Cpu, Some(0))]);
+        let s = spec(&[
+            (Device::Gpu(0), Some(1000)),
+            (Device::Gpu(1), Some(1000)),
+            (Device::Cpu, Some(0)),
+        ]);
         let plan = solve(&t, &s, &opts(Strategy::Balanced)).unwrap();
         assert_eq!(on(&t, &plan, "head"), on(&t, &plan, "model.embed"));
         // 50 (embed+head) + 8 * 100 + 1: best split is 450 / 401.
@@ -410,7 +427,11 @@ mod tests {
     #[test]
     fn sequential_fills_gpu0_first_and_low_zero_empties_it() {
         let t = decoder(8, 100);
-        let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000)), (Device::Cpu, Some(0))]);
+        let s = spec(&[
+            (Device::Gpu(0), Some(1000)),
+            (Device::Gpu(1), Some(1000)),
+            (Device::Cpu, Some(0)),
+        ]);
         let seq = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
         assert_eq!(bytes(&seq, Device::Gpu(0)), 851);
         let low = solve(&t, &s, &opts(Strategy::BalancedLow0)).unwrap();
@@ -420,7 +441,10 @@ mod tests {
         assert_eq!(bytes(&low, Device::Gpu(0)), 150);
         assert_eq!(bytes(&low, Device::Gpu(1)), 901);
         // auto on two GPUs is balanced
-        assert_eq!(solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy, "balanced");
+        assert_eq!(
+            solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy,
+            "balanced"
+        );
     }
 
     #[test]
@@ -443,7 +467,11 @@ mod tests {
         let err = solve(&t, &tight, &opts(Strategy::Sequential)).unwrap_err();
         assert!(matches!(err, PlacementError::DoesNotFit { .. }), "{err}");
         assert!(err.to_string().contains("add \"disk\""), "{err}");
-        let with_disk = spec(&[(Device::Gpu(0), Some(300)), (Device::Cpu, Some(300)), (Device::Disk, None)]);
+        let with_disk = spec(&[
+            (Device::Gpu(0), Some(300)),
+            (Device::Cpu, Some(300)),
+            (Device::Disk, None),
+        ]);
         let plan = solve(&t, &with_disk, &opts(Strategy::Sequential)).unwrap();
         assert_eq!(on(&t, &plan, "model.norm"), Device::Disk);
         assert_eq!(on(&t, &plan, "model.layers.2"), Device::Cpu);
@@ -453,18 +481,33 @@ mod tests {
     fn pins_win_and_conflicting_tied_pins_are_rejected() {
         let t = decoder(4, 100);
         let s = spec(&[(Device::Gpu(0), Some(1000)), (Device::Gpu(1), Some(1000))]);
-        let pinned = SolveOptions { pins: vec![("model.layers.0".into(), Device::Gpu(1))], ..opts(Strategy::Balanced) };
+        let pinned = SolveOptions {
+            pins: vec![("model.layers.0".into(), Device::Gpu(1))],
+            ..opts(Strategy::Balanced)
+        };
         let plan = solve(&t, &s, &pinned).unwrap();
         assert_eq!(on(&t, &plan, "model.layers.0"), Device::Gpu(1));
         let split = SolveOptions {
-            pins: vec![("model.embed".into(), Device::Gpu(0)), ("head".into(), Device::Gpu(1))],
+            pins: vec![
+                ("model.embed".into(), Device::Gpu(0)),
+                ("head".into(), Device::Gpu(1)),
+            ],
             ..opts(Strategy::Balanced)
         };
         let err = solve(&t, &s, &split).unwrap_err();
-        assert!(matches!(err, PlacementError::TiedPinConflict { .. }), "{err}");
-        let unknown = SolveOptions { pins: vec![("model.layer.0".into(), Device::Gpu(0))], ..opts(Strategy::Auto) };
+        assert!(
+            matches!(err, PlacementError::TiedPinConflict { .. }),
+            "{err}"
+        );
+        let unknown = SolveOptions {
+            pins: vec![("model.layer.0".into(), Device::Gpu(0))],
+            ..opts(Strategy::Auto)
+        };
         let err = solve(&t, &s, &unknown).unwrap_err();
-        assert!(err.to_string().contains("did you mean model.layers.0"), "{err}");
+        assert!(
+            err.to_string().contains("did you mean model.layers.0"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -482,7 +525,10 @@ mod tests {
         let free = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
         assert_eq!(on(&t, &free, "b1.l0"), Device::Gpu(0));
         assert_eq!(on(&t, &free, "b1.l1"), Device::Gpu(1));
-        let whole = SolveOptions { no_split_module_classes: vec!["Block".into()], ..opts(Strategy::Sequential) };
+        let whole = SolveOptions {
+            no_split_module_classes: vec!["Block".into()],
+            ..opts(Strategy::Sequential)
+        };
         let plan = solve(&t, &s, &whole).unwrap();
         assert_eq!(on(&t, &plan, "b1"), Device::Gpu(1));
         let names: Vec<&str> = plan.device_map.iter().map(|(n, _)| t.name(*n)).collect();
