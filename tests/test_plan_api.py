@@ -7,6 +7,7 @@ import torch
 from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
 import devicemap
+
 from plan_checks import check_plan, device_of
 
 

@@ -29,6 +29,7 @@ from .errors import (
 from .memory import available_memory, normalize_max_memory, parse_size
 from .planning import STRATEGIES, DeviceUsage, Offload, Plan, plan
 from .tree import ModuleTree
+from .workload import Workload
 
 __all__ = [
     "STRATEGIES",
@@ -46,6 +47,7 @@ __all__ = [
     "TiedPinConflictError",
     "UnknownDeviceError",
     "UnknownModuleError",
+    "Workload",
     "__version__",
     "available_memory",
     "compat",

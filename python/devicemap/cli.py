@@ -65,9 +65,13 @@ def load_model(source: str, num_hidden_layers: Optional[int] = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="devicemap", description="Decide where each layer of a model lives.")
+    parser = argparse.ArgumentParser(
+        prog="devicemap", description="Decide where each layer of a model lives."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate")
+    sub.add_parser(
+        "demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate"
+    )
     sub.add_parser("models", help="list the bundled model shapes")
     p = sub.add_parser("plan", help="plan a model (catalog name, config.json or model folder)")
     p.add_argument("model")
@@ -95,7 +99,10 @@ def plan_to_json(result: Plan) -> dict:
             }
             for u in result.usage
         ],
-        "offloaded": [{"name": o.name, "device": o.device, "bytes": o.bytes, "reason": o.reason} for o in result.offloaded],
+        "offloaded": [
+            {"name": o.name, "device": o.device, "bytes": o.bytes, "reason": o.reason}
+            for o in result.offloaded
+        ],
     }
 
 
@@ -140,11 +147,17 @@ def run_demo() -> int:
     print(result)
     no_split = model._no_split_modules
     start = time.perf_counter()
-    budget = get_balanced_memory(model, max_memory=dict(memory), no_split_module_classes=no_split, dtype="bfloat16")
-    theirs = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype="bfloat16")
+    budget = get_balanced_memory(
+        model, max_memory=dict(memory), no_split_module_classes=no_split, dtype="bfloat16"
+    )
+    theirs = infer_auto_device_map(
+        model, max_memory=budget, no_split_module_classes=no_split, dtype="bfloat16"
+    )
     acc_time = time.perf_counter() - start
     offloaded = sorted({k for k, v in theirs.items() if v in ("cpu", "disk")})
-    print(f"\naccelerate 'balanced' on the same inputs: {len(offloaded)} module(s) off the GPUs {offloaded[:4]}")
+    print(
+        f"\naccelerate 'balanced' on the same inputs: {len(offloaded)} module(s) off the GPUs {offloaded[:4]}"
+    )
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
     print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
     return 0

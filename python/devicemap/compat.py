@@ -115,9 +115,9 @@ def infer_auto_device_map(
     GPUs first (keeping room on the main devices for the largest layer), then CPU, then disk.
 
     >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
-    >>> infer_auto_device_map(model, max_memory={0: 400, "cpu": 1000})
-    {'0': 0, '1': 'cpu'}
+    >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])  # 288 bytes each
+    >>> infer_auto_device_map(model, max_memory={0: 700, "cpu": 1000})
+    {'0': 0, '1': 'cpu', '2': 'cpu'}
     """
     memory = get_max_memory(max_memory)
     tree = ModuleTree.from_module(

@@ -7,14 +7,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _core
+from .compute import flops_per_token
 from .errors import PlacementError, UnknownModuleError
-from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory
+from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory, parse_size
 from .tree import DtypeLike, ModuleTree
+from .workload import Workload, runtime_memory
 
 if TYPE_CHECKING:
     import torch
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def torch_module() -> type:
+    import torch
+
+    return torch.nn.Module
 
 
 def _device_from_core(text: str) -> DeviceKey:
@@ -30,14 +38,19 @@ class DeviceUsage:
     """Bytes the plan may use (``None``: unbounded disk)."""
     weights: int
     """Bytes of parameters and buffers placed here."""
+    runtime: int
+    """Bytes of runtime memory here: KV cache and logits of the layers computed here, activations."""
     reserve: int
-    """Bytes kept free to stage offloaded blocks (0 unless something is offloaded)."""
+    """Bytes kept free: staging of offloaded blocks (0 unless something is offloaded), gpu0_reserve."""
+    compute: int
+    """FLOPs per token of the layers held here (only with ``balance="compute"``)."""
     blocks: tuple[str, ...]
     """The finest placed pieces (layers) on this device, in model order."""
 
     @property
     def used(self) -> int:
-        return self.weights + self.reserve
+        """Everything planned on this device: weights + runtime + reserve."""
+        return self.weights + self.runtime + self.reserve
 
 
 @dataclass(frozen=True)
@@ -88,23 +101,51 @@ class Plan:
     def __str__(self) -> str:
         return self.table()
 
-    def table(self) -> str:
-        """A readable per-device table: bytes used, capacity, reserve, layers held, offloads."""
-        rows = [("device", "weights", "reserve", "capacity", "use", "blocks")]
+    def explain(self) -> str:
+        """Per-device table (weights, runtime memory, reserve, capacity, layers held) and, for every
+        block on CPU or disk, why it is not on a GPU.
+
+        >>> import torch, devicemap
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+        >>> print(devicemap.plan(model, max_memory={0: "40KiB", "cpu": "1MiB"}).explain())  # doctest: +ELLIPSIS
+        devicemap plan (sequential)
+        device  weights    runtime  reserve    capacity   use  blocks
+        0       16.25 KiB  0 B      16.25 KiB  40.00 KiB  81%  0
+        cpu     48.75 KiB  0 B      0 B        1.00 MiB   5%   1 .. 3 (3)
+        offloaded (3 blocks):
+          1 -> cpu (16.25 KiB): did not fit on the GPUs after the blocks before it
+        ...
+        """
+        return self.table(limit=None)
+
+    def table(self, limit: Optional[int] = 10) -> str:
+        """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all)."""
+        rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "blocks")]
         for u in self.usage:
             cap = "unbounded" if u.capacity is None else _human(u.capacity)
             pct = "" if not u.capacity else f"{100 * u.used / u.capacity:.0f}%"
-            rows.append((str(u.device), _human(u.weights), _human(u.reserve), cap, pct, _span(u.blocks)))
+            rows.append(
+                (
+                    str(u.device),
+                    _human(u.weights),
+                    _human(u.runtime),
+                    _human(u.reserve),
+                    cap,
+                    pct,
+                    _span(u.blocks),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"devicemap plan ({self.strategy})"]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if self.offloaded:
             lines.append(f"offloaded ({len(self.offloaded)} blocks):")
-            for o in self.offloaded[:10]:
+            shown = self.offloaded if limit is None else self.offloaded[:limit]
+            for o in shown:
                 lines.append(f"  {o.name} -> {o.device} ({_human(o.bytes)}): {o.reason}")
-            if len(self.offloaded) > 10:
-                lines.append(f"  ... and {len(self.offloaded) - 10} more")
+            if len(shown) < len(self.offloaded):
+                lines.append(f"  ... and {len(self.offloaded) - len(shown)} more (plan.explain() lists all)")
         return "\n".join(lines)
 
 
@@ -132,6 +173,9 @@ def plan(
     special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
     pins: Optional[Mapping[str, object]] = None,
     offload_buffers: bool = False,
+    workload: Optional[Workload] = None,
+    balance: str = "memory",
+    gpu0_reserve: Optional[Size] = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -149,6 +193,12 @@ def plan(
         pins: ``{module name: device}`` placements to keep, e.g. ``{"lm_head": 0}``.
         offload_buffers: offload buffers with their layers (default: buffers of offloaded layers stay on
             the execution device, and the plan reserves room for them there).
+        workload: a :class:`Workload` (batch size, sequence length, KV dtype): each decoder layer's KV
+            cache is planned on the device that runs it, activations on every computing device, logits
+            with the output head. Needs a transformers model (its config).
+        balance: ``"memory"`` (default) or ``"compute"``: what ``balanced`` strategies equalise. Compute
+            is FLOPs per token (2 x parameters used per token; only routed experts' share for MoE).
+        gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -187,8 +237,33 @@ def plan(
             raise UnknownModuleError(f"pin key {name!r} must be a module name string such as 'lm_head'")
         pin_list.append((name, str(device_key(device))))
 
+    if balance not in ("memory", "compute"):
+        raise PlacementError(f"unknown balance {balance!r}: use 'memory' or 'compute'")
+    runtime: list[tuple[str, int]] = []
+    activation_bits = 0
+    if workload is not None:
+        if not isinstance(model_or_tree, torch_module()):
+            raise PlacementError("workload needs the model itself (its config), not a ModuleTree")
+        runtime, activation_bits = runtime_memory(model_or_tree, tree, workload, dtype)
+    compute: list[tuple[str, int]] = []
+    if balance == "compute":
+        if not isinstance(model_or_tree, torch_module()):
+            raise PlacementError("balance='compute' needs the model itself, not a ModuleTree")
+        compute = flops_per_token(model_or_tree)
+    reserve_bits = bytes_to_bits(parse_size(gpu0_reserve)) if gpu0_reserve is not None else 0
+
     strategy_ran, device_map, assignments, usage, offloaded = _core.solve(
-        tree.core, devices, strategy, classes, pin_list, offload_buffers
+        tree.core,
+        devices,
+        strategy,
+        classes,
+        pin_list,
+        offload_buffers,
+        runtime,
+        activation_bits,
+        compute,
+        balance,
+        reserve_bits or 0,
     )
     return Plan(
         strategy=strategy_ran,
@@ -199,10 +274,12 @@ def plan(
                 device=_device_from_core(d),
                 capacity=None if cap is None else cap // 8,
                 weights=-(-weights // 8),
+                runtime=-(-run // 8),
                 reserve=-(-reserve // 8),
+                compute=flops,
                 blocks=tuple(blocks),
             )
-            for d, cap, weights, reserve, blocks in usage
+            for d, cap, weights, run, reserve, flops, blocks in usage
         ],
         offloaded=[Offload(n, _device_from_core(d), -(-b // 8), r) for n, d, b, r in offloaded],
     )

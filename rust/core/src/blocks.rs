@@ -4,6 +4,7 @@
 //! sits directly in a module that is split. Blocks partition every tensor of the tree and are listed in
 //! model (pre-order) order, so "contiguous runs of blocks" means "consecutive layers".
 
+use crate::error::{PlacementError, Result};
 use crate::tree::{ModuleTree, NodeId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,17 +44,35 @@ pub fn cut_blocks(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
                 blocks.push(make_block(tree, child));
             }
         }
-        for child in tree
-            .child_modules(node)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
+        for child in tree.child_modules(node).collect::<Vec<_>>().into_iter().rev() {
             stack.push(child);
         }
     }
     blocks.sort_by_key(|b| b.node);
     blocks
+}
+
+/// Spread per-node values (runtime memory, compute) over blocks: a value on a node inside (or at) a block
+/// goes to that block; a value on a module that was split goes to the first block under it.
+pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, u64)]) -> Result<Vec<u64>> {
+    let mut per_block = vec![0u64; blocks.len()];
+    for &(node, value) in values {
+        if node as usize >= tree.len() {
+            return Err(PlacementError::InvalidTree(format!(
+                "a value names node {node}, but the tree has {}",
+                tree.len()
+            )));
+        }
+        // The last block starting at or before `node` contains it, unless `node` is a split module.
+        let at_or_before = blocks.partition_point(|b| b.node <= node);
+        let index = match at_or_before.checked_sub(1) {
+            Some(i) if blocks[i].node == node || tree.is_strict_descendant(node, blocks[i].node) => i,
+            _ if at_or_before < blocks.len() && blocks[at_or_before].node < tree.end(node) => at_or_before,
+            _ => continue, // a module without tensors: nothing of it is placed
+        };
+        per_block[index] = per_block[index].saturating_add(value);
+    }
+    Ok(per_block)
 }
 
 fn make_block(tree: &ModuleTree, node: NodeId) -> Block {
@@ -104,10 +123,7 @@ mod tests {
         );
         assert_eq!(cut(&["Layer"]), vec!["scale", "layers.0", "layers.1"]);
         let blocks = cut_blocks(&t, &no_split_mask(&t, &["Layer".to_string()]));
-        assert_eq!(
-            blocks.iter().map(|b| b.bits).sum::<u64>(),
-            t.subtree_bits(0)
-        );
+        assert_eq!(blocks.iter().map(|b| b.bits).sum::<u64>(), t.subtree_bits(0));
         assert_eq!(blocks[1].buffer_bits, 16);
     }
 }

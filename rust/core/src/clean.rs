@@ -74,22 +74,11 @@ mod tests {
 
         let all_zero = clean_device_map(
             &t,
-            &[
-                (l0, Device::Gpu(0)),
-                (l1, Device::Gpu(0)),
-                (head, Device::Gpu(0)),
-            ],
+            &[(l0, Device::Gpu(0)), (l1, Device::Gpu(0)), (head, Device::Gpu(0))],
         );
         assert_eq!(all_zero, vec![(0, Device::Gpu(0))]);
 
-        let mixed = clean_device_map(
-            &t,
-            &[
-                (l0, Device::Gpu(0)),
-                (l1, Device::Gpu(0)),
-                (head, Device::Cpu),
-            ],
-        );
+        let mixed = clean_device_map(&t, &[(l0, Device::Gpu(0)), (l1, Device::Gpu(0)), (head, Device::Cpu)]);
         assert_eq!(mixed, vec![(m, Device::Gpu(0)), (head, Device::Cpu)]);
 
         let single = clean_device_map(&t, &[(m, Device::Gpu(1))]);

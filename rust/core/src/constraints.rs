@@ -13,6 +13,10 @@ pub struct Unit {
     pub blocks: Vec<usize>,
     pub bits: u64,
     pub buffer_bits: u64,
+    /// Runtime memory (KV cache, logits) of the unit's blocks.
+    pub runtime_bits: u64,
+    /// Compute cost of the unit's blocks.
+    pub compute: u64,
     pub pinned: Option<Device>,
 }
 
@@ -38,6 +42,8 @@ pub fn build_units(
     blocks: &[Block],
     pins: &[(String, Device)],
     spec: &DeviceSpec,
+    runtime: &[u64],
+    compute: &[u64],
 ) -> Result<Vec<Unit>> {
     let mut parent: Vec<usize> = (0..blocks.len()).collect();
     for group in tree.tie_groups() {
@@ -114,6 +120,8 @@ pub fn build_units(
                     blocks: Vec::new(),
                     bits: 0,
                     buffer_bits: 0,
+                    runtime_bits: 0,
+                    compute: 0,
                     pinned: None,
                 });
                 unit_of_root[root] = Some(units.len() - 1);
@@ -124,6 +132,8 @@ pub fn build_units(
         unit.blocks.push(i);
         unit.bits += blocks[i].bits;
         unit.buffer_bits += blocks[i].buffer_bits;
+        unit.runtime_bits += runtime[i];
+        unit.compute += compute[i];
         if let Some((_, _, device, pin_name)) = &block_pin[i] {
             match unit.pinned {
                 Some(existing) if existing != *device => {
@@ -132,9 +142,7 @@ pub fn build_units(
                         .tie_groups()
                         .iter()
                         .flatten()
-                        .filter(|&&p| {
-                            block_of(tree, blocks, p).is_some_and(|b| members.contains(&b))
-                        })
+                        .filter(|&&p| block_of(tree, blocks, p).is_some_and(|b| members.contains(&b)))
                         .map(|&p| tree.name(p).to_string())
                         .collect();
                     return Err(PlacementError::TiedPinConflict {

@@ -36,10 +36,7 @@ impl Device {
             "mps" => return Ok(Device::Mps),
             _ => {}
         }
-        if let Some(index) = trimmed
-            .strip_prefix("cuda:")
-            .or_else(|| trimmed.strip_prefix("gpu:"))
-        {
+        if let Some(index) = trimmed.strip_prefix("cuda:").or_else(|| trimmed.strip_prefix("gpu:")) {
             if let Ok(i) = index.parse::<u32>() {
                 return Ok(Device::Gpu(i));
             }
@@ -49,8 +46,7 @@ impl Device {
         }
         Err(PlacementError::UnknownDevice {
             key: key.to_string(),
-            hint: "use an integer GPU index (0, 1, ...), \"cuda:N\", \"mps\", \"cpu\" or \"disk\""
-                .into(),
+            hint: "use an integer GPU index (0, 1, ...), \"cuda:N\", \"mps\", \"cpu\" or \"disk\"".into(),
         })
     }
 
@@ -113,10 +109,7 @@ impl DeviceSpec {
     }
 
     pub fn capacity(&self, device: Device) -> Option<Option<u64>> {
-        self.devices
-            .iter()
-            .find(|(d, _)| *d == device)
-            .map(|(_, c)| *c)
+        self.devices.iter().find(|(d, _)| *d == device).map(|(_, c)| *c)
     }
 
     pub fn contains(&self, device: Device) -> bool {
@@ -177,9 +170,7 @@ pub fn parse_size(input: &str) -> Result<u64> {
             )))
         }
     };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| invalid("the number is malformed"))?;
+    let value: f64 = number.parse().map_err(|_| invalid("the number is malformed"))?;
     let scaled = value * multiplier;
     if !scaled.is_finite() || scaled >= u64::MAX as f64 {
         return Err(invalid("it is too large"));
@@ -207,9 +198,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes_with_the_input_in_the_message() {
-        for bad in [
-            "20 GB", "-1", "20XB", "", "GB", "1.2.3GB", "1000", ".5GB", "nanGB",
-        ] {
+        for bad in ["20 GB", "-1", "20XB", "", "GB", "1.2.3GB", "1000", ".5GB", "nanGB"] {
             let err = parse_size(bad).unwrap_err();
             assert!(matches!(err, PlacementError::InvalidSize { .. }), "{bad}");
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
@@ -226,10 +215,7 @@ mod tests {
         ])
         .unwrap();
         let order: Vec<Device> = spec.devices().iter().map(|(d, _)| *d).collect();
-        assert_eq!(
-            order,
-            vec![Device::Gpu(0), Device::Gpu(1), Device::Cpu, Device::Disk]
-        );
+        assert_eq!(order, vec![Device::Gpu(0), Device::Gpu(1), Device::Cpu, Device::Disk]);
         assert!(Device::parse("tpu").is_err());
         assert!(DeviceSpec::new(vec![(Device::Cpu, Some(1)), (Device::Cpu, Some(2))]).is_err());
     }

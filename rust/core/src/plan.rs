@@ -19,8 +19,13 @@ pub struct DeviceUsage {
     pub capacity_bits: Option<u64>,
     /// Bits of weights (parameters and buffers) placed here.
     pub weight_bits: u64,
-    /// Bits kept free for staging offloaded blocks (and their buffers when buffers are not offloaded).
+    /// Runtime memory here: KV cache / logits of the blocks computed here, and the activation buffer.
+    pub runtime_bits: u64,
+    /// Bits kept free: staging of offloaded blocks (with their runtime memory, and their buffers when
+    /// buffers are not offloaded) and any explicit GPU 0 reserve.
     pub reserve_bits: u64,
+    /// Compute cost of the blocks held here (as given in the options).
+    pub compute: u64,
     /// Block (leaf-level) nodes placed here, in model order.
     pub blocks: Vec<NodeId>,
 }
@@ -41,10 +46,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn device_of(&self, node: NodeId) -> Option<Device> {
-        self.assignments
-            .iter()
-            .find(|(n, _)| *n == node)
-            .map(|(_, d)| *d)
+        self.assignments.iter().find(|(n, _)| *n == node).map(|(_, d)| *d)
     }
 
     /// Largest per-GPU load (weights + reserve) in bits.
@@ -52,7 +54,7 @@ impl Plan {
         self.usage
             .iter()
             .filter(|u| u.device.is_gpu_like())
-            .map(|u| u.weight_bits + u.reserve_bits)
+            .map(|u| u.weight_bits + u.runtime_bits + u.reserve_bits)
             .max()
             .unwrap_or(0)
     }

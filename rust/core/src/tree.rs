@@ -170,10 +170,7 @@ impl ModuleTree {
         let mut counted = vec![false; n];
         for i in (0..n).rev() {
             if alias[i] && !c.duplicate[i] {
-                return bad(format!(
-                    "parameter alias {:?} must be marked duplicate",
-                    names[i]
-                ));
+                return bad(format!("parameter alias {:?} must be marked duplicate", names[i]));
             }
             if kind[i].is_tensor() && !c.duplicate[i] {
                 own_bits[i] = c.bits[i];
@@ -199,10 +196,7 @@ impl ModuleTree {
                 continue;
             }
             if kind[i] != NodeKind::Parameter {
-                return bad(format!(
-                    "node {:?} is tied but is not a parameter",
-                    names[i]
-                ));
+                return bad(format!("node {:?} is tied but is not a parameter", names[i]));
             }
             let t = *t as usize;
             if t > n {
@@ -307,10 +301,7 @@ impl ModuleTree {
     }
 
     pub fn child_modules(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
-        self.children(id)
-            .iter()
-            .copied()
-            .filter(|c| !self.is_tensor(*c))
+        self.children(id).iter().copied().filter(|c| !self.is_tensor(*c))
     }
 
     /// Direct parameters as `named_parameters(recurse=False)` lists them (aliases left out).
@@ -434,16 +425,7 @@ impl TreeBuilder {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        name: &str,
-        parent: i64,
-        kind: u8,
-        class: &str,
-        bits: u64,
-        dup: bool,
-        tie: i64,
-    ) -> NodeId {
+    fn push(&mut self, name: &str, parent: i64, kind: u8, class: &str, bits: u64, dup: bool, tie: i64) -> NodeId {
         let next = self.classes.len() as u32;
         let class_id = *self.classes.entry(class.to_string()).or_insert_with(|| {
             self.columns.class_names.push(class.to_string());
@@ -470,23 +452,8 @@ impl TreeBuilder {
     }
 
     /// Add a parameter that shares the storage of an earlier one (`tie` is the group number).
-    pub fn tied_param(
-        &mut self,
-        parent: NodeId,
-        name: &str,
-        bytes: u64,
-        tie: i64,
-        duplicate: bool,
-    ) -> NodeId {
-        self.push(
-            name,
-            parent as i64,
-            1,
-            "Parameter",
-            bytes * 8,
-            duplicate,
-            tie,
-        )
+    pub fn tied_param(&mut self, parent: NodeId, name: &str, bytes: u64, tie: i64, duplicate: bool) -> NodeId {
+        self.push(name, parent as i64, 1, "Parameter", bytes * 8, duplicate, tie)
     }
 
     /// Add a persistent buffer of `bytes` bytes.

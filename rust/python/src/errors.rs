@@ -47,12 +47,7 @@ create_exception!(
     PlacementError,
     "The model does not fit on the given devices."
 );
-create_exception!(
-    devicemap,
-    InvalidTreeError,
-    PlacementError,
-    "A malformed module tree."
-);
+create_exception!(devicemap, InvalidTreeError, PlacementError, "A malformed module tree.");
 create_exception!(
     devicemap,
     AccelerateCompatError,
@@ -81,10 +76,7 @@ pub fn to_py(err: CoreError) -> PyErr {
 }
 
 /// Run `work` without the GIL; a panic inside becomes `InternalError` instead of aborting Python.
-pub fn guarded<T: Send>(
-    py: Python<'_>,
-    work: impl FnOnce() -> Result<T, CoreError> + Send,
-) -> PyResult<T> {
+pub fn guarded<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, CoreError> + Send) -> PyResult<T> {
     let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
     match outcome {
         Ok(result) => result.map_err(to_py),
@@ -107,17 +99,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidSizeError", py.get_type::<InvalidSizeError>())?;
     m.add("UnknownDeviceError", py.get_type::<UnknownDeviceError>())?;
     m.add("UnknownModuleError", py.get_type::<UnknownModuleError>())?;
-    m.add(
-        "TiedPinConflictError",
-        py.get_type::<TiedPinConflictError>(),
-    )?;
+    m.add("TiedPinConflictError", py.get_type::<TiedPinConflictError>())?;
     m.add("PinConflictError", py.get_type::<PinConflictError>())?;
     m.add("DoesNotFitError", py.get_type::<DoesNotFitError>())?;
     m.add("InvalidTreeError", py.get_type::<InvalidTreeError>())?;
-    m.add(
-        "AccelerateCompatError",
-        py.get_type::<AccelerateCompatError>(),
-    )?;
+    m.add("AccelerateCompatError", py.get_type::<AccelerateCompatError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }

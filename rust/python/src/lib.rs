@@ -5,9 +5,9 @@ mod errors;
 
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
 use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
+use devicemap_core::strategy::Balance;
 use devicemap_core::{
-    Device, DeviceSpec, ModuleTree, PlacementError as CoreError, SolveOptions, Strategy,
-    TreeColumns,
+    Device, DeviceSpec, ModuleTree, PlacementError as CoreError, SolveOptions, Strategy, TreeColumns,
 };
 use errors::guarded;
 use pyo3::prelude::*;
@@ -45,9 +45,7 @@ impl Tree {
             tie,
         };
         let tree = guarded(py, move || ModuleTree::from_columns(columns))?;
-        Ok(Tree {
-            inner: Arc::new(tree),
-        })
+        Ok(Tree { inner: Arc::new(tree) })
     }
 
     fn __len__(&self) -> usize {
@@ -108,9 +106,7 @@ impl Tree {
     }
 }
 
-fn parse_devices(
-    devices: Vec<(String, Option<u64>)>,
-) -> Result<Vec<(Device, Option<u64>)>, CoreError> {
+fn parse_devices(devices: Vec<(String, Option<u64>)>) -> Result<Vec<(Device, Option<u64>)>, CoreError> {
     devices
         .into_iter()
         .map(|(key, cap)| Ok((Device::parse(&key)?, cap)))
@@ -118,15 +114,42 @@ fn parse_devices(
 }
 
 type NamedDevice = (String, String);
-/// (device, capacity bits or None, weight bits, reserve bits, block names)
-type UsageRow = (String, Option<u64>, u64, u64, Vec<String>);
+/// (device, capacity bits or None, weight bits, runtime bits, reserve bits, compute, block names)
+type UsageRow = (String, Option<u64>, u64, u64, u64, u64, Vec<String>);
 /// (name, device, bits, reason)
 type OffloadRow = (String, String, u64, String);
+type SolveResult = (
+    String,
+    Vec<NamedDevice>,
+    Vec<NamedDevice>,
+    Vec<UsageRow>,
+    Vec<OffloadRow>,
+);
+
+fn named_values(tree: &ModuleTree, values: Vec<(String, u64)>, what: &str) -> Result<Vec<(u32, u64)>, CoreError> {
+    values
+        .into_iter()
+        .map(|(name, v)| {
+            tree.find(&name)
+                .map(|id| (id, v))
+                .ok_or_else(|| CoreError::UnknownModule {
+                    name,
+                    context: what.to_string(),
+                    suggestion: String::new(),
+                })
+        })
+        .collect()
+}
 
 /// Solve a placement. Devices are (key, capacity in bits) pairs; keys as accelerate's max_memory keys.
+/// `runtime` and `compute` attach values to module names (bits of KV cache/logits; compute cost).
 #[pyfunction]
-#[pyo3(signature = (tree, devices, strategy, no_split_module_classes, pins, offload_buffers))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (
+    tree, devices, strategy, no_split_module_classes, pins, offload_buffers,
+    runtime = Vec::new(), activation_bits = 0, compute = Vec::new(), balance = "memory".to_string(),
+    gpu0_reserve_bits = 0
+))]
+#[allow(clippy::too_many_arguments)]
 fn solve(
     py: Python<'_>,
     tree: &Tree,
@@ -135,13 +158,12 @@ fn solve(
     no_split_module_classes: Vec<String>,
     pins: Vec<(String, String)>,
     offload_buffers: bool,
-) -> PyResult<(
-    String,
-    Vec<NamedDevice>,
-    Vec<NamedDevice>,
-    Vec<UsageRow>,
-    Vec<OffloadRow>,
-)> {
+    runtime: Vec<(String, u64)>,
+    activation_bits: u64,
+    compute: Vec<(String, u64)>,
+    balance: String,
+    gpu0_reserve_bits: u64,
+) -> PyResult<SolveResult> {
     let t = Arc::clone(&tree.inner);
     guarded(py, move || {
         let spec = DeviceSpec::new(parse_devices(devices)?)?;
@@ -149,11 +171,27 @@ fn solve(
             .into_iter()
             .map(|(n, d)| Ok((n, Device::parse(&d)?)))
             .collect::<Result<Vec<_>, CoreError>>()?;
+        let balance = match balance.as_str() {
+            "memory" => Balance::Memory,
+            "compute" => Balance::Compute,
+            other => {
+                return Err(CoreError::UnknownModule {
+                    name: other.to_string(),
+                    context: "balance modes".into(),
+                    suggestion: "; use \"memory\" or \"compute\"".into(),
+                })
+            }
+        };
         let options = SolveOptions {
             strategy: Strategy::parse(&strategy)?,
             no_split_module_classes,
             pins,
             offload_buffers,
+            runtime_bits: named_values(&t, runtime, "workload runtime memory")?,
+            activation_bits,
+            compute: named_values(&t, compute, "compute costs")?,
+            balance,
+            gpu0_reserve_bits,
         };
         let plan = devicemap_core::solve(&t, &spec, &options)?;
         let named = |pairs: &[(u32, Device)]| -> Vec<NamedDevice> {
@@ -171,7 +209,9 @@ fn solve(
                     u.device.to_string(),
                     u.capacity_bits,
                     u.weight_bits,
+                    u.runtime_bits,
                     u.reserve_bits,
+                    u.compute,
                     blocks,
                 )
             })
@@ -253,9 +293,7 @@ fn parse_size(py: Python<'_>, text: String) -> PyResult<u64> {
 /// Raise InternalError from a deliberate panic (tests check that panics never abort Python).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
-    guarded(py, || -> Result<(), CoreError> {
-        panic!("deliberate test panic")
-    })
+    guarded(py, || -> Result<(), CoreError> { panic!("deliberate test panic") })
 }
 
 #[pymodule]

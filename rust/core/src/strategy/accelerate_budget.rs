@@ -14,11 +14,7 @@ pub struct BalancedBudget {
 }
 
 /// `share_devices` is accelerate's divisor (the number of GPUs, minus one for low_zero).
-pub fn balanced_budget(
-    tree: &ModuleTree,
-    no_split: &[String],
-    share_devices: u64,
-) -> BalancedBudget {
+pub fn balanced_budget(tree: &ModuleTree, no_split: &[String], share_devices: u64) -> BalancedBudget {
     let total_bits = tree.subtree_bits(tree.root());
     let share = share_devices.max(1);
     // Floor division in bytes, which may be fractional (bool tensors): floor(total / n) whole bytes.
@@ -28,11 +24,7 @@ pub fn balanced_budget(
     let mut block_bits: u64 = 0;
     if !no_split.is_empty() {
         let mut seen_class = vec![false; tree.class_names().len()];
-        let wanted: Vec<bool> = tree
-            .class_names()
-            .iter()
-            .map(|c| no_split.contains(c))
-            .collect();
+        let wanted: Vec<bool> = tree.class_names().iter().map(|c| no_split.contains(c)).collect();
         for key in module_sizes_key_order(tree) {
             let class = tree.class_id(key) as usize;
             if wanted[class] && !seen_class[class] {
@@ -45,10 +37,7 @@ pub fn balanced_budget(
     // Mean size of the "final" modules: counted modules none of whose child modules is counted.
     let (mut leaf_bits, mut leaves) = (0u64, 0u64);
     for id in 1..tree.len() as NodeId {
-        if !tree.is_tensor(id)
-            && tree.is_counted(id)
-            && !tree.child_modules(id).any(|c| tree.is_counted(c))
-        {
+        if !tree.is_tensor(id) && tree.is_counted(id) && !tree.child_modules(id).any(|c| tree.is_counted(c)) {
             leaf_bits += tree.subtree_bits(id);
             leaves += 1;
         }
@@ -67,19 +56,13 @@ pub fn balanced_budget(
 fn module_sizes_key_order(tree: &ModuleTree) -> Vec<NodeId> {
     let mut seen = vec![false; tree.len()];
     let mut order = Vec::new();
-    let params =
-        (0..tree.len() as NodeId).filter(|&i| tree.kind(i) == crate::tree::NodeKind::Parameter);
-    let buffers = (0..tree.len() as NodeId)
-        .filter(|&i| matches!(tree.kind(i), crate::tree::NodeKind::Buffer { .. }));
+    let params = (0..tree.len() as NodeId).filter(|&i| tree.kind(i) == crate::tree::NodeKind::Parameter);
+    let buffers = (0..tree.len() as NodeId).filter(|&i| matches!(tree.kind(i), crate::tree::NodeKind::Buffer { .. }));
     for t in params.chain(buffers) {
         if tree.is_duplicate(t) {
             continue;
         }
-        for node in tree
-            .ancestors_top_down(t)
-            .into_iter()
-            .chain(std::iter::once(t))
-        {
+        for node in tree.ancestors_top_down(t).into_iter().chain(std::iter::once(t)) {
             if !seen[node as usize] {
                 seen[node as usize] = true;
                 order.push(node);

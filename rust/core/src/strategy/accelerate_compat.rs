@@ -38,11 +38,7 @@ impl Ties {
         let groups = tree
             .tie_groups()
             .iter()
-            .map(|g| {
-                g.iter()
-                    .map(|&m| (m, format!("{}.", tree.name(m))))
-                    .collect()
-            })
+            .map(|g| g.iter().map(|&m| (m, format!("{}.", tree.name(m)))).collect())
             .collect();
         Ties { groups }
     }
@@ -53,12 +49,7 @@ impl Ties {
         for group in &self.groups {
             let inside = group.iter().filter(|(_, k)| k.contains(name_dot)).count();
             if inside > 0 && inside < group.len() {
-                out.extend(
-                    group
-                        .iter()
-                        .filter(|(_, k)| !k.contains(name_dot))
-                        .map(|(m, _)| *m),
-                );
+                out.extend(group.iter().filter(|(_, k)| !k.contains(name_dot)).map(|(m, _)| *m));
             }
         }
         out
@@ -104,9 +95,7 @@ impl<'t> Solver<'t> {
 
     /// A module with child modules whose class may be split: accelerate replaces it by its children.
     fn expands(&self, id: NodeId) -> bool {
-        !self.tree.is_tensor(id)
-            && !self.no_split[self.tree.class_id(id) as usize]
-            && self.tree.has_child_modules(id)
+        !self.tree.is_tensor(id) && !self.no_split[self.tree.class_id(id) as usize] && self.tree.has_child_modules(id)
     }
 
     /// What a split puts in a module's place: its direct parameters, then its child modules.
@@ -119,11 +108,7 @@ impl<'t> Solver<'t> {
 
     /// `get_max_layer_size`: the largest layer under `items` and every layer of that size (sorted ids).
     fn max_layer(&self, items: impl Iterator<Item = NodeId> + Clone) -> (u64, Vec<NodeId>) {
-        let max = items
-            .clone()
-            .map(|i| self.layer_max[i as usize])
-            .max()
-            .unwrap_or(0);
+        let max = items.clone().map(|i| self.layer_max[i as usize]).max().unwrap_or(0);
         let mut names = Vec::new();
         let mut stack: Vec<NodeId> = Vec::new();
         for item in items {
@@ -149,22 +134,21 @@ impl<'t> Solver<'t> {
     }
 
     /// `get_module_size_with_ties`: size of `size` plus the modules (from `list`) holding `partners`.
-    fn size_with_ties(
-        &self,
-        partners: &[NodeId],
-        size: i128,
-        list: &VecDeque<NodeId>,
-    ) -> Result<(i128, Vec<NodeId>)> {
+    fn size_with_ties(&self, partners: &[NodeId], size: i128, list: &VecDeque<NodeId>) -> Result<(i128, Vec<NodeId>)> {
         let mut total = size;
         let mut holders = Vec::with_capacity(partners.len());
         for &p in partners {
-            let holder = list.iter().copied().find(|&m| self.tree.is_strict_descendant(p, m)).ok_or_else(|| {
-                PlacementError::AccelerateFailure(format!(
+            let holder = list
+                .iter()
+                .copied()
+                .find(|&m| self.tree.is_strict_descendant(p, m))
+                .ok_or_else(|| {
+                    PlacementError::AccelerateFailure(format!(
                     "tied parameter {:?} is not inside any module still to be placed (accelerate raises IndexError \
                      in get_module_size_with_ties); use devicemap.plan() instead",
                     self.tree.name(p)
                 ))
-            })?;
+                })?;
             total += self.size(holder) - self.tree.own_bits(p) as i128;
             holders.push(holder);
         }
@@ -175,17 +159,12 @@ impl<'t> Solver<'t> {
         if self.ties.groups.is_empty() {
             return Vec::new();
         }
-        self.ties
-            .outside_partners(&format!("{}.", self.tree.name(id)))
+        self.ties.outside_partners(&format!("{}.", self.tree.name(id)))
     }
 
     /// `fallback_allocate`: the first module (breadth of the list, depth by splitting) that fits `limit`,
     /// and the list with that module's ancestors expanded and the module removed.
-    fn fallback(
-        &self,
-        list: &VecDeque<NodeId>,
-        limit: i128,
-    ) -> Result<Option<(NodeId, VecDeque<NodeId>)>> {
+    fn fallback(&self, list: &VecDeque<NodeId>, limit: i128) -> Result<Option<(NodeId, VecDeque<NodeId>)>> {
         let mut search = list.clone();
         let mut found = None;
         while let Some(y) = search.pop_front() {
@@ -246,25 +225,12 @@ pub fn infer_auto_device_map(
 ) -> Result<CompatResult> {
     let mut devices: Vec<(Device, Option<i128>)> = max_memory
         .iter()
-        .map(|(d, c)| {
-            (
-                *d,
-                if *d == Device::Disk {
-                    None
-                } else {
-                    Some(*c as i128)
-                },
-            )
-        })
+        .map(|(d, c)| (*d, if *d == Device::Disk { None } else { Some(*c as i128) }))
         .collect();
     if !devices.iter().any(|(d, _)| *d == Device::Disk) {
         devices.push((Device::Disk, None));
     }
-    let gpus: Vec<Device> = devices
-        .iter()
-        .map(|(d, _)| *d)
-        .filter(|d| d.is_gpu_like())
-        .collect();
+    let gpus: Vec<Device> = devices.iter().map(|(d, _)| *d).filter(|d| d.is_gpu_like()).collect();
     let main_devices: Vec<Device> = if gpus.contains(&Device::Mps) {
         vec![Device::Mps]
     } else if let Some(first) = gpus.first() {

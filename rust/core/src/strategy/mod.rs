@@ -4,6 +4,10 @@
 //! units, decide how much of the chain of free units stays on the GPUs (reserving staging room only if
 //! something is offloaded), lay that prefix over the GPUs (the strategy proper), then put the rest on the
 //! CPU and finally on disk.
+//!
+//! Memory on a GPU is weights + runtime memory (KV cache and logits attached to blocks, and one
+//! activation buffer per computing device). An offloaded block's weights go to CPU/disk, but it runs on
+//! the execution device (GPU 0), so its runtime memory and the staging room land there.
 
 pub mod accelerate_budget;
 pub mod accelerate_compat;
@@ -13,19 +17,20 @@ pub mod low_zero;
 pub mod offload;
 pub mod sequential;
 
-use crate::blocks::{cut_blocks, no_split_mask, Block};
+use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, Block};
 use crate::clean::clean_device_map;
 use crate::constraints::{build_units, Unit};
 use crate::device::{bits_to_bytes, Device, DeviceSpec};
 use crate::error::{PlacementError, Result};
 use crate::plan::{DeviceUsage, Offload, Plan};
-use crate::tree::ModuleTree;
-use chain::Lane;
+use crate::tree::{ModuleTree, NodeId};
+use chain::{Chain, Lane};
 use offload::{split_point, OffloadInput};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// One GPU: `sequential`; several: `balanced`; none: CPU then disk.
+    #[default]
     Auto,
     Sequential,
     Balanced,
@@ -42,8 +47,7 @@ impl Strategy {
             other => Err(PlacementError::UnknownModule {
                 name: other.to_string(),
                 context: "strategy names".into(),
-                suggestion: "; use \"auto\", \"balanced\", \"balanced_low_0\" or \"sequential\""
-                    .into(),
+                suggestion: "; use \"auto\", \"balanced\", \"balanced_low_0\" or \"sequential\"".into(),
             }),
         }
     }
@@ -58,7 +62,17 @@ impl Strategy {
     }
 }
 
-#[derive(Debug, Clone)]
+/// What the balanced strategies equalise across GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Memory (weights + runtime memory) per GPU.
+    #[default]
+    Memory,
+    /// Compute per GPU (the `compute` values of the options), within each GPU's memory.
+    Compute,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct SolveOptions {
     pub strategy: Strategy,
     pub no_split_module_classes: Vec<String>,
@@ -66,21 +80,19 @@ pub struct SolveOptions {
     pub pins: Vec<(String, Device)>,
     /// Offload buffers with their blocks (otherwise they stay on the execution device).
     pub offload_buffers: bool,
-}
-
-impl Default for SolveOptions {
-    fn default() -> Self {
-        SolveOptions {
-            strategy: Strategy::Auto,
-            no_split_module_classes: Vec::new(),
-            pins: Vec::new(),
-            offload_buffers: false,
-        }
-    }
+    /// Runtime memory in bits attached to nodes (e.g. a decoder layer's KV cache, the head's logits).
+    pub runtime_bits: Vec<(NodeId, u64)>,
+    /// Working memory in bits every computing device needs once (activations).
+    pub activation_bits: u64,
+    /// Compute cost attached to nodes (e.g. FLOPs per token), used by `Balance::Compute`.
+    pub compute: Vec<(NodeId, u64)>,
+    pub balance: Balance,
+    /// Bits kept free on GPU 0 on top of everything else (e.g. for generate's outputs).
+    pub gpu0_reserve_bits: u64,
 }
 
 /// Bits as a readable size ("512 B", "1.50 MiB", "70.00 GiB").
-fn gib(bits: u64) -> String {
+fn human(bits: u64) -> String {
     let bytes = bits_to_bytes(bits);
     for (unit, size) in [
         ("TiB", 1u64 << 40),
@@ -95,150 +107,206 @@ fn gib(bits: u64) -> String {
     format!("{bytes} B")
 }
 
+/// Per-device accumulators while solving, indexed like the spec's devices.
+struct Ledger {
+    devices: Vec<Device>,
+    pinned: Vec<u64>,
+    pinned_cost: Vec<u64>,
+    reserve: Vec<u64>,
+    runtime: Vec<u64>,
+}
+
+impl Ledger {
+    fn index(&self, d: Device) -> usize {
+        self.devices
+            .iter()
+            .position(|x| *x == d)
+            .expect("devices come from the spec")
+    }
+}
+
 pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Result<Plan> {
     let no_split = no_split_mask(tree, &options.no_split_module_classes);
     let blocks = cut_blocks(tree, &no_split);
-    let units = build_units(tree, &blocks, &options.pins, spec)?;
+    let runtime = attach_to_blocks(tree, &blocks, &options.runtime_bits)?;
+    let compute = attach_to_blocks(tree, &blocks, &options.compute)?;
+    let units = build_units(tree, &blocks, &options.pins, spec, &runtime, &compute)?;
     let gpus: Vec<(Device, u64)> = spec.gpus().collect();
     let strategy = match options.strategy {
         Strategy::Auto if gpus.len() > 1 => Strategy::Balanced,
         Strategy::Auto => Strategy::Sequential,
         s => s,
     };
+    let stays = |u: &Unit| u.runtime_bits + if options.offload_buffers { 0 } else { u.buffer_bits };
 
-    let free: Vec<&Unit> = units.iter().filter(|u| u.pinned.is_none()).collect();
-    let weights: Vec<u64> = free.iter().map(|u| u.bits).collect();
-    let buffers: Vec<u64> = free.iter().map(|u| u.buffer_bits).collect();
-    let mut pinned_load = vec![0u64; spec.devices().len()];
-    let device_index = |d: Device| {
-        spec.devices()
-            .iter()
-            .position(|(x, _)| *x == d)
-            .expect("pins are validated")
+    let n = spec.devices().len();
+    let mut ledger = Ledger {
+        devices: spec.devices().iter().map(|(d, _)| *d).collect(),
+        pinned: vec![0; n],
+        pinned_cost: vec![0; n],
+        reserve: vec![0; n],
+        runtime: vec![0; n],
     };
-    let (mut pin_off_max, mut pin_off_buf, mut any_pin_off) = (0u64, 0u64, false);
+    let (mut pin_off_max, mut pin_off_stays, mut any_pin_off) = (0u64, 0u64, false);
     for u in units.iter().filter(|u| u.pinned.is_some()) {
         let d = u.pinned.expect("filtered");
-        pinned_load[device_index(d)] += u.bits;
-        if !d.is_gpu_like() {
+        let i = ledger.index(d);
+        ledger.pinned[i] += u.bits;
+        ledger.pinned_cost[i] += u.compute;
+        if d.is_gpu_like() {
+            ledger.runtime[i] += u.runtime_bits;
+        } else {
             any_pin_off = true;
             pin_off_max = pin_off_max.max(u.bits);
-            pin_off_buf += u.buffer_bits;
+            pin_off_stays += stays(u);
         }
     }
-
-    let gpu_lanes: Vec<Lane> = gpus
-        .iter()
-        .map(|(d, cap)| Lane {
-            base: pinned_load[device_index(*d)],
-            capacity: *cap,
-        })
-        .collect();
-    for ((d, cap), lane) in gpus.iter().zip(&gpu_lanes) {
-        if lane.base > *cap {
+    for (i, (d, cap)) in spec.devices().iter().enumerate() {
+        if let Some(cap) = cap.filter(|c| ledger.pinned[i] > *c) {
             return Err(PlacementError::DoesNotFit {
                 detail: format!(
-                    "modules pinned to GPU {d} need {} but it has {}; pin fewer modules there or raise its max_memory",
-                    gib(lane.base),
-                    gib(*cap)
+                    "modules pinned to {d} need {} but it has {}; pin fewer modules there or raise its max_memory",
+                    human(ledger.pinned[i]),
+                    human(cap)
                 ),
             });
         }
     }
-
-    let input = OffloadInput {
-        weights: &weights,
-        buffers: &buffers,
-        pinned_offloaded_max: pin_off_max,
-        pinned_offloaded_buffers: pin_off_buf,
-        any_pinned_offloaded: any_pin_off,
-        offload_buffers: options.offload_buffers,
+    // The execution device: GPU 0, or the CPU when there is no GPU.
+    let executor = gpus
+        .first()
+        .map(|(d, _)| *d)
+        .or_else(|| spec.contains(Device::Cpu).then_some(Device::Cpu));
+    let computing: Vec<Device> = if gpus.is_empty() {
+        executor.into_iter().collect()
+    } else {
+        gpus.iter().map(|g| g.0).collect()
     };
-    // With GPUs, GPU 0 executes offloaded blocks; without, the CPU does (disk blocks are staged there).
-    let cpu_lane = spec.capacity(Device::Cpu).map(|cap| Lane {
-        base: pinned_load[device_index(Device::Cpu)],
-        capacity: cap.unwrap_or(u64::MAX),
-    });
-    let mut reserve = vec![0u64; spec.devices().len()];
+    for d in &computing {
+        let i = ledger.index(*d);
+        ledger.runtime[i] += options.activation_bits;
+    }
+    if let Some((gpu0, _)) = gpus.first() {
+        let i = ledger.index(*gpu0);
+        ledger.reserve[i] += options.gpu0_reserve_bits;
+    }
+
+    let free: Vec<&Unit> = units.iter().filter(|u| u.pinned.is_none()).collect();
+    let weights: Vec<u64> = free.iter().map(|u| u.bits).collect();
+    let footprint: Vec<u64> = free.iter().map(|u| u.bits + u.runtime_bits).collect();
+    let cost: Vec<u64> = match options.balance {
+        Balance::Memory => footprint.clone(),
+        Balance::Compute => free.iter().map(|u| u.compute).collect(),
+    };
+    let stay: Vec<u64> = free.iter().map(|u| stays(u)).collect();
+    let lane = |d: Device, capacity: u64, ledger: &Ledger| {
+        let i = ledger.index(d);
+        let base = ledger.pinned[i] + ledger.runtime[i] + ledger.reserve[i];
+        let cost_base = match options.balance {
+            Balance::Memory => base,
+            Balance::Compute => ledger.pinned_cost[i],
+        };
+        Lane {
+            base,
+            capacity,
+            cost_base,
+        }
+    };
+    let gpu_lanes: Vec<Lane> = gpus.iter().map(|(d, cap)| lane(*d, *cap, &ledger)).collect();
+    for ((d, cap), l) in gpus.iter().zip(&gpu_lanes) {
+        if l.base > *cap {
+            return Err(PlacementError::DoesNotFit {
+                detail: format!(
+                    "GPU {d} needs {} before any free layer (pinned modules, runtime memory, reserve) but has {}; \
+                     pin fewer modules there, shrink the workload or raise its max_memory",
+                    human(l.base),
+                    human(*cap)
+                ),
+            });
+        }
+    }
+    let input = OffloadInput {
+        footprint: &footprint,
+        weights: &weights,
+        stays: &stay,
+        pinned_offloaded_max: pin_off_max,
+        pinned_offloaded_stays: pin_off_stays,
+        any_pinned_offloaded: any_pin_off,
+    };
+    let staging_error = |device: Device, l: &Lane, r: u64| PlacementError::DoesNotFit {
+        detail: format!(
+            "{device} executes the offloaded layers and needs {} free to stage them (largest layer plus their \
+             runtime memory and buffers) on top of {}, but has {}; give it more memory or offload less",
+            human(r),
+            human(l.base),
+            human(l.capacity),
+        ),
+    };
+
     let mut device_of_unit: Vec<Device> = vec![Device::Disk; free.len()];
     let mut next = 0usize;
-    let staging_error = |device: Device, lane: &Lane, r: u64| {
-        PlacementError::DoesNotFit {
-        detail: format!(
-            "{device} executes the offloaded layers and needs {} free to stage the largest of them, but has {} \
-             ({} already pinned there); give it more memory or offload less",
-            gib(r),
-            gib(lane.capacity),
-            gib(lane.base),
-        ),
-    }
-    };
+    let cpu_capacity = spec.capacity(Device::Cpu).map(|c| c.unwrap_or(u64::MAX));
     if !gpu_lanes.is_empty() {
         let (k, r) = split_point(&input, &gpu_lanes);
         if gpu_lanes[0].base.saturating_add(r) > gpu_lanes[0].capacity {
             return Err(staging_error(gpus[0].0, &gpu_lanes[0], r));
         }
-        let mut lanes = gpu_lanes.clone();
-        lanes[0].base += r;
-        reserve[device_index(gpus[0].0)] = r;
-        let prefix = &weights[..k];
+        let i0 = ledger.index(gpus[0].0);
+        ledger.reserve[i0] += r;
+        let lanes: Vec<Lane> = gpus.iter().map(|(d, cap)| lane(*d, *cap, &ledger)).collect();
+        let prefix = Chain {
+            memory: &footprint[..k],
+            cost: &cost[..k],
+        };
         let counts = match strategy {
             Strategy::Sequential | Strategy::Auto => sequential::assign(prefix, &lanes),
             Strategy::Balanced => balanced::assign(prefix, &lanes),
             Strategy::BalancedLow0 => low_zero::assign(prefix, &lanes),
         };
         for ((d, _), count) in gpus.iter().zip(counts) {
-            for slot in &mut device_of_unit[next..next + count] {
-                *slot = *d;
-            }
+            device_of_unit[next..next + count].fill(*d);
             next += count;
         }
         debug_assert_eq!(next, k);
-        if let Some(cpu) = cpu_lane {
-            let take = chain::placed(&chain::greedy(&weights[next..], &[cpu], u64::MAX));
-            for slot in &mut device_of_unit[next..next + take] {
-                *slot = Device::Cpu;
-            }
+        if let Some(cap) = cpu_capacity {
+            // Offloaded weights only: their runtime memory is on the execution device.
+            let cpu = Lane::memory(ledger.pinned[ledger.index(Device::Cpu)], cap);
+            let take = chain::placed(&chain::greedy(Chain::by_memory(&weights[next..]), &[cpu], u64::MAX));
+            device_of_unit[next..next + take].fill(Device::Cpu);
             next += take;
         }
-    } else if let Some(cpu) = cpu_lane {
+    } else if let Some(cap) = cpu_capacity {
+        let cpu = lane(Device::Cpu, cap, &ledger);
         let (k, r) = split_point(&input, &[cpu]);
         if cpu.base.saturating_add(r) > cpu.capacity {
             return Err(staging_error(Device::Cpu, &cpu, r));
         }
-        reserve[device_index(Device::Cpu)] = r;
-        for slot in &mut device_of_unit[..k] {
-            *slot = Device::Cpu;
-        }
+        let i = ledger.index(Device::Cpu);
+        ledger.reserve[i] += r;
+        device_of_unit[..k].fill(Device::Cpu);
         next = k;
     }
 
-    let leftover: u64 = weights[next..].iter().sum();
     if next < weights.len() && !spec.contains(Device::Disk) {
-        let held: Vec<String> = spec
+        let capacities: Vec<String> = spec
             .devices()
             .iter()
-            .map(|(d, cap)| {
-                format!(
-                    "{d}: {}",
-                    cap.map(gib).unwrap_or_else(|| "unbounded".into())
-                )
-            })
+            .map(|(d, cap)| format!("{d}: {}", cap.map(human).unwrap_or_else(|| "unbounded".into())))
             .collect();
         return Err(PlacementError::DoesNotFit {
             detail: format!(
                 "{} of weights ({} blocks from {:?} on) fit on no device (capacities {}, staging reserve {}); \
                  add \"disk\" to max_memory to offload them, or give the devices more memory",
-                gib(leftover),
+                human(weights[next..].iter().sum()),
                 weights.len() - next,
                 tree.name(blocks[free[next].blocks[0]].node),
-                held.join(", "),
-                gib(reserve.iter().copied().max().unwrap_or(0)),
+                capacities.join(", "),
+                human(ledger.reserve.iter().copied().max().unwrap_or(0)),
             ),
         });
     }
 
-    build_plan(
+    Ok(build_plan(
         tree,
         spec,
         strategy,
@@ -246,9 +314,11 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         &units,
         &free,
         &device_of_unit,
-        &reserve,
-        options.offload_buffers,
-    )
+        &ledger,
+        &runtime,
+        &compute,
+        options,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -260,12 +330,17 @@ fn build_plan(
     units: &[Unit],
     free: &[&Unit],
     device_of_free: &[Device],
-    reserve: &[u64],
-    offload_buffers: bool,
-) -> Result<Plan> {
+    ledger: &Ledger,
+    runtime: &[u64],
+    compute: &[u64],
+    options: &SolveOptions,
+) -> Plan {
+    let has_gpu = spec.gpus().next().is_some();
+    // Offloaded = executed on another device: CPU and disk blocks with GPUs, disk blocks without.
+    let is_offloaded = |d: Device| if has_gpu { !d.is_gpu_like() } else { d == Device::Disk };
     let mut block_device = vec![Device::Disk; blocks.len()];
-    let mut free_iter = free.iter().zip(device_of_free);
     let mut reasons: Vec<Option<String>> = vec![None; blocks.len()];
+    let mut free_devices = free.iter().zip(device_of_free);
     for unit in units {
         let device = match unit.pinned {
             Some(d) => {
@@ -274,10 +349,7 @@ fn build_plan(
                 }
                 d
             }
-            None => {
-                let (_, d) = free_iter.next().expect("one device per free unit");
-                *d
-            }
+            None => *free_devices.next().expect("one device per free unit").1,
         };
         let leader = unit.blocks[0];
         for &b in &unit.blocks {
@@ -288,7 +360,8 @@ fn build_plan(
         }
         if reasons[leader].is_none() && !device.is_gpu_like() {
             reasons[leader] = Some(match device {
-                Device::Cpu => "did not fit on the GPUs after the blocks before it".to_string(),
+                Device::Cpu if has_gpu => "did not fit on the GPUs after the blocks before it".to_string(),
+                Device::Cpu => "no GPU in the device spec".to_string(),
                 _ => "did not fit on the GPUs or the CPU".to_string(),
             });
         }
@@ -297,41 +370,39 @@ fn build_plan(
     let mut usage: Vec<DeviceUsage> = spec
         .devices()
         .iter()
-        .zip(reserve)
-        .map(|((d, cap), r)| DeviceUsage {
+        .enumerate()
+        .map(|(i, (d, cap))| DeviceUsage {
             device: *d,
             capacity_bits: *cap,
             weight_bits: 0,
-            reserve_bits: *r,
+            runtime_bits: if (has_gpu && d.is_gpu_like()) || (!has_gpu && *d == Device::Cpu) {
+                options.activation_bits
+            } else {
+                0
+            },
+            reserve_bits: ledger.reserve[i],
+            compute: 0,
             blocks: Vec::new(),
         })
         .collect();
-    let has_gpu = spec.gpus().next().is_some();
-    // Offloaded = executed on another device: CPU and disk blocks with GPUs, disk blocks without.
-    let is_offloaded = |d: Device| {
-        if has_gpu {
-            !d.is_gpu_like()
-        } else {
-            d == Device::Disk
-        }
-    };
     let mut offloaded = Vec::new();
     let mut assignments = Vec::with_capacity(blocks.len());
     for (i, block) in blocks.iter().enumerate() {
         let device = block_device[i];
         assignments.push((block.node, device));
-        let u = usage
-            .iter_mut()
-            .find(|u| u.device == device)
-            .expect("device in spec");
+        let u = usage.iter_mut().find(|u| u.device == device).expect("device in spec");
         // Buffers of offloaded blocks live on the execution device; they are counted in its reserve.
-        let kept_buffers = if is_offloaded(device) && !offload_buffers {
+        let kept = if is_offloaded(device) && !options.offload_buffers {
             block.buffer_bits
         } else {
             0
         };
-        u.weight_bits += block.bits - kept_buffers;
+        u.weight_bits += block.bits - kept;
+        u.compute += compute[i];
         u.blocks.push(block.node);
+        if !is_offloaded(device) {
+            u.runtime_bits += runtime[i];
+        }
         if is_offloaded(device) {
             let fallback = if device == Device::Disk {
                 "did not fit on the CPU"
@@ -347,13 +418,13 @@ fn build_plan(
         }
     }
     let device_map = clean_device_map(tree, &assignments);
-    Ok(Plan {
+    Plan {
         strategy: strategy.name(),
         assignments,
         device_map,
         usage,
         offloaded,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -380,13 +451,7 @@ mod tests {
     }
 
     fn spec(devices: &[(Device, Option<u64>)]) -> DeviceSpec {
-        DeviceSpec::new(
-            devices
-                .iter()
-                .map(|(d, c)| (*d, c.map(|b| b * 8)))
-                .collect(),
-        )
-        .unwrap()
+        DeviceSpec::new(devices.iter().map(|(d, c)| (*d, c.map(|b| b * 8))).collect()).unwrap()
     }
 
     fn on(tree: &ModuleTree, plan: &Plan, name: &str) -> Device {
@@ -441,10 +506,7 @@ mod tests {
         assert_eq!(bytes(&low, Device::Gpu(0)), 150);
         assert_eq!(bytes(&low, Device::Gpu(1)), 901);
         // auto on two GPUs is balanced
-        assert_eq!(
-            solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy,
-            "balanced"
-        );
+        assert_eq!(solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy, "balanced");
     }
 
     #[test]
@@ -488,26 +550,17 @@ mod tests {
         let plan = solve(&t, &s, &pinned).unwrap();
         assert_eq!(on(&t, &plan, "model.layers.0"), Device::Gpu(1));
         let split = SolveOptions {
-            pins: vec![
-                ("model.embed".into(), Device::Gpu(0)),
-                ("head".into(), Device::Gpu(1)),
-            ],
+            pins: vec![("model.embed".into(), Device::Gpu(0)), ("head".into(), Device::Gpu(1))],
             ..opts(Strategy::Balanced)
         };
         let err = solve(&t, &s, &split).unwrap_err();
-        assert!(
-            matches!(err, PlacementError::TiedPinConflict { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, PlacementError::TiedPinConflict { .. }), "{err}");
         let unknown = SolveOptions {
             pins: vec![("model.layer.0".into(), Device::Gpu(0))],
             ..opts(Strategy::Auto)
         };
         let err = solve(&t, &s, &unknown).unwrap_err();
-        assert!(
-            err.to_string().contains("did you mean model.layers.0"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("did you mean model.layers.0"), "{err}");
     }
 
     #[test]
@@ -533,5 +586,98 @@ mod tests {
         assert_eq!(on(&t, &plan, "b1"), Device::Gpu(1));
         let names: Vec<&str> = plan.device_map.iter().map(|(n, _)| t.name(*n)).collect();
         assert_eq!(names, vec!["b0", "b1", "b2"]);
+    }
+
+    fn layer_runtime(t: &ModuleTree, n: usize, bits_each: u64) -> Vec<(NodeId, u64)> {
+        (0..n)
+            .map(|i| (t.find(&format!("model.layers.{i}")).unwrap(), bits_each))
+            .collect()
+    }
+
+    #[test]
+    fn kv_cache_lives_with_its_layer_and_on_gpu0_when_offloaded() {
+        let t = decoder(4, 100);
+        let s = spec(&[
+            (Device::Gpu(0), Some(400)),
+            (Device::Gpu(1), Some(400)),
+            (Device::Cpu, Some(10_000)),
+        ]);
+        let workload = SolveOptions {
+            runtime_bits: layer_runtime(&t, 4, 20 * 8),
+            activation_bits: 10 * 8,
+            ..opts(Strategy::Sequential)
+        };
+        let plan = solve(&t, &s, &workload).unwrap();
+        // GPU 0: activations 10 + embed 50 + layers (100 + 20 KV) x 2 = 300; a third layer would need 420.
+        let gpu0 = &plan.usage[0];
+        assert_eq!((gpu0.weight_bits / 8, gpu0.runtime_bits / 8), (250, 50));
+        let gpu1 = &plan.usage[1];
+        assert_eq!((gpu1.weight_bits / 8, gpu1.runtime_bits / 8), (201, 50));
+        assert!(plan.offloaded.is_empty());
+
+        // Shrink GPU 1 below one layer: layers 2 and 3 go to the CPU; GPU 0 keeps room to stage the
+        // largest (100) plus both their KV caches (2 x 20), which live where they run.
+        let small = spec(&[
+            (Device::Gpu(0), Some(450)),
+            (Device::Gpu(1), Some(100)),
+            (Device::Cpu, Some(10_000)),
+        ]);
+        let plan = solve(&t, &small, &workload).unwrap();
+        assert_eq!(on(&t, &plan, "model.layers.2"), Device::Cpu);
+        assert_eq!(on(&t, &plan, "model.layers.3"), Device::Cpu);
+        assert_eq!(plan.usage[0].reserve_bits / 8, 100 + 2 * 20);
+        for u in &plan.usage[..2] {
+            assert!(u.weight_bits + u.runtime_bits + u.reserve_bits <= u.capacity_bits.unwrap());
+        }
+    }
+
+    #[test]
+    fn compute_balance_evens_flops_within_memory() {
+        let t = decoder(6, 100);
+        let s = spec(&[(Device::Gpu(0), Some(10_000)), (Device::Gpu(1), Some(10_000))]);
+        // The embedding is large in memory but costs nothing to compute; layers cost 10 each.
+        let mut compute = layer_runtime(&t, 6, 10);
+        compute.push((t.find("head").unwrap(), 30));
+        let by_memory = solve(
+            &t,
+            &s,
+            &SolveOptions {
+                compute: compute.clone(),
+                ..opts(Strategy::Balanced)
+            },
+        )
+        .unwrap();
+        let by_compute = solve(
+            &t,
+            &s,
+            &SolveOptions {
+                compute,
+                balance: Balance::Compute,
+                ..opts(Strategy::Balanced)
+            },
+        )
+        .unwrap();
+        let peak = |p: &Plan| p.usage.iter().map(|u| u.compute).max().unwrap();
+        // The tied head rides with the embedding on GPU 0: by memory it gets 3 layers too (compute 60
+        // against 30); by compute the best is 50.
+        assert_eq!(peak(&by_memory), 60);
+        assert_eq!(peak(&by_compute), 50);
+    }
+
+    #[test]
+    fn explicit_gpu0_reserve_is_kept_free() {
+        let t = decoder(4, 100);
+        let s = spec(&[(Device::Gpu(0), Some(500)), (Device::Gpu(1), Some(420))]);
+        let plan = solve(
+            &t,
+            &s,
+            &SolveOptions {
+                gpu0_reserve_bits: 400 * 8,
+                ..opts(Strategy::BalancedLow0)
+            },
+        )
+        .unwrap();
+        assert_eq!(plan.usage[0].reserve_bits / 8, 400);
+        assert_eq!(plan.usage[0].weight_bits / 8, 50);
     }
 }

@@ -1,42 +1,40 @@
 //! How much of the chain stays on the GPUs once the staging reserve is accounted for.
 //!
 //! Offloaded blocks run on the execution device (the first GPU), which must keep room for the largest
-//! of them (and, when buffers are not offloaded, for their buffers). The reserve is only taken when
-//! something is offloaded. The reserve grows as fewer blocks stay, so the answer is a fixed point:
-//! start with no reserve, place the longest prefix, reserve for what is left, repeat. The sequence of
-//! prefixes only shrinks and every feasible prefix stays below it, so it stops at the longest feasible one.
+//! of them, for their runtime memory (KV cache: it lives where the layer runs) and, when buffers are not
+//! offloaded, for their buffers. The reserve is only taken when something is offloaded. It grows as fewer
+//! blocks stay, so the answer is a fixed point: start with no reserve, place the longest prefix, reserve
+//! for what is left, repeat. The prefixes only shrink and every feasible prefix stays at or below each of
+//! them, so it stops at the longest feasible one.
 
-use super::chain::{greedy, placed, Lane};
+use super::chain::{greedy, placed, Chain, Lane};
 
-/// Weights of the chain and what is offloaded regardless (pinned to CPU/disk).
+/// The chain and what is offloaded regardless (pinned to CPU/disk).
 pub struct OffloadInput<'a> {
+    /// Footprint of each block on a GPU (weights + runtime memory).
+    pub footprint: &'a [u64],
+    /// Weights alone (what must be staged when the block is offloaded).
     pub weights: &'a [u64],
-    pub buffers: &'a [u64],
+    /// Memory that stays on the execution device when the block is offloaded (runtime, maybe buffers).
+    pub stays: &'a [u64],
     pub pinned_offloaded_max: u64,
-    pub pinned_offloaded_buffers: u64,
+    pub pinned_offloaded_stays: u64,
     pub any_pinned_offloaded: bool,
-    pub offload_buffers: bool,
 }
 
 impl OffloadInput<'_> {
     /// Reserve needed on the execution device when the chain from `k` on is offloaded.
     pub fn reserve(&self, k: usize) -> u64 {
-        let tail = &self.weights[k..];
-        if tail.is_empty() && !self.any_pinned_offloaded {
+        if k == self.weights.len() && !self.any_pinned_offloaded {
             return 0;
         }
-        let largest = tail
+        let largest = self.weights[k..]
             .iter()
             .copied()
             .max()
             .unwrap_or(0)
             .max(self.pinned_offloaded_max);
-        let buffers = if self.offload_buffers {
-            0
-        } else {
-            self.buffers[k..].iter().sum::<u64>() + self.pinned_offloaded_buffers
-        };
-        largest + buffers
+        largest + self.stays[k..].iter().sum::<u64>() + self.pinned_offloaded_stays
     }
 }
 
@@ -48,7 +46,7 @@ pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
     let fit = |reserve: u64| {
         let mut with_reserve = lanes.to_vec();
         with_reserve[0].base = with_reserve[0].base.saturating_add(reserve);
-        placed(&greedy(input.weights, &with_reserve, u64::MAX))
+        placed(&greedy(Chain::by_memory(input.footprint), &with_reserve, u64::MAX))
     };
     let mut k = input.weights.len();
     loop {

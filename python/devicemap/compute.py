@@ -1,0 +1,52 @@
+"""Compute cost per module, for ``balance="compute"``: FLOPs per token ~ 2 x the parameters a token
+actually uses. Embedding lookups cost nothing; in mixture-of-experts layers only the routed share
+(``num_experts_per_tok / num_experts``) of the experts counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .workload import _first, text_config
+
+
+def _expert_share(config: Optional[Any]) -> tuple[int, float]:
+    if config is None:
+        return 0, 1.0
+    c = text_config(config)
+    experts = _first(c, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    active = _first(c, "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+    if not experts or not active:
+        return 0, 1.0
+    return int(experts), min(1.0, float(active) / float(experts))
+
+
+def _is_routed_experts(module: torch.nn.Module, experts: int) -> bool:
+    if isinstance(module, torch.nn.ModuleList):
+        return experts > 1 and len(module) == experts
+    name = type(module).__name__
+    return name.endswith("Experts") and "Shared" not in name
+
+
+def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """``[(module name, FLOPs per token)]`` for every module holding parameters directly."""
+    experts, share = _expert_share(getattr(model, "config", None))
+    result: list[tuple[str, int]] = []
+    stack: list[tuple[str, torch.nn.Module, float]] = [("", model, 1.0)]
+    while stack:
+        name, module, scale = stack.pop()
+        if experts and _is_routed_experts(module, experts):
+            scale *= share
+        params = [p for p in module._parameters.values() if p is not None]
+        if params and not isinstance(module, torch.nn.Embedding):
+            flops = int(2 * sum(p.numel() for p in params) * scale)
+            if flops:
+                result.append((name, flops))
+        seen: set[int] = set()
+        for child_name, child in module._modules.items():
+            if child is not None and id(child) not in seen:  # as named_children() lists them
+                seen.add(id(child))
+                stack.append((f"{name}.{child_name}" if name else child_name, child, scale))
+    return result

@@ -1,0 +1,142 @@
+"""Workload-aware memory: the KV cache, activations and logits that running a model needs.
+
+A layer's KV cache lives on the device that runs the layer (for an offloaded layer: the execution
+device, GPU 0), so devicemap plans it there instead of discovering it as an out-of-memory error during
+``generate``. Formulas (bytes; ``b`` batch size, ``s`` sequence length):
+
+- KV cache per decoder layer: ``2 * b * s * num_key_value_heads * head_dim * bytes(kv_dtype)``
+  (twice that for encoder-decoder models, whose decoder layers also cache cross-attention keys/values);
+- activations, once per computing device: ``b * s * (4 * hidden_size + 2 * intermediate_size) *
+  bytes(dtype)`` (the residual stream, attention input/output and the MLP's widest tensors of one layer,
+  with fused attention that never materialises the ``s x s`` scores);
+- logits, on the device of the output head: ``b * logits_tokens * vocab_size * 4`` (float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+
+
+def text_config(config: Any) -> Any:
+    """The language-model part of a (possibly multimodal) transformers config."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _first(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How the model will be run, so the plan leaves room for it.
+
+    >>> from transformers import LlamaConfig
+    >>> config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+    ...                      num_hidden_layers=32, intermediate_size=14336, vocab_size=128256)
+    >>> Workload(batch_size=1, seq_len=8192, kv_dtype="bfloat16").kv_cache_bytes_per_layer(config)
+    33554432
+    """
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    kv_dtype: Optional[DtypeLike] = None
+    """Dtype of the KV cache; default: the planning dtype, else float16."""
+    logits_tokens: Optional[int] = None
+    """Positions whose logits exist at once: ``None`` = ``seq_len`` (a full forward); ``generate`` keeps 1."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Workload.{name} must be a positive int, got {value!r}")
+        if self.logits_tokens is not None and (
+            not isinstance(self.logits_tokens, int) or self.logits_tokens < 0
+        ):
+            raise ValueError(
+                f"Workload.logits_tokens must be a non-negative int or None, got {self.logits_tokens!r}"
+            )
+
+    def _bytes_per(self, dtype: Optional[DtypeLike], fallback: Optional[DtypeLike]) -> int:
+        chosen = dtype if dtype is not None else fallback if fallback is not None else torch.float16
+        return dtype_bits(to_dtype(chosen)) // 8
+
+    def kv_cache_bytes_per_layer(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
+        """KV cache of one decoder layer, from the model config (transformers naming, T5 naming)."""
+        c = text_config(config)
+        heads = _first(c, "num_attention_heads", "num_heads", "n_head")
+        kv_heads = _first(c, "num_key_value_heads", "num_kv_heads", default=heads)
+        if getattr(c, "multi_query", False):  # Falcon-style multi-query attention
+            kv_heads = 1
+        head_dim = _first(c, "head_dim", "d_kv", default=None) or _first(c, "hidden_size", "d_model") // heads
+        per = 2 * self.batch_size * self.seq_len * kv_heads * head_dim * self._bytes_per(self.kv_dtype, dtype)
+        return per * (2 if getattr(c, "is_encoder_decoder", False) else 1)
+
+    def activation_bytes(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
+        c = text_config(config)
+        hidden = _first(c, "hidden_size", "d_model")
+        inner = _first(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
+        return self.batch_size * self.seq_len * (4 * hidden + 2 * inner) * self._bytes_per(dtype, None)
+
+    def logits_bytes(self, config: Any) -> int:
+        tokens = self.seq_len if self.logits_tokens is None else self.logits_tokens
+        return self.batch_size * tokens * _first(text_config(config), "vocab_size") * 4
+
+
+def decoder_layers(model: torch.nn.Module, config: Any) -> list[str]:
+    """Names of the layers that hold a KV cache: the ModuleList with one entry per decoder layer."""
+    c = text_config(config)
+    count = _first(c, "num_decoder_layers", "num_hidden_layers", "num_layers", "n_layer")
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count
+    ]
+    if not candidates:
+        return []
+    decoders = [c for c in candidates if "decoder" in c[0]]
+    name, layers = (decoders or candidates)[0]
+    return [f"{name}.{i}" if name else str(i) for i in range(len(layers))]
+
+
+def output_head(model: torch.nn.Module) -> Optional[str]:
+    """The module producing logits (transformers' output embeddings)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def runtime_memory(
+    model: torch.nn.Module, tree: ModuleTree, workload: Workload, dtype: Optional[DtypeLike]
+) -> tuple[list[tuple[str, int]], int]:
+    """Per-module runtime memory (bits) and the per-device activation memory (bits) of a workload."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            "workload needs the model's config (model.config, as transformers models have) to size the "
+            "KV cache; plan a transformers model or leave workload=None"
+        )
+    if dtype is None:  # the dtype the weights will have: else the model's own floating dtype
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    per_layer = workload.kv_cache_bytes_per_layer(config, dtype) * 8
+    runtime = [(name, per_layer) for name in decoder_layers(model, config)]
+    if not runtime:
+        raise ValueError(
+            f"could not find the decoder layers of {type(model).__name__} (a ModuleList with one entry per "
+            "layer); pass a transformers model or leave workload=None"
+        )
+    head = output_head(model)
+    if head is not None:
+        runtime.append((head, workload.logits_bytes(config) * 8))
+    return runtime, workload.activation_bytes(config, dtype) * 8
