@@ -60,6 +60,7 @@ class _Sizer:
     def __init__(self, dtype: Optional[DtypeLike], special_dtypes: Optional[Mapping[str, DtypeLike]]):
         self.target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
         self.special = {k: dtype_bits(to_dtype(v)) for k, v in (special_dtypes or {}).items()}
+        self.needs_names = bool(self.special)
         self.cache: dict[object, int] = {}
 
     def bits(self, name: str, tensor: torch.Tensor) -> int:
@@ -72,6 +73,116 @@ class _Sizer:
             per = own if self.target is None or keeps_width else min(self.target, own)
             self.cache[tensor.dtype] = per
         return tensor.numel() * per
+
+
+class _Walk:
+    """One pre-order pass over a module tree: a module, its parameters, its buffers, then its child
+    modules' subtrees, as torch's ``named_parameters`` / ``named_buffers`` / ``named_children`` list them.
+    Full dotted names are only built when needed (special dtypes, tie ordering)."""
+
+    def __init__(self, sizer: _Sizer):
+        self.sizer = sizer
+        self.names: list[str] = []
+        self.parents: list[int] = []
+        self.kinds: list[int] = []
+        self.classes: list[int] = []
+        self.bits: list[int] = []
+        self.duplicate: list[bool] = []
+        self.class_ids: dict[str, int] = {}
+        self.param_nodes: dict[int, list[int]] = {}  # id(parameter) -> its nodes, first name first
+        self.param_order: list[
+            int
+        ] = []  # every parameter node, in named_parameters(remove_duplicate=False) order
+
+    def class_id(self, obj: object) -> int:
+        name = type(obj).__name__
+        found = self.class_ids.get(name)
+        if found is None:
+            found = self.class_ids[name] = len(self.class_ids)
+        return found
+
+    def full_name(self, node: int) -> str:
+        parts = []
+        while node > 0:
+            parts.append(self.names[node])
+            node = self.parents[node]
+        return ".".join(reversed(parts))
+
+    def full_names(self) -> list[str]:
+        full = [""] * len(self.names)
+        for i in range(1, len(self.names)):
+            parent = self.parents[i]
+            full[i] = f"{full[parent]}.{self.names[i]}" if parent else self.names[i]
+        return full
+
+    def run(self, model: torch.nn.Module) -> None:
+        names, parents, kinds, classes = self.names, self.parents, self.kinds, self.classes
+        bits, duplicate, param_nodes, param_order = (
+            self.bits,
+            self.duplicate,
+            self.param_nodes,
+            self.param_order,
+        )
+        class_id, sizer = self.class_id, self.sizer
+        named = sizer.needs_names
+        seen_buffers: set[int] = set()
+        stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
+        while stack:
+            module, parent, local = stack.pop()
+            node = len(names)
+            names.append(local)
+            parents.append(parent)
+            kinds.append(MODULE)
+            classes.append(class_id(module))
+            bits.append(0)
+            duplicate.append(False)
+            seen_here: set[int] = set()
+            for name, param in module._parameters.items():
+                if param is None:
+                    continue
+                key = id(param)
+                index = len(names)
+                names.append(name)
+                parents.append(node)
+                # A parameter held twice by one module: torch lists the second name only when asked for
+                # duplicates, so it is an alias (tied, counted once, never placed on its own).
+                kinds.append(PARAMETER_ALIAS if key in seen_here else PARAMETER)
+                seen_here.add(key)
+                classes.append(class_id(param))
+                param_order.append(index)
+                nodes = param_nodes.get(key)
+                if nodes is not None:
+                    nodes.append(index)
+                    duplicate.append(True)
+                    bits.append(0)
+                else:
+                    param_nodes[key] = [index]
+                    duplicate.append(False)
+                    bits.append(sizer.bits(self.full_name(index) if named else name, param))
+            non_persistent = module._non_persistent_buffers_set
+            for name, buf in module._buffers.items():
+                if buf is None:
+                    continue
+                index = len(names)
+                names.append(name)
+                parents.append(node)
+                kinds.append(NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER)
+                classes.append(class_id(buf))
+                if id(buf) in seen_buffers:
+                    duplicate.append(True)
+                    bits.append(0)
+                else:
+                    seen_buffers.add(id(buf))
+                    duplicate.append(False)
+                    bits.append(sizer.bits(self.full_name(index) if named else name, buf))
+            children = []
+            seen_children: set[int] = set()
+            for name, child in module._modules.items():
+                if child is None or id(child) in seen_children:
+                    continue
+                seen_children.add(id(child))
+                children.append((child, node, name))
+            stack.extend(reversed(children))
 
 
 class ModuleTree:
@@ -114,96 +225,22 @@ class ModuleTree:
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}")
-        sizer = _Sizer(dtype, special_dtypes)
-        names: list[str] = [""]
-        parents: list[int] = [-1]
-        kinds: list[int] = [MODULE]
-        classes: list[int] = []
-        bits: list[int] = [0]
-        duplicate: list[bool] = [False]  # root entries; its class is appended by the walk
-        class_ids: dict[str, int] = {}
-        first_param: dict[int, int] = {}  # id(parameter) -> node of its first name
-        param_nodes: dict[int, list[int]] = {}
-        seen_buffers: set[int] = set()
-        full_names: list[str] = [""]
-
-        def class_id(obj: object) -> int:
-            name = type(obj).__name__
-            found = class_ids.get(name)
-            if found is None:
-                found = class_ids[name] = len(class_ids)
-            return found
-
-        param_names: list[str] = []  # every parameter name in named_parameters(remove_duplicate=False) order
-        # Pre-order walk: a module, its parameters, its buffers, then its child modules' subtrees.
-        stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
-        while stack:
-            module, parent, local = stack.pop()
-            node = len(names) - 1 if parent < 0 else len(names)
-            if parent >= 0:
-                names.append(local)
-                full_names.append(full_names[parent] + "." + local if parent else local)
-                parents.append(parent)
-                kinds.append(MODULE)
-                bits.append(0)
-                duplicate.append(False)
-            classes.append(class_id(module))
-            prefix = full_names[node] + "." if node else ""
-            seen_here: set[int] = set()
-            for name, param in module._parameters.items():
-                if param is None:
-                    continue
-                # A parameter held twice by one module: torch lists the second name only when asked for
-                # duplicates, so it is an alias (tied, counted once, never placed on its own).
-                is_alias = id(param) in seen_here
-                seen_here.add(id(param))
-                index = len(names)
-                full = prefix + name
-                names.append(name)
-                full_names.append(full)
-                param_names.append(full)
-                parents.append(node)
-                kinds.append(PARAMETER_ALIAS if is_alias else PARAMETER)
-                classes.append(class_id(param))
-                key = id(param)
-                if key in first_param:
-                    duplicate.append(True)
-                    bits.append(0)
-                    param_nodes[key].append(index)
-                else:
-                    first_param[key] = index
-                    param_nodes[key] = [index]
-                    duplicate.append(False)
-                    bits.append(sizer.bits(full, param))
-            non_persistent = module._non_persistent_buffers_set
-            for name, buf in module._buffers.items():
-                if buf is None:
-                    continue
-                full = prefix + name
-                names.append(name)
-                full_names.append(full)
-                parents.append(node)
-                kinds.append(NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER)
-                classes.append(class_id(buf))
-                if id(buf) in seen_buffers:
-                    duplicate.append(True)
-                    bits.append(0)
-                else:
-                    seen_buffers.add(id(buf))
-                    duplicate.append(False)
-                    bits.append(sizer.bits(full, buf))
-            children = []
-            seen_children: set[int] = set()
-            for name, child in module._modules.items():
-                if child is None or id(child) in seen_children:
-                    continue
-                seen_children.add(id(child))
-                children.append((child, node, name))
-            stack.extend(reversed(children))
-
+        walk = _Walk(_Sizer(dtype, special_dtypes))
+        walk.run(model)
+        names, parents, kinds, classes, bits, duplicate = (
+            walk.names,
+            walk.parents,
+            walk.kinds,
+            walk.classes,
+            walk.bits,
+            walk.duplicate,
+        )
+        class_ids = walk.class_ids
         tie = [-1] * len(names)
-        groups = [nodes for nodes in param_nodes.values() if len(nodes) > 1]
+        groups = [nodes for nodes in walk.param_nodes.values() if len(nodes) > 1]
         if accelerate_tie_order and len(groups) > 1:
+            full_names = walk.full_names()
+            param_names = [full_names[i] for i in walk.param_order]
             groups = _accelerate_group_order(groups, full_names, param_names)
         for number, nodes in enumerate(groups):
             for n in nodes:
