@@ -90,23 +90,9 @@ class _Walk:
         self.duplicate: list[bool] = []
         self.class_ids: dict[str, int] = {}
         self.param_nodes: dict[int, list[int]] = {}  # id(parameter) -> its nodes, first name first
-        self.param_order: list[
-            int
-        ] = []  # every parameter node, in named_parameters(remove_duplicate=False) order
-
-    def class_id(self, obj: object) -> int:
-        name = type(obj).__name__
-        found = self.class_ids.get(name)
-        if found is None:
-            found = self.class_ids[name] = len(self.class_ids)
-        return found
-
-    def full_name(self, node: int) -> str:
-        parts = []
-        while node > 0:
-            parts.append(self.names[node])
-            node = self.parents[node]
-        return ".".join(reversed(parts))
+        # every parameter node, in named_parameters(remove_duplicate=False) order
+        self.param_order: list[int] = []
+        self.type_ids: dict[type, int] = {}
 
     def full_names(self) -> list[str]:
         full = [""] * len(self.names)
@@ -116,73 +102,91 @@ class _Walk:
         return full
 
     def run(self, model: torch.nn.Module) -> None:
-        names, parents, kinds, classes = self.names, self.parents, self.kinds, self.classes
-        bits, duplicate, param_nodes, param_order = (
-            self.bits,
-            self.duplicate,
-            self.param_nodes,
-            self.param_order,
-        )
-        class_id, sizer = self.class_id, self.sizer
-        named = sizer.needs_names
+        # One tuple per node (name, parent, kind, class, bits, duplicate), transposed at the end: the
+        # walk is pure Python, so every attribute lookup and call per node counts on 100k-node trees.
+        rows: list[tuple[str, int, int, int, int, bool]] = []
+        add = rows.append
+        param_nodes, param_order = self.param_nodes, self.param_order
+        class_of, sizer = self.class_of_type, self.sizer
+        named, tensor_bits = sizer.needs_names, sizer.bits
         seen_buffers: set[int] = set()
         stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
+        pop, push = stack.pop, stack.extend
         while stack:
-            module, parent, local = stack.pop()
-            node = len(names)
-            names.append(local)
-            parents.append(parent)
-            kinds.append(MODULE)
-            classes.append(class_id(module))
-            bits.append(0)
-            duplicate.append(False)
-            seen_here: set[int] = set()
-            for name, param in module._parameters.items():
-                if param is None:
-                    continue
-                key = id(param)
-                index = len(names)
-                names.append(name)
-                parents.append(node)
-                # A parameter held twice by one module: torch lists the second name only when asked for
-                # duplicates, so it is an alias (tied, counted once, never placed on its own).
-                kinds.append(PARAMETER_ALIAS if key in seen_here else PARAMETER)
-                seen_here.add(key)
-                classes.append(class_id(param))
-                param_order.append(index)
-                nodes = param_nodes.get(key)
-                if nodes is not None:
-                    nodes.append(index)
-                    duplicate.append(True)
-                    bits.append(0)
-                else:
-                    param_nodes[key] = [index]
-                    duplicate.append(False)
-                    bits.append(sizer.bits(self.full_name(index) if named else name, param))
-            non_persistent = module._non_persistent_buffers_set
-            for name, buf in module._buffers.items():
-                if buf is None:
-                    continue
-                index = len(names)
-                names.append(name)
-                parents.append(node)
-                kinds.append(NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER)
-                classes.append(class_id(buf))
-                if id(buf) in seen_buffers:
-                    duplicate.append(True)
-                    bits.append(0)
-                else:
-                    seen_buffers.add(id(buf))
-                    duplicate.append(False)
-                    bits.append(sizer.bits(self.full_name(index) if named else name, buf))
-            children = []
-            seen_children: set[int] = set()
-            for name, child in module._modules.items():
-                if child is None or id(child) in seen_children:
-                    continue
-                seen_children.add(id(child))
-                children.append((child, node, name))
-            stack.extend(reversed(children))
+            module, parent, local = pop()
+            node = len(rows)
+            add((local, parent, MODULE, class_of(type(module)), 0, False))
+            params = module._parameters
+            if params:
+                seen_here: set[int] = set()
+                for name, param in params.items():
+                    if param is None:
+                        continue
+                    key = id(param)
+                    index = len(rows)
+                    # A parameter held twice by one module: torch lists the second name only when asked
+                    # for duplicates, so it is an alias (tied, counted once, never placed on its own).
+                    kind = PARAMETER_ALIAS if key in seen_here else PARAMETER
+                    seen_here.add(key)
+                    param_order.append(index)
+                    nodes = param_nodes.get(key)
+                    if nodes is not None:
+                        nodes.append(index)
+                        add((name, node, kind, class_of(type(param)), 0, True))
+                    else:
+                        param_nodes[key] = [index]
+                        size = tensor_bits(self._full_name(rows, node, name) if named else name, param)
+                        add((name, node, kind, class_of(type(param)), size, False))
+            buffers = module._buffers
+            if buffers:
+                non_persistent = module._non_persistent_buffers_set
+                for name, buf in buffers.items():
+                    if buf is None:
+                        continue
+                    kind = NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER
+                    if id(buf) in seen_buffers:
+                        add((name, node, kind, class_of(type(buf)), 0, True))
+                    else:
+                        seen_buffers.add(id(buf))
+                        size = tensor_bits(self._full_name(rows, node, name) if named else name, buf)
+                        add((name, node, kind, class_of(type(buf)), size, False))
+            children = module._modules
+            if children:
+                seen_children: set[int] = set()
+                found = []
+                for name, child in children.items():
+                    if child is None or id(child) in seen_children:
+                        continue
+                    seen_children.add(id(child))
+                    found.append((child, node, name))
+                found.reverse()
+                push(found)
+        columns = list(zip(*rows))
+        self.names, self.parents, self.kinds, self.classes, self.bits, self.duplicate = (
+            list(c) for c in columns
+        )
+
+    def class_of_type(self, cls: type) -> int:
+        found = self.type_ids.get(cls)
+        if found is None:
+            found = self.type_ids[cls] = self.class_id_by_name(cls.__name__)
+        return found
+
+    def class_id_by_name(self, name: str) -> int:
+        # accelerate compares class *names*, so two classes with one name share an id.
+        found = self.class_ids.get(name)
+        if found is None:
+            found = self.class_ids[name] = len(self.class_ids)
+        return found
+
+    @staticmethod
+    def _full_name(rows: list[tuple], parent: int, local: str) -> str:
+        """Full dotted name of a tensor ``local`` of the module at row ``parent``."""
+        parts = [local]
+        while parent > 0:
+            parts.append(rows[parent][0])
+            parent = rows[parent][1]
+        return ".".join(reversed(parts))
 
 
 class ModuleTree:

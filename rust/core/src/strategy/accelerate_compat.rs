@@ -10,6 +10,7 @@ use crate::clean::clean_device_map;
 use crate::device::Device;
 use crate::error::{PlacementError, Result};
 use crate::tree::{ModuleTree, NodeId};
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 
 /// Options of `infer_auto_device_map` that change the map.
@@ -59,9 +60,12 @@ impl Ties {
 struct Solver<'t> {
     tree: &'t ModuleTree,
     no_split: Vec<bool>,
-    layer_max: Vec<u64>,
+    /// Largest layer in each subtree, computed on first use (most subtrees are never asked about).
+    layer_max: Vec<Cell<u64>>,
     ties: Ties,
 }
+
+const UNKNOWN: u64 = u64::MAX;
 
 impl<'t> Solver<'t> {
     fn new(tree: &'t ModuleTree, no_split_classes: &[String]) -> Solver<'t> {
@@ -70,23 +74,30 @@ impl<'t> Solver<'t> {
             .iter()
             .map(|c| no_split_classes.iter().any(|n| n == c))
             .collect();
-        let mut s = Solver {
+        Solver {
             tree,
             no_split,
-            layer_max: vec![0; tree.len()],
+            layer_max: vec![Cell::new(UNKNOWN); tree.len()],
             ties: Ties::new(tree),
-        };
-        for id in (0..tree.len() as NodeId).rev() {
-            s.layer_max[id as usize] = if s.expands(id) {
-                tree.child_modules(id)
-                    .map(|c| s.layer_max[c as usize])
-                    .max()
-                    .unwrap_or(0)
-            } else {
-                tree.subtree_bits(id)
-            };
         }
-        s
+    }
+
+    fn layer_max(&self, id: NodeId) -> u64 {
+        let known = self.layer_max[id as usize].get();
+        if known != UNKNOWN {
+            return known;
+        }
+        let value = if self.expands(id) {
+            self.tree
+                .child_modules(id)
+                .map(|c| self.layer_max(c))
+                .max()
+                .unwrap_or(0)
+        } else {
+            self.tree.subtree_bits(id)
+        };
+        self.layer_max[id as usize].set(value);
+        value
     }
 
     fn size(&self, id: NodeId) -> i128 {
@@ -108,13 +119,13 @@ impl<'t> Solver<'t> {
 
     /// `get_max_layer_size`: the largest layer under `items` and every layer of that size (sorted ids).
     fn max_layer(&self, items: impl Iterator<Item = NodeId> + Clone) -> (u64, Vec<NodeId>) {
-        let max = items.clone().map(|i| self.layer_max[i as usize]).max().unwrap_or(0);
+        let max = items.clone().map(|i| self.layer_max(i)).max().unwrap_or(0);
         let mut names = Vec::new();
         let mut stack: Vec<NodeId> = Vec::new();
         for item in items {
             stack.push(item);
             while let Some(x) = stack.pop() {
-                if self.layer_max[x as usize] != max {
+                if self.layer_max(x) != max {
                     continue;
                 }
                 if self.expands(x) {
