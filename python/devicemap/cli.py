@@ -1,6 +1,6 @@
 """The ``devicemap`` command: plan a model on a device spec and show where every layer goes.
 
-    devicemap demo                                   # the bundled default: llama-3-8b on 2 x 12 GiB
+    devicemap demo                                   # the bundled default: llama-3-8b on 2 x 8 GiB
     devicemap models                                 # bundled model shapes
     devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16
     devicemap plan ./my-model/config.json --max-memory 0=20GiB,1=20GiB,cpu=64GiB --json
@@ -20,9 +20,10 @@ from typing import Optional
 from .errors import DoesNotFitError, PlacementError
 from .memory import DeviceKey, device_key, parse_size
 from .planning import STRATEGIES, Plan, plan
+from .tree import ModuleTree
 
 DEMO_MODEL = "llama-3-8b"
-DEMO_GPUS = "2x12GiB"
+DEMO_GPUS = "2x8GiB"
 DEMO_CPU = "64GiB"
 
 
@@ -154,10 +155,16 @@ def run_demo() -> int:
         model, max_memory=budget, no_split_module_classes=no_split, dtype="bfloat16"
     )
     acc_time = time.perf_counter() - start
-    offloaded = sorted({k for k, v in theirs.items() if v in ("cpu", "disk")})
-    print(
-        f"\naccelerate 'balanced' on the same inputs: {len(offloaded)} module(s) off the GPUs {offloaded[:4]}"
-    )
+    offloaded = [k for k, v in theirs.items() if v in ("cpu", "disk")]
+    tree = ModuleTree.from_module(model, dtype="bfloat16")
+    loads: dict = {}
+    for name, device in theirs.items():
+        loads[device] = loads.get(device, 0) + tree.module_bytes(name)
+    print("\naccelerate 'balanced' (get_balanced_memory + infer_auto_device_map) on the same inputs:")
+    for device, used in loads.items():
+        print(f"  {device}: {used / 2**30:.2f} GiB")
+    more = " ..." if len(offloaded) > 4 else ""
+    print(f"  {len(offloaded)} module(s) off the GPUs: {', '.join(offloaded[:4])}{more}")
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
     print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
     return 0
