@@ -63,7 +63,10 @@ class Case:
         return dict(infer_auto_device_map(self.model, max_memory=self.memory(per_gpu), **kwargs))
 
     def devicemap_balanced(self, per_gpu: int) -> dict:
-        return devicemap.plan(self.tree, max_memory=self.memory(per_gpu), strategy="balanced").device_map
+        try:
+            return devicemap.plan(self.tree, max_memory=self.memory(per_gpu), strategy="balanced").device_map
+        except devicemap.DoesNotFitError:  # e.g. GPU 0 cannot even stage the largest offloaded layer
+            return {"": "cpu"}
 
     def optimum(self) -> int:
         roomy = devicemap.plan(self.tree, max_memory=self.memory(self.tree.total_bytes), strategy="balanced")

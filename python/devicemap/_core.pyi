@@ -32,11 +32,16 @@ def solve(
     no_split_module_classes: list[str],
     pins: list[tuple[str, str]],
     offload_buffers: bool,
+    runtime: list[tuple[str, int]] = ...,
+    activation_bits: int = 0,
+    compute: list[tuple[str, int]] = ...,
+    balance: str = "memory",
+    gpu0_reserve_bits: int = 0,
 ) -> tuple[
     str,
     list[tuple[str, str]],
     list[tuple[str, str]],
-    list[tuple[str, Optional[int], int, int, list[str]]],
+    list[tuple[str, Optional[int], int, int, int, int, list[str]]],
     list[tuple[str, str, int, str]],
 ]: ...
 def infer_auto_device_map(
