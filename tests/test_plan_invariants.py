@@ -105,6 +105,47 @@ def test_balanced_is_the_min_max_optimum(sizes, gpus):
     assert not plan.offloaded and not plan.reserve_bytes
 
 
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=7),
+    capacities=st.lists(st.integers(0, 400), min_size=1, max_size=3),
+)
+def test_balanced_is_optimal_under_tight_different_capacities(sizes, capacities):
+    """GPUs of different sizes, often too small: devicemap keeps everything on the GPUs exactly when some
+    contiguous split fits, and then reaches the brute-force min-max."""
+    import torch
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, s, bias=False) for s in sizes])
+    weights = [4 * s for s in sizes]
+    memory = {**dict(enumerate(capacities)), "cpu": 10 * sum(weights)}
+    best = brute_force_capped(weights, capacities)
+    try:
+        plan = devicemap.plan(model, max_memory=memory, strategy="balanced")
+    except devicemap.DoesNotFitError as err:
+        assert best is None and "stage" in str(err)  # GPU 0 cannot even stage an offloaded layer
+        return
+    check_plan(model, plan)
+    if best is None:
+        assert plan.offloaded
+    else:
+        assert not plan.offloaded
+        assert max(plan.device_bytes[g] for g in range(len(capacities))) == best
+
+
+def brute_force_capped(weights: list[int], capacities: list[int]):
+    """Smallest largest load over contiguous splits within capacities (None: no split fits)."""
+    if len(capacities) == 1:
+        return sum(weights) if sum(weights) <= capacities[0] else None
+    options = []
+    for k in range(len(weights) + 1):
+        if sum(weights[:k]) > capacities[0]:
+            break
+        rest = brute_force_capped(weights[k:], capacities[1:])
+        if rest is not None:
+            options.append(max(sum(weights[:k]), rest))
+    return min(options) if options else None
+
+
 def brute_force_min_max(weights: list[int], lanes: int) -> int:
     if lanes == 1:
         return sum(weights)
