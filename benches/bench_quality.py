@@ -9,7 +9,8 @@ For each catalog model (bfloat16, meta device) and GPU count it prints:
     bisection to 1 MiB; accelerate "balanced" = get_balanced_memory + infer_auto_device_map, as
     transformers does for device_map="balanced"; "sequential" = infer_auto_device_map alone), next to
     the optimum: the smallest possible largest GPU load of any contiguous split of the blocks;
-(b) with roomy GPUs (1.25 x model / GPUs each), the largest GPU load relative to the mean load.
+(b) with roomy GPUs (1.25 x the larger of model / GPUs and the optimum, each), the largest GPU load
+    relative to the mean GPU load.
 
 It exits non-zero if devicemap ever needs more memory than accelerate or misses the optimum.
 """
@@ -116,11 +117,11 @@ def run(names: list[str]) -> bool:
             ours = smallest_memory(case.devicemap_balanced, low, 2 * best)
             theirs_bal = smallest_memory(case.accelerate_balanced, low, 2 * best)
             theirs_seq = smallest_memory(case.accelerate_sequential, low, 2 * best)
-            roomy = int(1.25 * case.tree.total_bytes / gpus)
+            roomy = int(max(1.25 * case.tree.total_bytes / gpus, 1.25 * best))
             ratios = []
             for place in (case.devicemap_balanced, case.accelerate_balanced, case.accelerate_sequential):
                 loads = case.loads(place(roomy))
-                ratios.append(max(loads) / (sum(loads) / gpus))
+                ratios.append(max(loads) / (sum(loads) / gpus) if sum(loads) else float("nan"))
             print(
                 f"| {name} | {gpus} | {gib(best)} | {gib(ours)} | {gib(theirs_bal)} | {gib(theirs_seq)} | "
                 + " | ".join(f"{r:.2f}" for r in ratios)

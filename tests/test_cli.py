@@ -69,3 +69,81 @@ def test_does_not_fit_exits_1_and_says_how_much():
 
 def test_usage_error_exits_2():
     assert run("plan").returncode == 2
+
+
+def test_plan_writes_an_svg_with_one_bar_per_device(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    target = tmp_path / "plan.svg"
+    out = run(
+        "plan",
+        "llama-3-70b",
+        "--gpus",
+        "4x24GiB",
+        "--cpu",
+        "128GiB",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(target),
+    )
+    assert out.returncode == 0, out.stderr
+    root = ET.fromstring(target.read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [g for g in root.iter(f"{ns}g") if g.get("class") == "device"]
+    assert [g.get("data-device") for g in bars] == ["0", "1", "2", "3", "cpu"]
+    blocks = [r for r in root.iter(f"{ns}rect") if r.get("class") == "block"]
+    assert len(blocks) == 80 + 4  # every decoder layer, embedding, rotary embedding, final norm, head
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plan_html_and_workload(tmp_path):
+    target = tmp_path / "plan.html"
+    out = run(
+        "plan",
+        "llama-3-8b",
+        "--gpus",
+        "2x10GiB",
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        "2",
+        "--seq-len",
+        "2048",
+        "--out",
+        str(target),
+    )
+    assert out.returncode == 0, out.stderr
+    runtime = [line.split()[2:4] for line in out.stdout.splitlines() if line[:1] in "01"]
+    assert all(value != "0" for value, _ in runtime)  # KV cache and activations are planned on both GPUs
+    assert "<svg" in target.read_text() and "devicemap plan" in target.read_text()
+    assert run("plan", "llama-3-8b", "--gpus", "1x80GiB", "--out", str(tmp_path / "plan.png")).returncode == 2
+    too_big = run(
+        "plan", "llama-3-8b", "--gpus", "2x10GiB", "--dtype", "bfloat16", "--batch", "8", "--seq-len", "4096"
+    )
+    assert too_big.returncode == 1 and 'add "disk"' in too_big.stderr  # no CPU/disk: no staging talk
+
+
+def test_compare_shows_both_sides():
+    out = run("compare", "llama-3-8b", "--gpus", "2x8GiB", "--cpu", "64GiB", "--dtype", "bfloat16")
+    assert out.returncode == 0, out.stderr
+    assert "devicemap balanced" in out.stdout and "accelerate balanced" in out.stdout
+    offload_row = next(line for line in out.stdout.splitlines() if line.startswith("blocks off the GPUs"))
+    assert offload_row.split()[-2:] == ["0", "1"]  # accelerate spills lm_head, devicemap fits
+    assert "min GPU memory" in out.stdout
+
+
+def test_export_targets():
+    args = ("llama-3-8b", "--gpus", "2x10GiB", "--dtype", "bfloat16")
+    vllm = run("export", *args, "--to", "vllm")
+    assert vllm.returncode == 0 and 'VLLM_PP_LAYER_PARTITION="16,16"' in vllm.stdout
+    cpp = run("export", *args, "--to", "llama.cpp")
+    assert "--n-gpu-layers 32" in cpp.stdout and "--tensor-split 16,16" in cpp.stdout
+    ds = run("export", *args, "--to", "deepspeed")
+    assert "parts = [0, 16, 32]" in ds.stdout
+    pp = run("export", *args, "--to", "pipelining")
+    assert '"model.layers.16": SplitPoint.BEGINNING' in pp.stdout
+    offloading = run(
+        "export", "llama-3-8b", "--gpus", "1x8GiB", "--cpu", "64GiB", "--dtype", "bfloat16", "--to", "vllm"
+    )
+    assert offloading.returncode == 2 and "off the GPUs" in offloading.stderr

@@ -2,8 +2,10 @@
 
     devicemap demo                                   # the bundled default: llama-3-8b on 2 x 8 GiB
     devicemap models                                 # bundled model shapes
-    devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16
+    devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16 --out plan.svg
     devicemap plan ./my-model/config.json --max-memory 0=20GiB,1=20GiB,cpu=64GiB --json
+    devicemap compare mixtral-8x7b --gpus 2x48GiB --cpu 64GiB --dtype bfloat16
+    devicemap export llama-3-70b --gpus 4x40GiB --dtype bfloat16 --to vllm
 
 Exit codes: 0 planned, 1 the model does not fit, 2 bad usage or input.
 """
@@ -17,14 +19,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .compare import compare
 from .errors import DoesNotFitError, PlacementError
+from .export import TARGETS, export
 from .memory import DeviceKey, device_key, parse_size
 from .planning import STRATEGIES, Plan, plan
+from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree
+from .workload import Workload
 
 DEMO_MODEL = "llama-3-8b"
 DEMO_GPUS = "2x8GiB"
 DEMO_CPU = "64GiB"
+DEMO_PICTURE = "devicemap-demo.svg"
 
 
 def parse_gpus(text: str) -> dict[DeviceKey, int]:
@@ -65,6 +72,16 @@ def load_model(source: str, num_hidden_layers: Optional[int] = None):
     return catalog.build_meta_model(source, num_hidden_layers=num_hidden_layers)
 
 
+def add_model_and_devices(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="catalog name (see `devicemap models`), config.json or model folder")
+    p.add_argument("--gpus", help="GPU sizes: '4x24GiB' or '80GiB,40GiB'")
+    p.add_argument("--cpu", help="CPU memory for offloaded layers, e.g. '64GiB'")
+    p.add_argument("--disk", action="store_true", help="allow offloading to disk")
+    p.add_argument("--max-memory", help="accelerate-style spec: '0=20GiB,1=20GiB,cpu=64GiB,disk'")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    p.add_argument("--dtype", help="size weights as this dtype, e.g. bfloat16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devicemap", description="Decide where each layer of a model lives."
@@ -74,15 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate"
     )
     sub.add_parser("models", help="list the bundled model shapes")
-    p = sub.add_parser("plan", help="plan a model (catalog name, config.json or model folder)")
-    p.add_argument("model")
-    p.add_argument("--gpus", help="GPU sizes: '4x24GiB' or '80GiB,40GiB'")
-    p.add_argument("--cpu", help="CPU memory for offloaded layers, e.g. '64GiB'")
-    p.add_argument("--disk", action="store_true", help="allow offloading to disk")
-    p.add_argument("--max-memory", help="accelerate-style spec: '0=20GiB,1=20GiB,cpu=64GiB,disk'")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    p.add_argument("--dtype", help="size weights as this dtype, e.g. bfloat16")
+    p = sub.add_parser("plan", help="plan a model on a device spec")
+    add_model_and_devices(p)
+    p.add_argument("--batch", type=int, help="plan KV cache and activations for this batch size")
+    p.add_argument("--seq-len", type=int, help="... and this sequence length (default 2048 with --batch)")
+    p.add_argument("--balance", default="memory", choices=("memory", "compute"))
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--out", help="write a picture of the plan: a .svg or .html file")
+    c = sub.add_parser("compare", help="devicemap and accelerate side by side on the same inputs")
+    add_model_and_devices(c)
+    e = sub.add_parser("export", help="print the split for another engine")
+    add_model_and_devices(e)
+    e.add_argument("--to", required=True, choices=TARGETS, help="target engine")
     return parser
 
 
@@ -120,11 +140,71 @@ def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
     return memory
 
 
+def workload_from_args(args: argparse.Namespace) -> Optional[Workload]:
+    if args.batch is None and args.seq_len is None:
+        return None
+    return Workload(batch_size=args.batch or 1, seq_len=args.seq_len or 2048, kv_dtype=args.dtype)
+
+
+def write_picture(result: Plan, path: str, title: str) -> None:
+    target = Path(path)
+    if target.suffix not in (".svg", ".html"):
+        raise PlacementError(f"--out {path!r}: use a .svg or .html file name")
+    text = plan_to_html(result, title) if target.suffix == ".html" else plan_to_svg(result, title)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(target)  # never leave a half-written picture
+
+
 def run_plan(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    result = plan(model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    result = plan(
+        model,
+        max_memory=memory_from_args(args),
+        strategy=args.strategy,
+        dtype=args.dtype,
+        workload=workload_from_args(args),
+        balance=args.balance,
+    )
     print(json.dumps(plan_to_json(result), indent=2) if args.json else result)
+    if args.out:
+        write_picture(result, args.out, f"{args.model}")
+        if not args.json:
+            print(f"picture written to {args.out}")
     return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    sides = compare(model, memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    devices = list(dict.fromkeys(d for side in sides for d in side.device_bytes))
+    rows = [("", *(side.method for side in sides))]
+    for device in devices:
+        rows.append((f"bytes on {device}", *(_gib(side.device_bytes.get(device, 0)) for side in sides)))
+    rows.append(("blocks off the GPUs", *(str(len(side.offloaded)) for side in sides)))
+    rows.append(("largest GPU / mean", *(f"{side.peak_over_mean:.2f}" for side in sides)))
+    rows.append(
+        (
+            "min GPU memory, no offload",
+            *(_gib(side.min_gpu_memory) if side.min_gpu_memory else "-" for side in sides),
+        )
+    )
+    rows.append(("time (sizes + placement)", *(f"{side.seconds * 1e3:.1f} ms" for side in sides)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    result = plan(model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    print(export(result, model, args.to))
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def run_models() -> int:
@@ -167,6 +247,8 @@ def run_demo() -> int:
     print(f"  {len(offloaded)} module(s) off the GPUs: {', '.join(offloaded[:4])}{more}")
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
     print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
+    write_picture(result, DEMO_PICTURE, f"{DEMO_MODEL} on {DEMO_GPUS}")
+    print(f"picture of the plan: {DEMO_PICTURE}")
     return 0
 
 
@@ -177,11 +259,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             return run_demo()
         if args.command == "models":
             return run_models()
+        if args.command == "compare":
+            return run_compare(args)
+        if args.command == "export":
+            return run_export(args)
         return run_plan(args)
     except DoesNotFitError as err:
         print(f"devicemap: {err}", file=sys.stderr)
         return 1
-    except (PlacementError, FileNotFoundError) as err:
+    except (PlacementError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"devicemap: {err}", file=sys.stderr)
         return 2
 

@@ -77,8 +77,11 @@ class Plan:
         assignments: dict[str, DeviceKey],
         usage: list[DeviceUsage],
         offloaded: list[Offload],
+        tree: Optional[ModuleTree] = None,
     ):
         self.strategy = strategy
+        self.tree = tree
+        """The size tree the plan was made from (block sizes for pictures and exports)."""
         self.device_map = device_map
         self.assignments = assignments
         """Every block (the finest placed piece) and its device, in model order."""
@@ -109,18 +112,24 @@ class Plan:
         >>> model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
         >>> print(devicemap.plan(model, max_memory={0: "40KiB", "cpu": "1MiB"}).explain())  # doctest: +ELLIPSIS
         devicemap plan (sequential)
-        device  weights    runtime  reserve    capacity   use  blocks
-        0       16.25 KiB  0 B      16.25 KiB  40.00 KiB  81%  0
-        cpu     48.75 KiB  0 B      0 B        1.00 MiB   5%   1 .. 3 (3)
+        device  weights    runtime  reserve    capacity   use                          blocks
+        0       16.25 KiB  0 B      16.25 KiB  40.00 KiB  81%  [████████░░░░░░░░····]  0
+        cpu     48.75 KiB  0 B      0 B        1.00 MiB   5%   [█···················]  1 .. 3 (3)
         offloaded (3 blocks):
           1 -> cpu (16.25 KiB): did not fit on the GPUs after the blocks before it
         ...
         """
         return self.table(limit=None)
 
+    def block_bytes(self, name: str) -> int:
+        """Bytes of one placed block (needs the plan's tree)."""
+        if self.tree is None:
+            raise PlacementError("this plan carries no size tree; make it with devicemap.plan()")
+        return self.tree.module_bytes(name)
+
     def table(self, limit: Optional[int] = 10) -> str:
         """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all)."""
-        rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "blocks")]
+        rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "", "blocks")]
         for u in self.usage:
             cap = "unbounded" if u.capacity is None else _human(u.capacity)
             pct = "" if not u.capacity else f"{100 * u.used / u.capacity:.0f}%"
@@ -132,6 +141,7 @@ class Plan:
                     _human(u.reserve),
                     cap,
                     pct,
+                    _bar(u),
                     _span(u.blocks),
                 )
             )
@@ -154,6 +164,17 @@ def _human(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def _bar(usage: DeviceUsage, width: int = 20) -> str:
+    """``[████▒▒░░····]``: weights, runtime memory, reserve, free; empty for unbounded disk."""
+    if not usage.capacity:
+        return ""
+    cells = []
+    for part, mark in ((usage.weights, "█"), (usage.runtime, "▒"), (usage.reserve, "░")):
+        cells.append(mark * round(width * part / usage.capacity))
+    used = "".join(cells)[:width]
+    return f"[{used}{'·' * (width - len(used))}]"
 
 
 def _span(blocks: tuple[str, ...]) -> str:
@@ -282,4 +303,5 @@ def plan(
             for d, cap, weights, run, reserve, flops, blocks in usage
         ],
         offloaded=[Offload(n, _device_from_core(d), -(-b // 8), r) for n, d, b, r in offloaded],
+        tree=tree,
     )

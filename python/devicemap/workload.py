@@ -51,8 +51,9 @@ class Workload:
     seq_len: int = 2048
     kv_dtype: Optional[DtypeLike] = None
     """Dtype of the KV cache; default: the planning dtype, else float16."""
-    logits_tokens: Optional[int] = None
-    """Positions whose logits exist at once: ``None`` = ``seq_len`` (a full forward); ``generate`` keeps 1."""
+    logits_tokens: Optional[int] = 1
+    """Positions whose logits exist at once: 1 for ``generate`` (it keeps only the last position's);
+    ``None`` means ``seq_len``, for full forward passes such as evaluation."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):

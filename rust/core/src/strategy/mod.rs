@@ -246,8 +246,17 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
     let mut device_of_unit: Vec<Device> = vec![Device::Disk; free.len()];
     let mut next = 0usize;
     let cpu_capacity = spec.capacity(Device::Cpu).map(|c| c.unwrap_or(u64::MAX));
+    // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error below.
+    let can_offload = spec.contains(Device::Cpu) || spec.contains(Device::Disk);
     if !gpu_lanes.is_empty() {
-        let (k, r) = split_point(&input, &gpu_lanes);
+        let (k, r) = if can_offload {
+            split_point(&input, &gpu_lanes)
+        } else {
+            (
+                chain::placed(&chain::greedy(Chain::by_memory(&footprint), &gpu_lanes, u64::MAX)),
+                0,
+            )
+        };
         if gpu_lanes[0].base.saturating_add(r) > gpu_lanes[0].capacity {
             return Err(staging_error(gpus[0].0, &gpu_lanes[0], r));
         }

@@ -1,0 +1,121 @@
+"""A plan's split in other engines' terms: vLLM pipeline partitions, llama.cpp's tensor split,
+DeepSpeed pipeline stage boundaries, torch.distributed.pipelining split points.
+
+Each exporter counts the model's decoder layers on every GPU, in order (GPU i is pipeline stage i).
+
+    >>> from devicemap import catalog, plan
+    >>> model = catalog.build_meta_model("llama-3-8b")
+    >>> p = plan(model, max_memory={0: "8GiB", 1: "8GiB"}, dtype="bfloat16")
+    >>> print(to_vllm(p, model))
+    export VLLM_PP_LAYER_PARTITION="16,16"
+    vllm serve <model> --pipeline-parallel-size 2
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import PlacementError
+from .memory import DeviceKey
+from .planning import Plan
+from .workload import decoder_layers
+
+TARGETS = ("vllm", "llama.cpp", "deepspeed", "pipelining")
+
+
+def _device_of(name: str, device_map: dict[str, DeviceKey]) -> DeviceKey:
+    best = max((k for k in device_map if k == "" or k == name or name.startswith(k + ".")), key=len)
+    return device_map[best]
+
+
+def layer_devices(plan: Plan, model: torch.nn.Module) -> list[tuple[str, DeviceKey]]:
+    """Every decoder layer and the device it is planned on, in model order."""
+    layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
+    if not layers:
+        raise PlacementError(f"cannot find the decoder layers of {type(model).__name__} to export a split")
+    return [(name, _device_of(name, plan.device_map)) for name in layers]
+
+
+def _no_config(model: torch.nn.Module) -> object:
+    raise PlacementError(f"{type(model).__name__} has no config; exports need a transformers model")
+
+
+def gpu_stages(
+    plan: Plan, model: torch.nn.Module, allow_offload: bool = False
+) -> list[tuple[DeviceKey, list[str]]]:
+    """Consecutive decoder layers per GPU, in GPU order. Raises if layers sit on CPU/disk (unless allowed)."""
+    stages: dict[DeviceKey, list[str]] = {u.device: [] for u in plan.usage if isinstance(u.device, int)}
+    offloaded = []
+    for name, device in layer_devices(plan, model):
+        if isinstance(device, int):
+            stages[device].append(name)
+        else:
+            offloaded.append(name)
+    if offloaded and not allow_offload:
+        raise PlacementError(
+            f"the plan keeps {len(offloaded)} decoder layers off the GPUs (from {offloaded[0]}); pipeline "
+            "engines need every layer on a GPU: add GPUs or memory, or export to llama.cpp"
+        )
+    return [(device, layers) for device, layers in stages.items() if layers]
+
+
+def to_vllm(plan: Plan, model: torch.nn.Module) -> str:
+    """vLLM's uneven pipeline partition (``VLLM_PP_LAYER_PARTITION``) and the matching serve flag."""
+    counts = [len(layers) for _, layers in gpu_stages(plan, model)]
+    return (
+        f'export VLLM_PP_LAYER_PARTITION="{",".join(map(str, counts))}"\n'
+        f"vllm serve <model> --pipeline-parallel-size {len(counts)}"
+    )
+
+
+def to_llama_cpp(plan: Plan, model: torch.nn.Module) -> str:
+    """llama.cpp flags: layers on GPUs (``--n-gpu-layers``) and their proportions (``--tensor-split``).
+
+    llama.cpp keeps the *first* layers on the CPU when only part fits; the counts carry over."""
+    stages = gpu_stages(plan, model, allow_offload=True)
+    counts = [len(layers) for _, layers in stages]
+    flags = f"--n-gpu-layers {sum(counts)}"
+    if len(counts) > 1:
+        flags += f" --split-mode layer --tensor-split {','.join(map(str, counts))}"
+    return flags
+
+
+def to_deepspeed(plan: Plan, model: torch.nn.Module) -> str:
+    """DeepSpeed pipeline stage boundaries (``PipelineModule.parts`` convention: stage i holds layers
+    ``parts[i]`` to ``parts[i+1] - 1``)."""
+    counts = [len(layers) for _, layers in gpu_stages(plan, model)]
+    parts = [0]
+    for c in counts:
+        parts.append(parts[-1] + c)
+    return (
+        f"num_stages = {len(counts)}\n"
+        f"parts = {parts}  # stage i runs decoder layers parts[i] .. parts[i+1]-1 "
+        "(set PipelineModule.parts / override _partition_layers)"
+    )
+
+
+def to_pipelining(plan: Plan, model: torch.nn.Module) -> str:
+    """``torch.distributed.pipelining`` split points: a stage begins at the first layer of each GPU."""
+    stages = gpu_stages(plan, model)
+    lines = ["from torch.distributed.pipelining import SplitPoint, pipeline", "", "split_spec = {"]
+    for _, layers in stages[1:]:
+        lines.append(f'    "{layers[0]}": SplitPoint.BEGINNING,')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+EXPORTERS: dict[str, Callable[[Plan, torch.nn.Module], str]] = {
+    "vllm": to_vllm,
+    "llama.cpp": to_llama_cpp,
+    "deepspeed": to_deepspeed,
+    "pipelining": to_pipelining,
+}
+
+
+def export(plan: Plan, model: torch.nn.Module, target: str) -> str:
+    """The split for ``target`` (one of :data:`TARGETS`)."""
+    if target not in EXPORTERS:
+        raise PlacementError(f"unknown export target {target!r}: use one of {', '.join(TARGETS)}")
+    return EXPORTERS[target](plan, model)
