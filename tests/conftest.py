@@ -32,3 +32,60 @@ def tiny_llama():
     model = LlamaForCausalLM(config)
     model.tie_weights()
     return model.eval()
+
+
+def _tiny_configs():
+    from transformers import LlamaConfig, MixtralConfig, T5Config
+
+    return {
+        "llama": LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        "mixtral": MixtralConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        ),
+        "t5": T5Config(
+            vocab_size=256,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=3,
+            num_decoder_layers=3,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Small Llama (tied embeddings), Mixtral and T5 models with random weights, saved as sharded
+    safetensors with their config.json. Returns {kind: (model, folder)}."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    found = {}
+    for kind, config in _tiny_configs().items():
+        torch.manual_seed(0)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_config(config).eval()
+        folder = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(folder, max_shard_size="100KB", safe_serialization=True)
+        found[kind] = (model, folder)
+    return found

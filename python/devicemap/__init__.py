@@ -14,8 +14,10 @@ drop-in replacements for accelerate's ``infer_auto_device_map`` and ``get_balanc
 
 from . import compat
 from ._core import __version__
+from .checkpoint import checkpoint_tree, plan_checkpoint
 from .errors import (
     AccelerateCompatError,
+    CheckpointError,
     DoesNotFitError,
     InternalError,
     InvalidSizeError,
@@ -34,6 +36,7 @@ from .workload import Workload
 __all__ = [
     "STRATEGIES",
     "AccelerateCompatError",
+    "CheckpointError",
     "DeviceUsage",
     "DoesNotFitError",
     "InternalError",
@@ -50,6 +53,8 @@ __all__ = [
     "Workload",
     "__version__",
     "available_memory",
+    "checkpoint_tree",
+    "plan_checkpoint",
     "compat",
     "normalize_max_memory",
     "parse_size",

@@ -11,6 +11,7 @@ Each message names the offending input and how to fix it, e.g.::
 
 from ._core import (
     AccelerateCompatError,
+    CheckpointError,
     DoesNotFitError,
     InternalError,
     InvalidSizeError,
@@ -24,6 +25,7 @@ from ._core import (
 
 __all__ = [
     "AccelerateCompatError",
+    "CheckpointError",
     "DoesNotFitError",
     "InternalError",
     "InvalidSizeError",

@@ -37,6 +37,10 @@ pub enum PlacementError {
     #[error("invalid module tree: {0}")]
     InvalidTree(String),
 
+    /// A safetensors file or index that is not well formed (the message names the file and the fault).
+    #[error("bad checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+
     /// accelerate itself raises on this input; the compatibility layer reports it instead of guessing.
     #[error("accelerate cannot place this model either: {0}")]
     AccelerateFailure(String),

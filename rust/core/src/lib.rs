@@ -5,11 +5,13 @@
 //! 1/8 byte, and integer bits keep every comparison exact. Convert with [`device::bits_to_bytes`].
 
 pub mod blocks;
+pub mod checkpoint_tree;
 pub mod clean;
 pub mod constraints;
 pub mod device;
 pub mod error;
 pub mod plan;
+pub mod safetensors;
 pub mod strategy;
 pub mod tree;
 

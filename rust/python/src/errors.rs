@@ -50,6 +50,12 @@ create_exception!(
 create_exception!(devicemap, InvalidTreeError, PlacementError, "A malformed module tree.");
 create_exception!(
     devicemap,
+    CheckpointError,
+    PlacementError,
+    "A safetensors checkpoint or index that is not well formed."
+);
+create_exception!(
+    devicemap,
     AccelerateCompatError,
     PlacementError,
     "accelerate itself fails on this input."
@@ -72,6 +78,7 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::DoesNotFit { .. } => DoesNotFitError::new_err(msg),
         CoreError::InvalidTree(_) => InvalidTreeError::new_err(msg),
         CoreError::AccelerateFailure(_) => AccelerateCompatError::new_err(msg),
+        CoreError::Checkpoint { .. } => CheckpointError::new_err(msg),
     }
 }
 
@@ -104,6 +111,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DoesNotFitError", py.get_type::<DoesNotFitError>())?;
     m.add("InvalidTreeError", py.get_type::<InvalidTreeError>())?;
     m.add("AccelerateCompatError", py.get_type::<AccelerateCompatError>())?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }

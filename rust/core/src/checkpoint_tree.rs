@@ -1,0 +1,270 @@
+//! A ModuleTree from a checkpoint's tensor names alone (no model instantiated).
+//!
+//! Names give the module hierarchy ("model.layers.3.mlp.up_proj.weight"). What names do not give is
+//! worked out as transformers models are laid out: the definition order of siblings (embeddings, then
+//! encoder/decoder/layers, then norms, then output heads; numbered layers in numeric order), which
+//! modules are unsplittable blocks (the numbered layers of the list that has `layer_counts` entries, or
+//! names matching a pattern), and tied weights (missing tied names are added so the map covers them).
+
+use crate::error::{PlacementError, Result};
+use crate::safetensors::{dtype_bits, is_floating, TensorEntry};
+use crate::tree::{ModuleTree, TreeColumns};
+use std::collections::HashMap;
+
+/// The class given to block modules; pass it as a no-split class when planning.
+pub const BLOCK_CLASS: &str = "CheckpointBlock";
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointTreeOptions {
+    /// Globs over dotted module names, `*` standing for one name component (e.g. "model.layers.*").
+    pub block_patterns: Vec<String>,
+    /// Layer counts from the config (e.g. num_hidden_layers): a module with exactly that many numbered
+    /// children has them as blocks.
+    pub layer_counts: Vec<u64>,
+    /// Tensor names sharing one storage; the first name present is counted, missing names are added.
+    pub tie_groups: Vec<Vec<String>>,
+    /// Size floating tensors as this many bits per element at most (accelerate's dtype rule).
+    pub dtype_bits: Option<u64>,
+}
+
+#[derive(Default)]
+struct Node {
+    children: Vec<(String, usize)>,
+    tensor: Option<(u64, usize)>, // (bits, tie group or usize::MAX)
+    duplicate: bool,
+}
+
+/// Where a sibling goes in definition order: embeddings, containers, norms, heads.
+fn rank(name: &str) -> (u8, u64) {
+    if let Ok(n) = name.parse::<u64>() {
+        return (2, n);
+    }
+    let lower = name.to_ascii_lowercase();
+    let r = if lower.contains("embed") || ["wte", "wpe", "shared", "word_embeddings"].contains(&lower.as_str()) {
+        0
+    } else if lower == "encoder" {
+        1
+    } else if lower.contains("norm") || lower.starts_with("ln_f") {
+        3
+    } else if ["lm_head", "head", "output", "classifier", "score"].contains(&lower.as_str()) {
+        4
+    } else {
+        2
+    };
+    (r, 0)
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let n: Vec<&str> = name.split('.').collect();
+    p.len() == n.len() && p.iter().zip(&n).all(|(a, b)| *a == "*" || a == b)
+}
+
+pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let mut nodes: Vec<Node> = vec![Node::default()];
+    let mut insert = |name: &str, tensor: (u64, usize), duplicate: bool| -> Result<()> {
+        let mut at = 0;
+        for part in name.split('.') {
+            if part.is_empty() {
+                return Err(PlacementError::InvalidTree(format!(
+                    "tensor name {name:?} has an empty component"
+                )));
+            }
+            if nodes[at].tensor.is_some() {
+                return Err(PlacementError::InvalidTree(format!(
+                    "{name:?} nests under another tensor"
+                )));
+            }
+            at = match nodes[at].children.iter().find(|(n, _)| n == part) {
+                Some((_, i)) => *i,
+                None => {
+                    nodes.push(Node::default());
+                    let i = nodes.len() - 1;
+                    nodes[at].children.push((part.to_string(), i));
+                    i
+                }
+            };
+        }
+        if nodes[at].tensor.is_some() || !nodes[at].children.is_empty() {
+            return Err(PlacementError::InvalidTree(format!(
+                "tensor {name:?} appears twice or holds submodules"
+            )));
+        }
+        nodes[at].tensor = Some(tensor);
+        nodes[at].duplicate = duplicate;
+        Ok(())
+    };
+
+    let present: HashMap<&str, &TensorEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut group_of: HashMap<&str, usize> = HashMap::new();
+    for (g, group) in options.tie_groups.iter().enumerate() {
+        for name in group {
+            group_of.insert(name, g);
+        }
+    }
+    let mut group_counted = vec![false; options.tie_groups.len()];
+    for e in entries {
+        let own = dtype_bits(&e.dtype).expect("validated when read");
+        let bits = match options.dtype_bits {
+            Some(target) if is_floating(&e.dtype) => own.min(target),
+            _ => own,
+        };
+        let group = group_of.get(e.name.as_str()).copied();
+        let duplicate = group.is_some_and(|g| std::mem::replace(&mut group_counted[g], true));
+        insert(&e.name, (e.numel() * bits, group.unwrap_or(usize::MAX)), duplicate)?;
+    }
+    for (g, group) in options.tie_groups.iter().enumerate() {
+        if !group.iter().any(|n| present.contains_key(n.as_str())) {
+            continue; // none of it is in this checkpoint
+        }
+        for name in group.iter().filter(|n| !present.contains_key(n.as_str())) {
+            insert(name, (0, g), true)?;
+        }
+    }
+    emit(&nodes, options)
+}
+
+/// Pre-order columns: each module, its tensors, then its child modules (siblings in definition order).
+fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let mut c = TreeColumns {
+        class_names: vec!["Module".into(), BLOCK_CLASS.into(), "Parameter".into()],
+        ..Default::default()
+    };
+    // Tie groups actually used, numbered densely in the order first met.
+    let mut tie_ids: HashMap<usize, i64> = HashMap::new();
+    // (node, parent row, local name, full name, is a block)
+    let mut stack: Vec<(usize, i64, String, String, bool)> = vec![(0, -1, String::new(), String::new(), false)];
+    while let Some((node, parent, local, full, is_block)) = stack.pop() {
+        let index = c.names.len() as i64;
+        c.names.push(local);
+        c.parents.push(parent);
+        c.kinds.push(0);
+        c.classes.push(u32::from(is_block));
+        c.bits.push(0);
+        c.duplicate.push(false);
+        c.tie.push(-1);
+        let mut children: Vec<&(String, usize)> = nodes[node].children.iter().collect();
+        children.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
+        let numbered = children.iter().filter(|(n, _)| n.parse::<u64>().is_ok()).count();
+        let layer_list =
+            numbered > 0 && numbered == children.len() && options.layer_counts.contains(&(numbered as u64));
+        for (name, child) in &children {
+            if let Some((bits, group)) = nodes[*child].tensor {
+                let tie = if group == usize::MAX {
+                    -1
+                } else {
+                    let next = tie_ids.len() as i64;
+                    *tie_ids.entry(group).or_insert(next)
+                };
+                c.names.push(name.clone());
+                c.parents.push(index);
+                c.kinds.push(1);
+                c.classes.push(2);
+                c.bits.push(bits);
+                c.duplicate.push(nodes[*child].duplicate);
+                c.tie.push(tie);
+            }
+        }
+        for (name, child) in children.iter().rev() {
+            if nodes[*child].tensor.is_none() {
+                let child_full = if full.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{full}.{name}")
+                };
+                let block = layer_list || options.block_patterns.iter().any(|p| matches(p, &child_full));
+                stack.push((*child, index, name.clone(), child_full, block));
+            }
+        }
+    }
+    // A group with a single name present is no tie at all.
+    let mut members: HashMap<i64, usize> = HashMap::new();
+    for t in &c.tie {
+        if *t >= 0 {
+            *members.entry(*t).or_default() += 1;
+        }
+    }
+    let mut renumber: HashMap<i64, i64> = HashMap::new();
+    for t in c.tie.iter_mut().filter(|t| **t >= 0) {
+        if members[t] < 2 {
+            *t = -1;
+        } else {
+            let next = renumber.len() as i64;
+            *t = *renumber.entry(*t).or_insert(next);
+        }
+    }
+    ModuleTree::from_columns(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, dtype: &str, shape: &[u64]) -> TensorEntry {
+        TensorEntry {
+            name: name.into(),
+            dtype: dtype.into(),
+            shape: shape.to_vec(),
+            begin: 0,
+            end: 0,
+            file: 0,
+        }
+    }
+
+    #[test]
+    fn orders_groups_and_ties_like_the_model() {
+        let mut entries = vec![
+            entry("lm_head.weight", "BF16", &[10, 4]),
+            entry("model.norm.weight", "BF16", &[4]),
+            entry("model.embed_tokens.weight", "BF16", &[10, 4]),
+        ];
+        for i in (0..12).rev() {
+            entries.push(entry(&format!("model.layers.{i}.mlp.weight"), "F32", &[4, 4]));
+        }
+        let options = CheckpointTreeOptions {
+            layer_counts: vec![12],
+            tie_groups: vec![vec!["model.embed_tokens.weight".into(), "lm_head.weight".into()]],
+            dtype_bits: Some(16),
+            ..Default::default()
+        };
+        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        let modules: Vec<&str> = (0..t.len() as u32)
+            .filter(|&i| !t.is_tensor(i))
+            .map(|i| t.name(i))
+            .filter(|n| n.matches('.').count() < 3)
+            .collect();
+        assert_eq!(
+            &modules[..5],
+            &["", "model", "model.embed_tokens", "model.layers", "model.layers.0"]
+        );
+        assert_eq!(modules[4 + 11], "model.layers.11");
+        assert_eq!(&modules[modules.len() - 2..], &["model.norm", "lm_head"]);
+        assert_eq!(t.class_name(t.find("model.layers.7").unwrap()), BLOCK_CLASS);
+        assert_eq!(t.class_name(t.find("model.layers").unwrap()), "Module");
+        // F32 layers sized as bf16; the tied head counted once.
+        assert_eq!(t.subtree_bits(0), (2 * 40 + 4 + 12 * 16) as u64 * 16 - 40 * 16);
+        assert_eq!(t.tie_groups().len(), 1);
+    }
+
+    #[test]
+    fn adds_missing_tied_names_and_matches_patterns() {
+        let entries = vec![
+            entry("shared.weight", "F32", &[8, 2]),
+            entry("decoder.block.0.w", "F32", &[2]),
+        ];
+        let options = CheckpointTreeOptions {
+            block_patterns: vec!["decoder.block.*".into()],
+            tie_groups: vec![vec![
+                "shared.weight".into(),
+                "lm_head.weight".into(),
+                "encoder.embed_tokens.weight".into(),
+            ]],
+            ..Default::default()
+        };
+        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        assert!(t.find("lm_head.weight").is_some() && t.find("encoder.embed_tokens").is_some());
+        assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
+        assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
+        assert!(matches("a.*.c", "a.7.c") && !matches("a.*", "a.7.c"));
+    }
+}
