@@ -14,6 +14,7 @@ drop-in replacements for accelerate's ``infer_auto_device_map`` and ``get_balanc
 
 from . import compat
 from ._core import __version__
+from .apply import dispatch, execution_map, from_pretrained, load_checkpoint
 from .checkpoint import checkpoint_tree, plan_checkpoint
 from .errors import (
     AccelerateCompatError,
@@ -54,6 +55,10 @@ __all__ = [
     "__version__",
     "available_memory",
     "checkpoint_tree",
+    "dispatch",
+    "execution_map",
+    "from_pretrained",
+    "load_checkpoint",
     "plan_checkpoint",
     "compat",
     "normalize_max_memory",
