@@ -40,6 +40,8 @@ py-test: build
 
 bench: build
 	$(BIN)/python benches/bench_placement.py
+	$(BIN)/python benches/bench_quality.py
+	$(BIN)/python benches/bench_checkpoint.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .hypothesis

@@ -48,18 +48,20 @@ def layer_counts(config: Mapping[str, Any]) -> list[int]:
     return sorted({int(c[k]) for k in keys if isinstance(c.get(k), int)})
 
 
-def tie_groups(config: Mapping[str, Any], names: Iterable[str]) -> list[list[str]]:
+def tie_groups(config: Mapping[str, Any]) -> list[list[str]]:
     """Tied weights as transformers ties them: the input embedding with ``lm_head`` when
-    ``tie_word_embeddings`` (transformers' default), encoder/decoder embeddings with ``shared``."""
-    names = list(names)
+    ``tie_word_embeddings`` (transformers' default), encoder/decoder embeddings with ``shared``.
+    ``*suffix`` names are resolved by the core against the checkpoint (the first name ending so).
+    Without a config nothing is assumed tied."""
+    if not config:
+        return []
     tie_words = _text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", True))
     if config.get("is_encoder_decoder"):
         group = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
         return [group + (["lm_head.weight"] if tie_words else [])]
     if not tie_words:
         return []
-    embedding = next((n for n in names if n.endswith(_EMBEDDING_SUFFIXES) and n != "lm_head.weight"), None)
-    return [[embedding, "lm_head.weight"]] if embedding else []
+    return [[f"*{suffix}" for suffix in _EMBEDDING_SUFFIXES] + ["lm_head.weight"]]
 
 
 def checkpoint_tree(
@@ -74,11 +76,8 @@ def checkpoint_tree(
         raise CheckpointError(f"bad checkpoint {path}: no such file or folder")
     config = dict(config) if config is not None else find_config(path) or {}
     patterns = [block_pattern] if isinstance(block_pattern, str) else list(block_pattern or [])
-    names = [entry[0] for entry in _core.checkpoint_tensors(str(path))] if config else []
     bits = dtype_bits(to_dtype(dtype)) if dtype is not None else None
-    core = _core.tree_from_checkpoint(
-        str(path), patterns, layer_counts(config), tie_groups(config, names), bits
-    )
+    core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
     return ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
 
 

@@ -22,6 +22,8 @@ pub struct CheckpointTreeOptions {
     /// children has them as blocks.
     pub layer_counts: Vec<u64>,
     /// Tensor names sharing one storage; the first name present is counted, missing names are added.
+    /// A name starting with `*` stands for the first tensor (in name order) ending with the rest, e.g.
+    /// `"*embed_tokens.weight"` for whichever input embedding the checkpoint has.
     pub tie_groups: Vec<Vec<String>>,
     /// Size floating tensors as this many bits per element at most (accelerate's dtype rule).
     pub dtype_bits: Option<u64>,
@@ -60,8 +62,30 @@ fn matches(pattern: &str, name: &str) -> bool {
     p.len() == n.len() && p.iter().zip(&n).all(|(a, b)| *a == "*" || a == b)
 }
 
+/// Resolve `*suffix` names of tie groups against the checkpoint's tensor names.
+fn resolve_ties(entries: &[TensorEntry], groups: &[Vec<String>]) -> Vec<Vec<String>> {
+    let mut sorted: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    sorted.sort_unstable();
+    groups
+        .iter()
+        .map(|group| {
+            let mut seen = std::collections::HashSet::new();
+            group
+                .iter()
+                .filter_map(|name| match name.strip_prefix('*') {
+                    Some(suffix) => sorted.iter().find(|n| n.ends_with(suffix)).map(|n| n.to_string()),
+                    None => Some(name.clone()),
+                })
+                .filter(|n| seen.insert(n.clone()))
+                .collect()
+        })
+        .collect()
+}
+
 pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let tie_groups = resolve_ties(entries, &options.tie_groups);
     let mut nodes: Vec<Node> = vec![Node::default()];
+    let mut child_of: HashMap<(usize, String), usize> = HashMap::with_capacity(entries.len() * 2);
     let mut insert = |name: &str, tensor: (u64, usize), duplicate: bool| -> Result<()> {
         let mut at = 0;
         for part in name.split('.') {
@@ -75,12 +99,14 @@ pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOpt
                     "{name:?} nests under another tensor"
                 )));
             }
-            at = match nodes[at].children.iter().find(|(n, _)| n == part) {
-                Some((_, i)) => *i,
+            let key = (at, part.to_string());
+            at = match child_of.get(&key) {
+                Some(i) => *i,
                 None => {
                     nodes.push(Node::default());
                     let i = nodes.len() - 1;
                     nodes[at].children.push((part.to_string(), i));
+                    child_of.insert(key, i);
                     i
                 }
             };
@@ -97,12 +123,12 @@ pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOpt
 
     let present: HashMap<&str, &TensorEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut group_of: HashMap<&str, usize> = HashMap::new();
-    for (g, group) in options.tie_groups.iter().enumerate() {
+    for (g, group) in tie_groups.iter().enumerate() {
         for name in group {
             group_of.insert(name, g);
         }
     }
-    let mut group_counted = vec![false; options.tie_groups.len()];
+    let mut group_counted = vec![false; tie_groups.len()];
     for e in entries {
         let own = dtype_bits(&e.dtype).expect("validated when read");
         let bits = match options.dtype_bits {
@@ -113,7 +139,7 @@ pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOpt
         let duplicate = group.is_some_and(|g| std::mem::replace(&mut group_counted[g], true));
         insert(&e.name, (e.numel() * bits, group.unwrap_or(usize::MAX)), duplicate)?;
     }
-    for (g, group) in options.tie_groups.iter().enumerate() {
+    for (g, group) in tie_groups.iter().enumerate() {
         if !group.iter().any(|n| present.contains_key(n.as_str())) {
             continue; // none of it is in this checkpoint
         }
@@ -266,5 +292,20 @@ mod tests {
         assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
         assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
         assert!(matches("a.*.c", "a.7.c") && !matches("a.*", "a.7.c"));
+    }
+
+    #[test]
+    fn suffix_names_find_the_embedding() {
+        let entries = vec![
+            entry("transformer.wte.weight", "F16", &[8, 2]),
+            entry("transformer.h.0.w", "F16", &[2]),
+        ];
+        let options = CheckpointTreeOptions {
+            tie_groups: vec![vec!["*wte.weight".into(), "lm_head.weight".into()]],
+            ..Default::default()
+        };
+        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        let group: Vec<&str> = t.tie_groups()[0].iter().map(|&i| t.name(i)).collect();
+        assert_eq!(group, vec!["lm_head.weight", "transformer.wte.weight"]);
     }
 }
