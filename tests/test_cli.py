@@ -147,3 +147,31 @@ def test_export_targets():
         "export", "llama-3-8b", "--gpus", "1x8GiB", "--cpu", "64GiB", "--dtype", "bfloat16", "--to", "vllm"
     )
     assert offloading.returncode == 2 and "off the GPUs" in offloading.stderr
+
+
+def test_plan_a_checkpoint_from_its_headers(tiny_checkpoints):
+    model, folder = tiny_checkpoints["llama"]
+    total = devicemap.ModuleTree.from_module(model).total_bytes
+    out = run("plan", str(folder), "--max-memory", f"0={total // 2},1={total // 2},cpu=1GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    expected = devicemap.plan_checkpoint(folder, max_memory={0: total // 2, 1: total // 2, "cpu": "1GiB"})
+    assert json.loads(out.stdout)["device_map"] == expected.device_map
+    broken = folder.parent / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00")
+    bad = run("plan", str(broken / "model.safetensors"), "--gpus", "1x1GiB")
+    assert bad.returncode == 2 and "truncated" in bad.stderr
+
+
+def test_demo_plans_the_default_and_writes_the_picture(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "devicemap.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "devicemap plan (balanced)" in out.stdout and "accelerate 'balanced'" in out.stdout
+    assert (tmp_path / "devicemap-demo.svg").read_text().count('class="device"') == 3

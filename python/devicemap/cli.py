@@ -4,6 +4,7 @@
     devicemap models                                 # bundled model shapes
     devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16 --out plan.svg
     devicemap plan ./my-model/config.json --max-memory 0=20GiB,1=20GiB,cpu=64GiB --json
+    devicemap plan ./checkpoint/ --gpus 2x80GiB --dtype bfloat16           # safetensors headers only
     devicemap compare mixtral-8x7b --gpus 2x48GiB --cpu 64GiB --dtype bfloat16
     devicemap export llama-3-70b --gpus 4x40GiB --dtype bfloat16 --to vllm
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import plan_checkpoint
 from .compare import compare
 from .errors import DoesNotFitError, PlacementError
 from .export import TARGETS, export
@@ -34,6 +36,11 @@ DEMO_CPU = "64GiB"
 DEMO_PICTURE = "devicemap-demo.svg"
 
 
+def cli_size(text: str) -> int:
+    """A size on the command line: plain digits are bytes, otherwise a string like '24GiB'."""
+    return int(text) if text.isdigit() else parse_size(text)
+
+
 def parse_gpus(text: str) -> dict[DeviceKey, int]:
     """``"4x24GiB"`` -> four GPUs of 24 GiB; ``"80GiB,40GiB"`` -> GPU 0 and GPU 1.
 
@@ -44,9 +51,9 @@ def parse_gpus(text: str) -> dict[DeviceKey, int]:
     for part in text.split(","):
         count, sep, size = part.partition("x")
         if sep and count.isdigit():
-            sizes.extend([parse_size(size)] * int(count))
+            sizes.extend([cli_size(size)] * int(count))
         else:
-            sizes.append(parse_size(part))
+            sizes.append(cli_size(part))
     return dict(enumerate(sizes))
 
 
@@ -55,7 +62,7 @@ def parse_max_memory(text: str) -> dict[DeviceKey, object]:
     memory: dict[DeviceKey, object] = {}
     for part in text.split(","):
         key, sep, size = part.partition("=")
-        memory[device_key(key)] = parse_size(size) if sep else 0
+        memory[device_key(key)] = cli_size(size) if sep else 0
     return memory
 
 
@@ -73,7 +80,11 @@ def load_model(source: str, num_hidden_layers: Optional[int] = None):
 
 
 def add_model_and_devices(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="catalog name (see `devicemap models`), config.json or model folder")
+    p.add_argument(
+        "model",
+        help="catalog name (see `devicemap models`), config.json, model folder, or a safetensors checkpoint "
+        "(file, index or folder; `plan` reads its headers only)",
+    )
     p.add_argument("--gpus", help="GPU sizes: '4x24GiB' or '80GiB,40GiB'")
     p.add_argument("--cpu", help="CPU memory for offloaded layers, e.g. '64GiB'")
     p.add_argument("--disk", action="store_true", help="allow offloading to disk")
@@ -132,7 +143,7 @@ def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
         return parse_max_memory(args.max_memory)
     memory: dict[DeviceKey, object] = dict(parse_gpus(args.gpus)) if args.gpus else {}
     if args.cpu:
-        memory["cpu"] = parse_size(args.cpu)
+        memory["cpu"] = cli_size(args.cpu)
     if args.disk:
         memory["disk"] = 0
     if not memory:
@@ -156,16 +167,33 @@ def write_picture(result: Plan, path: str, title: str) -> None:
     temporary.replace(target)  # never leave a half-written picture
 
 
+def is_checkpoint(source: str) -> bool:
+    """A safetensors file, an index, or a folder of safetensors files (planned from headers alone)."""
+    path = Path(source)
+    if path.is_dir():
+        return (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
+    return path.name.endswith((".safetensors", ".safetensors.index.json")) and path.exists()
+
+
 def run_plan(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    result = plan(
-        model,
-        max_memory=memory_from_args(args),
-        strategy=args.strategy,
-        dtype=args.dtype,
-        workload=workload_from_args(args),
-        balance=args.balance,
-    )
+    if is_checkpoint(args.model):
+        if args.batch is not None or args.seq_len is not None or args.balance != "memory":
+            raise PlacementError(
+                "--batch/--seq-len/--balance need the model's structure: plan its config.json "
+                "(or folder without weights) instead of the checkpoint"
+            )
+        result = plan_checkpoint(
+            args.model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype
+        )
+    else:
+        result = plan(
+            load_model(args.model),
+            max_memory=memory_from_args(args),
+            strategy=args.strategy,
+            dtype=args.dtype,
+            workload=workload_from_args(args),
+            balance=args.balance,
+        )
     print(json.dumps(plan_to_json(result), indent=2) if args.json else result)
     if args.out:
         write_picture(result, args.out, f"{args.model}")
@@ -267,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DoesNotFitError as err:
         print(f"devicemap: {err}", file=sys.stderr)
         return 1
-    except (PlacementError, FileNotFoundError, json.JSONDecodeError) as err:
+    except (PlacementError, FileNotFoundError, json.JSONDecodeError, OSError) as err:
         print(f"devicemap: {err}", file=sys.stderr)
         return 2
 
