@@ -32,8 +32,8 @@ rust-test:
 	cargo test --workspace
 
 lint: setup
-	$(BIN)/ruff check python tests benches
-	$(BIN)/ruff format --check python tests benches
+	$(BIN)/ruff check python tests benches examples
+	$(BIN)/ruff format --check python tests benches examples
 
 py-test: build
 	$(BIN)/python -m pytest -q
@@ -42,6 +42,7 @@ bench: build
 	$(BIN)/python benches/bench_placement.py
 	$(BIN)/python benches/bench_quality.py
 	$(BIN)/python benches/bench_checkpoint.py
+	$(BIN)/python benches/bench_stages.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .hypothesis

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .memory import available_memory, normalize_max_memory, parse_size
 from .planning import STRATEGIES, DeviceUsage, Offload, Plan, plan
+from .stages import Stage, StagePlan, pipeline, plan_stages
 from .tree import ModuleTree
 from .workload import Workload
 
@@ -47,6 +48,8 @@ __all__ = [
     "Offload",
     "PinConflictError",
     "Plan",
+    "Stage",
+    "StagePlan",
     "PlacementError",
     "TiedPinConflictError",
     "UnknownDeviceError",
@@ -63,5 +66,7 @@ __all__ = [
     "compat",
     "normalize_max_memory",
     "parse_size",
+    "pipeline",
     "plan",
+    "plan_stages",
 ]

@@ -197,6 +197,8 @@ def plan(
     workload: Optional[Workload] = None,
     balance: str = "memory",
     gpu0_reserve: Optional[Size] = None,
+    *,
+    untie: bool = False,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -220,6 +222,8 @@ def plan(
         balance: ``"memory"`` (default) or ``"compute"``: what ``balanced`` strategies equalise. Compute
             is FLOPs per token (2 x parameters used per token; only routed experts' share for MoE).
         gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
+        untie: count a shared parameter once per user instead of keeping its users together (for
+            pipeline stages, where each stage holds its own copy).
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -242,7 +246,7 @@ def plan(
             )
         tree = model_or_tree
     else:
-        tree = ModuleTree.from_module(model_or_tree, dtype=dtype, special_dtypes=special_dtypes)
+        tree = ModuleTree.from_module(model_or_tree, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
     if no_split_module_classes is None:
         classes = list(tree.no_split_module_classes)
     elif isinstance(no_split_module_classes, str):

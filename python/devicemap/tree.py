@@ -80,8 +80,9 @@ class _Walk:
     modules' subtrees, as torch's ``named_parameters`` / ``named_buffers`` / ``named_children`` list them.
     Full dotted names are only built when needed (special dtypes, tie ordering)."""
 
-    def __init__(self, sizer: _Sizer):
+    def __init__(self, sizer: _Sizer, untie: bool = False):
         self.sizer = sizer
+        self.untie = untie
         self.names: list[str] = []
         self.parents: list[int] = []
         self.kinds: list[int] = []
@@ -107,7 +108,7 @@ class _Walk:
         rows: list[tuple[str, int, int, int, int, bool]] = []
         add = rows.append
         param_nodes, param_order = self.param_nodes, self.param_order
-        class_of, sizer = self.class_of_type, self.sizer
+        class_of, sizer, untie = self.class_of_type, self.sizer, self.untie
         named, tensor_bits = sizer.needs_names, sizer.bits
         seen_buffers: set[int] = set()
         stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
@@ -129,6 +130,8 @@ class _Walk:
                     kind = PARAMETER_ALIAS if key in seen_here else PARAMETER
                     seen_here.add(key)
                     param_order.append(index)
+                    if untie and kind == PARAMETER:
+                        key = index  # every name is its own storage (aliases inside one module stay one)
                     nodes = param_nodes.get(key)
                     if nodes is not None:
                         nodes.append(index)
@@ -211,8 +214,12 @@ class ModuleTree:
         special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
         *,
         accelerate_tie_order: bool = False,
+        untie: bool = False,
     ) -> ModuleTree:
         """Export ``model`` (any device, including ``meta``: nothing is allocated).
+
+        ``untie=True`` counts a shared parameter under every name (each user keeps its own copy, as
+        pipeline stages must).
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
         tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
@@ -229,7 +236,7 @@ class ModuleTree:
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}")
-        walk = _Walk(_Sizer(dtype, special_dtypes))
+        walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie)
         walk.run(model)
         names, parents, kinds, classes, bits, duplicate = (
             walk.names,

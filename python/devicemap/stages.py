@@ -1,0 +1,165 @@
+"""Pipeline stages across hosts: the same contiguous min-max split, one level up.
+
+``plan_stages`` lays a model's blocks over every GPU of every host (rank = host-major GPU index) with
+the core's exact balanced solver; ``pipeline`` builds the calling rank's stage with
+``torch.distributed.pipelining`` from the plan's split points, ready for a schedule such as
+``ScheduleGPipe`` or ``Schedule1F1B``.
+
+Tied weights (an input embedding shared with the LM head) cannot span pipeline stages in
+``torch.distributed.pipelining``, which gives each stage its own parameters: with ``tied="copy"`` (the
+default, right for inference) every stage that uses a tied weight holds its own copy and the plan counts
+it on each; ``tied="error"`` refuses plans in which a tie would cross stages, naming the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import TiedPinConflictError
+from .memory import Size, parse_size
+from .planning import Plan, _human, plan
+from .tree import DtypeLike, ModuleTree
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: the rank that runs it and the blocks it holds."""
+
+    index: int
+    rank: int
+    host: int
+    local_gpu: int
+    blocks: tuple[str, ...]
+    bytes: int
+    compute: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stages: tuple[Stage, ...]
+    plan: Plan
+    """The underlying plan (one device per rank)."""
+
+    @property
+    def split_points(self) -> list[str]:
+        """The first block of every stage after the first (``SplitPoint.BEGINNING`` there)."""
+        return [stage.blocks[0] for stage in self.stages[1:]]
+
+    def __str__(self) -> str:
+        lines = ["stage  rank  host/gpu  weights     blocks"]
+        for s in self.stages:
+            span = s.blocks[0] if len(s.blocks) == 1 else f"{s.blocks[0]} .. {s.blocks[-1]} ({len(s.blocks)})"
+            lines.append(
+                f"{s.index:<6} {s.rank:<5} {f'{s.host}/{s.local_gpu}':<9} {_human(s.bytes):<11} {span}"
+            )
+        return "\n".join(lines)
+
+
+def host_ranks(hosts: Sequence[Sequence[Size]]) -> list[tuple[int, int, int]]:
+    """(host, local GPU, capacity in bytes) for every rank, host-major."""
+    ranks = []
+    for h, gpus in enumerate(hosts):
+        if isinstance(gpus, (str, int)):
+            raise ValueError(
+                f"hosts[{h}] must be a list of GPU sizes such as ['80GiB', '80GiB'], got {gpus!r}"
+            )
+        for g, size in enumerate(gpus):
+            ranks.append((h, g, parse_size(size)))
+    if not ranks:
+        raise ValueError("hosts holds no GPU: give e.g. hosts=[['80GiB'] * 8, ['80GiB'] * 8]")
+    return ranks
+
+
+def plan_stages(
+    model: Union[torch.nn.Module, ModuleTree],
+    hosts: Sequence[Sequence[Size]],
+    dtype: Optional[DtypeLike] = None,
+    no_split_module_classes: Optional[list[str]] = None,
+    balance: str = "memory",
+    tied: str = "copy",
+) -> StagePlan:
+    """Contiguous pipeline stages over ``hosts`` (each a list of its GPUs' sizes), balanced exactly.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+    >>> plan_stages(model, hosts=[["40KiB", "40KiB"], ["40KiB", "40KiB"]]).split_points
+    ['2', '4', '6']
+    """
+    if tied not in ("copy", "error"):
+        raise ValueError(f"tied={tied!r}: use 'copy' (each stage keeps its own copy) or 'error'")
+    ranks = host_ranks(hosts)
+    memory = {rank: capacity for rank, (_, _, capacity) in enumerate(ranks)}
+    options: dict[str, Any] = dict(strategy="balanced", no_split_module_classes=no_split_module_classes)
+    if isinstance(model, ModuleTree):
+        result = plan(model, max_memory=memory, **options)
+    else:
+        result = plan(model, max_memory=memory, dtype=dtype, balance=balance, untie=tied == "copy", **options)
+    if tied == "error":
+        _refuse_crossing_ties(model, result)
+    stages = []
+    for rank, (host, gpu, _) in enumerate(ranks):
+        usage = next(u for u in result.usage if u.device == rank)
+        if usage.blocks:
+            stages.append(Stage(len(stages), rank, host, gpu, usage.blocks, usage.weights, usage.compute))
+    return StagePlan(tuple(stages), result)
+
+
+def _refuse_crossing_ties(model: Union[torch.nn.Module, ModuleTree], result: Plan) -> None:
+    tree = model if isinstance(model, ModuleTree) else ModuleTree.from_module(model)
+    for group in tree.tied_groups:
+        users = {_device(name, result.assignments) for name in group}
+        if len(users) > 1 or _crosses_order(group, result):
+            raise TiedPinConflictError(
+                f"tied parameters {group} would be shared by several pipeline stages, which "
+                "torch.distributed.pipelining cannot do; pass tied='copy' (each stage keeps a copy, fine for "
+                "inference) or untie them in the model"
+            )
+
+
+def _device(name: str, assignments: dict) -> Any:
+    return assignments[
+        max((k for k in assignments if k == "" or name == k or name.startswith(k + ".")), key=len)
+    ]
+
+
+def _crosses_order(group: list[str], result: Plan) -> bool:
+    # Tied blocks ride with their first user; in a pipeline that first user's stage would also have to
+    # run the later one out of order.
+    order = list(result.assignments)
+    positions = sorted(
+        order.index(max((k for k in order if n == k or n.startswith(k + ".")), key=len)) for n in group
+    )
+    devices = [result.assignments[order[p]] for p in positions]
+    between = {result.assignments[k] for k in order[positions[0] : positions[-1] + 1]}
+    return len(between) > 1 or len(set(devices)) > 1
+
+
+def pipeline(
+    model: torch.nn.Module,
+    stages: StagePlan,
+    example_args: tuple[Any, ...],
+    rank: int,
+    device: Optional[Union[str, torch.device]] = None,
+    group: Any = None,
+) -> Any:
+    """Build ``rank``'s stage of ``model`` with ``torch.distributed.pipelining`` (traced with
+    ``example_args``, one micro-batch), split where ``stages`` says. Returns the ``PipelineStage`` to
+    hand to a schedule (``ScheduleGPipe(stage, n_microbatches)``)."""
+    from torch.distributed.pipelining import SplitPoint
+    from torch.distributed.pipelining import pipeline as trace_pipeline
+
+    split_spec = {name: SplitPoint.BEGINNING for name in stages.split_points}
+    pipe = trace_pipeline(model, mb_args=example_args, split_spec=split_spec)
+    if pipe.num_stages != len(stages.stages):
+        raise ValueError(
+            f"tracing produced {pipe.num_stages} stages for a plan of {len(stages.stages)}: the split points "
+            f"{stages.split_points} must be modules called in order by the model's forward"
+        )
+    index = next((s.index for s in stages.stages if s.rank == rank), None)
+    if index is None:
+        raise ValueError(f"rank {rank} runs no stage of this plan (ranks: {[s.rank for s in stages.stages]})")
+    return pipe.build_stage(index, device=torch.device(device or "cpu"), group=group)
