@@ -3,6 +3,7 @@ example database), the default random profile locally to keep finding new cases.
 
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
@@ -10,28 +11,26 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-import pytest  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A small Llama-style causal LM with tied embeddings, random weights (no download)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(_tiny_configs()["llama"])
     model.tie_weights()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral():
+    """A small Mixtral-style mixture-of-experts LM on the meta device."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):
+        return MixtralForCausalLM(_tiny_configs()["mixtral"])
 
 
 def _tiny_configs():

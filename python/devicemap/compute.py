@@ -23,11 +23,14 @@ def _expert_share(config: Optional[Any]) -> tuple[int, float]:
     return int(experts), min(1.0, float(active) / float(experts))
 
 
-def _is_routed_experts(module: torch.nn.Module, experts: int) -> bool:
+def _is_routed_experts(local_name: str, module: torch.nn.Module, experts: int) -> bool:
+    """The routed experts of an MoE layer: a list of ``experts`` modules, or a fused ``*Experts`` module,
+    held under a name mentioning experts (shared experts always run and are not scaled)."""
+    if "expert" not in local_name.lower() or "shared" in local_name.lower():
+        return False
     if isinstance(module, torch.nn.ModuleList):
         return experts > 1 and len(module) == experts
-    name = type(module).__name__
-    return name.endswith("Experts") and "Shared" not in name
+    return type(module).__name__.endswith("Experts")
 
 
 def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
@@ -37,7 +40,7 @@ def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
     stack: list[tuple[str, torch.nn.Module, float]] = [("", model, 1.0)]
     while stack:
         name, module, scale = stack.pop()
-        if experts and _is_routed_experts(module, experts):
+        if experts and _is_routed_experts(name.rsplit(".", 1)[-1], module, experts):
             scale *= share
         params = [p for p in module._parameters.values() if p is not None]
         if params and not isinstance(module, torch.nn.Embedding):
