@@ -8,6 +8,7 @@ models, so a 400B-parameter model can be planned on a laptop.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Optional, Union
@@ -109,14 +110,18 @@ class _Walk:
         add = rows.append
         param_nodes, param_order = self.param_nodes, self.param_order
         class_of, sizer, untie = self.class_of_type, self.sizer, self.untie
+        type_id = self.type_ids.get
         named, tensor_bits = sizer.needs_names, sizer.bits
+        bits_per = sizer.cache.get  # bits per element by dtype, once sizer.bits has seen the dtype
         seen_buffers: set[int] = set()
         stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
         pop, push = stack.pop, stack.extend
         while stack:
             module, parent, local = pop()
             node = len(rows)
-            add((local, parent, MODULE, class_of(type(module)), 0, False))
+            cls = type(module)
+            cid = type_id(cls, -1)
+            add((local, parent, MODULE, cid if cid >= 0 else class_of(cls), 0, False))
             params = module._parameters
             if params:
                 seen_here: set[int] = set()
@@ -132,14 +137,22 @@ class _Walk:
                     param_order.append(index)
                     if untie and kind == PARAMETER:
                         key = index  # every name is its own storage (aliases inside one module stay one)
+                    cls = type(param)
+                    cid = type_id(cls, -1)
+                    if cid < 0:
+                        cid = class_of(cls)
                     nodes = param_nodes.get(key)
                     if nodes is not None:
                         nodes.append(index)
-                        add((name, node, kind, class_of(type(param)), 0, True))
+                        add((name, node, kind, cid, 0, True))
+                        continue
+                    param_nodes[key] = [index]
+                    per = None if named else bits_per(param.dtype)
+                    if per is not None:
+                        size = param.numel() * per
                     else:
-                        param_nodes[key] = [index]
                         size = tensor_bits(self._full_name(rows, node, name) if named else name, param)
-                        add((name, node, kind, class_of(type(param)), size, False))
+                    add((name, node, kind, cid, size, False))
             buffers = module._buffers
             if buffers:
                 non_persistent = module._non_persistent_buffers_set
@@ -155,6 +168,11 @@ class _Walk:
                         add((name, node, kind, class_of(type(buf)), size, False))
             children = module._modules
             if children:
+                if len(children) == 1:
+                    ((name, child),) = children.items()
+                    if child is not None:
+                        push(((child, node, name),))
+                    continue
                 seen_children: set[int] = set()
                 found = []
                 for name, child in children.items():
@@ -237,7 +255,15 @@ class ModuleTree:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}")
         walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie)
-        walk.run(model)
+        # The walk allocates a tuple per node and frees nothing: the cyclic collector would only rescan
+        # the growing heap again and again (a large share of the time on 100k-node trees).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            walk.run(model)
+        finally:
+            if collecting:
+                gc.enable()
         names, parents, kinds, classes, bits, duplicate = (
             walk.names,
             walk.parents,

@@ -7,6 +7,7 @@
 
 use crate::error::{PlacementError, Result};
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 pub type NodeId = u32;
 const NO_PARENT: u32 = u32::MAX;
@@ -64,7 +65,8 @@ pub struct ModuleTree {
     subtree_bits: Vec<u64>,
     counted: Vec<bool>,
     tie_groups: Vec<Vec<NodeId>>,
-    index: HashMap<String, NodeId>,
+    /// Name -> node, built on first lookup (most solves never look a name up).
+    index: OnceLock<HashMap<String, NodeId>>,
 }
 
 impl ModuleTree {
@@ -218,11 +220,17 @@ impl ModuleTree {
             members.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
         }
 
-        let mut index = HashMap::with_capacity(n);
-        for (i, name) in names.iter().enumerate() {
-            if index.insert(name.clone(), i as u32).is_some() {
-                return bad(format!("the name {name:?} appears twice"));
-            }
+        // Full names are unique exactly when no parent has two children of one local name.
+        let mut siblings: Vec<(u32, &str)> = (1..n).map(|i| (parent[i], c.names[i].as_str())).collect();
+        siblings.sort_unstable();
+        if let Some(pair) = siblings.windows(2).find(|w| w[0] == w[1]) {
+            let (p, local) = pair[0];
+            let full = if p == 0 {
+                local.to_string()
+            } else {
+                format!("{}.{local}", names[p as usize])
+            };
+            return bad(format!("the name {full:?} appears twice"));
         }
 
         Ok(ModuleTree {
@@ -240,7 +248,7 @@ impl ModuleTree {
             subtree_bits,
             counted,
             tie_groups,
-            index,
+            index: OnceLock::new(),
         })
     }
 
@@ -358,7 +366,16 @@ impl ModuleTree {
     }
 
     pub fn find(&self, name: &str) -> Option<NodeId> {
-        self.index.get(name).copied()
+        self.index
+            .get_or_init(|| {
+                self.names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.clone(), i as NodeId))
+                    .collect()
+            })
+            .get(name)
+            .copied()
     }
 
     /// Ancestors of `id` from the root's child down to the parent (the root itself excluded).
