@@ -152,3 +152,14 @@ def test_loading_into_the_wrong_model_is_refused(tiny_checkpoints):
     plan = devicemap.plan_checkpoint(folder, max_memory={"cpu": "1GiB"})
     with pytest.raises(devicemap.CheckpointError, match="does not have"):
         devicemap.load_checkpoint(empty_like(other), folder, plan, progress=False)
+
+
+def test_offloaded_layers_run_on_the_gpu_holding_the_staging_room():
+    from devicemap.apply import _main_device, execution_map
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    plan = devicemap.plan(
+        model, max_memory={0: "20KiB", 1: "40KiB", "cpu": "1MiB"}, strategy="balanced_low_0"
+    )
+    assert plan.reserve_bytes.get(0) and 0 not in plan.device_map.values()  # GPU 0 only stages
+    assert _main_device(plan, execution_map(plan)) == 0

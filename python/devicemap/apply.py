@@ -68,9 +68,21 @@ def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, An
     return device_map
 
 
-def _main_device(device_map: Mapping[str, Any]) -> Any:
-    devices = [d for d in device_map.values() if d not in ("cpu", "disk")]
-    return devices[0] if devices else "cpu"
+def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
+    """The device that executes offloaded layers: GPU 0 of the plan (where devicemap reserved the staging
+    room), else the lowest GPU in the map, else the CPU."""
+    gpus: list[int] = []
+    if isinstance(plan_or_map, Plan):
+        gpus = [u.device for u in plan_or_map.usage if isinstance(u.device, int)]
+    gpus = gpus or sorted(
+        d
+        for d in dict(plan_or_map.device_map if isinstance(plan_or_map, Plan) else plan_or_map).values()
+        if isinstance(d, int)
+    )
+    if not gpus:
+        return "cpu"
+    stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
+    return stand_ins[0] if stand_ins else min(gpus)
 
 
 def dispatch(
@@ -101,7 +113,7 @@ def dispatch(
     return dispatch_model(
         model,
         device_map=device_map,
-        main_device=main_device if main_device is not None else _main_device(device_map),
+        main_device=main_device if main_device is not None else _main_device(plan, device_map),
         offload_dir=str(offload_dir) if offload_dir is not None else None,
         offload_buffers=offload_buffers,
     )
@@ -239,7 +251,7 @@ def load_checkpoint(
     return dispatch_model(
         model,
         device_map=device_map,
-        main_device=_main_device(device_map),
+        main_device=_main_device(plan, device_map),
         offload_index=index or None,
         offload_buffers=offload_buffers,
     )
