@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
 
 import devicemap
 
+from model_strategies import describe, max_memories, models
 from plan_checks import device_of
 
 KINDS = ("llama", "mixtral", "t5")
@@ -119,3 +123,35 @@ def test_missing_shard_and_bad_index(tiny_checkpoints, tmp_path):
         devicemap.checkpoint_tree(tmp_path)
     with pytest.raises(devicemap.CheckpointError, match="no such file"):
         devicemap.checkpoint_tree(tmp_path / "nothing-here")
+
+
+@settings(
+    max_examples=int(os.environ.get("DEVICEMAP_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data(), model=models(max_ties=0))
+def test_header_trees_plan_random_models_like_the_models(tmp_path, data, model):
+    """Random nested models (buffers removed: a checkpoint cannot tell them from parameters), saved as
+    safetensors: planning from the headers puts every weight where planning the model does."""
+    from safetensors.torch import save_file
+
+    for module in model.modules():
+        module._buffers.clear()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assume(state)
+    note(describe(model))
+    path = tmp_path / f"random-{data.draw(st.integers(0, 10**9))}.safetensors"
+    save_file(state, path)
+    memory = data.draw(max_memories(model))
+    memory["disk"] = 0
+    strategy = data.draw(st.sampled_from(devicemap.STRATEGIES))
+    try:
+        from_model = devicemap.plan(model, max_memory=memory, strategy=strategy, no_split_module_classes=[])
+    except devicemap.DoesNotFitError:
+        with pytest.raises(devicemap.DoesNotFitError):
+            devicemap.plan_checkpoint(path, max_memory=memory, strategy=strategy)
+        return
+    from_headers = devicemap.plan_checkpoint(path, max_memory=memory, strategy=strategy)
+    for name in state:
+        assert device_of(name, from_headers.device_map) == device_of(name, from_model.device_map), name

@@ -17,9 +17,13 @@ pub struct Block {
     pub buffer_bits: u64,
 }
 
-/// Whether `node` is kept whole: a tensor, a module without child modules, or a no-split class.
+/// Whether `node` is kept whole: a tensor, a no-split class, or a module none of whose child modules
+/// holds a tensor (children without weights, such as activation functions, give nothing to split off —
+/// and a checkpoint, which only names tensors, could not see them).
 pub fn is_atomic(tree: &ModuleTree, no_split: &[bool], node: NodeId) -> bool {
-    tree.is_tensor(node) || no_split[tree.class_id(node) as usize] || !tree.has_child_modules(node)
+    tree.is_tensor(node)
+        || no_split[tree.class_id(node) as usize]
+        || !tree.child_modules(node).any(|c| tree.holds_tensors(c))
 }
 
 /// Per class id: whether the class is listed in `no_split_module_classes`.

@@ -56,6 +56,34 @@ fn rank(name: &str) -> (u8, u64) {
     (r, 0)
 }
 
+/// Name order within a rank: digit runs compare as numbers ("layer2" before "layer10").
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (x, y) = (chunks(a), chunks(b));
+    for ((dx, cx), (dy, cy)) in x.iter().zip(&y) {
+        let order = if *dx && *dy {
+            cx.len().cmp(&cy.len()).then_with(|| cx.cmp(cy)) // same digits, no overflow on long runs
+        } else {
+            cx.cmp(cy)
+        };
+        if order != std::cmp::Ordering::Equal {
+            return order;
+        }
+    }
+    x.len().cmp(&y.len())
+}
+
 fn matches(pattern: &str, name: &str) -> bool {
     let p: Vec<&str> = pattern.split('.').collect();
     let n: Vec<&str> = name.split('.').collect();
@@ -170,7 +198,7 @@ fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
         c.duplicate.push(false);
         c.tie.push(-1);
         let mut children: Vec<&(String, usize)> = nodes[node].children.iter().collect();
-        children.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
+        children.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| natural_cmp(&a.0, &b.0)));
         let numbered = children.iter().filter(|(n, _)| n.parse::<u64>().is_ok()).count();
         let layer_list =
             numbered > 0 && numbered == children.len() && options.layer_counts.contains(&(numbered as u64));
@@ -292,6 +320,13 @@ mod tests {
         assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
         assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
         assert!(matches("a.*.c", "a.7.c") && !matches("a.*", "a.7.c"));
+    }
+
+    #[test]
+    fn numbered_names_sort_naturally() {
+        let mut names = vec!["layer10", "layer2", "layer1", "block_b", "block_a"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, vec!["block_a", "block_b", "layer1", "layer2", "layer10"]);
     }
 
     #[test]

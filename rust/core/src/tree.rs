@@ -64,6 +64,7 @@ pub struct ModuleTree {
     children: Vec<Vec<NodeId>>,
     subtree_bits: Vec<u64>,
     counted: Vec<bool>,
+    holds_tensors: Vec<bool>,
     tie_groups: Vec<Vec<NodeId>>,
     /// Name -> node, built on first lookup (most solves never look a name up).
     index: OnceLock<HashMap<String, NodeId>>,
@@ -170,7 +171,9 @@ impl ModuleTree {
         let mut own_bits = vec![0u64; n];
         let mut subtree_bits = vec![0u64; n];
         let mut counted = vec![false; n];
+        let mut holds_tensors = vec![false; n];
         for i in (0..n).rev() {
+            holds_tensors[i] |= kind[i].is_tensor();
             if alias[i] && !c.duplicate[i] {
                 return bad(format!("parameter alias {:?} must be marked duplicate", names[i]));
             }
@@ -188,6 +191,7 @@ impl ModuleTree {
                 let p = parent[i] as usize;
                 subtree_bits[p] = subtree_bits[p].saturating_add(subtree_bits[i]);
                 counted[p] |= counted[i];
+                holds_tensors[p] |= holds_tensors[i];
             }
         }
 
@@ -247,6 +251,7 @@ impl ModuleTree {
             children,
             subtree_bits,
             counted,
+            holds_tensors,
             tie_groups,
             index: OnceLock::new(),
         })
@@ -344,6 +349,11 @@ impl ModuleTree {
     /// Bits of every tensor in the subtree, each storage counted once.
     pub fn subtree_bits(&self, id: NodeId) -> u64 {
         self.subtree_bits[id as usize]
+    }
+
+    /// Whether the subtree holds any tensor (counted here or under an earlier name).
+    pub fn holds_tensors(&self, id: NodeId) -> bool {
+        self.holds_tensors[id as usize]
     }
 
     /// Whether the subtree holds a tensor counted here (accelerate's `module_sizes` has the key).
