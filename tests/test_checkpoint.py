@@ -155,3 +155,16 @@ def test_header_trees_plan_random_models_like_the_models(tmp_path, data, model):
     from_headers = devicemap.plan_checkpoint(path, max_memory=memory, strategy=strategy)
     for name in state:
         assert device_of(name, from_headers.device_map) == device_of(name, from_model.device_map), name
+
+
+def test_workload_from_the_checkpoint_config_matches_the_model(tiny_checkpoints):
+    model, folder = tiny_checkpoints["llama"]
+    workload = devicemap.Workload(batch_size=2, seq_len=64, kv_dtype="float32")
+    memory = {0: "1MiB", 1: "1MiB", "cpu": "1GiB"}
+    from_headers = devicemap.plan_checkpoint(folder, max_memory=memory, workload=workload, dtype="float32")
+    from_model = devicemap.plan(model, max_memory=memory, workload=workload, dtype="float32")
+    for header_usage, model_usage in zip(from_headers.usage, from_model.usage):
+        assert header_usage.runtime == model_usage.runtime, header_usage.device
+    assert sum(u.runtime for u in from_headers.usage) > 0
+    with pytest.raises(devicemap.CheckpointError, match="config.json"):
+        devicemap.plan_checkpoint(folder, max_memory=memory, workload=workload, config={})

@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .memory import Size
 from .planning import Plan, plan
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+from .workload import Workload
 
 BLOCK_CLASS = "CheckpointBlock"
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
@@ -91,12 +92,16 @@ def plan_checkpoint(
     block_pattern: Optional[Union[str, Iterable[str]]] = None,
     config: Optional[Mapping[str, Any]] = None,
     gpu0_reserve: Optional[Size] = None,
+    workload: Optional[Workload] = None,
 ) -> Plan:
     """Plan a checkpoint too big to instantiate, reading only its safetensors headers (in Rust).
 
     Headers are validated: a truncated file, a header length past the end, malformed JSON, unknown
     dtypes, offsets out of range or overlapping, sizes not matching shapes, and shards listed in the
     index but missing each raise :class:`devicemap.CheckpointError` naming the file and the fault.
+
+    A ``workload`` plans each decoder layer's KV cache with it (as :func:`devicemap.plan` does), sized
+    from the ``config.json``; it needs one.
 
     >>> import devicemap, tempfile, torch
     >>> from safetensors.torch import save_file
@@ -105,7 +110,9 @@ def plan_checkpoint(
     >>> devicemap.plan_checkpoint(folder, max_memory={0: "600KiB", 1: "600KiB"}, block_pattern="layers.*").device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
     """
+    config = dict(config) if config is not None else find_config(path) or {}
     tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
+    runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
     return plan(
         tree,
         max_memory=max_memory,
@@ -113,4 +120,39 @@ def plan_checkpoint(
         pins=pins,
         offload_buffers=offload_buffers,
         gpu0_reserve=gpu0_reserve,
+        runtime_memory=runtime,
     )
+
+
+def _workload_memory(
+    tree: ModuleTree, config: Mapping[str, Any], workload: Workload, dtype: Optional[DtypeLike]
+) -> tuple[list[tuple[str, int]], int]:
+    """KV cache per decoder block, logits with ``lm_head``, activations: from the config alone."""
+    if not config:
+        raise CheckpointError("a workload needs the checkpoint's config.json (layer count, heads, sizes)")
+    view = _ConfigView(config)
+    layers = tree.core.modules_of_class(BLOCK_CLASS)
+    if view.get("is_encoder_decoder"):
+        layers = [name for name in layers if name.startswith("decoder.")]
+    per_layer = workload.kv_cache_bytes_per_layer(view, dtype) * 8
+    runtime = [(name, per_layer) for name in layers]
+    if tree.core.find("lm_head") is not None:
+        runtime.append(("lm_head", workload.logits_bytes(view) * 8))
+    return runtime, workload.activation_bytes(view, dtype or view.get("torch_dtype") or view.get("dtype")) * 8
+
+
+class _ConfigView:
+    """Attribute access over a config.json dict (what the workload formulas read)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return self._config.get(name)
+
+    def get(self, name: str) -> Any:
+        return self._config.get(name)
+
+    def get_text_config(self) -> Any:
+        text = self._config.get("text_config")
+        return _ConfigView(text) if text else self

@@ -178,13 +178,14 @@ def is_checkpoint(source: str) -> bool:
 
 def run_plan(args: argparse.Namespace) -> int:
     if is_checkpoint(args.model):
-        if args.batch is not None or args.seq_len is not None or args.balance != "memory":
-            raise PlacementError(
-                "--batch/--seq-len/--balance need the model's structure: plan its config.json "
-                "(or folder without weights) instead of the checkpoint"
-            )
+        if args.balance != "memory":
+            raise PlacementError("--balance compute needs the model's modules: plan its config.json instead")
         result = plan_checkpoint(
-            args.model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype
+            args.model,
+            max_memory=memory_from_args(args),
+            strategy=args.strategy,
+            dtype=args.dtype,
+            workload=workload_from_args(args),
         )
     else:
         result = plan(

@@ -11,7 +11,8 @@ from .compute import flops_per_token
 from .errors import PlacementError, UnknownModuleError
 from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory, parse_size
 from .tree import DtypeLike, ModuleTree
-from .workload import Workload, runtime_memory
+from .workload import Workload
+from .workload import runtime_memory as workload_runtime
 
 if TYPE_CHECKING:
     import torch
@@ -199,6 +200,7 @@ def plan(
     gpu0_reserve: Optional[Size] = None,
     *,
     untie: bool = False,
+    runtime_memory: Optional[tuple[list[tuple[str, int]], int]] = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -224,6 +226,8 @@ def plan(
         gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
         untie: count a shared parameter once per user instead of keeping its users together (for
             pipeline stages, where each stage holds its own copy).
+        runtime_memory: precomputed ``([(module name, bits)], activation bits)`` instead of a workload
+            (what :func:`devicemap.plan_checkpoint` passes).
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -266,10 +270,12 @@ def plan(
         raise PlacementError(f"unknown balance {balance!r}: use 'memory' or 'compute'")
     runtime: list[tuple[str, int]] = []
     activation_bits = 0
-    if workload is not None:
+    if runtime_memory is not None:
+        runtime, activation_bits = list(runtime_memory[0]), int(runtime_memory[1])
+    elif workload is not None:
         if not isinstance(model_or_tree, torch_module()):
             raise PlacementError("workload needs the model itself (its config), not a ModuleTree")
-        runtime, activation_bits = runtime_memory(model_or_tree, tree, workload, dtype)
+        runtime, activation_bits = workload_runtime(model_or_tree, tree, workload, dtype)
     compute: list[tuple[str, int]] = []
     if balance == "compute":
         if not isinstance(model_or_tree, torch_module()):

@@ -92,6 +92,14 @@ impl Tree {
     fn suggest(&self, name: &str) -> Vec<String> {
         self.inner.suggest(name)
     }
+
+    /// Names of the modules of one class, in model order.
+    fn modules_of_class(&self, class_name: &str) -> Vec<String> {
+        (0..self.inner.len() as u32)
+            .filter(|&i| !self.inner.is_tensor(i) && self.inner.class_name(i) == class_name)
+            .map(|i| self.inner.name(i).to_string())
+            .collect()
+    }
 }
 
 impl Tree {
