@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
 import devicemap
 from devicemap import catalog
+from devicemap.compare import accelerate_device_map, min_equal_gpu_memory
 
 MODELS = [
     "llama-3.2-1b",
@@ -55,13 +54,10 @@ class Case:
         return {**{g: per_gpu for g in range(self.gpus)}, "cpu": 4 * self.tree.total_bytes}
 
     def accelerate_balanced(self, per_gpu: int) -> dict:
-        kwargs = dict(no_split_module_classes=self.no_split, dtype=DTYPE)
-        budget = get_balanced_memory(self.model, max_memory=self.memory(per_gpu), **kwargs)
-        return dict(infer_auto_device_map(self.model, max_memory=budget, **kwargs))
+        return accelerate_device_map(self.model, self.memory(per_gpu), "balanced", self.no_split, DTYPE)
 
     def accelerate_sequential(self, per_gpu: int) -> dict:
-        kwargs = dict(no_split_module_classes=self.no_split, dtype=DTYPE)
-        return dict(infer_auto_device_map(self.model, max_memory=self.memory(per_gpu), **kwargs))
+        return accelerate_device_map(self.model, self.memory(per_gpu), "sequential", self.no_split, DTYPE)
 
     def devicemap_balanced(self, per_gpu: int) -> dict:
         try:
@@ -81,23 +77,6 @@ class Case:
         return per
 
 
-def all_on_gpus(device_map: dict) -> bool:
-    return all(isinstance(d, int) for d in device_map.values())
-
-
-def smallest_memory(place, low: int, high: int) -> int:
-    """Smallest per-GPU memory (to 1 MiB) with nothing offloaded, by bisection."""
-    while not all_on_gpus(place(high)):
-        high *= 2
-    while high - low > MIB:
-        mid = (low + high) // 2
-        if all_on_gpus(place(mid)):
-            high = mid
-        else:
-            low = mid
-    return high
-
-
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -114,9 +93,9 @@ def run(names: list[str]) -> bool:
             case = Case(name, gpus)
             best = case.optimum()
             low = max(best - 2 * MIB, 0)
-            ours = smallest_memory(case.devicemap_balanced, low, 2 * best)
-            theirs_bal = smallest_memory(case.accelerate_balanced, low, 2 * best)
-            theirs_seq = smallest_memory(case.accelerate_sequential, low, 2 * best)
+            ours = min_equal_gpu_memory(case.devicemap_balanced, low, 2 * best)
+            theirs_bal = min_equal_gpu_memory(case.accelerate_balanced, low, 2 * best)
+            theirs_seq = min_equal_gpu_memory(case.accelerate_sequential, low, 2 * best)
             roomy = int(max(1.25 * case.tree.total_bytes / gpus, 1.25 * best))
             ratios = []
             for place in (case.devicemap_balanced, case.accelerate_balanced, case.accelerate_sequential):

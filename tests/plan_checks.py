@@ -8,17 +8,7 @@ import torch
 from accelerate.utils import check_device_map
 
 import devicemap
-
-
-def device_of(name: str, device_map: dict) -> object:
-    """The device a tensor/module name lands on: the value of its longest covering key."""
-    best = None
-    for key, device in device_map.items():
-        covers = key == "" or key == name or name.startswith(key + ".")
-        if covers and (best is None or len(key) > len(best[0])):
-            best = (key, device)
-    assert best is not None, f"{name} is not covered by the device map"
-    return best[1]
+from devicemap.planning import device_for as device_of
 
 
 def covering_keys(name: str, device_map: dict) -> list[str]:

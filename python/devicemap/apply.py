@@ -26,7 +26,7 @@ import torch
 from . import _core
 from .errors import CheckpointError, PlacementError
 from .memory import DeviceKey, Size
-from .planning import Plan, plan
+from .planning import Plan, device_for, plan
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
@@ -117,13 +117,6 @@ def dispatch(
         offload_dir=str(offload_dir) if offload_dir is not None else None,
         offload_buffers=offload_buffers,
     )
-
-
-def _device_of(name: str, device_map: Mapping[str, Any]) -> Any:
-    keys = [k for k in device_map if k == "" or k == name or name.startswith(k + ".")]
-    if not keys:
-        raise PlacementError(f"the plan gives no device for {name!r}; plan this model, not another one")
-    return device_map[max(keys, key=len)]
 
 
 def _target(device: Any) -> Any:
@@ -218,7 +211,7 @@ def load_checkpoint(
                 converted: dict[str, torch.Tensor] = {}
                 with safe_open(file, framework="pt", device="cpu") as handle:
                     for name, stored, shape in names:
-                        device = _device_of(name, device_map)
+                        device = device_for(name, device_map)
                         floating = stored.startswith("F") or stored == "BF16"
                         convert = target is not None and floating
                         if device == "disk":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import plan_checkpoint
-from .compare import compare
+from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, PlacementError
 from .export import TARGETS, export
 from .memory import DeviceKey, device_key, parse_size
@@ -247,8 +247,6 @@ def run_models() -> int:
 
 def run_demo() -> int:
     """The main job on the bundled default: plan, show, and compare with accelerate's 'balanced'."""
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
     model = load_model(DEMO_MODEL)
     memory = {**parse_gpus(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
     start = time.perf_counter()
@@ -256,14 +254,8 @@ def run_demo() -> int:
     ours = time.perf_counter() - start
     print(f"{DEMO_MODEL} (bfloat16) on GPUs {DEMO_GPUS} + CPU {DEMO_CPU}\n")
     print(result)
-    no_split = model._no_split_modules
     start = time.perf_counter()
-    budget = get_balanced_memory(
-        model, max_memory=dict(memory), no_split_module_classes=no_split, dtype="bfloat16"
-    )
-    theirs = infer_auto_device_map(
-        model, max_memory=budget, no_split_module_classes=no_split, dtype="bfloat16"
-    )
+    theirs = accelerate_device_map(model, memory, "balanced", list(model._no_split_modules), "bfloat16")
     acc_time = time.perf_counter() - start
     offloaded = [k for k, v in theirs.items() if v in ("cpu", "disk")]
     tree = ModuleTree.from_module(model, dtype="bfloat16")

@@ -19,15 +19,10 @@ import torch
 
 from .errors import PlacementError
 from .memory import DeviceKey
-from .planning import Plan
+from .planning import Plan, device_for
 from .workload import decoder_layers
 
 TARGETS = ("vllm", "llama.cpp", "deepspeed", "pipelining")
-
-
-def _device_of(name: str, device_map: dict[str, DeviceKey]) -> DeviceKey:
-    best = max((k for k in device_map if k == "" or k == name or name.startswith(k + ".")), key=len)
-    return device_map[best]
 
 
 def layer_devices(plan: Plan, model: torch.nn.Module) -> list[tuple[str, DeviceKey]]:
@@ -35,7 +30,7 @@ def layer_devices(plan: Plan, model: torch.nn.Module) -> list[tuple[str, DeviceK
     layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
     if not layers:
         raise PlacementError(f"cannot find the decoder layers of {type(model).__name__} to export a split")
-    return [(name, _device_of(name, plan.device_map)) for name in layers]
+    return [(name, device_for(name, plan.device_map)) for name in layers]
 
 
 def _no_config(model: torch.nn.Module) -> object:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _core
 from .compute import flops_per_token
@@ -18,6 +18,32 @@ if TYPE_CHECKING:
     import torch
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def covering_key(name: str, device_map: Mapping[str, object]) -> str:
+    """The key of ``device_map`` that places ``name``: itself or its closest mapped ancestor.
+
+    >>> covering_key("model.layers.3.mlp.weight", {"model.layers": 0, "model.layers.3": 1, "lm_head": 1})
+    'model.layers.3'
+    """
+    best: Optional[str] = None
+    for key in device_map:
+        if (key == "" or key == name or name.startswith(key + ".")) and (
+            best is None or len(key) > len(best)
+        ):
+            best = key
+    if best is None:
+        raise PlacementError(f"the device map gives no device for {name!r}; use the map made for this model")
+    return best
+
+
+def device_for(name: str, device_map: Mapping[str, Any]) -> Any:
+    """Where a module or tensor ``name`` lands under ``device_map`` (accelerate's format).
+
+    >>> device_for("model.layers.3.mlp.weight", {"model.layers": 0, "model.layers.3": 1, "lm_head": 1})
+    1
+    """
+    return device_map[covering_key(name, device_map)]
 
 
 def torch_module() -> type:

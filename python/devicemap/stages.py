@@ -21,7 +21,7 @@ import torch
 
 from .errors import TiedPinConflictError
 from .memory import Size, parse_size
-from .planning import Plan, _human, plan
+from .planning import Plan, _human, covering_key, plan
 from .tree import DtypeLike, ModuleTree
 
 
@@ -109,33 +109,18 @@ def plan_stages(
 
 
 def _refuse_crossing_ties(model: Union[torch.nn.Module, ModuleTree], result: Plan) -> None:
+    """With ties kept, tied blocks share their first user's device; a pipeline can only run that if
+    every block between them is on the same stage too."""
     tree = model if isinstance(model, ModuleTree) else ModuleTree.from_module(model)
+    order = list(result.assignments)
     for group in tree.tied_groups:
-        users = {_device(name, result.assignments) for name in group}
-        if len(users) > 1 or _crosses_order(group, result):
+        positions = sorted(order.index(covering_key(name, result.assignments)) for name in group)
+        if len({result.assignments[key] for key in order[positions[0] : positions[-1] + 1]}) > 1:
             raise TiedPinConflictError(
                 f"tied parameters {group} would be shared by several pipeline stages, which "
                 "torch.distributed.pipelining cannot do; pass tied='copy' (each stage keeps a copy, fine for "
                 "inference) or untie them in the model"
             )
-
-
-def _device(name: str, assignments: dict) -> Any:
-    return assignments[
-        max((k for k in assignments if k == "" or name == k or name.startswith(k + ".")), key=len)
-    ]
-
-
-def _crosses_order(group: list[str], result: Plan) -> bool:
-    # Tied blocks ride with their first user; in a pipeline that first user's stage would also have to
-    # run the later one out of order.
-    order = list(result.assignments)
-    positions = sorted(
-        order.index(max((k for k in order if n == k or n.startswith(k + ".")), key=len)) for n in group
-    )
-    devices = [result.assignments[order[p]] for p in positions]
-    between = {result.assignments[k] for k in order[positions[0] : positions[-1] + 1]}
-    return len(between) > 1 or len(set(devices)) > 1
 
 
 def pipeline(
