@@ -23,13 +23,26 @@ from ._core import (
     UnknownModuleError,
 )
 
+
+class InvalidOptionError(PlacementError):
+    """An option with a value devicemap does not accept: a strategy, balance, dtype, flag or workload
+    field (the message names the option, the value and what is accepted)."""
+
+
+class OffloadFolderError(PlacementError):
+    """An ``offload_dir`` devicemap cannot use safely (a file, unwritable, missing when required); the
+    message names the folder and the fix. devicemap never deletes or renames files it did not create."""
+
+
 __all__ = [
     "AccelerateCompatError",
     "CheckpointError",
     "DoesNotFitError",
     "InternalError",
+    "InvalidOptionError",
     "InvalidSizeError",
     "InvalidTreeError",
+    "OffloadFolderError",
     "PinConflictError",
     "PlacementError",
     "TiedPinConflictError",
