@@ -76,10 +76,23 @@ class _Sizer:
         return tensor.numel() * per
 
 
+# How a module is walked: its first time (everything), a copy of its first walk under another parent,
+# or its own tensors only (a module met again inside a copy).
+_FIRST, _COPY, _OWN = 0, 1, 2
+
+
 class _Walk:
     """One pre-order pass over a module tree: a module, its parameters, its buffers, then its child
     modules' subtrees, as torch's ``named_parameters`` / ``named_buffers`` / ``named_children`` list them.
-    Full dotted names are only built when needed (special dtypes, tie ordering)."""
+    Full dotted names are only built when needed (special dtypes, tie ordering).
+
+    Module graphs need not be trees. A module met again under another parent (T5's
+    ``encoder.embed_tokens`` is ``shared``) is listed there too, as accelerate and ``state_dict`` list it,
+    with its tensors as tied aliases; but only the subtree of its first walk is copied there (through the
+    edges it was first reached by), and a module met again inside such a copy contributes its own tensors
+    only. Naive re-walking is exponential for nested sharing; this is at most one copy per extra edge. A
+    module that is its own ancestor (a cycle) is never entered again, as in ``named_modules``.
+    """
 
     def __init__(self, sizer: _Sizer, untie: bool = False):
         self.sizer = sizer
@@ -114,11 +127,23 @@ class _Walk:
         named, tensor_bits = sizer.needs_names, sizer.bits
         bits_per = sizer.cache.get  # bits per element by dtype, once sizer.bits has seen the dtype
         seen_buffers: set[int] = set()
-        stack: list[tuple[torch.nn.Module, int, str]] = [(model, -1, "")]
+        # id(module) -> (id(parent module), name) of the edge it was first reached by.
+        first_edge: dict[int, tuple[int, str]] = {}
+        module_ids: dict[int, int] = {}  # row -> id(module), for the cycle check on repeated modules
+        stack: list[tuple[torch.nn.Module, int, str, int]] = [(model, -1, "", _FIRST)]
         pop, push = stack.pop, stack.extend
         while stack:
-            module, parent, local = pop()
+            module, parent, local, mode = pop()
             node = len(rows)
+            key = id(module)
+            if mode == _FIRST and key not in first_edge:
+                first_edge[key] = (module_ids[parent] if parent >= 0 else 0, local)
+            else:
+                if self._is_ancestor(rows, module_ids, parent, key):
+                    continue  # a cycle: torch's named_modules never re-enters it either
+                if mode == _FIRST:
+                    mode = _COPY
+            module_ids[node] = key
             cls = type(module)
             cid = type_id(cls, -1)
             add((local, parent, MODULE, cid if cid >= 0 else class_of(cls), 0, False))
@@ -167,11 +192,11 @@ class _Walk:
                         size = tensor_bits(self._full_name(rows, node, name) if named else name, buf)
                         add((name, node, kind, class_of(type(buf)), size, False))
             children = module._modules
-            if children:
-                if len(children) == 1:
+            if children and mode != _OWN:
+                if mode == _FIRST and len(children) == 1:
                     ((name, child),) = children.items()
                     if child is not None:
-                        push(((child, node, name),))
+                        push(((child, node, name, _FIRST),))
                     continue
                 seen_children: set[int] = set()
                 found = []
@@ -179,7 +204,12 @@ class _Walk:
                     if child is None or id(child) in seen_children:
                         continue
                     seen_children.add(id(child))
-                    found.append((child, node, name))
+                    if mode == _COPY:
+                        # Inside a copy, only the edges of the first walk are followed again.
+                        child_mode = _COPY if first_edge.get(id(child)) == (key, name) else _OWN
+                    else:
+                        child_mode = _FIRST
+                    found.append((child, node, name, child_mode))
                 found.reverse()
                 push(found)
         columns = list(zip(*rows))
@@ -199,6 +229,15 @@ class _Walk:
         if found is None:
             found = self.class_ids[name] = len(self.class_ids)
         return found
+
+    @staticmethod
+    def _is_ancestor(rows: list[tuple], module_ids: dict[int, int], row: int, key: int) -> bool:
+        """Whether the module ``key`` is the module at ``row`` or one of its ancestors."""
+        while row >= 0:
+            if module_ids[row] == key:
+                return True
+            row = rows[row][1]
+        return False
 
     @staticmethod
     def _full_name(rows: list[tuple], parent: int, local: str) -> str:
