@@ -68,7 +68,7 @@ def test_unknown_names_and_dtypes_are_reported():
         tree.module_bytes("0.weigth")
     with pytest.raises(ValueError, match="unknown dtype 'float17'"):
         devicemap.ModuleTree.from_module(torch.nn.Linear(2, 2), dtype="float17")
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(devicemap.InvalidOptionError, match="torch.nn.Module"):
         devicemap.ModuleTree.from_module("not a model")
 
 

@@ -20,11 +20,11 @@ the buffer warning of ``offload_buffers`` is not emitted.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _core
-from .errors import InvalidSizeError, UnknownDeviceError
+from .errors import InvalidOptionError, InvalidSizeError, UnknownDeviceError
 from .memory import DeviceKey, available_memory
 from .tree import DtypeLike, ModuleTree
 
@@ -74,7 +74,13 @@ def get_max_memory(
     """
     if max_memory is None:
         return dict(available_memory())
-    converted = {k: _convert_size(v) if isinstance(v, str) else v for k, v in max_memory.items()}
+    if not isinstance(max_memory, Mapping):
+        raise UnknownDeviceError(
+            f"max_memory must be a dict like {{0: '20GiB', 'cpu': '64GiB'}}, got {type(max_memory).__name__}"
+        )
+    converted = {
+        k: _convert_size(v) if isinstance(v, str) else _check_number(k, v) for k, v in max_memory.items()
+    }
     gpus = sorted(k for k in converted if isinstance(k, int) and not isinstance(k, bool))
     ordered: list[DeviceKey] = [*gpus, *(k for k in ("mps", "cpu", "disk") if k in converted)]
     for k in converted:
@@ -85,18 +91,42 @@ def get_max_memory(
     return {k: converted[k] for k in ordered}
 
 
+def _check_number(key: object, size: object) -> Union[int, float]:
+    """accelerate takes numbers as they are (negative ones hold nothing); anything else, or NaN, which
+    it would compare as neither fitting nor too big, is refused."""
+    if not isinstance(size, (int, float)) or (isinstance(size, float) and math.isnan(size)):
+        raise InvalidSizeError(
+            f"max_memory[{key!r}]: invalid memory size {size!r}: use a number of bytes or a string such as '5GB'"
+        )
+    return size
+
+
 def _no_split(no_split_module_classes: object) -> list[str]:
+    # accelerate compares class names with `in`: an entry that is not a name simply never matches.
     if no_split_module_classes is None:
         return []
     if isinstance(no_split_module_classes, str):
         return [no_split_module_classes]
-    return [str(c) for c in no_split_module_classes]  # type: ignore[union-attr]
+    if isinstance(no_split_module_classes, bytes) or not isinstance(no_split_module_classes, Iterable):
+        raise InvalidOptionError(
+            f"no_split_module_classes must be a list of class names such as ['LlamaDecoderLayer'], "
+            f"got {no_split_module_classes!r}"
+        )
+    return [str(c) for c in no_split_module_classes]
+
+
+_UNBOUNDED_BITS = 2**64 - 1
+"""What the core can count: a larger capacity (or infinity, which accelerate accepts) is unbounded."""
 
 
 def _bits(size: Union[int, float]) -> int:
     # accelerate compares (possibly fractional) byte counts; whole bits, rounded down, give the same
     # answers for its `<=` tests. A negative capacity holds nothing, like 0.
-    return max(math.floor(size * 8), 0)
+    if size <= 0:
+        return 0
+    if size * 8 >= _UNBOUNDED_BITS:
+        return _UNBOUNDED_BITS
+    return math.floor(size * 8)
 
 
 def infer_auto_device_map(

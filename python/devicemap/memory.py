@@ -16,6 +16,9 @@ Size = Union[int, float, str]
 
 _ORDER = {"mps": 0, "cpu": 1, "disk": 2}
 
+MAX_SIZE = (2**64 - 1) // 8
+"""The largest size devicemap plans with, in bytes (2 EiB): the core counts bits in 64-bit integers."""
+
 
 def parse_size(size: Size) -> int:
     """Return a memory size in bytes.
@@ -36,18 +39,27 @@ def parse_size(size: Size) -> int:
     if isinstance(size, int):
         if size < 0:
             raise InvalidSizeError(f"invalid memory size {size!r}: sizes cannot be negative")
-        return size
+        return _within_limit(size, size)
     if isinstance(size, float):
         if not math.isfinite(size) or size < 0:
             raise InvalidSizeError(
                 f"invalid memory size {size!r}: use a finite, non-negative number of bytes"
             )
-        return int(size)
+        return _within_limit(size, int(size))
     if isinstance(size, str):
-        return _core.parse_size(size)
+        return _within_limit(size, _core.parse_size(size))
     raise InvalidSizeError(
         f"invalid memory size {size!r} of type {type(size).__name__}: pass bytes or a string like '20GiB'"
     )
+
+
+def _within_limit(size: Size, value: int) -> int:
+    if value > MAX_SIZE:
+        raise InvalidSizeError(
+            f"invalid memory size {size!r}: larger than {MAX_SIZE} bytes (2 EiB), the most devicemap can "
+            "plan with; give the device's real size (for unbounded offloading use 'disk')"
+        )
+    return value
 
 
 def device_key(key: object) -> DeviceKey:
@@ -122,6 +134,10 @@ def normalize_max_memory(max_memory: Optional[Mapping[object, Size]]) -> dict[De
     if not isinstance(max_memory, Mapping):
         raise UnknownDeviceError(
             f"max_memory must be a dict like {{0: '20GiB', 'cpu': '64GiB'}}, got {type(max_memory).__name__}"
+        )
+    if not max_memory:
+        raise UnknownDeviceError(
+            "max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}"
         )
     result: dict[DeviceKey, Optional[int]] = {}
     for raw_key, raw_size in max_memory.items():

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _core
+from .arguments import check_choice, check_class_names, check_flag, check_mapping
 from .compute import flops_per_token
-from .errors import PlacementError, UnknownModuleError
+from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownModuleError
 from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory, parse_size
-from .tree import DtypeLike, ModuleTree
-from .workload import Workload
+from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+from .workload import Workload, check_runtime_bits
 from .workload import runtime_memory as workload_runtime
 
 if TYPE_CHECKING:
@@ -267,22 +268,35 @@ def plan(
         >>> p.device_map
         {'0': 0, '1': 0, '2': 0, '3': 0, '4': 1, '5': 1, '6': 1, '7': 1}
     """
-    if strategy not in STRATEGIES:
-        raise PlacementError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    # Every argument is checked before any work, so a wrong one is named instead of failing deep inside.
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("balance", balance, ("memory", "compute"))
+    check_flag("offload_buffers", offload_buffers)
+    check_flag("untie", untie)
+    requested_classes = check_class_names("no_split_module_classes", no_split_module_classes)
+    check_mapping("pins", pins, "{'lm_head': 0}")
+    if workload is not None and not isinstance(workload, Workload):
+        raise InvalidOptionError(
+            f"workload must be a devicemap.Workload such as Workload(batch_size=1, seq_len=4096), got {workload!r}"
+        )
+    if dtype is not None and dtype_bits(to_dtype(dtype)) == 0:
+        raise InvalidOptionError(
+            f"dtype {dtype!r} has no whole-byte width to size weights with; use e.g. 'bfloat16'"
+        )
     if isinstance(model_or_tree, ModuleTree):
         if dtype is not None or special_dtypes is not None:
-            raise PlacementError(
+            raise InvalidOptionError(
                 "dtype/special_dtypes apply when sizing a model: pass them to ModuleTree.from_module()"
             )
         tree = model_or_tree
-    else:
+    elif isinstance(model_or_tree, torch_module()):
         tree = ModuleTree.from_module(model_or_tree, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
-    if no_split_module_classes is None:
-        classes = list(tree.no_split_module_classes)
-    elif isinstance(no_split_module_classes, str):
-        classes = [no_split_module_classes]
     else:
-        classes = [str(c) for c in no_split_module_classes]
+        raise InvalidOptionError(
+            f"plan() needs a torch.nn.Module (on the meta device is fine) or a devicemap.ModuleTree, "
+            f"got {type(model_or_tree).__name__}"
+        )
+    classes = list(tree.no_split_module_classes) if requested_classes is None else requested_classes
 
     memory = normalize_max_memory(max_memory)
     devices = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
@@ -291,9 +305,13 @@ def plan(
         if not isinstance(name, str):
             raise UnknownModuleError(f"pin key {name!r} must be a module name string such as 'lm_head'")
         pin_list.append((name, str(device_key(device))))
+    reserve_bits = 0
+    if gpu0_reserve is not None:
+        try:
+            reserve_bits = bytes_to_bits(parse_size(gpu0_reserve))
+        except InvalidSizeError as err:
+            raise InvalidSizeError(f"gpu0_reserve: {err}") from None
 
-    if balance not in ("memory", "compute"):
-        raise PlacementError(f"unknown balance {balance!r}: use 'memory' or 'compute'")
     runtime: list[tuple[str, int]] = []
     activation_bits = 0
     if runtime_memory is not None:
@@ -307,7 +325,7 @@ def plan(
         if not isinstance(model_or_tree, torch_module()):
             raise PlacementError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model_or_tree)
-    reserve_bits = bytes_to_bits(parse_size(gpu0_reserve)) if gpu0_reserve is not None else 0
+    check_runtime_bits(runtime, activation_bits)
 
     strategy_ran, device_map, assignments, usage, offloaded = _core.solve(
         tree.core,
@@ -320,7 +338,7 @@ def plan(
         activation_bits,
         compute,
         balance,
-        reserve_bits or 0,
+        reserve_bits,
     )
     return Plan(
         strategy=strategy_ran,

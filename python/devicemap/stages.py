@@ -19,7 +19,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import TiedPinConflictError
+from .arguments import check_choice
+from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError
 from .memory import Size, parse_size
 from .planning import Plan, _human, covering_key, plan
 from .tree import DtypeLike, ModuleTree
@@ -61,16 +62,24 @@ class StagePlan:
 
 def host_ranks(hosts: Sequence[Sequence[Size]]) -> list[tuple[int, int, int]]:
     """(host, local GPU, capacity in bytes) for every rank, host-major."""
+    example = "[['80GiB'] * 8, ['80GiB'] * 8]"
+    if not isinstance(hosts, Sequence) or isinstance(hosts, (str, bytes)):
+        raise InvalidOptionError(
+            f"hosts must be a list of hosts, each a list of GPU sizes, e.g. {example}; got {hosts!r}"
+        )
     ranks = []
     for h, gpus in enumerate(hosts):
-        if isinstance(gpus, (str, int)):
-            raise ValueError(
+        if not isinstance(gpus, Sequence) or isinstance(gpus, (str, bytes)):
+            raise InvalidOptionError(
                 f"hosts[{h}] must be a list of GPU sizes such as ['80GiB', '80GiB'], got {gpus!r}"
             )
         for g, size in enumerate(gpus):
-            ranks.append((h, g, parse_size(size)))
+            try:
+                ranks.append((h, g, parse_size(size)))
+            except InvalidSizeError as err:
+                raise InvalidSizeError(f"hosts[{h}][{g}]: {err}") from None
     if not ranks:
-        raise ValueError("hosts holds no GPU: give e.g. hosts=[['80GiB'] * 8, ['80GiB'] * 8]")
+        raise InvalidOptionError(f"hosts holds no GPU: give e.g. hosts={example}")
     return ranks
 
 
@@ -89,8 +98,7 @@ def plan_stages(
     >>> plan_stages(model, hosts=[["40KiB", "40KiB"], ["40KiB", "40KiB"]]).split_points
     ['2', '4', '6']
     """
-    if tied not in ("copy", "error"):
-        raise ValueError(f"tied={tied!r}: use 'copy' (each stage keeps its own copy) or 'error'")
+    check_choice("tied", tied, ("copy", "error"))  # copy: each stage keeps its own copy of a tied weight
     ranks = host_ranks(hosts)
     memory = {rank: capacity for rank, (_, _, capacity) in enumerate(ranks)}
     options: dict[str, Any] = dict(strategy="balanced", no_split_module_classes=no_split_module_classes)
@@ -140,11 +148,13 @@ def pipeline(
     split_spec = {name: SplitPoint.BEGINNING for name in stages.split_points}
     pipe = trace_pipeline(model, mb_args=example_args, split_spec=split_spec)
     if pipe.num_stages != len(stages.stages):
-        raise ValueError(
+        raise InvalidOptionError(
             f"tracing produced {pipe.num_stages} stages for a plan of {len(stages.stages)}: the split points "
             f"{stages.split_points} must be modules called in order by the model's forward"
         )
     index = next((s.index for s in stages.stages if s.rank == rank), None)
     if index is None:
-        raise ValueError(f"rank {rank} runs no stage of this plan (ranks: {[s.rank for s in stages.stages]})")
+        raise InvalidOptionError(
+            f"rank {rank} runs no stage of this plan (ranks: {[s.rank for s in stages.stages]})"
+        )
     return pipe.build_stage(index, device=torch.device(device or "cpu"), group=group)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _core
+from .errors import InvalidOptionError
 
 if TYPE_CHECKING:
     import torch
@@ -37,12 +38,15 @@ def dtype_bits(dtype: torch.dtype) -> int:
         return 8
     match = re.search(r"[^\d](\d+)$", str(dtype))
     if match is None:
-        raise ValueError(f"cannot size dtype {dtype}: its name carries no bit width")
+        raise InvalidOptionError(
+            f"cannot size dtype {dtype}: its name carries no bit width; use e.g. torch.float16 or 'bfloat16'"
+        )
     return int(match.group(1)) // 8 * 8
 
 
-def to_dtype(dtype: DtypeLike) -> torch.dtype:
-    """Accept ``torch.float16``, ``"float16"`` or ``"torch.float16"``."""
+def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
+    """Accept ``torch.float16``, ``"float16"`` or ``"torch.float16"``; ``option`` names the argument in
+    the error raised for anything else."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -51,7 +55,9 @@ def to_dtype(dtype: DtypeLike) -> torch.dtype:
         found = getattr(torch, dtype.replace("torch.", ""), None)
         if isinstance(found, torch.dtype):
             return found
-    raise ValueError(f"unknown dtype {dtype!r}: use a torch.dtype or its name, e.g. 'float16' or 'bfloat16'")
+    raise InvalidOptionError(
+        f"unknown {option} {dtype!r}: use a torch.dtype or its name, e.g. 'float16' or 'bfloat16'"
+    )
 
 
 class _Sizer:
@@ -292,7 +298,18 @@ class ModuleTree:
         import torch
 
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}")
+            raise InvalidOptionError(
+                f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}"
+            )
+        if dtype is not None:
+            dtype_bits(to_dtype(dtype))
+        if special_dtypes is not None:
+            if not isinstance(special_dtypes, Mapping):
+                raise InvalidOptionError(
+                    f"special_dtypes must be a dict like {{'lm_head.weight': 'float32'}}, got {special_dtypes!r}"
+                )
+            for name, special in special_dtypes.items():
+                dtype_bits(to_dtype(special, f"special_dtypes[{name!r}]"))
         walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie)
         # The walk allocates a tuple per node and frees nothing: the cyclic collector would only rescan
         # the growing heap again and again (a large share of the time on 100k-node trees).
@@ -322,6 +339,13 @@ class ModuleTree:
             for n in nodes:
                 tie[n] = number
 
+        if sum(bits) > 2**64 - 1:  # the core counts bits in 64-bit integers
+            from .errors import InvalidSizeError
+
+            raise InvalidSizeError(
+                f"{type(model).__name__} holds {sum(bits) // 8} bytes of weights, more than the 2 EiB devicemap "
+                "can plan with; check the model's shapes"
+            )
         core = _core.Tree(names, parents, kinds, classes, list(class_ids), bits, duplicate, tie)
         no_split = getattr(model, "_no_split_modules", None) or []
         return cls(core, no_split_module_classes=[str(c) for c in no_split])

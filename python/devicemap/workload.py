@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import InvalidOptionError, InvalidSizeError
+from .memory import MAX_SIZE
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
 
 
@@ -59,13 +61,14 @@ class Workload:
         for name in ("batch_size", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Workload.{name} must be a positive int, got {value!r}")
-        if self.logits_tokens is not None and (
-            not isinstance(self.logits_tokens, int) or self.logits_tokens < 0
-        ):
-            raise ValueError(
-                f"Workload.logits_tokens must be a non-negative int or None, got {self.logits_tokens!r}"
+                raise InvalidOptionError(f"Workload.{name} must be a positive int, got {value!r}")
+        tokens = self.logits_tokens
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
+            raise InvalidOptionError(
+                f"Workload.logits_tokens must be a non-negative int or None, got {tokens!r}"
             )
+        if self.kv_dtype is not None:
+            dtype_bits(to_dtype(self.kv_dtype, "Workload.kv_dtype"))
 
     def _bytes_per(self, dtype: Optional[DtypeLike], fallback: Optional[DtypeLike]) -> int:
         chosen = dtype if dtype is not None else fallback if fallback is not None else torch.float16
@@ -124,7 +127,7 @@ def runtime_memory(
     """Per-module runtime memory (bits) and the per-device activation memory (bits) of a workload."""
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(
+        raise InvalidOptionError(
             "workload needs the model's config (model.config, as transformers models have) to size the "
             "KV cache; plan a transformers model or leave workload=None"
         )
@@ -133,7 +136,7 @@ def runtime_memory(
     per_layer = workload.kv_cache_bytes_per_layer(config, dtype) * 8
     runtime = [(name, per_layer) for name in decoder_layers(model, config)]
     if not runtime:
-        raise ValueError(
+        raise InvalidOptionError(
             f"could not find the decoder layers of {type(model).__name__} (a ModuleList with one entry per "
             "layer); pass a transformers model or leave workload=None"
         )
@@ -141,3 +144,14 @@ def runtime_memory(
     if head is not None:
         runtime.append((head, workload.logits_bytes(config) * 8))
     return runtime, workload.activation_bytes(config, dtype) * 8
+
+
+def check_runtime_bits(runtime: list[tuple[str, int]], activation_bits: int) -> None:
+    """The core counts bits in 64-bit integers: a workload needing more than any machine has (2 EiB on one
+    layer) is refused here, naming the fix, rather than overflowing."""
+    largest = max([activation_bits, *(bits for _, bits in runtime)])
+    if largest > MAX_SIZE * 8:
+        raise InvalidSizeError(
+            f"the workload needs {largest // 8} bytes on one device, more than the {MAX_SIZE} bytes (2 EiB) "
+            "devicemap can plan with; use a realistic batch_size and seq_len"
+        )

@@ -1,0 +1,53 @@
+"""Checks for the options of the public functions: a wrong value raises a devicemap error naming the
+option, the value and what is accepted, instead of a TypeError deep inside (or a wrong plan)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+from .errors import InvalidOptionError
+
+
+def check_flag(option: str, value: object) -> bool:
+    """``value`` must be ``True`` or ``False`` (a string such as ``"yes"`` is truthy and hides mistakes)."""
+    if not isinstance(value, bool):
+        raise InvalidOptionError(f"{option} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(option: str, value: object, choices: Iterable[str]) -> str:
+    """``value`` must be one of the strings ``choices``."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidOptionError(
+            f"unknown {option} {value!r}: use one of {', '.join(repr(c) for c in choices)}"
+        )
+    return value
+
+
+def check_class_names(option: str, value: object) -> Optional[list[str]]:
+    """``None``, one class name, or an iterable of class names (strings, as accelerate compares names)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (Mapping, bytes)) or not isinstance(value, Iterable):
+        raise InvalidOptionError(
+            f"{option} must be a list of class names such as ['LlamaDecoderLayer'], got {value!r}"
+        )
+    names = list(value)
+    for name in names:
+        if not isinstance(name, str):
+            hint = f" (the class name is {name.__name__!r})" if isinstance(name, type) else ""
+            raise InvalidOptionError(
+                f"{option} must hold class names (strings), got {name!r}{hint}; e.g. ['LlamaDecoderLayer']"
+            )
+    return names
+
+
+def check_mapping(option: str, value: object, example: str) -> Optional[Mapping[Any, Any]]:
+    """``None`` or a mapping (a dict); ``example`` shows the expected shape in the message."""
+    if value is not None and not isinstance(value, Mapping):
+        raise InvalidOptionError(f"{option} must be a dict like {example}, got {value!r}")
+    return value

@@ -1,0 +1,204 @@
+"""Every wrong argument of the public API raises a devicemap.PlacementError subclass naming the argument,
+never an OverflowError, TypeError, AttributeError or bare ValueError from deep inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import devicemap
+from devicemap import compat
+
+HUGE = 10**30  # bytes: beyond the 2 EiB the core counts in 64-bit bits
+MEMORY = {0: "1GiB", "cpu": "1GiB"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
+
+PLAN_CASES = [
+    # (keyword arguments of plan(), expected error, fragments the message must hold)
+    (
+        dict(max_memory={0: HUGE}),
+        devicemap.InvalidSizeError,
+        ["max_memory[0]", str(HUGE), "2305843009213693951"],
+    ),
+    (dict(max_memory={"cpu": 1e30}), devicemap.InvalidSizeError, ["max_memory['cpu']", "2 EiB"]),
+    (dict(max_memory={0: "3000000TiB"}), devicemap.InvalidSizeError, ["3000000TiB", "2 EiB"]),
+    (dict(max_memory={}), devicemap.UnknownDeviceError, ["max_memory names no device", "'cpu': '64GiB'"]),
+    (dict(max_memory=MEMORY, gpu0_reserve=HUGE), devicemap.InvalidSizeError, ["gpu0_reserve", "2 EiB"]),
+    (
+        dict(max_memory=MEMORY, dtype="float77"),
+        devicemap.InvalidOptionError,
+        ["dtype", "'float77'", "bfloat16"],
+    ),
+    (dict(max_memory=MEMORY, dtype=5), devicemap.InvalidOptionError, ["dtype", "5"]),
+    (dict(max_memory=MEMORY, dtype="uint4"), devicemap.InvalidOptionError, ["'uint4'", "whole-byte"]),
+    (
+        dict(max_memory=MEMORY, special_dtypes={"0.weight": "x"}),
+        devicemap.InvalidOptionError,
+        ["special_dtypes['0.weight']", "'x'"],
+    ),
+    (
+        dict(max_memory=MEMORY, special_dtypes=["0.weight"]),
+        devicemap.InvalidOptionError,
+        ["special_dtypes", "dict"],
+    ),
+    (
+        dict(max_memory=MEMORY, offload_buffers="yes"),
+        devicemap.InvalidOptionError,
+        ["offload_buffers", "'yes'", "True or False"],
+    ),
+    (
+        dict(max_memory=MEMORY, offload_buffers=None),
+        devicemap.InvalidOptionError,
+        ["offload_buffers", "None"],
+    ),
+    (dict(max_memory=MEMORY, untie="no"), devicemap.InvalidOptionError, ["untie", "'no'"]),
+    (
+        dict(max_memory=MEMORY, strategy=3),
+        devicemap.InvalidOptionError,
+        ["strategy", "3", "'balanced_low_0'"],
+    ),
+    (dict(max_memory=MEMORY, balance=None), devicemap.InvalidOptionError, ["balance", "None", "'compute'"]),
+    (
+        dict(max_memory=MEMORY, pins=["lm_head"]),
+        devicemap.InvalidOptionError,
+        ["pins", "['lm_head']", "dict"],
+    ),
+    (dict(max_memory=MEMORY, pins={"0": 1.5}), devicemap.UnknownDeviceError, ["1.5", "'cpu'"]),
+    (
+        dict(max_memory=MEMORY, no_split_module_classes=5),
+        devicemap.InvalidOptionError,
+        ["no_split_module_classes", "5"],
+    ),
+    (
+        dict(max_memory=MEMORY, no_split_module_classes=[torch.nn.Linear]),
+        devicemap.InvalidOptionError,
+        ["no_split_module_classes", "'Linear'"],
+    ),
+    (dict(max_memory=MEMORY, workload="x"), devicemap.InvalidOptionError, ["workload", "'x'", "Workload("]),
+    (dict(max_memory=[1, 2]), devicemap.UnknownDeviceError, ["max_memory", "list"]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "fragments"), PLAN_CASES, ids=lambda v: repr(v)[:50])
+def test_plan_names_the_wrong_argument(model, kwargs, error, fragments):
+    with pytest.raises(error) as info:
+        devicemap.plan(model, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_plan_refuses_what_is_not_a_model():
+    with pytest.raises(devicemap.InvalidOptionError, match="torch.nn.Module.*str"):
+        devicemap.plan("gpt2", max_memory=MEMORY)
+    with pytest.raises(devicemap.InvalidOptionError, match="torch.nn.Module"):
+        devicemap.ModuleTree.from_module("gpt2")
+
+
+def test_a_model_beyond_the_core_limit_is_a_size_error():
+    with pytest.raises(devicemap.InvalidSizeError, match="2 EiB"):
+        devicemap.plan(torch.nn.Linear(10**9, 10**9, device="meta"), max_memory={0: "1GiB", "disk": 0})
+
+
+def test_parse_size_refuses_sizes_the_core_cannot_count():
+    with pytest.raises(devicemap.InvalidSizeError, match="2305843009213693951"):
+        devicemap.parse_size(HUGE)
+    assert devicemap.parse_size((2**64 - 1) // 8) == (2**64 - 1) // 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        (dict(batch_size=0), ["batch_size", "0"]),
+        (dict(batch_size=-3), ["batch_size", "-3"]),
+        (dict(seq_len="long"), ["seq_len", "'long'"]),
+        (dict(batch_size=True), ["batch_size", "True"]),
+        (dict(logits_tokens=True), ["logits_tokens", "True"]),
+        (dict(kv_dtype="float77"), ["kv_dtype", "'float77'"]),
+    ],
+)
+def test_workload_fields(kwargs, fragments):
+    with pytest.raises(devicemap.InvalidOptionError) as info:
+        devicemap.Workload(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_workload_needs_a_config(model):
+    with pytest.raises(devicemap.InvalidOptionError, match="config"):
+        devicemap.plan(model, max_memory=MEMORY, workload=devicemap.Workload())
+
+
+def test_workload_beyond_the_core_limit(tiny_llama):
+    huge = devicemap.Workload(batch_size=10**12, seq_len=10**12)
+    with pytest.raises(devicemap.InvalidSizeError, match="batch_size"):
+        devicemap.plan(tiny_llama, max_memory=MEMORY, workload=huge)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragments"),
+    [
+        (dict(hosts=None), devicemap.InvalidOptionError, ["hosts", "None"]),
+        (dict(hosts="80GiB"), devicemap.InvalidOptionError, ["hosts", "'80GiB'"]),
+        (dict(hosts=["80GiB"]), devicemap.InvalidOptionError, ["hosts[0]", "'80GiB'"]),
+        (dict(hosts=[]), devicemap.InvalidOptionError, ["no GPU"]),
+        (dict(hosts=[["1GiB", "lots"]]), devicemap.InvalidSizeError, ["hosts[0][1]", "lots"]),
+        (dict(hosts=[["1GiB"]], tied="share"), devicemap.InvalidOptionError, ["tied", "'share'", "'copy'"]),
+        (dict(hosts=[["1GiB"]], balance="flops"), devicemap.InvalidOptionError, ["balance", "'flops'"]),
+        (dict(hosts=[["1GiB"]], dtype="float77"), devicemap.InvalidOptionError, ["dtype", "'float77'"]),
+        (
+            dict(hosts=[["1GiB"]], no_split_module_classes=5),
+            devicemap.InvalidOptionError,
+            ["no_split_module_classes"],
+        ),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_plan_stages_names_the_wrong_argument(model, kwargs, error, fragments):
+    with pytest.raises(error) as info:
+        devicemap.plan_stages(model, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        (dict(max_memory=[1000]), devicemap.UnknownDeviceError, "max_memory"),
+        (dict(max_memory={0: [1]}), devicemap.InvalidSizeError, "max_memory[0]"),
+        (dict(max_memory={0: float("nan")}), devicemap.InvalidSizeError, "nan"),
+        (
+            dict(max_memory={0: 1000}, no_split_module_classes=5),
+            devicemap.InvalidOptionError,
+            "no_split_module_classes",
+        ),
+        (dict(max_memory={0: 1000}, dtype="float77"), devicemap.InvalidOptionError, "'float77'"),
+        (
+            dict(max_memory={0: 1000}, special_dtypes="float16"),
+            devicemap.InvalidOptionError,
+            "special_dtypes",
+        ),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+@pytest.mark.parametrize("function", [compat.infer_auto_device_map, compat.get_balanced_memory])
+def test_compat_bad_arguments_are_placement_errors(model, function, kwargs, error, fragment):
+    with pytest.raises(error) as info:
+        function(model, **kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("size", [HUGE, float("inf"), 1e30])
+def test_compat_takes_unbounded_sizes_like_accelerate(model, size):
+    from accelerate.utils import infer_auto_device_map as accelerate_infer
+
+    memory = {0: size, "cpu": size}
+    assert compat.infer_auto_device_map(model, max_memory=dict(memory)) == accelerate_infer(
+        model, max_memory=dict(memory)
+    )
+    balanced = compat.get_balanced_memory(model, max_memory={0: size, 1: size, "cpu": size})
+    assert balanced[1] == size
