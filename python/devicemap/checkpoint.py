@@ -4,14 +4,24 @@
                                      dtype="bfloat16")
     model = AutoModelForCausalLM.from_pretrained("path/to/model", device_map=plan.device_map)
 
-``path`` is a ``.safetensors`` file, a ``model.safetensors.index.json`` (every shard is read) or a
-folder holding either. With a ``config.json`` beside it, the numbered decoder layers become unsplittable
-blocks and tied embeddings are tied; without one, pass ``block_pattern`` (e.g. ``"model.layers.*"``).
+``path`` is a ``.safetensors`` file, a ``model.safetensors.index.json`` (every shard is read; shard
+names are relative paths inside the index's folder) or a folder holding either. With a ``config.json``
+beside it, the numbered layers become unsplittable blocks and tied embeddings are tied; without one,
+pass ``block_pattern`` (e.g. ``"model.layers.*"``).
+
+Which layers are kept whole: every entry of each outermost numbered list (``model.layers.N``,
+``encoder.block.N``, ...; lists nested inside a layer, such as experts, are part of it) holding at least
+as many entries as the config's smallest layer count (``num_hidden_layers``, ``num_decoder_layers``, ...).
+Extra entries past that count, such as DeepSeek-V3's multi-token-prediction layer
+``model.layers.61``, are in the checkpoint and are placed like the others (transformers skips them on
+load; engines running speculative decoding use them). When no list is that long (a truncated
+checkpoint or a single shard of a sharded one) the longest list is kept whole and a warning says so.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -43,10 +53,61 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config.get("text_config") or config
 
 
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")
+# The decoder's own count first, as devicemap.workload.decoder_layers reads it.
+_DECODER_COUNT_KEYS = ("num_decoder_layers", "num_hidden_layers", "num_layers", "n_layer")
+
+
 def layer_counts(config: Mapping[str, Any]) -> list[int]:
     c = _text_config(config)
-    keys = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")
-    return sorted({int(c[k]) for k in keys if isinstance(c.get(k), int)})
+    return sorted({int(c[k]) for k in _LAYER_COUNT_KEYS if _is_count(c.get(k))})
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _decoder_count(config: Mapping[str, Any]) -> Optional[tuple[str, int]]:
+    c = _text_config(config)
+    return next(((k, int(c[k])) for k in _DECODER_COUNT_KEYS if _is_count(c.get(k))), None)
+
+
+def decoder_layers(tree: ModuleTree, config: Mapping[str, Any]) -> list[str]:
+    """The blocks that run as decoder layers (and so hold a KV cache): the entries of the layer list
+    with at least the config's decoder layer count and the fewest entries among those (the text
+    stack of a vision-language model, not a longer vision stack), extra entries such as
+    multi-token-prediction layers included; the longest list when none is that long. Only lists
+    under ``decoder`` count for an encoder-decoder model."""
+    stacks: dict[str, list[str]] = {}
+    for name in tree.core.modules_of_class(BLOCK_CLASS):
+        parent, _, last = name.rpartition(".")
+        if last.isdigit():
+            stacks.setdefault(parent, []).append(name)
+    if config.get("is_encoder_decoder"):
+        stacks = {k: v for k, v in stacks.items() if "decoder" in k.split(".")}
+    if not stacks:
+        return []
+    expected = _decoder_count(config)
+    long_enough = [v for v in stacks.values() if expected is None or len(v) >= expected[1]]
+    if long_enough:
+        return min(long_enough, key=len)
+    return max(stacks.values(), key=len)
+
+
+def _warn_if_truncated(tree: ModuleTree, config: Mapping[str, Any]) -> None:
+    expected = _decoder_count(config)
+    layers = decoder_layers(tree, config)
+    if expected is None or not layers or len(layers) >= expected[1]:
+        return
+    key, count = expected
+    stack = layers[0].rpartition(".")[0]
+    warnings.warn(
+        f"config.json says {key}={count} but the checkpoint's {stack} holds {len(layers)} layers: "
+        "planning the layers present. Pass the checkpoint folder or its index (not one shard), "
+        "or ignore this if the model shares its layers.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def tie_groups(config: Mapping[str, Any]) -> list[list[str]]:
@@ -79,7 +140,9 @@ def checkpoint_tree(
     patterns = [block_pattern] if isinstance(block_pattern, str) else list(block_pattern or [])
     bits = dtype_bits(to_dtype(dtype)) if dtype is not None else None
     core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
-    return ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
+    tree = ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
+    _warn_if_truncated(tree, config)
+    return tree
 
 
 def plan_checkpoint(
@@ -96,12 +159,18 @@ def plan_checkpoint(
 ) -> Plan:
     """Plan a checkpoint too big to instantiate, reading only its safetensors headers (in Rust).
 
-    Headers are validated: a truncated file, a header length past the end, malformed JSON, unknown
-    dtypes, offsets out of range or overlapping, sizes not matching shapes, and shards listed in the
-    index but missing each raise :class:`devicemap.CheckpointError` naming the file and the fault.
+    Headers are validated as the safetensors library validates them before loading: a truncated
+    file, a header length of 0, past the end or over 100 MB, a header that is not UTF-8 or not a JSON
+    object, a ``__metadata__`` that is not a string-to-string map, unknown dtypes, offsets that are not
+    non-negative integers, shapes overflowing 64 bits, sizes not matching shapes, tensors that overlap
+    or leave a gap or unused bytes in the data section, a tensor listed twice with different entries,
+    tensor names that cannot be module paths (``"a..b"``, ``".a"``, ``""``), index shards that are
+    missing or outside the index's folder (absolute, or ``..`` leaving it) each raise
+    :class:`devicemap.CheckpointError` naming the file and the fault.
 
     A ``workload`` plans each decoder layer's KV cache with it (as :func:`devicemap.plan` does), sized
-    from the ``config.json``; it needs one.
+    from the ``config.json``; it needs one. Every entry of the decoder layer list gets one, extra
+    layers past ``num_hidden_layers`` included (so the plan also holds for engines that run them).
 
     >>> import devicemap, tempfile, torch
     >>> from safetensors.torch import save_file
@@ -131,9 +200,14 @@ def _workload_memory(
     if not config:
         raise CheckpointError("a workload needs the checkpoint's config.json (layer count, heads, sizes)")
     view = _ConfigView(config)
-    layers = tree.core.modules_of_class(BLOCK_CLASS)
-    if view.get("is_encoder_decoder"):
-        layers = [name for name in layers if name.startswith("decoder.")]
+    layers = decoder_layers(tree, config)
+    if not layers:
+        warnings.warn(
+            "the checkpoint has no numbered layer list (such as model.layers.N), so the workload's KV "
+            "cache is not planned; the plan counts activations and logits only",
+            UserWarning,
+            stacklevel=3,
+        )
     per_layer = workload.kv_cache_bytes_per_layer(view, dtype) * 8
     runtime = [(name, per_layer) for name in layers]
     if tree.core.find("lm_head") is not None:

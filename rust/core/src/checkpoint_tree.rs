@@ -3,13 +3,13 @@
 //! Names give the module hierarchy ("model.layers.3.mlp.up_proj.weight"). What names do not give is
 //! worked out as transformers models are laid out: the definition order of siblings (embeddings, then
 //! encoder/decoder/layers, then norms, then output heads; numbered layers in numeric order), which
-//! modules are unsplittable blocks (the numbered layers of the list that has `layer_counts` entries, or
+//! modules are unsplittable blocks (every entry of the model's layer lists, see [`layer_lists`], and
 //! names matching a pattern), and tied weights (missing tied names are added so the map covers them).
 
 use crate::error::{PlacementError, Result};
-use crate::safetensors::{dtype_bits, is_floating, TensorEntry};
+use crate::safetensors::{dtype_bits, is_floating, Checkpoint, TensorEntry};
 use crate::tree::{ModuleTree, TreeColumns};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The class given to block modules; pass it as a no-split class when planning.
 pub const BLOCK_CLASS: &str = "CheckpointBlock";
@@ -18,8 +18,8 @@ pub const BLOCK_CLASS: &str = "CheckpointBlock";
 pub struct CheckpointTreeOptions {
     /// Globs over dotted module names, `*` standing for one name component (e.g. "model.layers.*").
     pub block_patterns: Vec<String>,
-    /// Layer counts from the config (e.g. num_hidden_layers): a module with exactly that many numbered
-    /// children has them as blocks.
+    /// Layer counts from the config (num_hidden_layers, num_decoder_layers, ...): they pick the
+    /// layer lists whose entries are blocks (see [`layer_lists`]). Empty: no layer list is guessed.
     pub layer_counts: Vec<u64>,
     /// Tensor names sharing one storage; the first name present is counted, missing names are added.
     /// A name starting with `*` stands for the first tensor (in name order) ending with the rest, e.g.
@@ -110,22 +110,37 @@ fn resolve_ties(entries: &[TensorEntry], groups: &[Vec<String>]) -> Vec<Vec<Stri
         .collect()
 }
 
-pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+/// A tensor name that cannot be a module path, reported against the file that holds it.
+fn bad_name(file: &std::path::Path, reason: String) -> PlacementError {
+    PlacementError::Checkpoint {
+        path: file.display().to_string(),
+        reason,
+    }
+}
+
+pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let entries = &checkpoint.entries[..];
     let tie_groups = resolve_ties(entries, &options.tie_groups);
     let mut nodes: Vec<Node> = vec![Node::default()];
     let mut child_of: HashMap<(usize, String), usize> = HashMap::with_capacity(entries.len() * 2);
-    let mut insert = |name: &str, tensor: (u64, usize), duplicate: bool| -> Result<()> {
+    // `file` is the file holding the tensor, or the checkpoint itself for a tied name it lacks.
+    let mut insert = |name: &str, file: &std::path::Path, tensor: (u64, usize), duplicate: bool| -> Result<()> {
         let mut at = 0;
         for part in name.split('.') {
             if part.is_empty() {
-                return Err(PlacementError::InvalidTree(format!(
-                    "tensor name {name:?} has an empty component"
-                )));
+                return Err(bad_name(
+                    file,
+                    format!(
+                        "tensor name {name:?} has an empty component (\"a..b\", \".a\", \"a.\" or \"\"), so it \
+                         names no module; rename the tensor in the checkpoint"
+                    ),
+                ));
             }
             if nodes[at].tensor.is_some() {
-                return Err(PlacementError::InvalidTree(format!(
-                    "{name:?} nests under another tensor"
-                )));
+                return Err(bad_name(
+                    file,
+                    format!("tensor {name:?} nests under another tensor, which no module can hold"),
+                ));
             }
             let key = (at, part.to_string());
             at = match child_of.get(&key) {
@@ -140,9 +155,10 @@ pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOpt
             };
         }
         if nodes[at].tensor.is_some() || !nodes[at].children.is_empty() {
-            return Err(PlacementError::InvalidTree(format!(
-                "tensor {name:?} appears twice or holds submodules"
-            )));
+            return Err(bad_name(
+                file,
+                format!("tensor {name:?} is also the name of a module (other tensors nest under it)"),
+            ));
         }
         nodes[at].tensor = Some(tensor);
         nodes[at].duplicate = duplicate;
@@ -165,21 +181,70 @@ pub fn tree_from_checkpoint(entries: &[TensorEntry], options: &CheckpointTreeOpt
         };
         let group = group_of.get(e.name.as_str()).copied();
         let duplicate = group.is_some_and(|g| std::mem::replace(&mut group_counted[g], true));
-        insert(&e.name, (e.numel() * bits, group.unwrap_or(usize::MAX)), duplicate)?;
+        insert(
+            &e.name,
+            checkpoint.file_of(e),
+            (e.numel() * bits, group.unwrap_or(usize::MAX)),
+            duplicate,
+        )?;
     }
     for (g, group) in tie_groups.iter().enumerate() {
         if !group.iter().any(|n| present.contains_key(n.as_str())) {
             continue; // none of it is in this checkpoint
         }
         for name in group.iter().filter(|n| !present.contains_key(n.as_str())) {
-            insert(name, (0, g), true)?;
+            insert(name, &checkpoint.path, (0, g), true)?;
         }
     }
     emit(&nodes, options)
 }
 
+/// The modules whose children are the model's numbered layers, each kept whole as a block.
+///
+/// A numbered list is a module whose children are all modules named 0, 1, 2, ...; only the outermost
+/// ones count (the experts list inside a layer is part of that layer). With config layer counts, the
+/// layer lists are every outermost list with at least as many entries as the smallest count: equal for
+/// a plain decoder stack (and T5's encoder.block / decoder.block), more when the checkpoint carries
+/// extra layers past `num_hidden_layers`, such as DeepSeek-V3's multi-token-prediction layer 61. When
+/// none is that long (a truncated checkpoint, a single shard, layers shared ALBERT-style), the longest
+/// outermost list is taken. Without config counts, no list is guessed (block patterns still apply).
+fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<usize> {
+    let Some(&fewest) = counts.iter().min() else {
+        return HashSet::new();
+    };
+    let mut outermost: Vec<(usize, u64)> = Vec::new(); // (node, entries), in a fixed walk order
+    let mut stack = vec![0];
+    while let Some(node) = stack.pop() {
+        let modules: Vec<&(String, usize)> = nodes[node]
+            .children
+            .iter()
+            .filter(|(_, c)| nodes[*c].tensor.is_none())
+            .collect();
+        let numbered = !modules.is_empty()
+            && modules.len() == nodes[node].children.len()
+            && modules.iter().all(|(name, _)| name.parse::<u64>().is_ok());
+        if numbered {
+            outermost.push((node, modules.len() as u64));
+        } else {
+            stack.extend(modules.iter().rev().map(|(_, c)| *c));
+        }
+    }
+    let long_enough: HashSet<usize> = outermost
+        .iter()
+        .filter(|(_, entries)| *entries >= fewest)
+        .map(|(node, _)| *node)
+        .collect();
+    if !long_enough.is_empty() {
+        return long_enough;
+    }
+    // The longest; the first met among equals.
+    let longest = outermost.iter().rev().max_by_key(|(_, entries)| *entries);
+    longest.map(|(node, _)| *node).into_iter().collect()
+}
+
 /// Pre-order columns: each module, its tensors, then its child modules (siblings in definition order).
 fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let layer_lists = layer_lists(nodes, &options.layer_counts);
     let mut c = TreeColumns {
         class_names: vec!["Module".into(), BLOCK_CLASS.into(), "Parameter".into()],
         ..Default::default()
@@ -199,9 +264,7 @@ fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
         c.tie.push(-1);
         let mut children: Vec<&(String, usize)> = nodes[node].children.iter().collect();
         children.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| natural_cmp(&a.0, &b.0)));
-        let numbered = children.iter().filter(|(n, _)| n.parse::<u64>().is_ok()).count();
-        let layer_list =
-            numbered > 0 && numbered == children.len() && options.layer_counts.contains(&(numbered as u64));
+        let layer_list = layer_lists.contains(&node);
         for (name, child) in &children {
             if let Some((bits, group)) = nodes[*child].tensor {
                 let tie = if group == usize::MAX {
@@ -265,6 +328,91 @@ mod tests {
         }
     }
 
+    fn checkpoint(entries: Vec<TensorEntry>) -> Checkpoint {
+        Checkpoint {
+            path: "ckpt".into(),
+            files: vec!["ckpt/model.safetensors".into()],
+            entries,
+        }
+    }
+
+    fn layers(count: u64, experts: u64) -> Vec<TensorEntry> {
+        let mut entries = vec![entry("model.embed_tokens.weight", "F16", &[8, 2])];
+        for i in 0..count {
+            entries.push(entry(&format!("model.layers.{i}.attn.weight"), "F16", &[2, 2]));
+            for e in 0..experts {
+                entries.push(entry(&format!("model.layers.{i}.mlp.experts.{e}.weight"), "F16", &[2]));
+            }
+        }
+        entries
+    }
+
+    fn blocks(t: &ModuleTree) -> Vec<&str> {
+        (0..t.len() as u32)
+            .filter(|&i| t.class_name(i) == BLOCK_CLASS)
+            .map(|i| t.name(i))
+            .collect()
+    }
+
+    #[test]
+    fn every_layer_is_a_block_with_extra_or_missing_layers() {
+        let options = |count| CheckpointTreeOptions {
+            layer_counts: vec![count],
+            ..Default::default()
+        };
+        let names = |n: u64| (0..n).map(|i| format!("model.layers.{i}")).collect::<Vec<_>>();
+        // One extra (multi-token-prediction) layer past num_hidden_layers; many experts per layer.
+        let t = tree_from_checkpoint(&checkpoint(layers(4, 6)), &options(3)).unwrap();
+        assert_eq!(blocks(&t), names(4));
+        // A truncated checkpoint: the longest list still holds the layers.
+        let t = tree_from_checkpoint(&checkpoint(layers(2, 6)), &options(3)).unwrap();
+        assert_eq!(blocks(&t), names(2));
+        // No config count: nothing guessed.
+        let t = tree_from_checkpoint(&checkpoint(layers(2, 6)), &CheckpointTreeOptions::default()).unwrap();
+        assert!(blocks(&t).is_empty());
+        // Encoder and decoder stacks of different lengths.
+        let mut entries = vec![];
+        for (stack, n) in [("encoder", 3), ("decoder", 2)] {
+            for i in 0..n {
+                entries.push(entry(&format!("{stack}.block.{i}.layer.0.w"), "F32", &[2]));
+                entries.push(entry(&format!("{stack}.block.{i}.layer.1.w"), "F32", &[2]));
+            }
+        }
+        let t = tree_from_checkpoint(
+            &checkpoint(entries),
+            &CheckpointTreeOptions {
+                layer_counts: vec![2, 3],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let expected = [
+            "encoder.block.0",
+            "encoder.block.1",
+            "encoder.block.2",
+            "decoder.block.0",
+            "decoder.block.1",
+        ];
+        assert_eq!(blocks(&t), expected);
+    }
+
+    #[test]
+    fn names_no_module_can_hold_are_checkpoint_errors_naming_the_file() {
+        for name in ["a..b", ".a", "a.", ""] {
+            let entries = vec![entry("ok.w", "F32", &[1]), entry(name, "F32", &[1])];
+            let err = tree_from_checkpoint(&checkpoint(entries), &CheckpointTreeOptions::default()).unwrap_err();
+            assert!(matches!(err, PlacementError::Checkpoint { .. }), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("ckpt/model.safetensors") && text.contains(&format!("{name:?}")),
+                "{text}"
+            );
+        }
+        let entries = vec![entry("a", "F32", &[1]), entry("a.b", "F32", &[1])];
+        let err = tree_from_checkpoint(&checkpoint(entries), &CheckpointTreeOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("ckpt/model.safetensors"), "{err}");
+    }
+
     #[test]
     fn orders_groups_and_ties_like_the_model() {
         let mut entries = vec![
@@ -281,7 +429,7 @@ mod tests {
             dtype_bits: Some(16),
             ..Default::default()
         };
-        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        let t = tree_from_checkpoint(&checkpoint(entries), &options).unwrap();
         let modules: Vec<&str> = (0..t.len() as u32)
             .filter(|&i| !t.is_tensor(i))
             .map(|i| t.name(i))
@@ -315,7 +463,7 @@ mod tests {
             ]],
             ..Default::default()
         };
-        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        let t = tree_from_checkpoint(&checkpoint(entries), &options).unwrap();
         assert!(t.find("lm_head.weight").is_some() && t.find("encoder.embed_tokens").is_some());
         assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
         assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
@@ -339,7 +487,7 @@ mod tests {
             tie_groups: vec![vec!["*wte.weight".into(), "lm_head.weight".into()]],
             ..Default::default()
         };
-        let t = tree_from_checkpoint(&entries, &options).unwrap();
+        let t = tree_from_checkpoint(&checkpoint(entries), &options).unwrap();
         let group: Vec<&str> = t.tie_groups()[0].iter().map(|&i| t.name(i)).collect();
         assert_eq!(group, vec!["lm_head.weight", "transformer.wte.weight"]);
     }

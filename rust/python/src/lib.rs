@@ -123,6 +123,14 @@ fn parse_devices(devices: Vec<(String, Option<u64>)>) -> Result<Vec<(Device, Opt
 }
 
 type NamedDevice = (String, String);
+/// accelerate's map, and the facts behind its warnings: bits used per device, modules placed whole on
+/// CPU/disk, devices left empty (device, bits needed, the names those bits come from).
+type CompatReport = (
+    Vec<NamedDevice>,
+    Vec<(String, i128)>,
+    Vec<NamedDevice>,
+    Vec<(String, i128, Vec<String>)>,
+);
 /// (device, capacity bits or None, weight bits, runtime bits, reserve bits, compute, block names)
 type UsageRow = (String, Option<u64>, u64, u64, u64, u64, Vec<String>);
 /// (name, device, bits, reason)
@@ -257,7 +265,7 @@ fn infer_auto_device_map(
     no_split_module_classes: Vec<String>,
     fallback_allocation: bool,
     clean_result: bool,
-) -> PyResult<Vec<NamedDevice>> {
+) -> PyResult<CompatReport> {
     let t = Arc::clone(&tree.inner);
     guarded(py, move || {
         let mm = max_memory
@@ -270,11 +278,20 @@ fn infer_auto_device_map(
             clean_result,
         };
         let result = accelerate_compat::infer_auto_device_map(&t, &mm, &options)?;
-        Ok(result
-            .device_map
-            .iter()
-            .map(|(n, d)| (t.name(*n).to_string(), d.to_string()))
-            .collect())
+        let named = |(n, d): &(u32, Device)| (t.name(*n).to_string(), d.to_string());
+        Ok((
+            result.device_map.iter().map(named).collect(),
+            result.used_bits.iter().map(|(d, bits)| (d.to_string(), *bits)).collect(),
+            result.offloaded_modules.iter().map(named).collect(),
+            result
+                .unassigned
+                .iter()
+                .map(|u| {
+                    let parts = u.parts.iter().map(|n| t.name(*n).to_string()).collect();
+                    (u.device.to_string(), u.bits, parts)
+                })
+                .collect(),
+        ))
     })
 }
 
@@ -306,14 +323,14 @@ fn tree_from_checkpoint(
     dtype_bits: Option<u64>,
 ) -> PyResult<Tree> {
     let tree = guarded(py, move || {
-        let entries = devicemap_core::safetensors::read_checkpoint(&path)?;
+        let checkpoint = devicemap_core::safetensors::read_checkpoint(&path)?;
         let options = CheckpointTreeOptions {
             block_patterns,
             layer_counts,
             tie_groups,
             dtype_bits,
         };
-        devicemap_core::checkpoint_tree::tree_from_checkpoint(&entries, &options)
+        devicemap_core::checkpoint_tree::tree_from_checkpoint(&checkpoint, &options)
     })?;
     Ok(Tree { inner: Arc::new(tree) })
 }
@@ -326,9 +343,11 @@ fn checkpoint_tensors(
     path: std::path::PathBuf,
 ) -> PyResult<Vec<(String, String, Vec<u64>, String, u64, u64)>> {
     guarded(py, move || {
-        let (files, _) = devicemap_core::safetensors::resolve(&path)?;
-        let entries = devicemap_core::safetensors::read_checkpoint(&path)?;
-        Ok(entries
+        // The same reader as planning: a file plan_checkpoint refuses is refused here too.
+        let checkpoint = devicemap_core::safetensors::read_checkpoint(&path)?;
+        let files = checkpoint.files;
+        Ok(checkpoint
+            .entries
             .into_iter()
             .map(|e| {
                 (
