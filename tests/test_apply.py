@@ -88,9 +88,9 @@ def test_dtype_conversion_writes_disk_weights_atomically(tiny_checkpoints, tmp_p
     model, folder = tiny_checkpoints["llama"]
     plan = devicemap.plan_checkpoint(folder, max_memory=memory(folder, 2), dtype="float64")
     target = tmp_path / "offload"
-    from devicemap import apply
+    from devicemap import offload_folder
 
-    original = apply._ConvertedWriter.write
+    original = offload_folder.ConvertedWeights.write
     calls = {"n": 0}
 
     def failing(self, tensors):
@@ -99,7 +99,7 @@ def test_dtype_conversion_writes_disk_weights_atomically(tiny_checkpoints, tmp_p
             raise KeyboardInterrupt  # interrupted in the middle of writing
         return original(self, tensors)
 
-    monkeypatch.setattr(apply._ConvertedWriter, "write", failing)
+    monkeypatch.setattr(offload_folder.ConvertedWeights, "write", failing)
     with pytest.raises(KeyboardInterrupt):
         devicemap.load_checkpoint(
             empty_like(model),
@@ -110,12 +110,12 @@ def test_dtype_conversion_writes_disk_weights_atomically(tiny_checkpoints, tmp_p
             rehearse=True,
             progress=False,
         )
-    assert not target.exists() and not list(tmp_path.iterdir())  # nothing a later load could trust
-    monkeypatch.setattr(apply._ConvertedWriter, "write", original)
+    assert not list(target.iterdir())  # nothing a later load could trust
+    monkeypatch.setattr(offload_folder.ConvertedWeights, "write", original)
     loaded = devicemap.load_checkpoint(
         empty_like(model), folder, plan, offload_dir=target, dtype="float64", rehearse=True, progress=False
     )
-    assert (target / "devicemap-offload.json").exists()
+    assert len(list(target.glob("devicemap-converted-*/devicemap-offload.json"))) == 1
     logits, _ = outputs(loaded)
     assert logits.dtype == torch.float64
     torch.testing.assert_close(logits.float(), outputs(model)[0], rtol=1e-4, atol=1e-4)

@@ -13,10 +13,7 @@ to end before renting GPUs.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,14 +21,21 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _core
-from .errors import CheckpointError, PlacementError
+from .errors import CheckpointError, OffloadFolderError
 from .memory import DeviceKey, Size
+from .offload_folder import (
+    ConvertedWeights,
+    content_key,
+    prepare,
+    refuse_non_folder,
+    remove_with,
+    session_folder,
+)
 from .planning import Plan, device_for, plan
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
 PlanLike = Union[Plan, Mapping[str, DeviceKey]]
-MANIFEST = "devicemap-offload.json"
 
 
 class RehearsalDevice(str):
@@ -96,6 +100,10 @@ def dispatch(
     """Place a model that is already in memory according to ``plan`` through accelerate's
     ``dispatch_model`` hooks, so forward and ``generate`` run across GPUs, CPU and disk.
 
+    Disk-offloaded weights are written to a folder of this model's own inside ``offload_dir``
+    (``devicemap-dispatch-<pid>-<random>/``), removed when the model is garbage-collected: a user's
+    files there and other models' weights are never touched (see :mod:`devicemap.offload_folder`).
+
     >>> import torch, devicemap
     >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     >>> p = devicemap.plan(model, max_memory={0: "1KiB", 1: "1KiB", "cpu": "1MiB"})
@@ -106,66 +114,36 @@ def dispatch(
     from accelerate import dispatch_model
 
     device_map = execution_map(plan, rehearse)
-    if "disk" in device_map.values() and offload_dir is None:
-        raise PlacementError(
+    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
+    if "disk" not in device_map.values():
+        folder = None
+    elif folder is None:
+        raise OffloadFolderError(
             "the plan offloads to disk: pass offload_dir= (a folder for the offloaded weights)"
         )
-    return dispatch_model(
-        model,
-        device_map=device_map,
-        main_device=main_device if main_device is not None else _main_device(plan, device_map),
-        offload_dir=str(offload_dir) if offload_dir is not None else None,
-        offload_buffers=offload_buffers,
-    )
+    else:
+        # accelerate writes index.json and one file per weight straight into the folder it is given:
+        # give it one of devicemap's own, so a user's files and other models' weights are never touched.
+        folder = session_folder(folder, "dispatch")
+    try:
+        dispatched = dispatch_model(
+            model,
+            device_map=device_map,
+            main_device=main_device if main_device is not None else _main_device(plan, device_map),
+            offload_dir=str(folder) if folder is not None else None,
+            offload_buffers=offload_buffers,
+        )
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder is not None:
+        remove_with(dispatched, folder)
+    return dispatched
 
 
 def _target(device: Any) -> Any:
     return f"cuda:{device}" if isinstance(device, int) else device
-
-
-class _ConvertedWriter:
-    """Disk-offloaded weights that need a dtype conversion, written once into ``offload_dir``.
-
-    Everything goes to a private temporary folder first; only when complete (manifest included) does
-    it replace ``offload_dir``, so an interrupted load never leaves a folder a later load would trust.
-    """
-
-    def __init__(self, offload_dir: Optional[Union[str, Path]]):
-        self.final = Path(offload_dir) if offload_dir is not None else None
-        self.staging: Optional[Path] = None
-        self.files: list[str] = []
-
-    def write(self, tensors: dict[str, torch.Tensor]) -> Path:
-        from safetensors.torch import save_file
-
-        if self.final is None:
-            raise PlacementError(
-                "disk-offloaded weights need a dtype conversion: pass offload_dir= to store them"
-            )
-        if self.staging is None:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = self.final.parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:8]}"
-            self.staging.mkdir()
-        name = f"converted-{len(self.files):05d}.safetensors"
-        save_file(tensors, self.staging / name)
-        self.files.append(name)
-        return self.final / name
-
-    def commit(self, checkpoint: str, dtype: Optional[torch.dtype]) -> None:
-        if self.staging is None:
-            return
-        manifest = {"checkpoint": checkpoint, "dtype": str(dtype), "files": self.files}
-        (self.staging / MANIFEST).write_text(json.dumps(manifest))
-        assert self.final is not None
-        old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.staging, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def abort(self) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -181,8 +159,19 @@ def load_checkpoint(
     """Load a safetensors checkpoint (file, sharded index, or folder) into ``model`` (best created
     under ``accelerate.init_empty_weights()``) with every weight going straight to its planned device,
     then attach the hooks. Disk-offloaded weights are read in place from the checkpoint's own files
-    (memory-mapped, never rewritten); only those needing a dtype conversion are written, atomically,
-    to ``offload_dir``.
+    (memory-mapped, never rewritten); only those needing a dtype conversion are written, to
+    ``offload_dir/devicemap-converted-<key>/``, a folder named by a hash of its content: later loads of
+    the same checkpoint and dtype reuse it, concurrent ones share it, other checkpoints get their own.
+    devicemap never deletes, renames or overwrites anything in ``offload_dir`` it did not create; it
+    removes the staging folders of killed loads (see :mod:`devicemap.offload_folder`).
+
+    Everything that can be checked from the checkpoint's headers is checked before any tensor is read:
+    tensors the model lacks or the checkpoint lacks (:class:`CheckpointError`), and an ``offload_dir``
+    missing, a file, or not writable when conversions need it (:class:`OffloadFolderError`).
+
+    Example::
+
+        model = devicemap.load_checkpoint(empty_model, "ckpt/", plan, offload_dir="offload/", dtype="bfloat16")
     """
     from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
@@ -191,54 +180,65 @@ def load_checkpoint(
 
     device_map = execution_map(plan, rehearse)
     target = to_dtype(dtype) if dtype is not None else None
+    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
     tensors = _core.checkpoint_tensors(str(checkpoint))
-    expected = set(model.state_dict())
-    unexpected = [name for name, *_ in tensors if name not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"bad checkpoint {checkpoint}: {len(unexpected)} tensors the model does not have "
-            f"(e.g. {unexpected[:3]}); load it into the model it was saved from (checkpoints whose names "
-            "transformers converts while loading, such as legacy MoE layouts, go through devicemap.from_pretrained)"
-        )
+    tie_groups = _tie_groups(model)
+    _check_names(model, checkpoint, tensors, tie_groups)
+
+    placement = {name: device_for(name, device_map) for name, *_ in tensors}
+    cast = {name for name, stored, *_ in tensors if target is not None and _floating(stored)}
+    converting = {
+        name
+        for name, stored, *_ in tensors
+        if name in cast and placement[name] == "disk" and stored != _safetensors_name(target)
+    }
+    writer = _converted_weights(folder, checkpoint, tensors, target, converting)
+    ready = writer.complete() if writer is not None else None  # written by an earlier load: reuse
+
     index: dict[str, dict[str, str]] = {}
-    writer = _ConvertedWriter(offload_dir)
-    by_file: dict[str, list[tuple[str, str, list[int]]]] = {}
-    for name, stored, shape, file, _begin, _end in tensors:
-        by_file.setdefault(file, []).append((name, stored, shape))
+    by_file: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, _stored, shape, file, _begin, _end in tensors:
+        by_file.setdefault(file, []).append((name, shape))
     try:
         with tqdm(total=len(tensors), desc="Loading weights", disable=not progress, unit="tensor") as bar:
             for file, names in by_file.items():
-                converted: dict[str, torch.Tensor] = {}
+                batch: dict[str, torch.Tensor] = {}
                 with safe_open(file, framework="pt", device="cpu") as handle:
-                    for name, stored, shape in names:
-                        device = device_for(name, device_map)
-                        floating = stored.startswith("F") or stored == "BF16"
-                        convert = target is not None and floating
+                    for name, shape in names:
+                        device = placement[name]
                         if device == "disk":
-                            if convert and handle.get_slice(name).get_dtype() != _safetensors_name(target):
-                                converted[name] = handle.get_tensor(name).to(target)
-                            else:
+                            if name not in converting:
                                 index[name] = {"safetensors_file": file, "weight_name": name}
-                            if convert:
+                            elif ready is not None:
+                                index[name] = {"safetensors_file": str(ready[name]), "weight_name": name}
+                            else:
+                                batch[name] = handle.get_tensor(name).to(target)
+                            if name in cast:
                                 # The hooks cast streamed weights to the placeholder's dtype: make it the target.
                                 placeholder = torch.empty(shape, dtype=target, device="meta")
                                 set_module_tensor_to_device(
                                     model, name, "meta", value=placeholder, dtype=target
                                 )
                         else:
-                            value = handle.get_tensor(name)
                             set_module_tensor_to_device(
-                                model, name, _target(device), value=value, dtype=target if convert else None
+                                model,
+                                name,
+                                _target(device),
+                                value=handle.get_tensor(name),
+                                dtype=target if name in cast else None,
                             )
                         bar.update(1)
-                if converted:
-                    written = writer.write(converted)
-                    for name in converted:
-                        index[name] = {"safetensors_file": str(written), "weight_name": name}
-        writer.commit(str(checkpoint), target)
+                if batch:
+                    assert writer is not None
+                    writer.write(batch)
+        if writer is not None and ready is None and converting:
+            for name, path in writer.commit().items():
+                index[name] = {"safetensors_file": str(path), "weight_name": name}
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
+    _retie(model, tie_groups, index)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return dispatch_model(
@@ -248,6 +248,98 @@ def load_checkpoint(
         offload_index=index or None,
         offload_buffers=offload_buffers,
     )
+
+
+def _floating(stored: str) -> bool:
+    return stored.startswith("F") or stored == "BF16"
+
+
+def _converted_weights(
+    folder: Optional[Path],
+    checkpoint: Union[str, Path],
+    tensors: list[tuple[str, str, list[int], str, int, int]],
+    target: Optional[torch.dtype],
+    converting: set[str],
+) -> Optional[ConvertedWeights]:
+    """Where this load's converted disk weights go, checked before any tensor is read."""
+    if not converting:
+        return None
+    if folder is None:
+        raise OffloadFolderError(
+            f"{len(converting)} disk-offloaded tensors of {checkpoint} need a dtype conversion to "
+            f"{target} (e.g. {sorted(converting)[:3]}): pass offload_dir= (a folder to store them in), "
+            "or load without dtype= to stream them from the checkpoint as stored"
+        )
+    folder = prepare(folder)
+    files = {file for *_, file, _begin, _end in tensors}
+    key = content_key(checkpoint, files, str(target), converting)
+    return ConvertedWeights(folder, key, converting)
+
+
+def _tie_groups(model: torch.nn.Module) -> list[set[str]]:
+    """Names that share one parameter: the same object under several names, or declared tied by
+    transformers (``all_tied_weights_keys``, filled by ``tie_weights()``)."""
+    by_identity: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_identity.setdefault(id(parameter), set()).add(name)
+    groups = [names for names in by_identity.values() if len(names) > 1]
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    for tied, source in dict(declared).items():
+        joined = {tied, source}.union(*[g for g in groups if tied in g or source in g])
+        groups = [g for g in groups if not (tied in g or source in g)] + [joined]
+    return groups
+
+
+def _check_names(
+    model: torch.nn.Module,
+    checkpoint: Union[str, Path],
+    tensors: list[tuple[str, str, list[int], str, int, int]],
+    tie_groups: list[set[str]],
+) -> None:
+    """Refuse, before reading any tensor, a checkpoint with tensors the model lacks or lacking tensors
+    the model needs (not those a tied partner fills, nor buffers that already hold values)."""
+    state = model.state_dict(keep_vars=True)
+    present = {name for name, *_ in tensors}
+    unexpected = [name for name in present if name not in state]
+    if unexpected:
+        raise CheckpointError(
+            f"bad checkpoint {checkpoint}: {len(unexpected)} tensors the model does not have "
+            f"(e.g. {sorted(unexpected)[:3]}); load it into the model it was saved from (checkpoints whose names "
+            "transformers converts while loading, such as legacy MoE layouts, go through devicemap.from_pretrained)"
+        )
+    filled = set().union(*[group for group in tie_groups if group & present])
+    missing = [
+        name
+        for name, tensor in state.items()
+        if name not in present and name not in filled and tensor.device.type == "meta"
+    ]
+    if missing:
+        raise CheckpointError(
+            f"bad checkpoint {checkpoint}: it lacks {len(missing)} of the model's {len(state)} tensors "
+            f"(e.g. {missing[:3]}); load the complete checkpoint saved from this model, or give those "
+            "tensors values before loading (they are neither stored nor tied to a stored tensor)"
+        )
+
+
+def _retie(model: torch.nn.Module, tie_groups: list[set[str]], index: dict[str, dict[str, str]]) -> None:
+    """Loading replaces parameters one name at a time, which unties shared ones: point every name of a
+    tied group at the loaded parameter (or, for disk weights, at the loaded entry of the index)."""
+    for group in tie_groups:
+        names = sorted(group)
+        on_disk = [name for name in names if name in index]
+        if on_disk:
+            for name in names:
+                index.setdefault(name, index[on_disk[0]])
+            continue
+        real = [name for name in names if model.get_parameter(name).device.type != "meta"]
+        if not real:
+            continue
+        value = model.get_parameter(real[0])
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if module._parameters[leaf].device.type == "meta":
+                module._parameters[leaf] = value
 
 
 def _safetensors_name(dtype: torch.dtype) -> str:
@@ -270,7 +362,9 @@ def from_pretrained(
 
     The plan is made on a meta-device instance built from the folder's ``config.json`` (nothing
     allocated); it is kept on the returned model as ``model.devicemap_plan``. Any other keyword goes
-    to transformers. Doing it yourself is two lines::
+    to transformers. Weights transformers re-saves for the disk go to a folder of this model's own
+    inside ``offload_dir`` (``devicemap-transformers-<pid>-<random>/``), removed with the model; an
+    explicit ``offload_folder=`` keyword goes to transformers unchanged. Doing it yourself is two lines::
 
         plan = devicemap.plan(meta_model, max_memory=..., dtype="bfloat16")
         model = AutoModelForCausalLM.from_pretrained(path, device_map=plan.device_map, dtype=torch.bfloat16)
@@ -285,14 +379,27 @@ def from_pretrained(
     if hasattr(meta, "tie_weights"):
         meta.tie_weights()
     result = plan(meta, max_memory=max_memory, strategy=strategy, dtype=dtype, workload=workload, pins=pins)
-    if "disk" in result.device_map.values():
-        if offload_dir is None:
-            raise PlacementError(
+    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
+    if "disk" in result.device_map.values() and "offload_folder" not in kwargs:
+        if folder is None:
+            raise OffloadFolderError(
                 "the plan offloads to disk: pass offload_dir= (a folder for offloaded weights)"
             )
-        kwargs.setdefault("offload_folder", str(offload_dir))
+        # transformers re-saves some weights as <name>.safetensors in the folder it is given: give it
+        # one of devicemap's own, so a user's files and other models' weights are never touched.
+        folder = session_folder(folder, "transformers")
+        kwargs["offload_folder"] = str(folder)
+    else:
+        folder = None
     if dtype is not None:
         kwargs.setdefault("dtype", to_dtype(dtype))
-    model = model_class.from_pretrained(str(path), device_map=result.device_map, **kwargs)
+    try:
+        model = model_class.from_pretrained(str(path), device_map=result.device_map, **kwargs)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder is not None:
+        remove_with(model, folder)
     model.devicemap_plan = result
     return model
