@@ -19,10 +19,12 @@ pub struct Block {
 
 /// Whether `node` is kept whole: a tensor, a no-split class, or a module none of whose child modules
 /// holds a tensor (children without weights, such as activation functions, give nothing to split off —
-/// and a checkpoint, which only names tensors, could not see them).
+/// and a checkpoint, which only names tensors, could not see them). The root is never kept whole for
+/// its class: a model listing its own class in `_no_split_modules` (it does so for its nested copies)
+/// would otherwise become one block that fits nowhere; accelerate never treats the root as atomic.
 pub fn is_atomic(tree: &ModuleTree, no_split: &[bool], node: NodeId) -> bool {
     tree.is_tensor(node)
-        || no_split[tree.class_id(node) as usize]
+        || (node != tree.root() && no_split[tree.class_id(node) as usize])
         || !tree.child_modules(node).any(|c| tree.holds_tensors(c))
 }
 
@@ -129,5 +131,20 @@ mod tests {
         let blocks = cut_blocks(&t, &no_split_mask(&t, &["Layer".to_string()]));
         assert_eq!(blocks.iter().map(|b| b.bits).sum::<u64>(), t.subtree_bits(0));
         assert_eq!(blocks[1].buffer_bits, 16);
+    }
+
+    #[test]
+    fn the_root_is_split_even_when_its_class_is_no_split() {
+        // vibevoice's acoustic tokenizer lists its own class in `_no_split_modules`.
+        let mut b = TreeBuilder::new("Tokenizer");
+        for name in ["encoder", "decoder"] {
+            let m = b.module(0, name, "Tokenizer");
+            let l = b.module(m, "proj", "Linear");
+            b.param(l, "w", 10);
+        }
+        let t = b.build().unwrap();
+        let blocks = cut_blocks(&t, &no_split_mask(&t, &["Tokenizer".to_string()]));
+        let names: Vec<&str> = blocks.iter().map(|b| t.name(b.node)).collect();
+        assert_eq!(names, vec!["encoder", "decoder"]);
     }
 }
