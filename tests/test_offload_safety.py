@@ -111,6 +111,26 @@ def test_an_offload_dir_that_is_a_file_is_refused_and_untouched(tiny_checkpoints
     assert list(tmp_path.iterdir()) == [path]  # not renamed, nothing beside it
 
 
+def test_an_offload_dir_that_cannot_be_created_is_refused_before_loading(tiny_checkpoints, tmp_path):
+    model, folder = tiny_checkpoints["llama"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    plan = devicemap.plan_checkpoint(folder, max_memory=memory(folder, 2), dtype="float64")
+    empty = empty_like(model)
+    with pytest.raises(devicemap.OffloadFolderError, match="cannot be created"):
+        devicemap.load_checkpoint(
+            empty,
+            folder,
+            plan,
+            offload_dir=blocker / "offload",
+            dtype="float64",
+            rehearse=True,
+            progress=False,
+        )
+    assert all(p.is_meta for p in empty.parameters())
+    assert blocker.read_text() == "mine" and list(tmp_path.iterdir()) == [blocker]
+
+
 def test_two_checkpoints_loaded_into_one_offload_dir_keep_their_own_weights(tiny_checkpoints, tmp_path):
     model, folder = tiny_checkpoints["llama"]
     other, other_folder = another_llama(tmp_path)
