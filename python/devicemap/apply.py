@@ -231,7 +231,7 @@ def load_checkpoint(
                 if batch:
                     assert writer is not None
                     writer.write(batch)
-        if writer is not None and ready is None and converting:
+        if writer is not None and ready is None:
             for name, path in writer.commit().items():
                 index[name] = {"safetensors_file": str(path), "weight_name": name}
     except BaseException:
