@@ -12,6 +12,9 @@ use crate::tree::{ModuleTree, NodeId};
 pub struct Unit {
     pub blocks: Vec<usize>,
     pub bits: u64,
+    /// The most that is staged at once when the unit is offloaded: accelerate's hooks load one block at
+    /// a time, each with the tied tensors it uses (wherever they are counted), never the whole unit.
+    pub staged_bits: u64,
     pub buffer_bits: u64,
     /// Runtime memory (KV cache, logits) of the unit's blocks.
     pub runtime_bits: u64,
@@ -33,6 +36,26 @@ fn block_of(tree: &ModuleTree, blocks: &[Block], node: NodeId) -> Option<usize> 
     let i = blocks.partition_point(|b| b.node <= node).checked_sub(1)?;
     let b = blocks[i].node;
     (b == node || tree.is_strict_descendant(node, b)).then_some(i)
+}
+
+/// Per block: its bits plus the storage of every tied tensor it uses that is counted in another block
+/// (what the execution device holds while the block runs offloaded).
+fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
+    let mut staged: Vec<u64> = blocks.iter().map(|b| b.bits).collect();
+    for group in tree.tie_groups() {
+        let storage: u64 = group.iter().map(|&p| tree.own_bits(p)).sum();
+        let home = group
+            .iter()
+            .find(|&&p| tree.own_bits(p) > 0)
+            .and_then(|&p| block_of(tree, blocks, p));
+        let mut users: Vec<usize> = group.iter().filter_map(|&p| block_of(tree, blocks, p)).collect();
+        users.sort_unstable();
+        users.dedup();
+        for b in users.into_iter().filter(|b| Some(*b) != home) {
+            staged[b] = staged[b].saturating_add(storage);
+        }
+    }
+    staged
 }
 
 /// Group blocks into units: tied blocks join their earliest block; pins are resolved (the deepest pin
@@ -109,6 +132,7 @@ pub fn build_units(
         }
     }
 
+    let staged = staged_bits(tree, blocks);
     let mut units: Vec<Unit> = Vec::new();
     let mut unit_of_root: Vec<Option<usize>> = vec![None; blocks.len()];
     for i in 0..blocks.len() {
@@ -119,6 +143,7 @@ pub fn build_units(
                 units.push(Unit {
                     blocks: Vec::new(),
                     bits: 0,
+                    staged_bits: 0,
                     buffer_bits: 0,
                     runtime_bits: 0,
                     compute: 0,
@@ -131,6 +156,7 @@ pub fn build_units(
         let unit = &mut units[u];
         unit.blocks.push(i);
         unit.bits += blocks[i].bits;
+        unit.staged_bits = unit.staged_bits.max(staged[i]);
         unit.buffer_bits += blocks[i].buffer_bits;
         unit.runtime_bits += runtime[i];
         unit.compute += compute[i];

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod low_zero;
 pub mod offload;
 pub mod sequential;
+pub mod ties;
 
 use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, Block};
 use crate::clean::clean_device_map;
@@ -26,6 +27,7 @@ use crate::plan::{DeviceUsage, Offload, Plan};
 use crate::tree::{ModuleTree, NodeId};
 use chain::{Chain, Lane};
 use offload::{split_point, OffloadInput};
+use ties::Units;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
@@ -107,6 +109,14 @@ fn human(bits: u64) -> String {
     format!("{bytes} B")
 }
 
+/// A device as a sentence names it ("GPU 0", "mps", "cpu").
+fn label(device: Device) -> String {
+    match device {
+        Device::Gpu(i) => format!("GPU {i}"),
+        other => other.to_string(),
+    }
+}
+
 /// Per-device accumulators while solving, indexed like the spec's devices.
 struct Ledger {
     devices: Vec<Device>,
@@ -126,6 +136,13 @@ impl Ledger {
 }
 
 pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Result<Plan> {
+    if spec.devices().is_empty() {
+        return Err(PlacementError::DoesNotFit {
+            detail: "max_memory names no device, so nothing can be placed; give at least one device with its \
+                     size, e.g. {0: \"20GiB\", \"cpu\": \"64GiB\"}, or omit max_memory to use this machine's free memory"
+                .into(),
+        });
+    }
     let no_split = no_split_mask(tree, &options.no_split_module_classes);
     let blocks = cut_blocks(tree, &no_split);
     let runtime = attach_to_blocks(tree, &blocks, &options.runtime_bits)?;
@@ -138,6 +155,14 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         s => s,
     };
     let stays = |u: &Unit| u.runtime_bits + if options.offload_buffers { 0 } else { u.buffer_bits };
+
+    // The devices that compute: the GPUs, or the CPU when there is no GPU (then it is the execution
+    // device, and a block on it is not offloaded).
+    let computing: Vec<Device> = if gpus.is_empty() {
+        spec.contains(Device::Cpu).then_some(Device::Cpu).into_iter().collect()
+    } else {
+        gpus.iter().map(|g| g.0).collect()
+    };
 
     let n = spec.devices().len();
     let mut ledger = Ledger {
@@ -153,11 +178,11 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         let i = ledger.index(d);
         ledger.pinned[i] += u.bits;
         ledger.pinned_cost[i] += u.compute;
-        if d.is_gpu_like() {
+        if computing.contains(&d) {
             ledger.runtime[i] += u.runtime_bits;
         } else {
             any_pin_off = true;
-            pin_off_max = pin_off_max.max(u.bits);
+            pin_off_max = pin_off_max.max(u.staged_bits);
             pin_off_stays += stays(u);
         }
     }
@@ -172,16 +197,6 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
             });
         }
     }
-    // The execution device: GPU 0, or the CPU when there is no GPU.
-    let executor = gpus
-        .first()
-        .map(|(d, _)| *d)
-        .or_else(|| spec.contains(Device::Cpu).then_some(Device::Cpu));
-    let computing: Vec<Device> = if gpus.is_empty() {
-        executor.into_iter().collect()
-    } else {
-        gpus.iter().map(|g| g.0).collect()
-    };
     for d in &computing {
         let i = ledger.index(*d);
         ledger.runtime[i] += options.activation_bits;
@@ -193,6 +208,8 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
 
     let free: Vec<&Unit> = units.iter().filter(|u| u.pinned.is_none()).collect();
     let weights: Vec<u64> = free.iter().map(|u| u.bits).collect();
+    let staged: Vec<u64> = free.iter().map(|u| u.staged_bits).collect();
+    let is_group: Vec<bool> = free.iter().map(|u| u.blocks.len() > 1).collect();
     let footprint: Vec<u64> = free.iter().map(|u| u.bits + u.runtime_bits).collect();
     let cost: Vec<u64> = match options.balance {
         Balance::Memory => footprint.clone(),
@@ -217,8 +234,9 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         if l.base > *cap {
             return Err(PlacementError::DoesNotFit {
                 detail: format!(
-                    "GPU {d} needs {} before any free layer (pinned modules, runtime memory, reserve) but has {}; \
+                    "{} needs {} before any free layer (pinned modules, runtime memory, reserve) but has {}; \
                      pin fewer modules there, shrink the workload or raise its max_memory",
+                    label(*d),
                     human(l.base),
                     human(*cap)
                 ),
@@ -227,19 +245,25 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
     }
     let input = OffloadInput {
         footprint: &footprint,
-        weights: &weights,
+        is_group: &is_group,
+        staged: &staged,
         stays: &stay,
         pinned_offloaded_max: pin_off_max,
         pinned_offloaded_stays: pin_off_stays,
         any_pinned_offloaded: any_pin_off,
     };
+    let total_weights: u64 = units.iter().map(|u| u.bits).sum();
     let staging_error = |device: Device, l: &Lane, r: u64| PlacementError::DoesNotFit {
         detail: format!(
-            "{device} executes the offloaded layers and needs {} free to stage them (largest layer plus their \
-             runtime memory and buffers) on top of {}, but has {}; give it more memory or offload less",
+            "{} executes the offloaded layers and needs {} free to stage them (the largest offloaded block \
+             with the tied tensors it uses, plus their runtime memory and buffers) on top of {}, but has {}: \
+             give it at least {} or offload less{}",
+            label(device),
             human(r),
             human(l.base),
             human(l.capacity),
+            human(l.base.saturating_add(r)),
+            total_shortfall(spec, total_weights),
         ),
     };
 
@@ -248,14 +272,18 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
     let cpu_capacity = spec.capacity(Device::Cpu).map(|c| c.unwrap_or(u64::MAX));
     // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error below.
     let can_offload = spec.contains(Device::Cpu) || spec.contains(Device::Disk);
+    // Where the first unit that went to disk met a full CPU: its index, the CPU room left then, and the
+    // staging room kept on the CPU (when it executes).
+    let mut cpu_full_at: Option<(usize, u64, u64)> = None;
     if !gpu_lanes.is_empty() {
         let (k, r) = if can_offload {
             split_point(&input, &gpu_lanes)
         } else {
-            (
-                chain::placed(&chain::greedy(Chain::by_memory(&footprint), &gpu_lanes, u64::MAX)),
-                0,
-            )
+            let units = Units {
+                chain: Chain::by_memory(&footprint),
+                is_group: &is_group,
+            };
+            (ties::longest_prefix(units, &gpu_lanes), 0)
         };
         if gpu_lanes[0].base.saturating_add(r) > gpu_lanes[0].capacity {
             return Err(staging_error(gpus[0].0, &gpu_lanes[0], r));
@@ -263,26 +291,35 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         let i0 = ledger.index(gpus[0].0);
         ledger.reserve[i0] += r;
         let lanes: Vec<Lane> = gpus.iter().map(|(d, cap)| lane(*d, *cap, &ledger)).collect();
-        let prefix = Chain {
-            memory: &footprint[..k],
-            cost: &cost[..k],
+        let prefix = Units {
+            chain: Chain {
+                memory: &footprint[..k],
+                cost: &cost[..k],
+            },
+            is_group: &is_group[..k],
         };
-        let counts = match strategy {
-            Strategy::Sequential | Strategy::Auto => sequential::assign(prefix, &lanes),
-            Strategy::Balanced => balanced::assign(prefix, &lanes),
-            Strategy::BalancedLow0 => low_zero::assign(prefix, &lanes),
-        };
-        for ((d, _), count) in gpus.iter().zip(counts) {
-            device_of_unit[next..next + count].fill(*d);
-            next += count;
+        let lane_of = ties::lay_out(strategy, prefix, &lanes).unwrap_or_else(|| {
+            // Not reached (the prefix was found to fit); keep what fits in place rather than fail.
+            let counts = chain::greedy(Chain::by_memory(&footprint[..k]), &lanes, u64::MAX);
+            counts
+                .iter()
+                .enumerate()
+                .flat_map(|(l, &c)| std::iter::repeat_n(l, c))
+                .collect()
+        });
+        for (unit, &l) in lane_of.iter().enumerate() {
+            device_of_unit[unit] = gpus[l].0;
         }
-        debug_assert_eq!(next, k);
+        next = lane_of.len();
         if let Some(cap) = cpu_capacity {
             // Offloaded weights only: their runtime memory is on the execution device.
-            let cpu = Lane::memory(ledger.pinned[ledger.index(Device::Cpu)], cap);
+            let base = ledger.pinned[ledger.index(Device::Cpu)];
+            let cpu = Lane::memory(base, cap);
             let take = chain::placed(&chain::greedy(Chain::by_memory(&weights[next..]), &[cpu], u64::MAX));
             device_of_unit[next..next + take].fill(Device::Cpu);
             next += take;
+            let used: u64 = weights[next - take..next].iter().sum();
+            cpu_full_at = (next < weights.len()).then(|| (next, cap.saturating_sub(base + used), 0));
         }
     } else if let Some(cap) = cpu_capacity {
         let cpu = lane(Device::Cpu, cap, &ledger);
@@ -294,6 +331,8 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         ledger.reserve[i] += r;
         device_of_unit[..k].fill(Device::Cpu);
         next = k;
+        let used: u64 = footprint[..k].iter().sum();
+        cpu_full_at = (next < weights.len()).then(|| (next, cap.saturating_sub(cpu.base + r + used), r));
     }
 
     if next < weights.len() && !spec.contains(Device::Disk) {
@@ -302,32 +341,106 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
             .iter()
             .map(|(d, cap)| format!("{d}: {}", cap.map(human).unwrap_or_else(|| "unbounded".into())))
             .collect();
+        let reserve = ledger.reserve.iter().copied().max().unwrap_or(0);
+        let staging = if reserve > 0 {
+            format!(", of which {} is kept free to stage offloaded layers", human(reserve))
+        } else {
+            String::new()
+        };
         return Err(PlacementError::DoesNotFit {
             detail: format!(
-                "{} of weights ({} blocks from {:?} on) fit on no device (capacities {}, staging reserve {}); \
+                "{} of the model's {} of weights ({} blocks from {:?} on) fit on no device (capacities {}{}); \
                  add \"disk\" to max_memory to offload them, or give the devices more memory",
                 human(weights[next..].iter().sum()),
+                human(total_weights),
                 weights.len() - next,
                 tree.name(blocks[free[next].blocks[0]].node),
                 capacities.join(", "),
-                human(ledger.reserve.iter().copied().max().unwrap_or(0)),
+                staging,
             ),
         });
     }
 
+    let why_disk = disk_reasons(tree, &blocks, &free, &weights, next, cpu_full_at, !gpus.is_empty());
     Ok(build_plan(
         tree,
         spec,
         strategy,
         &blocks,
         &units,
-        &free,
         &device_of_unit,
+        &why_disk,
         &ledger,
         &runtime,
         &compute,
         options,
     ))
+}
+
+/// ", and the model's T of weights exceed all the devices hold (C) by M" when, without disk, the
+/// model could not fit even with perfect packing; empty otherwise.
+fn total_shortfall(spec: &DeviceSpec, total_weights: u64) -> String {
+    if spec.contains(Device::Disk) {
+        return String::new();
+    }
+    let room = spec
+        .devices()
+        .iter()
+        .filter_map(|(_, cap)| *cap)
+        .fold(0u64, |a, c| a.saturating_add(c));
+    if total_weights <= room {
+        return String::new();
+    }
+    format!(
+        "; besides, the model's {} of weights exceed all the devices hold together ({}) by {}: add \"disk\" \
+         to max_memory or give the devices more memory",
+        human(total_weights),
+        human(room),
+        human(total_weights - room)
+    )
+}
+
+/// Why each free unit from `first_on_disk` on went to disk. Units keep model order, so once one does not
+/// fit on the CPU every later one goes to disk too, however small: say which one filled the CPU.
+fn disk_reasons(
+    tree: &ModuleTree,
+    blocks: &[Block],
+    free: &[&Unit],
+    weights: &[u64],
+    first_on_disk: usize,
+    cpu_full_at: Option<(usize, u64, u64)>,
+    has_gpu: bool,
+) -> Vec<Option<String>> {
+    let not_gpus = if has_gpu { "did not fit on the GPUs, and " } else { "" };
+    let mut why = vec![None; free.len()];
+    for j in first_on_disk..free.len() {
+        why[j] = Some(match cpu_full_at {
+            Some((first, room, reserve)) => {
+                let left = if reserve > 0 {
+                    format!(
+                        "{} left on the CPU (which keeps {} to stage offloaded blocks)",
+                        human(room),
+                        human(reserve)
+                    )
+                } else {
+                    format!("{} left on the CPU", human(room))
+                };
+                if j == first {
+                    format!("{not_gpus}needs {} but only {left}", human(weights[j]))
+                } else {
+                    format!(
+                        "{not_gpus}blocks keep model order: {:?} ({}) did not fit in the {left} before it, so every \
+                         block after it goes to disk",
+                        tree.name(blocks[free[first].blocks[0]].node),
+                        human(weights[first]),
+                    )
+                }
+            }
+            None if has_gpu => "did not fit on the GPUs and max_memory has no \"cpu\"".to_string(),
+            None => "max_memory has no GPU and no \"cpu\"".to_string(),
+        });
+    }
+    why
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -337,8 +450,8 @@ fn build_plan(
     strategy: Strategy,
     blocks: &[Block],
     units: &[Unit],
-    free: &[&Unit],
     device_of_free: &[Device],
+    why_disk: &[Option<String>],
     ledger: &Ledger,
     runtime: &[u64],
     compute: &[u64],
@@ -349,16 +462,19 @@ fn build_plan(
     let is_offloaded = |d: Device| if has_gpu { !d.is_gpu_like() } else { d == Device::Disk };
     let mut block_device = vec![Device::Disk; blocks.len()];
     let mut reasons: Vec<Option<String>> = vec![None; blocks.len()];
-    let mut free_devices = free.iter().zip(device_of_free);
+    let mut free_devices = device_of_free.iter().zip(why_disk);
     for unit in units {
-        let device = match unit.pinned {
+        let (device, why) = match unit.pinned {
             Some(d) => {
                 for &b in &unit.blocks {
                     reasons[b] = Some(format!("pinned to {d}"));
                 }
-                d
+                (d, None)
             }
-            None => *free_devices.next().expect("one device per free unit").1,
+            None => {
+                let (d, why) = free_devices.next().expect("one device per free unit");
+                (*d, why.clone())
+            }
         };
         let leader = unit.blocks[0];
         for &b in &unit.blocks {
@@ -371,7 +487,7 @@ fn build_plan(
             reasons[leader] = Some(match device {
                 Device::Cpu if has_gpu => "did not fit on the GPUs after the blocks before it".to_string(),
                 Device::Cpu => "no GPU in the device spec".to_string(),
-                _ => "did not fit on the GPUs or the CPU".to_string(),
+                _ => why.unwrap_or_else(|| "did not fit on the GPUs or the CPU".to_string()),
             });
         }
     }
@@ -510,10 +626,13 @@ mod tests {
         assert_eq!(bytes(&seq, Device::Gpu(0)), 851);
         let low = solve(&t, &s, &opts(Strategy::BalancedLow0)).unwrap();
         assert_eq!(bytes(&low, Device::Gpu(0)), 0); // 851 bytes fit on GPU 1 alone
-        let bigger = decoder(10, 100); // 1051 bytes: GPU 0 takes the fewest leading blocks possible
+                                                    // 1051 bytes: GPU 0 takes as little as possible, one layer; the tied embedding + head (50) move
+                                                    // to GPU 1 with the rest.
+        let bigger = decoder(10, 100);
         let low = solve(&bigger, &s, &opts(Strategy::BalancedLow0)).unwrap();
-        assert_eq!(bytes(&low, Device::Gpu(0)), 150);
-        assert_eq!(bytes(&low, Device::Gpu(1)), 901);
+        assert_eq!(bytes(&low, Device::Gpu(0)), 100);
+        assert_eq!(bytes(&low, Device::Gpu(1)), 951);
+        assert_eq!(on(&bigger, &low, "head"), Device::Gpu(1));
         // auto on two GPUs is balanced
         assert_eq!(solve(&t, &s, &opts(Strategy::Auto)).unwrap().strategy, "balanced");
     }
@@ -688,5 +807,242 @@ mod tests {
         .unwrap();
         assert_eq!(plan.usage[0].reserve_bits / 8, 400);
         assert_eq!(plan.usage[0].weight_bits / 8, 50);
+    }
+
+    #[test]
+    fn a_cpu_pin_in_a_cpu_only_plan_is_not_an_offload() {
+        // Without a GPU the CPU executes: a block pinned there needs no staging room.
+        let t = decoder(4, 100); // 451 bytes
+        for executor in [Device::Cpu, Device::Mps] {
+            let mut devices = vec![(executor, Some(451))];
+            if executor == Device::Mps {
+                devices.push((Device::Cpu, Some(0)));
+            }
+            let s = spec(&devices);
+            let pinned = SolveOptions {
+                pins: vec![("model.layers.0".into(), executor)],
+                ..opts(Strategy::Auto)
+            };
+            let plan = solve(&t, &s, &pinned).unwrap();
+            assert!(plan.assignments.iter().all(|(_, d)| *d == executor), "{executor}");
+            assert!(plan.usage.iter().all(|u| u.reserve_bits == 0), "{executor}");
+            assert!(plan.offloaded.is_empty());
+        }
+        // A disk pin in a CPU-only plan is offloaded: the CPU stages it.
+        let s = spec(&[(Device::Cpu, Some(451)), (Device::Disk, None)]);
+        let to_disk = SolveOptions {
+            pins: vec![("model.layers.0".into(), Device::Disk)],
+            ..opts(Strategy::Auto)
+        };
+        let plan = solve(&t, &s, &to_disk).unwrap();
+        assert_eq!(plan.usage[0].reserve_bits / 8, 100);
+    }
+
+    /// `n` layers of `own` bytes each, all using one shared tensor of `shared` bytes (zamba's hybrid
+    /// layers share one transformer block), then a head.
+    fn shared_layers(n: usize, own: u64, shared: u64) -> ModuleTree {
+        let mut b = TreeBuilder::new("Hybrid");
+        let layers = b.module(0, "layers", "ModuleList");
+        for i in 0..n {
+            let l = b.module(layers, &i.to_string(), "Layer");
+            b.param(l, "w", own);
+            b.tied_param(l, "shared", shared, 0, i > 0);
+        }
+        let head = b.module(0, "head", "Linear");
+        b.param(head, "w", 10);
+        b.build().unwrap()
+    }
+
+    #[test]
+    fn an_offloaded_tied_unit_stages_one_layer_with_its_tied_tensor() {
+        let t = shared_layers(13, 100, 300); // one unit of 13 * 100 + 300 = 1600 bytes
+        let s = spec(&[(Device::Gpu(0), Some(500)), (Device::Cpu, Some(10_000))]);
+        let plan = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        assert_eq!(on(&t, &plan, "layers.5"), Device::Cpu);
+        // One layer (100) with the shared tensor (300), not the whole unit (1600).
+        assert_eq!(plan.usage[0].reserve_bits / 8, 400);
+    }
+
+    /// Every way to cut `m` layers into `lanes` consecutive runs.
+    fn splits(m: usize, lanes: usize) -> Vec<Vec<usize>> {
+        if lanes == 1 {
+            return vec![vec![m]];
+        }
+        let mut out = Vec::new();
+        for first in 0..=m {
+            for mut rest in splits(m - first, lanes - 1) {
+                rest.insert(0, first);
+                out.push(rest);
+            }
+        }
+        out
+    }
+
+    /// Brute force over `solve`'s model: every GPU for every tie group, contiguous runs for the rest.
+    fn best_peak(sizes: &[u64], groups: &[Vec<usize>], capacities: &[u64]) -> Option<u64> {
+        let grouped: Vec<bool> = (0..sizes.len())
+            .map(|i| groups.iter().any(|g| g.contains(&i)))
+            .collect();
+        let untied: Vec<u64> = (0..sizes.len()).filter(|&i| !grouped[i]).map(|i| sizes[i]).collect();
+        let lanes = capacities.len();
+        let mut best: Option<u64> = None;
+        for choice in 0..lanes.pow(groups.len() as u32) {
+            let mut base = vec![0u64; lanes];
+            let mut c = choice;
+            for g in groups {
+                base[c % lanes] += g.iter().map(|&i| sizes[i]).sum::<u64>();
+                c /= lanes;
+            }
+            for split in splits(untied.len(), lanes) {
+                let mut load = base.clone();
+                let mut next = 0;
+                for (l, count) in split.into_iter().enumerate() {
+                    load[l] += untied[next..next + count].iter().sum::<u64>();
+                    next += count;
+                }
+                if load.iter().zip(capacities).all(|(x, c)| x <= c) {
+                    let peak = *load.iter().max().unwrap();
+                    best = Some(best.map_or(peak, |b| b.min(peak)));
+                }
+            }
+        }
+        best
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        #[test]
+        fn balanced_with_tied_layers_is_the_brute_force_optimum(
+            sizes in proptest::collection::vec(1u64..40, 2..7),
+            ties in proptest::collection::vec((0usize..7, 0usize..7), 1..3),
+            capacities in proptest::collection::vec(0u64..160, 1..4),
+        ) {
+            // Layers in order; tie group g joins two distinct layers through a tied tensor of 5 bytes.
+            let n = sizes.len();
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for (a, b) in ties {
+                let (a, b) = (a % n, b % n);
+                if a != b && !groups.iter().flatten().any(|&x| x == a || x == b) {
+                    groups.push(vec![a.min(b), a.max(b)]);
+                }
+            }
+            let mut builder = TreeBuilder::new("Net");
+            let mut counted = sizes.clone();
+            for (i, size) in sizes.iter().enumerate() {
+                let l = builder.module(0, &format!("l{i}"), "Layer");
+                builder.param(l, "w", *size);
+                if let Some(g) = groups.iter().position(|g| g.contains(&i)) {
+                    builder.tied_param(l, "tied", 5, g as i64, groups[g][0] != i);
+                    if groups[g][0] == i {
+                        counted[i] += 5;
+                    }
+                }
+            }
+            let t = builder.build().unwrap();
+            let mut devices: Vec<(Device, Option<u64>)> =
+                capacities.iter().enumerate().map(|(i, c)| (Device::Gpu(i as u32), Some(*c))).collect();
+            devices.push((Device::Cpu, Some(10_000)));
+            let best = best_peak(&counted, &groups, &capacities);
+            match solve(&t, &spec(&devices), &opts(Strategy::Balanced)) {
+                Ok(plan) if best.is_some() => {
+                    proptest::prop_assert!(plan.offloaded.is_empty());
+                    proptest::prop_assert_eq!(Some(plan.peak_gpu_bits() / 8), best);
+                    for g in &groups {
+                        let a = on(&t, &plan, &format!("l{}", g[0]));
+                        proptest::prop_assert_eq!(a, on(&t, &plan, &format!("l{}", g[1])));
+                    }
+                }
+                Ok(plan) => proptest::prop_assert!(!plan.offloaded.is_empty()),
+                Err(err) => proptest::prop_assert!(best.is_none() && err.to_string().contains("stage"), "{}", err),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tied_head_moves_next_to_the_last_layers_when_that_balances_better() {
+        // BERT's shape: embedding tied with the decoder, four layers, a small transform before the head.
+        let mut b = TreeBuilder::new("MaskedLM");
+        let e = b.module(0, "embed", "Embedding");
+        b.tied_param(e, "weight", 30, 0, false);
+        let layers = b.module(0, "layers", "ModuleList");
+        for i in 0..4 {
+            let l = b.module(layers, &i.to_string(), "Layer");
+            b.param(l, "w", 20);
+        }
+        let tr = b.module(0, "transform", "Linear");
+        b.param(tr, "w", 2);
+        let head = b.module(0, "decoder", "Linear");
+        b.tied_param(head, "weight", 30, 0, true);
+        let t = b.build().unwrap();
+        let s = spec(&[
+            (Device::Gpu(0), Some(40)),
+            (Device::Gpu(1), Some(40)),
+            (Device::Gpu(2), Some(40)),
+            (Device::Cpu, Some(1000)),
+        ]);
+        let plan = solve(&t, &s, &opts(Strategy::Balanced)).unwrap();
+        assert!(plan.offloaded.is_empty());
+        assert_eq!(plan.peak_gpu_bits() / 8, 40);
+        assert_eq!(on(&t, &plan, "embed"), Device::Gpu(2));
+        assert_eq!(on(&t, &plan, "decoder"), Device::Gpu(2));
+        assert_eq!(on(&t, &plan, "layers.0"), Device::Gpu(0));
+        // Sequential keeps everything on the GPUs too (in place, the embedding would block GPU 0).
+        let seq = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        assert!(seq.offloaded.is_empty());
+    }
+
+    #[test]
+    fn an_empty_device_spec_says_so() {
+        let err = solve(&decoder(2, 10), &spec(&[]), &opts(Strategy::Auto)).unwrap_err();
+        assert!(matches!(err, PlacementError::DoesNotFit { .. }));
+        assert!(err.to_string().contains("max_memory names no device"), "{err}");
+        assert!(!err.to_string().contains("capacities ,"), "{err}");
+    }
+
+    #[test]
+    fn a_far_too_big_model_reports_staging_and_the_total_shortfall() {
+        let t = decoder(8, 100); // 851 bytes, layers of 100
+        let s = spec(&[(Device::Gpu(0), Some(60)), (Device::Cpu, Some(300))]);
+        let msg = solve(&t, &s, &opts(Strategy::Sequential)).unwrap_err().to_string();
+        assert!(
+            msg.contains("GPU 0 executes the offloaded layers and needs 100 B"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("851 B of weights exceed all the devices hold together (360 B) by 491 B"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_small_block_on_disk_names_the_larger_block_that_filled_the_cpu() {
+        let mut b = TreeBuilder::new("Net");
+        for (i, size) in [10u64, 500, 10, 10].iter().enumerate() {
+            let l = b.module(0, &format!("l{i}"), "Linear");
+            b.param(l, "w", *size);
+        }
+        let t = b.build().unwrap();
+        let s = spec(&[
+            (Device::Gpu(0), Some(515)),
+            (Device::Cpu, Some(100)),
+            (Device::Disk, None),
+        ]);
+        let plan = solve(&t, &s, &opts(Strategy::Sequential)).unwrap();
+        let reason = |name: &str| {
+            let node = t.find(name).unwrap();
+            plan.offloaded.iter().find(|o| o.node == node).unwrap().reason.clone()
+        };
+        assert_eq!(on(&t, &plan, "l3"), Device::Disk);
+        assert!(
+            reason("l1").contains("needs 500 B but only 100 B left on the CPU"),
+            "{}",
+            reason("l1")
+        );
+        let small = reason("l3");
+        assert!(
+            small.contains("\"l1\" (500 B) did not fit in the 100 B left on the CPU"),
+            "{small}"
+        );
+        assert!(small.contains("blocks keep model order"), "{small}");
     }
 }

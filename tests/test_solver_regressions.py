@@ -1,0 +1,118 @@
+"""Regressions of the solver found on real model shapes (issue 10, items 6, 7, 8, 9 and 13), each
+through the public API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import devicemap
+
+from plan_checks import check_plan
+
+LAYER = 4 * 25 * 10  # bytes of a float32 Linear(10, 25) without bias
+
+
+def linears(count: int, out_features: int = 25) -> torch.nn.Sequential:
+    return torch.nn.Sequential(*[torch.nn.Linear(10, out_features, bias=False) for _ in range(count)])
+
+
+# Item 6: without a GPU the CPU executes, so a pin to it is no offload and needs no staging room.
+@pytest.mark.parametrize("executor", ["cpu", "mps"])
+def test_a_pin_to_the_executing_device_needs_no_staging_room(executor):
+    model = linears(4)
+    memory = {executor: 4 * LAYER} | ({"cpu": 0} if executor == "mps" else {})
+    plan = devicemap.plan(model, max_memory=memory, pins={"0": executor})
+    check_plan(model, plan, pins={"0": executor})
+    assert set(plan.device_map.values()) == {executor}
+    assert not plan.offloaded
+    assert not any(plan.reserve_bytes.values())
+
+
+# Item 7: a model whose own class is in its `_no_split_modules` (vibevoice's acoustic tokenizer lists
+# itself for its nested copies) is split below the root, as accelerate does.
+class Tokenizer(torch.nn.Module):
+    _no_split_modules = ["Tokenizer"]
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(10, 25, bias=False)
+        self.decoder = torch.nn.Linear(10, 25, bias=False)
+
+
+def test_a_model_listing_its_own_class_as_no_split_is_still_split():
+    model = Tokenizer()
+    plan = devicemap.plan(model, max_memory={0: LAYER, 1: LAYER, "cpu": 0})
+    check_plan(model, plan)
+    assert plan.device_map == {"encoder": 0, "decoder": 1}
+
+
+# Item 8: offloaded blocks run one at a time, so a tied unit of many layers (zamba's hybrid layers
+# share one block) is staged one layer (with the shared tensor) at a time, not whole.
+class SharedBlockModel(torch.nn.Module):
+    def __init__(self, layers: int):
+        super().__init__()
+        shared = torch.nn.Parameter(torch.zeros(300))  # 1200 bytes, held by every layer
+        self.layers = torch.nn.ModuleList()
+        for _ in range(layers):
+            layer = torch.nn.Module()
+            layer.own = torch.nn.Parameter(torch.zeros(100))  # 400 bytes
+            layer.shared = shared
+            self.layers.append(layer)
+
+
+def test_an_offloaded_tied_group_reserves_one_layer_not_the_group():
+    model = SharedBlockModel(13)  # one tied unit of 13 * 400 + 1200 = 6400 bytes
+    plan = devicemap.plan(model, max_memory={0: 2000, "cpu": 10_000})
+    check_plan(model, plan)
+    assert plan.device_map == {"": "cpu"}
+    assert plan.reserve_bytes[0] == 400 + 1200
+
+
+# Item 9: a tie group may sit on any GPU. BERT's decoder is tied with the word embeddings: with the
+# pair next to the last layers, 4 GPUs of exactly four layers each hold the whole model.
+@pytest.fixture(scope="module")
+def bert():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        return transformers.BertForMaskedLM(transformers.BertConfig())
+
+
+def test_tied_bert_head_goes_where_the_split_is_best(bert):
+    layer = devicemap.ModuleTree.from_module(bert.bert.encoder.layer[0], dtype=torch.float16).total_bytes
+    memory = {i: 4 * layer for i in range(4)} | {"cpu": "10GiB"}
+    plan = devicemap.plan(bert, max_memory=memory, dtype=torch.float16)
+    assert not plan.offloaded
+    gpu_loads = [plan.device_bytes[i] for i in range(4)]
+    assert max(gpu_loads) == 4 * layer  # the optimum: four layers; the tied pair fits beside the head
+    assert plan.device_map["bert.embeddings"] == plan.device_map["cls"] == 3
+
+
+def test_with_room_to_spare_tied_bert_is_balanced_to_four_layers_per_gpu(bert):
+    layer = devicemap.ModuleTree.from_module(bert.bert.encoder.layer[0], dtype=torch.float16).total_bytes
+    plan = devicemap.plan(bert, max_memory={i: "1GiB" for i in range(4)}, dtype=torch.float16)
+    assert max(plan.device_bytes[i] for i in range(4)) == 4 * layer
+
+
+# Item 13: "does not fit" messages say everything that is missing, with numbers.
+def test_a_far_too_big_model_reports_the_total_shortfall_with_the_staging_need():
+    model = linears(8, out_features=250)  # 8 layers of 10 000 bytes
+    with pytest.raises(devicemap.DoesNotFitError) as err:
+        devicemap.plan(model, max_memory={0: 5_000, "cpu": 20_000})
+    message = str(err.value)
+    assert "needs 9.77 KiB free to stage them" in message  # one layer
+    assert "exceed all the devices hold together (24.41 KiB) by 53.71 KiB" in message
+
+
+def test_a_small_block_on_disk_names_the_block_that_filled_the_cpu():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 1, bias=False),  # 40 bytes
+        torch.nn.Linear(10, 100, bias=False),  # 4000 bytes
+        torch.nn.Linear(10, 1, bias=False),
+    )
+    plan = devicemap.plan(model, max_memory={0: 4_050, "cpu": 1_000, "disk": 0})
+    reasons = {o.name: o.reason for o in plan.offloaded}
+    assert plan.device_map["2"] == "disk"
+    assert "needs 3.91 KiB but only 1000 B left on the CPU" in reasons["1"]
+    assert '"1" (3.91 KiB) did not fit in the 1000 B left on the CPU' in reasons["2"]
+    assert "did not fit on the GPUs or the CPU" not in reasons["2"]
