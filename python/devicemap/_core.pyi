@@ -51,7 +51,12 @@ def infer_auto_device_map(
     no_split_module_classes: list[str],
     fallback_allocation: bool,
     clean_result: bool,
-) -> list[tuple[str, str]]: ...
+) -> tuple[
+    list[tuple[str, str]],
+    list[tuple[str, int]],
+    list[tuple[str, str]],
+    list[tuple[str, int, list[str]]],
+]: ...
 def balanced_budget(
     tree: Tree, no_split_module_classes: list[str], share_devices: int
 ) -> tuple[int, int]: ...

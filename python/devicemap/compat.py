@@ -11,10 +11,13 @@ same arguments as ``accelerate.utils.infer_auto_device_map`` / ``get_balanced_me
     device_map = infer_auto_device_map(model, max_memory=max_memory,
                                        no_split_module_classes=["LlamaDecoderLayer"])
 
-Known differences, all where accelerate raises: a ``"disk"`` key in ``get_balanced_memory``'s
-``max_memory`` is ignored rather than crashing ``torch.device("disk")``; inputs on which accelerate
-raises ``IndexError`` raise :class:`devicemap.AccelerateCompatError`. ``verbose`` prints nothing and
-the buffer warning of ``offload_buffers`` is not emitted.
+accelerate's warnings and log lines (missing GPUs, untied weights, buffers of offloaded layers that fit
+no GPU, devices left empty for lack of memory) are emitted alike, see :mod:`devicemap.compat_warnings`.
+
+Known differences, all where accelerate raises or the input is degenerate: a ``"disk"`` key in
+``get_balanced_memory``'s ``max_memory`` is ignored rather than crashing ``torch.device("disk")``;
+inputs on which accelerate raises ``IndexError`` raise :class:`devicemap.AccelerateCompatError`;
+sizes beyond 2 EiB count as unbounded and a NaN size is refused. ``verbose`` prints nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _core
+from .compat_warnings import (
+    log_single_gpu_share,
+    log_unassigned_devices,
+    warn_missing_gpus,
+    warn_offloaded_buffers,
+    warn_untied_weights,
+)
 from .errors import InvalidOptionError, InvalidSizeError, UnknownDeviceError
 from .memory import DeviceKey, available_memory
 from .tree import DtypeLike, ModuleTree
@@ -82,6 +92,7 @@ def get_max_memory(
         k: _convert_size(v) if isinstance(v, str) else _check_number(k, v) for k, v in max_memory.items()
     }
     gpus = sorted(k for k in converted if isinstance(k, int) and not isinstance(k, bool))
+    warn_missing_gpus(gpus)
     ordered: list[DeviceKey] = [*gpus, *(k for k in ("mps", "cpu", "disk") if k in converted)]
     for k in converted:
         if k not in ordered:
@@ -153,13 +164,17 @@ def infer_auto_device_map(
     tree = ModuleTree.from_module(
         model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
     )
-    entries = _core.infer_auto_device_map(
+    warn_untied_weights(model, tree.tied_groups)
+    entries, used_bits, offloaded_modules, unassigned = _core.infer_auto_device_map(
         tree.core,
         [(str(k), _bits(v)) for k, v in memory.items()],
         _no_split(no_split_module_classes),
         bool(fallback_allocation),
         bool(clean_result),
     )
+    if not offload_buffers:
+        warn_offloaded_buffers(model, memory, dict(used_bits), offloaded_modules, dtype, special_dtypes)
+    log_unassigned_devices(model, unassigned)
     return {name: int(d) if d.isdigit() else d for name, d in entries}
 
 
@@ -193,6 +208,7 @@ def get_balanced_memory(
             for key in memory:
                 if isinstance(key, int):
                     memory[key] *= 0.9
+                    log_single_gpu_share(key)
                     break
     tree = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes)
     share = num_devices - 1 if low_zero else num_devices

@@ -281,7 +281,11 @@ fn infer_auto_device_map(
         let named = |(n, d): &(u32, Device)| (t.name(*n).to_string(), d.to_string());
         Ok((
             result.device_map.iter().map(named).collect(),
-            result.used_bits.iter().map(|(d, bits)| (d.to_string(), *bits)).collect(),
+            result
+                .used_bits
+                .iter()
+                .map(|(d, bits)| (d.to_string(), *bits))
+                .collect(),
             result.offloaded_modules.iter().map(named).collect(),
             result
                 .unassigned

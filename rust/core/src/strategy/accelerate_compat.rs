@@ -27,6 +27,22 @@ pub struct CompatResult {
     pub device_map: Vec<(NodeId, Device)>,
     /// Bits accelerate counts as used per device (including the reserve it kept), devices with 0 left out.
     pub used_bits: Vec<(Device, i128)>,
+    /// Modules placed whole on the CPU or disk, in placement order: accelerate sums their buffers for its
+    /// `offload_buffers` warning (tied modules placed alongside are not counted, as in accelerate).
+    pub offloaded_modules: Vec<(NodeId, Device)>,
+    /// Devices left with nothing on them, in order, for accelerate's "insufficient memory" log line.
+    pub unassigned: Vec<Unassigned>,
+}
+
+/// A device accelerate moved past before placing anything on it.
+#[derive(Debug, Clone)]
+pub struct Unassigned {
+    pub device: Device,
+    /// What the first module needed there: its size with ties plus the largest-layer reserve, in bits.
+    pub bits: i128,
+    /// The nodes whose sizes add up to `bits` (accelerate prints the number as a float when one of them
+    /// holds a bool tensor, so the caller needs them).
+    pub parts: Vec<NodeId>,
 }
 
 struct Ties {
@@ -144,6 +160,19 @@ impl<'t> Solver<'t> {
         self.max_layer(list.iter().copied().filter(|i| !self.tree.is_tensor(*i)))
     }
 
+    /// The first layer of size `max` in `get_max_layer_size`'s pre-order walk of `items`: the one whose
+    /// number accelerate keeps (`None` for 0, which stays accelerate's initial integer 0).
+    fn first_max_layer(&self, items: impl Iterator<Item = NodeId>, max: u64) -> Option<NodeId> {
+        if max == 0 {
+            return None;
+        }
+        let mut node = items.into_iter().find(|&i| self.layer_max(i) == max)?;
+        while self.expands(node) {
+            node = self.tree.child_modules(node).find(|&c| self.layer_max(c) == max)?;
+        }
+        Some(node)
+    }
+
     /// `get_module_size_with_ties`: size of `size` plus the modules (from `list`) holding `partners`.
     fn size_with_ties(&self, partners: &[NodeId], size: i128, list: &VecDeque<NodeId>) -> Result<(i128, Vec<NodeId>)> {
         let mut total = size;
@@ -258,6 +287,9 @@ pub fn infer_auto_device_map(
         .chain(tree.direct_buffers(root))
         .collect();
     let (mut max_layer, mut max_names) = s.max_layer(list.iter().copied());
+    let mut max_first = s.first_max_layer(list.iter().copied(), max_layer);
+    let mut offloaded_modules = Vec::new();
+    let mut unassigned = Vec::new();
     let mut map = OrderedMap::default();
     let mut used = vec![0i128; devices.len()];
     let mut current = 0usize;
@@ -269,6 +301,7 @@ pub fn infer_auto_device_map(
         max_names.drain(lo..hi);
         if max_names.is_empty() {
             (max_layer, max_names) = s.max_layer_of_modules(&list);
+            max_first = s.first_max_layer(modules_of(tree, &list), max_layer);
         }
         let size = s.size(x);
         let partners = s.partners(x);
@@ -284,6 +317,9 @@ pub fn infer_auto_device_map(
         let Some(limit) = limit.filter(|l| used[current] + with_ties > *l) else {
             used[current] += with_ties;
             map.set(x, device);
+            if !tree.is_tensor(x) && matches!(device, Device::Cpu | Device::Disk) {
+                offloaded_modules.push((x, device));
+            }
             for holder in holders {
                 if let Some(i) = list.iter().position(|&m| m == holder) {
                     list.remove(i);
@@ -307,6 +343,7 @@ pub fn infer_auto_device_map(
                 rebuilt.extend(list.range(idx + 1..).copied());
                 list = rebuilt;
                 (max_layer, max_names) = s.max_layer_of_modules(&list);
+                max_first = s.first_max_layer(modules_of(tree, &list), max_layer);
                 continue;
             }
         }
@@ -316,6 +353,7 @@ pub fn infer_auto_device_map(
                 list.push_front(c);
             }
             (max_layer, max_names) = s.max_layer_of_modules(&list);
+            max_first = s.first_max_layer(modules_of(tree, &list), max_layer);
             continue;
         }
 
@@ -333,6 +371,17 @@ pub fn infer_auto_device_map(
             }
         }
 
+        if used[current] == 0 {
+            let mut parts = vec![x];
+            parts.extend(&holders);
+            parts.extend(&partners);
+            parts.extend(max_first.filter(|_| reserved > 0));
+            unassigned.push(Unassigned {
+                device,
+                bits: with_ties + reserved,
+                parts,
+            });
+        }
         used[current] += reserved;
         current += 1;
         list.push_front(x);
@@ -354,7 +403,14 @@ pub fn infer_auto_device_map(
     Ok(CompatResult {
         device_map: entries,
         used_bits,
+        offloaded_modules,
+        unassigned,
     })
+}
+
+/// The modules (not tensors) of a to-do list, in order: what `get_max_layer_size` is asked about.
+fn modules_of<'a>(tree: &'a ModuleTree, list: &'a VecDeque<NodeId>) -> impl Iterator<Item = NodeId> + 'a {
+    list.iter().copied().filter(|i| !tree.is_tensor(*i))
 }
 
 #[cfg(test)]
