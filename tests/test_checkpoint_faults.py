@@ -306,3 +306,25 @@ def test_matching_layer_count_draws_no_warning(tmp_path):
         warnings.simplefilter("error")
         tree = devicemap.checkpoint_tree(folder)
     assert tree.core.modules_of_class("CheckpointBlock") == [f"model.layers.{i}" for i in range(3)]
+
+
+def test_encoder_decoder_stacks_of_different_lengths(tmp_path):
+    """T5 with num_layers=3, num_decoder_layers=2: both stacks kept whole, KV cache for the decoder's
+    two layers only, as planning the model itself gives."""
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2
+    )
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    state = {k: torch.zeros(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v for k, v in state.items() if "embed_tokens" not in k}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    workload = devicemap.Workload(batch_size=1, seq_len=8, kv_dtype="float32")
+    plan = devicemap.plan_checkpoint(tmp_path, max_memory=CPU, workload=workload, dtype="float32")
+    blocks = plan.tree.core.modules_of_class("CheckpointBlock")
+    assert blocks == [f"encoder.block.{i}" for i in range(3)] + [f"decoder.block.{i}" for i in range(2)]
+    from_model = devicemap.plan(model, max_memory=CPU, workload=workload, dtype="float32")
+    assert sum(u.runtime for u in plan.usage) == sum(u.runtime for u in from_model.usage)
