@@ -1,0 +1,338 @@
+"""Fuzz suite: valid and junk input to every public entry point, and byte-level mutations of safetensors
+headers. Whatever goes in, devicemap returns a plan or raises a ``PlacementError`` (never an
+``InternalError``, which is a caught Rust panic, and never another exception type); it never hangs or
+aborts the interpreter.
+
+It runs in every ``make test`` for a bounded number of examples. A longer hunt:
+``DEVICEMAP_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz.py`` (header mutations scale
+with it too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import devicemap
+from devicemap import compat
+
+from model_strategies import CLASS_NAMES, models
+from plan_checks import check_plan
+
+EXAMPLES = int(os.environ.get("DEVICEMAP_FUZZ_EXAMPLES", "120"))
+fuzz_settings = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+hashable_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+)
+junk = st.one_of(hashable_junk, st.lists(st.integers(-3, 3), max_size=2))
+sizes = st.one_of(
+    st.integers(0, 2**20),
+    st.sampled_from(
+        ["1KiB", "64KiB", "1MiB", "20GiB", "8Gb", "1.5GB", "0", "0B", "1e3MB", "-1", "20 GB", "20XB"]
+    ),
+    st.integers(2**60, 2**80),
+    junk,
+)
+device_keys = st.one_of(
+    st.integers(0, 3),
+    st.sampled_from(
+        ["cpu", "disk", "mps", "cuda:0", "cuda:1", "gpu:1", "0", "1", "", "cuda", "xpu:0", " cpu"]
+    ),
+    st.integers(-3, 2**65),
+    st.just(torch.device("cpu")),
+    st.just(torch.device("cuda", 1)),
+    hashable_junk,
+)
+max_memories = st.one_of(
+    st.dictionaries(device_keys, sizes, max_size=5),
+    st.dictionaries(st.integers(0, 3) | st.sampled_from(["cpu", "disk"]), st.integers(0, 4096), max_size=5),
+    junk,
+)
+dtypes = st.one_of(
+    st.none(),
+    st.sampled_from(["float16", "bfloat16", "float32", "torch.float16", "int8", "float8_e4m3fn", "bool"]),
+    st.sampled_from(["bf16", "float77", "", "complex64", "torch.", "uint4", "int4"]),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.complex64, torch.quint8, torch.int32, torch.bool]),
+    junk,
+)
+strategies = st.one_of(st.sampled_from(devicemap.STRATEGIES), junk)
+flags = st.one_of(st.booleans(), junk)
+
+
+@st.composite
+def module_graphs(draw: st.DrawFn) -> tuple[torch.nn.Module, bool]:
+    """A random model, maybe with a module registered under a second parent, maybe with a cycle."""
+    model = draw(models())
+    modules = list(model.modules())
+    cyclic = False
+    for _ in range(draw(st.integers(0, 2))):
+        owner = modules[draw(st.integers(0, len(modules) - 1))]
+        target = modules[draw(st.integers(0, len(modules) - 1))]
+        owner._modules[f"extra{len(owner._modules)}"] = target
+        cyclic = cyclic or _reaches(target, owner)
+    return model, cyclic
+
+
+def _reaches(start: torch.nn.Module, goal: torch.nn.Module) -> bool:
+    seen: set[int] = set()
+    stack = [start]
+    while stack:
+        module = stack.pop()
+        if module is goal:
+            return True
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return False
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules()]
+
+
+def expect_placement_error(call, *args, **kwargs):
+    """Run ``call``: it returns, or raises a PlacementError that is not an InternalError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return call(*args, **kwargs)
+        except devicemap.InternalError as err:  # a caught Rust panic: always a bug
+            pytest.fail(f"InternalError (a panic) from {call.__name__}: {err}")
+        except devicemap.PlacementError as err:
+            assert str(err), "an error without a message"
+            return None
+
+
+@fuzz_settings
+@given(graph=module_graphs(), data=st.data())
+def test_plan_returns_a_plan_or_a_placement_error(graph, data):
+    model, cyclic = graph
+    names = module_names(model)
+    pins = data.draw(
+        st.one_of(
+            st.none(),
+            st.dictionaries(st.sampled_from(names) | st.text(max_size=6), device_keys, max_size=3),
+            junk,
+        ),
+        label="pins",
+    )
+    kwargs = {
+        "max_memory": data.draw(max_memories, label="max_memory"),
+        "strategy": data.draw(strategies, label="strategy"),
+        "no_split_module_classes": data.draw(
+            st.one_of(
+                st.none(), st.lists(st.sampled_from(CLASS_NAMES) | st.text(max_size=4), max_size=3), junk
+            ),
+            label="no_split",
+        ),
+        "dtype": data.draw(dtypes, label="dtype"),
+        "pins": pins,
+        "offload_buffers": data.draw(flags, label="offload_buffers"),
+        "balance": data.draw(st.one_of(st.sampled_from(["memory", "compute"]), junk), label="balance"),
+        "gpu0_reserve": data.draw(st.one_of(st.none(), sizes), label="gpu0_reserve"),
+    }
+    if kwargs["max_memory"] is None:
+        kwargs["max_memory"] = {"cpu": "1GiB"}  # None reads this machine: valid, but not what is fuzzed
+    result = expect_placement_error(devicemap.plan, model, **kwargs)
+    if result is not None and not cyclic:
+        check_plan(model, result, pins=None)
+
+
+@fuzz_settings
+@given(size=sizes, memory=max_memories)
+def test_size_and_device_parsing(size, memory):
+    parsed = expect_placement_error(devicemap.parse_size, size)
+    assert parsed is None or (isinstance(parsed, int) and parsed >= 0)
+    normalized = expect_placement_error(devicemap.normalize_max_memory, memory)
+    if normalized is not None:
+        assert all(v is None or (isinstance(v, int) and v >= 0) for v in normalized.values())
+
+
+@fuzz_settings
+@given(
+    batch=st.one_of(st.integers(-2, 64), junk),
+    seq=st.one_of(st.integers(-2, 4096), junk),
+    kv=dtypes,
+    logits=st.one_of(st.none(), st.integers(-2, 8), junk),
+)
+def test_workload_fields(batch, seq, kv, logits):
+    expect_placement_error(
+        devicemap.Workload, batch_size=batch, seq_len=seq, kv_dtype=kv, logits_tokens=logits
+    )
+
+
+@fuzz_settings
+@given(
+    model=models(),
+    memory=max_memories,
+    dtype=dtypes,
+    no_split=st.one_of(st.none(), st.lists(st.sampled_from(CLASS_NAMES), max_size=2), junk),
+    low_zero=flags,
+)
+def test_compat_drop_ins(model, memory, dtype, no_split, low_zero):
+    balanced = expect_placement_error(
+        compat.get_balanced_memory,
+        model,
+        max_memory=memory,
+        no_split_module_classes=no_split,
+        dtype=dtype,
+        low_zero=low_zero,
+    )
+    expect_placement_error(
+        compat.infer_auto_device_map,
+        model,
+        max_memory=balanced if balanced is not None else memory,
+        no_split_module_classes=no_split,
+        dtype=dtype,
+    )
+
+
+@fuzz_settings
+@given(
+    model=models(),
+    hosts=st.one_of(st.lists(st.lists(sizes, max_size=3), max_size=3), junk),
+    dtype=dtypes,
+    tied=st.one_of(st.sampled_from(["copy", "error"]), junk),
+)
+def test_plan_stages(model, hosts, dtype, tied):
+    expect_placement_error(devicemap.plan_stages, model, hosts=hosts, dtype=dtype, tied=tied)
+
+
+# -- safetensors headers, mutated byte by byte, in a child process (a hang or an abort is caught) --------
+
+HEADER_FUZZER = textwrap.dedent(
+    """
+    import json, random, struct, sys
+    from pathlib import Path
+    import devicemap
+    from devicemap import _core
+
+    folder, rounds, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    rng = random.Random(seed)
+    original = (folder / "seed.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", original[:8])[0]
+    header = json.loads(original[8 : 8 + header_len])
+    target = folder / "mutant" / "model.safetensors"
+    target.parent.mkdir(exist_ok=True)
+
+    def byte_mutant():
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.randrange(6)
+            at = rng.randrange(len(data)) if data else 0
+            if kind == 0 and data:
+                data[at] ^= 1 << rng.randrange(8)
+            elif kind == 1:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif kind == 2 and data:
+                del data[at : at + rng.randint(1, 16)]
+            elif kind == 3:
+                data[:8] = struct.pack("<Q", rng.choice([0, 1, 7, header_len - 1, header_len + 1, len(data), 2**63, 2**64 - 1]))
+            elif kind == 4:
+                data = data[: rng.randrange(len(data) + 1)]
+            elif kind == 5 and 8 + header_len <= len(data):
+                pos = 8 + rng.randrange(header_len)
+                data[pos] = rng.choice(b'{}[]",:0123456789-.eE\\\\ ')
+        return bytes(data)
+
+    VALUES = [None, True, -1, 0, 1, 2**63, 2**64, 2**70, 1.5, "F16", "BF16", "F8_E4M3", "X9", "", [], {}, [0], [0, 1], [1, 0], [-1, 2], [0, 2**64], "a..b", ".", "a.", ".a"]
+
+    KEYS = ["layers.9.w", "__metadata__", "a..b", ".", "a.", ".a", "", "layers.0.w.x", "head"]
+
+    def json_mutant():
+        h = json.loads(json.dumps(header))
+        names = [k for k in h if k != "__metadata__"]
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.randrange(5)
+            name = rng.choice(names)
+            if kind in (0, 1) and not isinstance(h.get(name), dict):
+                continue
+            if kind == 0:
+                h[name][rng.choice(["dtype", "shape", "data_offsets"])] = rng.choice(VALUES)
+            elif kind == 1:
+                h[rng.choice(KEYS) if rng.random() < 0.5 else name + "x"] = dict(h[name])
+            elif kind == 2:
+                h.pop(name, None)
+            elif kind == 3:
+                h["__metadata__"] = rng.choice(VALUES)
+            else:
+                h[name] = rng.choice(VALUES)
+        text = json.dumps(h).encode()
+        text += b" " * rng.choice([0, 0, 3])
+        return struct.pack("<Q", len(text)) + text + original[8 + header_len :]
+
+    for round in range(rounds):
+        blob = byte_mutant() if round % 2 else json_mutant()
+        target.write_bytes(blob)
+        for call in (
+            lambda: _core.checkpoint_tensors(str(target)),
+            lambda: devicemap.plan_checkpoint(str(target), max_memory={0: "4KiB", "cpu": "1MiB", "disk": 0}, block_pattern="layers.*"),
+        ):
+            try:
+                call()
+            except devicemap.InternalError as err:
+                print(f"round {round}: InternalError {err}; blob={blob[:200]!r}")
+                sys.exit(3)
+            except devicemap.PlacementError as err:
+                if not str(err):
+                    print(f"round {round}: empty message")
+                    sys.exit(4)
+            except BaseException as err:
+                print(f"round {round}: {type(err).__name__}: {err}; blob={blob[:200]!r}")
+                sys.exit(5)
+    print("ok", rounds)
+    """
+)
+
+
+def test_mutated_safetensors_headers_raise_checkpoint_errors(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.w": torch.randn(3, 4 + i) for i in range(4)}
+    tensors["layers.0.mask"] = torch.ones(5, dtype=torch.bool)
+    tensors["head.w"] = torch.randn(2, 2, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "seed.safetensors", metadata={"format": "pt"})
+    rounds = max(400, EXAMPLES * 8)
+    seed = 0 if os.environ.get("CI") else random.randrange(2**32)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", HEADER_FUZZER, str(tmp_path), str(rounds), str(seed)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the header reader hung (seed {seed})")
+    assert done.returncode == 0, f"seed {seed}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert done.stdout.strip() == f"ok {rounds}"
+
+
+def test_a_truncated_seed_is_still_a_checkpoint_error(tmp_path: Path):
+    # The fuzzer's own sanity check: a plainly broken file is reported, not accepted.
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 100) + json.dumps({}).encode())
+    with pytest.raises(devicemap.CheckpointError, match="model.safetensors"):
+        devicemap.plan_checkpoint(tmp_path, max_memory={"cpu": "1MiB"})
