@@ -202,3 +202,26 @@ def test_compat_takes_unbounded_sizes_like_accelerate(model, size):
     )
     balanced = compat.get_balanced_memory(model, max_memory={0: size, 1: size, "cpu": size})
     assert balanced[1] == size
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        (dict(path=5), ["checkpoint path", "5"]),
+        (dict(path=b"ckpt"), ["checkpoint path", "b'ckpt'"]),
+        (dict(block_pattern=5), ["block_pattern", "5", "'model.layers.*'"]),
+        (dict(block_pattern=["model.layers.*", 3]), ["block_pattern", "3"]),
+        (dict(config=[1, 2]), ["config", "[1, 2]"]),
+        (dict(workload="batch 4"), ["workload", "'batch 4'", "Workload"]),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_plan_checkpoint_names_the_wrong_argument(tmp_path, kwargs, fragments):
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.w": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    path = kwargs.pop("path", tmp_path)
+    with pytest.raises(devicemap.InvalidOptionError) as info:
+        devicemap.plan_checkpoint(path, max_memory=MEMORY, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)

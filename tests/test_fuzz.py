@@ -221,6 +221,40 @@ def test_plan_stages(model, hosts, dtype, tied):
     expect_placement_error(devicemap.plan_stages, model, hosts=hosts, dtype=dtype, tied=tied)
 
 
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("fuzz-checkpoint")
+    save_file({f"model.layers.{i}.w": torch.zeros(8, 8) for i in range(3)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "model_type": "llama"}))
+    return folder
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_plan_checkpoint_arguments(small_checkpoint, data):
+    path = data.draw(st.one_of(st.just(small_checkpoint), st.just(str(small_checkpoint)), junk), label="path")
+    expect_placement_error(
+        devicemap.plan_checkpoint,
+        path,
+        max_memory=data.draw(max_memories, label="max_memory") or {"cpu": "1MiB"},
+        strategy=data.draw(strategies, label="strategy"),
+        dtype=data.draw(dtypes, label="dtype"),
+        block_pattern=data.draw(st.one_of(st.none(), st.just("model.layers.*"), junk), label="pattern"),
+        config=data.draw(
+            st.one_of(
+                st.none(),
+                st.fixed_dictionaries({"num_hidden_layers": junk, "tie_word_embeddings": junk}),
+                junk,
+            ),
+            label="config",
+        ),
+        workload=data.draw(st.one_of(st.none(), st.just(devicemap.Workload(batch_size=1, seq_len=8)), junk)),
+        offload_buffers=data.draw(flags, label="offload_buffers"),
+    )
+
+
 # -- safetensors headers, mutated byte by byte, in a child process (a hang or an abort is caught) --------
 
 HEADER_FUZZER = textwrap.dedent(

@@ -3,6 +3,7 @@ option, the value and what is accepted, instead of a TypeError deep inside (or a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -28,22 +29,34 @@ def check_choice(option: str, value: object, choices: Iterable[str]) -> str:
 
 def check_class_names(option: str, value: object) -> Optional[list[str]]:
     """``None``, one class name, or an iterable of class names (strings, as accelerate compares names)."""
+    return check_strings(option, value, "class names", "['LlamaDecoderLayer']")
+
+
+def check_strings(option: str, value: object, what: str, example: str) -> Optional[list[str]]:
+    """``None``, one string, or an iterable of strings (``what`` and ``example`` word the message)."""
     if value is None:
         return None
     if isinstance(value, str):
         return [value]
     if isinstance(value, (Mapping, bytes)) or not isinstance(value, Iterable):
-        raise InvalidOptionError(
-            f"{option} must be a list of class names such as ['LlamaDecoderLayer'], got {value!r}"
-        )
+        raise InvalidOptionError(f"{option} must be a list of {what} such as {example}, got {value!r}")
     names = list(value)
     for name in names:
         if not isinstance(name, str):
             hint = f" (the class name is {name.__name__!r})" if isinstance(name, type) else ""
             raise InvalidOptionError(
-                f"{option} must hold class names (strings), got {name!r}{hint}; e.g. ['LlamaDecoderLayer']"
+                f"{option} must hold {what} (strings), got {name!r}{hint}; e.g. {example}"
             )
     return names
+
+
+def check_path(option: str, value: object) -> str:
+    """A file or folder path: a ``str`` or ``os.PathLike`` (not bytes, not a number)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidOptionError(f"{option} must be a file or folder path (str or Path), got {value!r}")
+    return value
 
 
 def check_mapping(option: str, value: object, example: str) -> Optional[Mapping[Any, Any]]:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import _core
-from .errors import CheckpointError
+from .arguments import check_mapping, check_path, check_strings
+from .errors import CheckpointError, InvalidOptionError
 from .memory import Size
 from .planning import Plan, plan
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
@@ -133,11 +134,12 @@ def checkpoint_tree(
     config: Optional[Mapping[str, Any]] = None,
 ) -> ModuleTree:
     """The size tree of a checkpoint, from its headers (see the module docs)."""
-    path = Path(path)
+    path = Path(check_path("checkpoint path", path))
     if not path.exists():
         raise CheckpointError(f"bad checkpoint {path}: no such file or folder")
+    check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     config = dict(config) if config is not None else find_config(path) or {}
-    patterns = [block_pattern] if isinstance(block_pattern, str) else list(block_pattern or [])
+    patterns = check_strings("block_pattern", block_pattern, "module name patterns", "'model.layers.*'") or []
     bits = dtype_bits(to_dtype(dtype)) if dtype is not None else None
     core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
     tree = ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
@@ -179,6 +181,10 @@ def plan_checkpoint(
     >>> devicemap.plan_checkpoint(folder, max_memory={0: "600KiB", 1: "600KiB"}, block_pattern="layers.*").device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
     """
+    path = check_path("checkpoint path", path)
+    check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
+    if workload is not None and not isinstance(workload, Workload):
+        raise InvalidOptionError(f"workload must be a devicemap.Workload, got {workload!r}")
     config = dict(config) if config is not None else find_config(path) or {}
     tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
     runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
