@@ -152,7 +152,7 @@ def test_export_targets():
 def test_plan_a_checkpoint_from_its_headers(tiny_checkpoints):
     model, folder = tiny_checkpoints["llama"]
     total = devicemap.ModuleTree.from_module(model).total_bytes
-    out = run("plan", str(folder), "--max-memory", f"0={total // 2},1={total // 2},cpu=1GiB", "--json")
+    out = run("plan", str(folder), "--max-memory", f"0={total // 2}B,1={total // 2}B,cpu=1GiB", "--json")
     assert out.returncode == 0, out.stderr
     expected = devicemap.plan_checkpoint(folder, max_memory={0: total // 2, 1: total // 2, "cpu": "1GiB"})
     assert json.loads(out.stdout)["device_map"] == expected.device_map

@@ -8,7 +8,9 @@
     devicemap compare mixtral-8x7b --gpus 2x48GiB --cpu 64GiB --dtype bfloat16
     devicemap export llama-3-70b --gpus 4x40GiB --dtype bfloat16 --to vllm
 
-Exit codes: 0 planned, 1 the model does not fit, 2 bad usage or input.
+Exit codes: 0 planned; 1 the model does not fit; 2 bad usage or input (one line on stderr naming the
+input and the fix); 3 a bug in devicemap (a traceback to report); 130 interrupted; 141 the output was
+closed early (e.g. piped into ``head``), as for a command stopped by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
+from . import cli_inputs
 from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare
-from .errors import DoesNotFitError, PlacementError
+from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
-from .memory import DeviceKey, device_key, parse_size
+from .memory import DeviceKey, parse_size
 from .planning import STRATEGIES, Plan, plan
 from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree
@@ -36,48 +42,19 @@ DEMO_GPUS = "2x8GiB"
 DEMO_CPU = "64GiB"
 DEMO_PICTURE = "devicemap-demo.svg"
 
-
-def cli_size(text: str) -> int:
-    """A size on the command line: plain digits are bytes, otherwise a string like '24GiB'."""
-    return int(text) if text.isdigit() else parse_size(text)
-
-
-def parse_gpus(text: str) -> dict[DeviceKey, int]:
-    """``"4x24GiB"`` -> four GPUs of 24 GiB; ``"80GiB,40GiB"`` -> GPU 0 and GPU 1.
-
-    >>> parse_gpus("2x1KiB")
-    {0: 1024, 1: 1024}
-    """
-    sizes: list[int] = []
-    for part in text.split(","):
-        count, sep, size = part.partition("x")
-        if sep and count.isdigit():
-            sizes.extend([cli_size(size)] * int(count))
-        else:
-            sizes.append(cli_size(part))
-    return dict(enumerate(sizes))
+EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_INPUT = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head -1`
 
 
-def parse_max_memory(text: str) -> dict[DeviceKey, object]:
-    """``"0=20GiB,1=20GiB,cpu=64GiB,disk"`` -> a max_memory dict."""
-    memory: dict[DeviceKey, object] = {}
-    for part in text.split(","):
-        key, sep, size = part.partition("=")
-        memory[device_key(key)] = cli_size(size) if sep else 0
-    return memory
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a devicemap error instead of printing usage and exiting, so every bad input
+    ends the same way: one ``devicemap: ...`` line and exit code 2."""
 
-
-def load_model(source: str, num_hidden_layers: Optional[int] = None):
-    """A meta-device model from a catalog name, a config.json or a folder holding one."""
-    from . import catalog
-
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.suffix == ".json" and path.exists():
-        config = json.loads(path.read_text())
-        return catalog.build_meta_model(config, num_hidden_layers=num_hidden_layers)
-    return catalog.build_meta_model(source, num_hidden_layers=num_hidden_layers)
+    def error(self, message: str):  # type: ignore[override]
+        raise InvalidOptionError(f"{message} (see `{self.prog} --help`)")
 
 
 def add_model_and_devices(p: argparse.ArgumentParser) -> None:
@@ -86,18 +63,28 @@ def add_model_and_devices(p: argparse.ArgumentParser) -> None:
         help="catalog name (see `devicemap models`), config.json, model folder, or a safetensors checkpoint "
         "(file, index or folder; `plan` reads its headers only)",
     )
-    p.add_argument("--gpus", help="GPU sizes: '4x24GiB' or '80GiB,40GiB'")
+    p.add_argument(
+        "--gpus",
+        help="GPU sizes: '4x24GiB' or '80GiB,40GiB'; a number without a unit is bytes and must be >= 1 MiB",
+    )
     p.add_argument("--cpu", help="CPU memory for offloaded layers, e.g. '64GiB'")
     p.add_argument("--disk", action="store_true", help="allow offloading to disk")
-    p.add_argument("--max-memory", help="accelerate-style spec: '0=20GiB,1=20GiB,cpu=64GiB,disk'")
+    p.add_argument(
+        "--max-memory",
+        help="accelerate-style spec instead of --gpus/--cpu/--disk: '0=20GiB,1=20GiB,cpu=64GiB,disk' "
+        "(each device once; every device but disk needs a size)",
+    )
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    p.add_argument("--dtype", help="size weights as this dtype, e.g. bfloat16")
+    p.add_argument(
+        "--dtype",
+        help="size weights as this dtype: bfloat16 (bf16), float16 (fp16, half), float32 (fp32, float), "
+        "float64, float8_e4m3fn, float8_e5m2, int8, uint8, or auto (the config's dtype); "
+        "default: the model's own dtypes",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="devicemap", description="Decide where each layer of a model lives."
-    )
+    parser = _Parser(prog="devicemap", description="Decide where each layer of a model lives.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate"
@@ -105,8 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the bundled model shapes")
     p = sub.add_parser("plan", help="plan a model on a device spec")
     add_model_and_devices(p)
-    p.add_argument("--batch", type=int, help="plan KV cache and activations for this batch size")
-    p.add_argument("--seq-len", type=int, help="... and this sequence length (default 2048 with --batch)")
+    p.add_argument("--batch", type=int, help="plan KV cache and activations for this batch size (>= 1)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="... and this sequence length (>= 1; default 2048 with --batch; --seq-len alone plans batch 1)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        help="dtype of the KV cache (with --batch/--seq-len); default: the compute dtype, i.e. --dtype when it "
+        "is a floating dtype, else the config's dtype, else bfloat16",
+    )
     p.add_argument("--balance", default="memory", choices=("memory", "compute"))
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="write a picture of the plan: a .svg or .html file")
@@ -127,6 +123,7 @@ def plan_to_json(result: Plan) -> dict:
                 "device": u.device,
                 "capacity": u.capacity,
                 "weights": u.weights,
+                "runtime": u.runtime,
                 "reserve": u.reserve,
                 "blocks": list(u.blocks),
             }
@@ -140,73 +137,99 @@ def plan_to_json(result: Plan) -> dict:
 
 
 def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
-    if args.max_memory:
-        return parse_max_memory(args.max_memory)
-    memory: dict[DeviceKey, object] = dict(parse_gpus(args.gpus)) if args.gpus else {}
-    if args.cpu:
-        memory["cpu"] = cli_size(args.cpu)
+    """The device spec: --max-memory alone, or --gpus/--cpu/--disk (never a mix, which would be ambiguous)."""
+    if args.max_memory is not None:
+        mixed = [flag for flag, given in (("--gpus", args.gpus), ("--cpu", args.cpu)) if given is not None]
+        mixed += ["--disk"] if args.disk else []
+        if mixed:
+            raise InvalidOptionError(
+                f"--max-memory cannot be combined with {' and '.join(mixed)}: it names every device itself; "
+                "use one or the other, e.g. --max-memory 0=24GiB,cpu=64GiB,disk"
+            )
+        return cli_inputs.max_memory(args.max_memory)
+    memory: dict[DeviceKey, object] = dict(cli_inputs.gpu_sizes(args.gpus)) if args.gpus is not None else {}
+    if args.cpu is not None:
+        memory["cpu"] = cli_inputs.size("--cpu", args.cpu)
     if args.disk:
         memory["disk"] = 0
     if not memory:
-        raise PlacementError("give the devices: --gpus 2x24GiB [--cpu 64GiB] [--disk], or --max-memory ...")
+        raise InvalidOptionError(
+            "give the devices: --gpus 2x24GiB [--cpu 64GiB] [--disk], or --max-memory ..."
+        )
     return memory
 
 
-def workload_from_args(args: argparse.Namespace) -> Optional[Workload]:
-    if args.batch is None and args.seq_len is None:
+def workload_from_args(
+    args: argparse.Namespace, source: cli_inputs.ModelSource, dtype: Optional[str]
+) -> Optional[Workload]:
+    batch = cli_inputs.at_least_one("--batch", args.batch)
+    seq_len = cli_inputs.at_least_one("--seq-len", args.seq_len)
+    if batch is None and seq_len is None:
+        if args.kv_dtype is not None:
+            raise InvalidOptionError("--kv-dtype sizes the KV cache: give --batch and/or --seq-len with it")
         return None
-    return Workload(batch_size=args.batch or 1, seq_len=args.seq_len or 2048, kv_dtype=args.dtype)
+    kv_dtype = cli_inputs.kv_dtype(args.kv_dtype, dtype, source)
+    return Workload(batch_size=batch or 1, seq_len=seq_len or 2048, kv_dtype=kv_dtype)
 
 
-def write_picture(result: Plan, path: str, title: str) -> None:
-    target = Path(path)
-    if target.suffix not in (".svg", ".html"):
-        raise PlacementError(f"--out {path!r}: use a .svg or .html file name")
-    text = plan_to_html(result, title) if target.suffix == ".html" else plan_to_svg(result, title)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(target)  # never leave a half-written picture
-
-
-def is_checkpoint(source: str) -> bool:
-    """A safetensors file, an index, or a folder of safetensors files (planned from headers alone)."""
-    path = Path(source)
-    if path.is_dir():
-        return (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
-    return path.name.endswith((".safetensors", ".safetensors.index.json")) and path.exists()
+def write_picture(result: Plan, path: Path, title: str) -> None:
+    """Write through a private temporary file beside the target, so a failure never leaves half a picture
+    (nor overwrites anything but the target)."""
+    text = plan_to_html(result, title) if path.suffix.lower() == ".html" else plan_to_svg(result, title)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise InvalidOptionError(f"cannot write the picture {str(path)!r}: {err.strerror or err}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    if is_checkpoint(args.model):
+    source = cli_inputs.model_source(args.model)
+    memory = memory_from_args(args)
+    dtype = cli_inputs.weights_dtype(args.dtype, source)
+    workload = workload_from_args(args, source, dtype)
+    picture = cli_inputs.picture_path(args.out) if args.out is not None else None
+    if source.kind == "checkpoint":
         if args.balance != "memory":
-            raise PlacementError("--balance compute needs the model's modules: plan its config.json instead")
+            raise InvalidOptionError(
+                "--balance compute needs the model's modules: plan its config.json (or the catalog name) instead"
+            )
         result = plan_checkpoint(
-            args.model,
-            max_memory=memory_from_args(args),
-            strategy=args.strategy,
-            dtype=args.dtype,
-            workload=workload_from_args(args),
+            str(source.path), max_memory=memory, strategy=args.strategy, dtype=dtype, workload=workload
         )
     else:
         result = plan(
-            load_model(args.model),
-            max_memory=memory_from_args(args),
+            source.meta_model("plan"),
+            max_memory=memory,
             strategy=args.strategy,
-            dtype=args.dtype,
-            workload=workload_from_args(args),
+            dtype=dtype,
+            workload=workload,
             balance=args.balance,
         )
     print(json.dumps(plan_to_json(result), indent=2) if args.json else result)
-    if args.out:
-        write_picture(result, args.out, f"{args.model}")
+    if picture is not None:
+        write_picture(result, picture, f"{args.model}")
         if not args.json:
             print(f"picture written to {args.out}")
     return 0
 
 
+def model_memory_dtype(args: argparse.Namespace, command: str):
+    """The inputs `compare` and `export` share: the meta model, the device spec and the dtype."""
+    source = cli_inputs.model_source(args.model)
+    memory = memory_from_args(args)
+    dtype = cli_inputs.weights_dtype(args.dtype, source)
+    return source.meta_model(command), memory, dtype
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    sides = compare(model, memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    model, memory, dtype = model_memory_dtype(args, "compare")
+    sides = compare(model, memory, strategy=args.strategy, dtype=dtype)
     devices = list(dict.fromkeys(d for side in sides for d in side.device_bytes))
     rows = [("", *(side.method for side in sides))]
     for device in devices:
@@ -227,8 +250,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    result = plan(model, max_memory=memory_from_args(args), strategy=args.strategy, dtype=args.dtype)
+    model, memory, dtype = model_memory_dtype(args, "export")
+    result = plan(model, max_memory=memory, strategy=args.strategy, dtype=dtype)
     print(export(result, model, args.to))
     return 0
 
@@ -247,8 +270,10 @@ def run_models() -> int:
 
 def run_demo() -> int:
     """The main job on the bundled default: plan, show, and compare with accelerate's 'balanced'."""
-    model = load_model(DEMO_MODEL)
-    memory = {**parse_gpus(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
+    from . import catalog
+
+    model = catalog.build_meta_model(DEMO_MODEL)
+    memory = {**cli_inputs.gpu_sizes(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
     start = time.perf_counter()
     result = plan(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
     ours = time.perf_counter() - start
@@ -269,31 +294,67 @@ def run_demo() -> int:
     print(f"  {len(offloaded)} module(s) off the GPUs: {', '.join(offloaded[:4])}{more}")
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
     print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
-    write_picture(result, DEMO_PICTURE, f"{DEMO_MODEL} on {DEMO_GPUS}")
+    write_picture(result, Path(DEMO_PICTURE), f"{DEMO_MODEL} on {DEMO_GPUS}")
     print(f"picture of the plan: {DEMO_PICTURE}")
     return 0
 
 
+def run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        return run_demo()
+    if args.command == "models":
+        return run_models()
+    if args.command == "compare":
+        return run_compare(args)
+    if args.command == "export":
+        return run_export(args)
+    return run_plan(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; return its exit code (see the module docstring). Bad input never shows a traceback."""
     # accelerate warns about every GPU index this machine lacks; planning for other machines is the point.
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     try:
-        if args.command == "demo":
-            return run_demo()
-        if args.command == "models":
-            return run_models()
-        if args.command == "compare":
-            return run_compare(args)
-        if args.command == "export":
-            return run_export(args)
-        return run_plan(args)
+        code = run(build_parser().parse_args(argv))
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_OUTPUT_CLOSED
+    except KeyboardInterrupt:
+        print("devicemap: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DoesNotFitError as err:
         print(f"devicemap: {err}", file=sys.stderr)
-        return 1
-    except (PlacementError, FileNotFoundError, json.JSONDecodeError, OSError) as err:
+        return EXIT_DOES_NOT_FIT
+    except InternalError:
+        return _report_bug()
+    except PlacementError as err:
         print(f"devicemap: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - anything else is a devicemap bug: show it, ask for a report
+        return _report_bug()
+
+
+def _report_bug() -> int:
+    traceback.print_exc()
+    print(
+        "devicemap: internal error (a bug in devicemap, not in your input); please report it with the "
+        "command line and the traceback above at the project's issue tracker",
+        file=sys.stderr,
+    )
+    return EXIT_BUG
+
+
+def _discard_stdout() -> None:
+    """After the reader went away, point stdout at /dev/null so Python's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured in tests): nothing to flush
+        pass
 
 
 if __name__ == "__main__":
