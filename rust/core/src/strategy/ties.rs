@@ -19,7 +19,7 @@ use super::{balanced, low_zero, sequential, Strategy};
 /// Most GPU choices (GPUs ^ tie groups) tried exhaustively.
 pub const MAX_CHOICES: usize = 4096;
 /// Most choices x chain length tried per question (keeps a solve of a huge tree interactive).
-const MAX_WORK: usize = 1 << 24;
+const MAX_WORK: usize = 1 << 22;
 
 /// A prefix of the free units: their chain, and which of them are tie groups (several blocks).
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +181,21 @@ fn counts_for(strategy: Strategy, chain: Chain, lanes: &[Lane]) -> Vec<usize> {
     }
 }
 
+/// A cheap test that a GPU choice cannot score strictly below `best` (most choices fail it, and skipping
+/// them keeps the enumeration to about one greedy pass per choice).
+fn cannot_beat(strategy: Strategy, moved: &Moved, best: Option<(u64, u64)>) -> bool {
+    let Some((first, _)) = best else {
+        return false;
+    };
+    match strategy {
+        Strategy::Balanced => {
+            first == 0 || placed(&greedy(moved.chain(), &moved.lanes, first - 1)) < moved.memory.len()
+        }
+        Strategy::BalancedLow0 if moved.lanes.len() > 1 => moved.lanes[0].base > first,
+        _ => false,
+    }
+}
+
 /// Keep `lane_of` if every unit was placed, it fits and it scores strictly better than `best`.
 fn keep_if_better(
     best: &mut Option<((u64, u64), Vec<usize>)>,
@@ -218,7 +233,7 @@ pub fn lay_out(strategy: Strategy, units: Units, lanes: &[Lane]) -> Option<Vec<u
     if let Some(choices) = choices(groups.len(), lanes.len(), n).filter(|_| !groups.is_empty()) {
         for choice in choices {
             let moved = Moved::new(units, &groups, &choice, lanes);
-            if !moved.groups_fit(lanes) {
+            if !moved.groups_fit(lanes) || cannot_beat(strategy, &moved, best.as_ref().map(|b| b.0)) {
                 continue;
             }
             let counts = counts_for(strategy, moved.chain(), &moved.lanes);
