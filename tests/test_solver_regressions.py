@@ -3,8 +3,12 @@ through the public API."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import devicemap
 
@@ -92,6 +96,53 @@ def test_with_room_to_spare_tied_bert_is_balanced_to_four_layers_per_gpu(bert):
     layer = devicemap.ModuleTree.from_module(bert.bert.encoder.layer[0], dtype=torch.float16).total_bytes
     plan = devicemap.plan(bert, max_memory={i: "1GiB" for i in range(4)}, dtype=torch.float16)
     assert max(plan.device_bytes[i] for i in range(4)) == 4 * layer
+
+
+def brute_force_with_tie(weights: list[int], tied: tuple[int, int], capacities: list[int]):
+    """Smallest largest GPU load over every GPU for the tied pair and every contiguous split of the other
+    layers within capacities (None: nothing fits)."""
+    group = weights[tied[0]]  # one storage, counted once
+    rest = [w for i, w in enumerate(weights) if i not in tied]
+    best = None
+    for lane in range(len(capacities)):
+        for cuts in itertools.combinations_with_replacement(range(len(rest) + 1), len(capacities) - 1):
+            bounds = [0, *cuts, len(rest)]
+            loads = [sum(rest[bounds[g] : bounds[g + 1]]) for g in range(len(capacities))]
+            loads[lane] += group
+            if all(load <= cap for load, cap in zip(loads, capacities)):
+                best = max(loads) if best is None else min(best, max(loads))
+    return best
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=2, max_size=6),
+    pair=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    capacities=st.lists(st.integers(0, 600), min_size=1, max_size=3),
+)
+def test_balanced_with_a_tied_pair_is_the_brute_force_optimum(sizes, pair, capacities):
+    """The tied pair may sit on any GPU; the other layers keep contiguous runs (the oracle)."""
+    first, second = sorted((pair[0] % len(sizes), pair[1] % len(sizes)))
+    if first == second:
+        second = first + 1 if first + 1 < len(sizes) else first - 1
+        first, second = sorted((first, second))
+    sizes[second] = sizes[first]
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, s, bias=False) for s in sizes])  # 4 * s bytes
+    model[second].weight = model[first].weight
+    weights = [4 * s for s in sizes]
+    best = brute_force_with_tie(weights, (first, second), capacities)
+    memory = {**dict(enumerate(capacities)), "cpu": 10 * sum(weights)}
+    try:
+        plan = devicemap.plan(model, max_memory=memory, strategy="balanced")
+    except devicemap.DoesNotFitError as err:
+        assert best is None and "stage" in str(err)
+        return
+    check_plan(model, plan)
+    if best is None:
+        assert plan.offloaded
+    else:
+        assert not plan.offloaded
+        assert max(plan.device_bytes[g] for g in range(len(capacities))) == best
 
 
 # Item 13: "does not fit" messages say everything that is missing, with numbers.
