@@ -2,8 +2,8 @@
 //!
 //! Every strategy shares one pipeline: cut the tree into blocks, group tied blocks and resolve pins into
 //! units, decide how much of the chain of free units stays on the GPUs (reserving staging room only if
-//! something is offloaded), lay that prefix over the GPUs (the strategy proper), then put the rest on the
-//! CPU and finally on disk.
+//! something is offloaded), lay that prefix over the GPUs (the strategy proper; tie groups may sit on any
+//! GPU, see [`ties`]), then put the rest on the CPU and finally on disk.
 //!
 //! Memory on a GPU is weights + runtime memory (KV cache and logits attached to blocks, and one
 //! activation buffer per computing device). An offloaded block's weights go to CPU/disk, but it runs on

@@ -7,7 +7,9 @@
 //! on any GPU, its memory (and cost) added to that GPU's load. The optimum is the best over every
 //! choice of GPU per group, each choice solved exactly by the chain algorithms. Placing each group at
 //! its first block's position is one of those choices; it is tried first and kept on equal scores,
-//! so plans only change when moving a group helps.
+//! so plans only change when moving a group helps. `sequential` keeps that choice whenever it fits and
+//! moves groups only when that keeps more units on the GPUs. What is offloaded stays the tail of the
+//! chain in model order (a group counted at its first block).
 //!
 //! The choices are enumerated while there are at most [`MAX_CHOICES`] of them (and the work stays
 //! under [`MAX_WORK`] block visits); beyond that, each group stays at its first block's position,
