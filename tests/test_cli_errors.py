@@ -150,6 +150,14 @@ def test_out_is_checked_before_planning(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.svg", "plan.svg", "plan.svg.tmp"]
 
 
+def test_a_picture_that_cannot_be_written_leaves_nothing_behind(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "devicemap-demo.svg").mkdir()  # the demo's picture name, taken by a folder
+    line = refused(capsys, "demo")
+    assert "cannot write the picture 'devicemap-demo.svg'" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["devicemap-demo.svg"]  # no temporary file left
+
+
 def test_usage_errors_are_one_line(capsys):
     line = refused(capsys, "plan", SMALL, "--gpus", "1x8GiB", "--strategy", "fastest")
     assert "--strategy" in line and "'fastest'" in line and "balanced" in line

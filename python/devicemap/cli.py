@@ -176,15 +176,16 @@ def write_picture(result: Plan, path: Path, title: str) -> None:
     """Write through a private temporary file beside the target, so a failure never leaves half a picture
     (nor overwrites anything but the target)."""
     text = plan_to_html(result, title) if path.suffix.lower() == ".html" else plan_to_svg(result, title)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary: Optional[str] = None
     try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
     except OSError as err:
         raise InvalidOptionError(f"cannot write the picture {str(path)!r}: {err.strerror or err}") from None
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
 
 

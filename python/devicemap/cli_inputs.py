@@ -41,22 +41,23 @@ def size(flag: str, text: str, entry: Optional[str] = None) -> int:
     A bare number below 1 MiB is refused: ``--gpus 24`` almost certainly means 24 GiB, not 24 bytes.
     ``entry`` is the part of the flag's value to quote in errors (default: ``text``).
     """
+    where = f"{flag} {(entry or text)!r}"
     if text.isascii() and text.isdigit():
         count = int(text)
         if count < MIB:
             raise InvalidSizeError(
-                f"{flag} {(entry or text)!r}: a number without a unit is a byte count, and {count} bytes is surely a "
-                f"mistake; did you mean {text}GiB? write {text}B for bytes"
+                f"{where}: a number without a unit is a byte count, and {count} bytes is surely a mistake; "
+                f"did you mean {text}GiB? write {text}B for bytes"
             )
-        return _library_size(flag, count)
-    return _library_size(flag, text)
+        return _library_size(where, count)
+    return _library_size(where, text)
 
 
-def _library_size(flag: str, value: object) -> int:
+def _library_size(where: str, value: object) -> int:
     try:
         return parse_size(value)  # type: ignore[arg-type]
     except InvalidSizeError as err:
-        raise InvalidSizeError(f"{flag}: {err}") from None
+        raise InvalidSizeError(f"{where}: {err}") from None
 
 
 def gpu_sizes(text: str) -> dict[DeviceKey, int]:
@@ -73,7 +74,7 @@ def gpu_sizes(text: str) -> dict[DeviceKey, int]:
             raise InvalidOptionError(
                 f"--gpus {text!r}: {count} GPUs in {part!r}; give between 1 and {MAX_GPUS} GPUs in all"
             )
-        sizes.extend([size("--gpus", repeated[2] if repeated else part)] * count)
+        sizes.extend([size("--gpus", repeated[2] if repeated else part, entry=part)] * count)
     return dict(enumerate(sizes))
 
 
