@@ -77,14 +77,17 @@ def add_model_and_devices(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", choices=STRATEGIES)
     p.add_argument(
         "--dtype",
-        help="size weights as this dtype: bfloat16 (bf16), float16 (fp16, half), float32 (fp32, float), "
-        "float64, float8_e4m3fn, float8_e5m2, int8, uint8, or auto (the config's dtype); "
-        "default: the model's own dtypes",
+        help=f"size weights as this dtype: {cli_inputs.accepted_dtypes()}; default: the model's own dtypes",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="devicemap", description="Decide where each layer of a model lives.")
+    parser = _Parser(
+        prog="devicemap",
+        description="Decide where each layer of a model lives.",
+        epilog="exit codes: 0 planned, 1 the model does not fit, 2 bad usage or input, 3 a bug in devicemap "
+        "(please report it), 130 interrupted, 141 output closed early (e.g. piped into head)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate"
