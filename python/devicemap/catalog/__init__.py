@@ -132,12 +132,13 @@ def _transformers_config(auto_config: Any, model_type: str, config_dict: dict[st
 
 
 def _check_layer_counts(config: Mapping[str, Any]) -> None:
-    """Every layer count in the config (and its sub-configs, e.g. ``text_config``) is a plausible int."""
-    for key, value in config.items():
-        if key in LAYER_COUNT_KEYS and value is not None:
-            _check_layer_count(key, value)
-        elif isinstance(value, Mapping):
-            _check_layer_counts(value)
+    """The language model's layer counts (top level and ``text_config``) are plausible ints. Other
+    sub-configs (vision towers, ...) are left to transformers: their fields may mean other things."""
+    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
+        if isinstance(part, Mapping):
+            for key in LAYER_COUNT_KEYS:
+                if part.get(key) is not None:
+                    _check_layer_count(prefix + key, part[key])
 
 
 def _check_layer_count(key: str, value: object) -> None:
