@@ -88,3 +88,17 @@ def test_a_shared_module_is_listed_under_every_parent_and_tied():
     expected = model(ids)
     out = devicemap.dispatch(model, plan, rehearse=True)(ids)
     torch.testing.assert_close(out, expected)
+
+
+def test_a_module_held_twice_by_one_parent_is_covered_with_its_buffers():
+    # named_children() lists it once, state_dict() under both names: the map must cover both.
+    layer = torch.nn.BatchNorm1d(4)  # parameters and buffers
+    model = torch.nn.Module()
+    model.first = layer
+    model.again = layer
+    model.head = torch.nn.Linear(4, 4)
+    plan = devicemap.plan(model, max_memory={0: 200, 1: 200, "cpu": "1MiB"})
+    check_device_map(model, plan.device_map)
+    # weight, bias, running mean and var (4 floats each), the step counter (int64), the Linear: once each
+    assert devicemap.ModuleTree.from_module(model).total_bytes == 4 * 4 * 4 + 8 + (16 + 4) * 4
+    assert ["again.running_mean", "first.running_mean"] in devicemap.ModuleTree.from_module(model).tied_groups

@@ -34,12 +34,18 @@ def _is_routed_experts(local_name: str, module: torch.nn.Module, experts: int) -
 
 
 def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
-    """``[(module name, FLOPs per token)]`` for every module holding parameters directly."""
+    """``[(module name, FLOPs per token)]`` for every module holding parameters directly. A module
+    registered under several names counts once, under its first (as ``named_modules`` lists it), so
+    shared and cyclic module graphs are walked in linear time."""
     experts, share = _expert_share(getattr(model, "config", None))
     result: list[tuple[str, int]] = []
     stack: list[tuple[str, torch.nn.Module, float]] = [("", model, 1.0)]
+    visited: set[int] = set()
     while stack:
         name, module, scale = stack.pop()
+        if id(module) in visited:
+            continue
+        visited.add(id(module))
         if experts and _is_routed_experts(name.rsplit(".", 1)[-1], module, experts):
             scale *= share
         params = [p for p in module._parameters.values() if p is not None]
@@ -47,9 +53,8 @@ def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
             flops = int(2 * sum(p.numel() for p in params) * scale)
             if flops:
                 result.append((name, flops))
-        seen: set[int] = set()
-        for child_name, child in module._modules.items():
-            if child is not None and id(child) not in seen:  # as named_children() lists them
-                seen.add(id(child))
+        # Pushed in reverse so they pop in definition order: the first name of a shared module wins.
+        for child_name, child in reversed(module._modules.items()):
+            if child is not None and id(child) not in visited:
                 stack.append((f"{name}.{child_name}" if name else child_name, child, scale))
     return result

@@ -100,9 +100,12 @@ class _Walk:
     module that is its own ancestor (a cycle) is never entered again, as in ``named_modules``.
     """
 
-    def __init__(self, sizer: _Sizer, untie: bool = False):
+    def __init__(self, sizer: _Sizer, untie: bool = False, like_named_children: bool = False):
         self.sizer = sizer
         self.untie = untie
+        # accelerate walks named_children(), which lists a module held twice by one parent once; state_dict
+        # lists both names, and a device map must cover both (so only accelerate's port skips the repeat).
+        self.like_named_children = like_named_children
         self.names: list[str] = []
         self.parents: list[int] = []
         self.kinds: list[int] = []
@@ -111,6 +114,7 @@ class _Walk:
         self.duplicate: list[bool] = []
         self.class_ids: dict[str, int] = {}
         self.param_nodes: dict[int, list[int]] = {}  # id(parameter) -> its nodes, first name first
+        self.buffer_nodes: dict[int, list[int]] = {}  # id(buffer) -> its nodes, first name first
         # every parameter node, in named_parameters(remove_duplicate=False) order
         self.param_order: list[int] = []
         self.type_ids: dict[type, int] = {}
@@ -132,7 +136,7 @@ class _Walk:
         type_id = self.type_ids.get
         named, tensor_bits = sizer.needs_names, sizer.bits
         bits_per = sizer.cache.get  # bits per element by dtype, once sizer.bits has seen the dtype
-        seen_buffers: set[int] = set()
+        buffer_nodes = self.buffer_nodes
         # id(module) -> (id(parent module), name) of the edge it was first reached by.
         first_edge: dict[int, tuple[int, str]] = {}
         module_ids: dict[int, int] = {}  # row -> id(module), for the cycle check on repeated modules
@@ -191,10 +195,12 @@ class _Walk:
                     if buf is None:
                         continue
                     kind = NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER
-                    if id(buf) in seen_buffers:
+                    holders = buffer_nodes.get(id(buf))
+                    if holders is not None:
+                        holders.append(len(rows))
                         add((name, node, kind, class_of(type(buf)), 0, True))
                     else:
-                        seen_buffers.add(id(buf))
+                        buffer_nodes[id(buf)] = [len(rows)]
                         size = tensor_bits(self._full_name(rows, node, name) if named else name, buf)
                         add((name, node, kind, class_of(type(buf)), size, False))
             children = module._modules
@@ -205,9 +211,10 @@ class _Walk:
                         push(((child, node, name, _FIRST),))
                     continue
                 seen_children: set[int] = set()
+                skip_repeats = self.like_named_children
                 found = []
                 for name, child in children.items():
-                    if child is None or id(child) in seen_children:
+                    if child is None or (skip_repeats and id(child) in seen_children):
                         continue
                     seen_children.add(id(child))
                     if mode == _COPY:
@@ -282,11 +289,13 @@ class ModuleTree:
         """Export ``model`` (any device, including ``meta``: nothing is allocated).
 
         ``untie=True`` counts a shared parameter under every name (each user keeps its own copy, as
-        pipeline stages must).
+        pipeline stages must). ``accelerate_tie_order=True`` walks and orders ties exactly as accelerate
+        does (``named_children`` skips a module one parent holds twice; buffers are never tied), for the
+        :mod:`devicemap.compat` port.
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
         tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
-        Buffers count whether persistent or not. Parameters reachable under several names (tied
+        Buffers count whether persistent or not. Tensors reachable under several names (tied
         weights, shared modules) are counted once, under their first name, and recorded as tied.
 
         >>> import torch
@@ -310,7 +319,7 @@ class ModuleTree:
                 )
             for name, special in special_dtypes.items():
                 dtype_bits(to_dtype(special, f"special_dtypes[{name!r}]"))
-        walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie)
+        walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie, like_named_children=accelerate_tie_order)
         # The walk allocates a tuple per node and frees nothing: the cyclic collector would only rescan
         # the growing heap again and again (a large share of the time on 100k-node trees).
         collecting = gc.isenabled()
@@ -335,6 +344,10 @@ class ModuleTree:
             full_names = walk.full_names()
             param_names = [full_names[i] for i in walk.param_order]
             groups = _accelerate_group_order(groups, full_names, param_names)
+        if not accelerate_tie_order and not untie:
+            # A buffer held by several modules (a shared module's) stays with its first holder, so every
+            # name state_dict lists is placed; accelerate ties parameters only, so its port does not.
+            groups += [nodes for nodes in walk.buffer_nodes.values() if len(nodes) > 1]
         for number, nodes in enumerate(groups):
             for n in nodes:
                 tie[n] = number
@@ -381,7 +394,7 @@ class ModuleTree:
 
     @property
     def tied_groups(self) -> list[list[str]]:
-        """Tied parameter names, one sorted list per shared storage."""
+        """Tied tensor names (parameters, and buffers of shared modules), one sorted list per storage."""
         return self._core.tie_groups()
 
     @property

@@ -201,8 +201,9 @@ impl ModuleTree {
             if *t < 0 {
                 continue;
             }
-            if kind[i] != NodeKind::Parameter {
-                return bad(format!("node {:?} is tied but is not a parameter", names[i]));
+            // Parameters shared by several modules, or buffers of a module registered under several parents.
+            if !kind[i].is_tensor() {
+                return bad(format!("node {:?} is tied but is not a tensor", names[i]));
             }
             let t = *t as usize;
             if t > n {
