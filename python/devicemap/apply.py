@@ -21,8 +21,9 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _core
-from .errors import CheckpointError, OffloadFolderError
-from .memory import DeviceKey, Size
+from .arguments import check_flag, check_path
+from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
+from .memory import DeviceKey, Size, device_key
 from .offload_folder import (
     ConvertedWeights,
     content_key,
@@ -65,11 +66,62 @@ class RehearsalDevice(str):
 def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, Any]:
     """The device map to hand to accelerate: GPU indices as is, or a :class:`RehearsalDevice` (the
     CPU acting as that GPU) when rehearsing."""
-    device_map = dict(plan_or_map.device_map if isinstance(plan_or_map, Plan) else plan_or_map)
-    if rehearse:
-        stand_in = RehearsalDevice()
-        return {k: stand_in if isinstance(v, int) else v for k, v in device_map.items()}
-    return device_map
+    check_flag("rehearse", rehearse)
+    if isinstance(plan_or_map, Plan):
+        return execution_map(plan_or_map.device_map, rehearse)
+    if not isinstance(plan_or_map, Mapping):
+        raise InvalidOptionError(
+            f"plan must be a devicemap.Plan or a device map like {{'model.layers.0': 0, ...}}, got {plan_or_map!r}"
+        )
+    device_map: dict[str, Any] = {}
+    for name, device in plan_or_map.items():
+        if not isinstance(name, str):
+            raise InvalidOptionError(f"device map key {name!r} must be a module name string, e.g. 'lm_head'")
+        device_map[name] = device_key(
+            device
+        )  # 0, "cuda:0", torch.device("cuda", 0) -> 0; or UnknownDeviceError
+    _check_disjoint(device_map)
+    if not rehearse:
+        _check_present(device_map)
+        return device_map
+    stand_in = RehearsalDevice()
+    return {k: stand_in if isinstance(v, int) or v == "mps" else v for k, v in device_map.items()}
+
+
+def _check_disjoint(device_map: Mapping[str, Any]) -> None:
+    """No key lies inside another: accelerate gives such nested entries inconsistent hooks."""
+    for name in device_map:
+        parts = name.split(".") if name else []
+        for depth in range(len(parts)):
+            outer = ".".join(parts[:depth])
+            if outer in device_map:
+                raise InvalidOptionError(
+                    f"device map keys {outer!r} and {name!r} overlap ({name!r} lies inside {outer!r}): give "
+                    "each module one device, e.g. the map of a devicemap plan"
+                )
+
+
+def _check_present(device_map: Mapping[str, Any]) -> None:
+    """Every GPU the map names exists here (else torch fails deep inside the first copy)."""
+    visible = _gpu_count()
+    for name, device in device_map.items():
+        key = device_key(device)
+        if isinstance(key, int) and key >= visible:
+            raise UnknownDeviceError(
+                f"the device map puts {name!r} on GPU {key}, but this machine has {visible} GPU(s); run it "
+                "where the GPUs are, or pass rehearse=True to run the plan on the CPU"
+            )
+        if key == "mps" and not torch.backends.mps.is_available():
+            raise UnknownDeviceError(
+                f"the device map puts {name!r} on 'mps', which this machine lacks; pass rehearse=True to run on the CPU"
+            )
+
+
+def _gpu_count() -> int:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "device_count"):
+        return int(accelerator.device_count())
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
@@ -113,8 +165,13 @@ def dispatch(
     """
     from accelerate import dispatch_model
 
+    _check_model(model)
+    check_flag("offload_buffers", offload_buffers)
     device_map = execution_map(plan, rehearse)
-    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
+    _check_covers(model, device_map)
+    if main_device is not None:
+        device_key(main_device)
+    folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
     if "disk" not in device_map.values():
         folder = None
     elif folder is None:
@@ -128,7 +185,7 @@ def dispatch(
     try:
         dispatched = dispatch_model(
             model,
-            device_map=device_map,
+            device_map=_without_disk_root(model, device_map),
             main_device=main_device if main_device is not None else _main_device(plan, device_map),
             offload_dir=str(folder) if folder is not None else None,
             offload_buffers=offload_buffers,
@@ -140,6 +197,48 @@ def dispatch(
     if folder is not None:
         remove_with(dispatched, folder)
     return dispatched
+
+
+def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
+    """accelerate collects a disk module's weights by the prefix ``"<name>."``, which finds nothing for
+    the root ``""``: a map putting the whole model on disk names its top-level modules and tensors."""
+    if device_map.get("") != "disk":
+        return device_map
+    names = [name for name, _ in model.named_children()]
+    names += [name for name, t in [*model._parameters.items(), *model._buffers.items()] if t is not None]
+    return {name: "disk" for name in names}
+
+
+def _load_dtype(dtype: Optional[DtypeLike]) -> Optional[torch.dtype]:
+    """The dtype floating weights are loaded in: a floating dtype (weights as integers need a quantizer)."""
+    if dtype is None:
+        return None
+    target = to_dtype(dtype)
+    if not target.is_floating_point:
+        raise InvalidOptionError(
+            f"dtype {dtype!r}: weights load in a floating dtype (e.g. 'bfloat16', 'float16', 'float32'); "
+            "integer weights need a quantizer (quantization_config in transformers)"
+        )
+    return target
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_covers(model: torch.nn.Module, device_map: Mapping[str, Any]) -> None:
+    """Every weight of ``model`` has a device in ``device_map`` (else accelerate fails midway)."""
+    from accelerate.utils import check_device_map
+
+    try:
+        check_device_map(model, device_map)
+    except ValueError as err:
+        raise InvalidOptionError(f"{err}; use the plan made for this model") from None
+
+
+def _folder_arg(offload_dir: object) -> Path:
+    return Path(check_path("offload_dir", offload_dir))
 
 
 def _target(device: Any) -> Any:
@@ -178,10 +277,14 @@ def load_checkpoint(
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    _check_model(model)
+    check_flag("progress", progress)
+    check_flag("offload_buffers", offload_buffers)
+    checkpoint = check_path("checkpoint", checkpoint)
     device_map = execution_map(plan, rehearse)
-    target = to_dtype(dtype) if dtype is not None else None
-    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
-    tensors = _core.checkpoint_tensors(str(checkpoint))
+    target = _load_dtype(dtype)
+    folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
+    tensors = _core.checkpoint_tensors(checkpoint)
     tie_groups = _tie_groups(model)
     _check_names(model, checkpoint, tensors, tie_groups)
 
@@ -372,14 +475,20 @@ def from_pretrained(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    path = check_path("path", path)
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(
+            f"bad checkpoint {path}: no config.json in this folder; devicemap.from_pretrained loads a local "
+            "model folder (fetch one first, e.g. with huggingface_hub.snapshot_download)"
+        )
+    folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
     model_class = model_class or AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         meta = model_class.from_config(config)
     if hasattr(meta, "tie_weights"):
         meta.tie_weights()
     result = plan(meta, max_memory=max_memory, strategy=strategy, dtype=dtype, workload=workload, pins=pins)
-    folder = refuse_non_folder(offload_dir) if offload_dir is not None else None
     if "disk" in result.device_map.values() and "offload_folder" not in kwargs:
         if folder is None:
             raise OffloadFolderError(
@@ -392,7 +501,7 @@ def from_pretrained(
     else:
         folder = None
     if dtype is not None:
-        kwargs.setdefault("dtype", to_dtype(dtype))
+        kwargs.setdefault("dtype", _load_dtype(dtype))
     try:
         model = model_class.from_pretrained(str(path), device_map=result.device_map, **kwargs)
     except BaseException:
