@@ -32,7 +32,7 @@ from .errors import CheckpointError, InvalidOptionError
 from .memory import Size
 from .planning import Plan, plan
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
-from .workload import Workload
+from .workload import Workload, compute_dtype
 
 BLOCK_CLASS = "CheckpointBlock"
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
@@ -218,7 +218,9 @@ def _workload_memory(
     runtime = [(name, per_layer) for name in layers]
     if tree.core.find("lm_head") is not None:
         runtime.append(("lm_head", workload.logits_bytes(view) * 8))
-    return runtime, workload.activation_bytes(view, dtype or view.get("torch_dtype") or view.get("dtype")) * 8
+    return runtime, workload.activation_bytes(
+        view, compute_dtype(dtype) or view.get("torch_dtype") or view.get("dtype")
+    ) * 8
 
 
 class _ConfigView:

@@ -34,7 +34,7 @@ from .compat_warnings import (
     warn_offloaded_buffers,
     warn_untied_weights,
 )
-from .errors import InvalidOptionError, InvalidSizeError, UnknownDeviceError
+from .errors import AccelerateCompatError, InvalidOptionError, InvalidSizeError, UnknownDeviceError
 from .memory import DeviceKey, available_memory
 from .tree import DtypeLike, ModuleTree
 
@@ -210,7 +210,9 @@ def get_balanced_memory(
                     memory[key] *= 0.9
                     log_single_gpu_share(key)
                     break
-    tree = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes)
+    tree = ModuleTree.from_module(
+        model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
+    )
     share = num_devices - 1 if low_zero else num_devices
     total_bits, per_gpu_bits = _core.balanced_budget(tree.core, _no_split(no_split_module_classes), share)
     total: Union[int, float] = total_bits // 8 if total_bits % 8 == 0 else total_bits / 8
@@ -219,6 +221,13 @@ def get_balanced_memory(
     for index in gpus[:-1]:
         memory[index] = min(memory[0] if low_zero and index == 0 else per_gpu, memory[index])
     if low_zero:
+        missing = [i for i in range(num_devices) if i not in memory]
+        if missing:
+            # accelerate indexes GPUs 0 .. n-1 here and fails with a KeyError on other numberings.
+            raise AccelerateCompatError(
+                f"low_zero=True with GPUs {gpus} in max_memory: accelerate's get_balanced_memory looks up "
+                f"GPU {missing[0]} and raises KeyError; number the GPUs 0 .. {num_devices - 1}"
+            )
         min_zero = max(0, total - sum(memory[i] for i in range(1, num_devices)))
         memory[0] = min(min_zero, memory[0])
     return memory

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from . import _core
 from .arguments import check_choice, check_class_names, check_flag, check_mapping
 from .compute import flops_per_token
-from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownModuleError
+from .errors import (
+    InvalidOptionError,
+    InvalidSizeError,
+    PlacementError,
+    UnknownDeviceError,
+    UnknownModuleError,
+)
 from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory, parse_size
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
 from .workload import Workload, check_runtime_bits
@@ -299,6 +305,11 @@ def plan(
     classes = list(tree.no_split_module_classes) if requested_classes is None else requested_classes
 
     memory = normalize_max_memory(max_memory)
+    if set(memory) == {"disk"}:
+        raise UnknownDeviceError(
+            f"max_memory {dict(max_memory or {})!r} names only 'disk': weights can be stored there, but layers "
+            "run on a GPU or the CPU; add 'cpu' (e.g. {'cpu': '64GiB', 'disk': 0}) or a GPU"
+        )
     devices = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
     pin_list: list[tuple[str, str]] = []
     for name, device in (pins or {}).items():

@@ -38,6 +38,32 @@ def _first(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _count(config: Any, *names: str, default: Optional[int] = None) -> int:
+    """A positive integer field of the config (the first of ``names`` present), or ``default``; a
+    missing or malformed field is an error naming it, not a TypeError inside a formula."""
+    value = _first(config, *names, default=default)
+    if value is None:
+        raise InvalidOptionError(
+            f"the model config has no {' / '.join(names)}, which the workload needs to size the KV cache and "
+            "activations; give a complete config.json or plan without a workload"
+        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(
+            f"the model config's {' / '.join(names)} is {value!r}: the workload needs a positive integer"
+        )
+    return value
+
+
+def compute_dtype(dtype: Optional[DtypeLike]) -> Optional[DtypeLike]:
+    """The dtype activations and the KV cache are computed in when weights are sized as ``dtype``:
+    itself when it is a floating dtype of 16 bits or more; ``None`` (the default, float16) for int8/fp8
+    weight sizes, which quantized models still compute in 16 bits."""
+    if dtype is None:
+        return None
+    resolved = to_dtype(dtype)
+    return resolved if resolved.is_floating_point and dtype_bits(resolved) >= 16 else None
+
+
 @dataclass(frozen=True)
 class Workload:
     """How the model will be run, so the plan leaves room for it.
@@ -77,23 +103,32 @@ class Workload:
     def kv_cache_bytes_per_layer(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
         """KV cache of one decoder layer, from the model config (transformers naming, T5 naming)."""
         c = text_config(config)
-        heads = _first(c, "num_attention_heads", "num_heads", "n_head")
-        kv_heads = _first(c, "num_key_value_heads", "num_kv_heads", default=heads)
+        heads = _count(c, "num_attention_heads", "num_heads", "n_head")
+        kv_heads = _count(c, "num_key_value_heads", "num_kv_heads", default=heads)
         if getattr(c, "multi_query", False):  # Falcon-style multi-query attention
             kv_heads = 1
-        head_dim = _first(c, "head_dim", "d_kv", default=None) or _first(c, "hidden_size", "d_model") // heads
-        per = 2 * self.batch_size * self.seq_len * kv_heads * head_dim * self._bytes_per(self.kv_dtype, dtype)
+        if _first(c, "head_dim", "d_kv") is not None:
+            head_dim = _count(c, "head_dim", "d_kv")
+        else:
+            head_dim = _count(c, "hidden_size", "d_model") // heads
+        per = 2 * self.batch_size * self.seq_len * kv_heads * head_dim
+        per *= self._bytes_per(self.kv_dtype, compute_dtype(dtype))
         return per * (2 if getattr(c, "is_encoder_decoder", False) else 1)
 
     def activation_bytes(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
         c = text_config(config)
-        hidden = _first(c, "hidden_size", "d_model")
-        inner = _first(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
-        return self.batch_size * self.seq_len * (4 * hidden + 2 * inner) * self._bytes_per(dtype, None)
+        hidden = _count(c, "hidden_size", "d_model")
+        inner = _count(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
+        return (
+            self.batch_size
+            * self.seq_len
+            * (4 * hidden + 2 * inner)
+            * self._bytes_per(compute_dtype(dtype), None)
+        )
 
     def logits_bytes(self, config: Any) -> int:
         tokens = self.seq_len if self.logits_tokens is None else self.logits_tokens
-        return self.batch_size * tokens * _first(text_config(config), "vocab_size") * 4
+        return self.batch_size * tokens * _count(text_config(config), "vocab_size") * 4
 
 
 def decoder_layers(model: torch.nn.Module, config: Any) -> list[str]:
