@@ -225,3 +225,71 @@ def test_plan_checkpoint_names_the_wrong_argument(tmp_path, kwargs, fragments):
         devicemap.plan_checkpoint(path, max_memory=MEMORY, **kwargs)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_a_plan_for_gpus_this_machine_lacks_says_rehearse(model):
+    visible = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
+    missing = {"": visible}  # one GPU index past the last this machine has
+    with pytest.raises(devicemap.UnknownDeviceError, match="rehearse=True"):
+        devicemap.dispatch(model, missing)
+    out = devicemap.dispatch(model, missing, rehearse=True)(torch.ones(1, 8))
+    assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("device_map", "error", "fragment"),
+    [
+        ({"": "cpu", "0": "disk"}, devicemap.InvalidOptionError, "overlap"),
+        ({"0": "cpu"}, devicemap.InvalidOptionError, "1.weight"),  # 1.* has no device
+        ({"": "tpu"}, devicemap.UnknownDeviceError, "'tpu'"),
+        ({3: "cpu"}, devicemap.InvalidOptionError, "module name string"),
+        ([("", "cpu")], devicemap.InvalidOptionError, "devicemap.Plan"),
+    ],
+)
+def test_dispatch_checks_the_device_map(model, device_map, error, fragment):
+    with pytest.raises(error, match=fragment):
+        devicemap.dispatch(model, device_map)
+
+
+def test_a_whole_model_on_disk_dispatches(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])
+    expected = model(torch.ones(1, 8))
+    # accelerate finds no weights for the root "" on disk; devicemap names the top-level modules instead
+    out = devicemap.dispatch(model, {"": "disk"}, offload_dir=tmp_path)(torch.ones(1, 8))
+    torch.testing.assert_close(out, expected)
+
+
+def test_only_disk_in_max_memory_is_refused(model):
+    with pytest.raises(devicemap.UnknownDeviceError, match="only 'disk'.*add 'cpu'"):
+        devicemap.plan(model, max_memory={"disk": 0})
+
+
+def test_load_dtype_must_be_floating(tmp_path, model):
+    from safetensors.torch import save_model
+
+    save_model(model, str(tmp_path / "model.safetensors"))
+    with pytest.raises(devicemap.InvalidOptionError, match="'int8'.*floating"):
+        devicemap.load_checkpoint(model, tmp_path, {"": "cpu"}, dtype="int8")
+
+
+def test_workload_with_a_config_missing_fields_names_them(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({f"model.layers.{i}.w": torch.zeros(2, 2) for i in range(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 2, "hidden_size": "big"}')
+    with pytest.raises(devicemap.InvalidOptionError, match="num_attention_heads"):
+        devicemap.plan_checkpoint(
+            tmp_path, max_memory=MEMORY, workload=devicemap.Workload(batch_size=1, seq_len=4)
+        )
+
+
+def test_compat_low_zero_with_gpus_numbered_from_one_is_a_compat_error(model):
+    with pytest.raises(devicemap.AccelerateCompatError, match="KeyError"):
+        compat.get_balanced_memory(model, max_memory={1: 1, 2: 1}, low_zero=True)
+
+
+def test_compute_balance_on_a_cyclic_model_finishes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    model[1]._modules["back"] = model
+    plan = devicemap.plan(model, max_memory={0: 400, 1: 400}, balance="compute")
+    assert set(plan.device_map.values()) == {0, 1}

@@ -17,12 +17,13 @@ import struct
 import subprocess
 import sys
 import textwrap
+import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import devicemap
@@ -34,6 +35,7 @@ from plan_checks import check_plan
 EXAMPLES = int(os.environ.get("DEVICEMAP_FUZZ_EXAMPLES", "120"))
 fuzz_settings = settings(
     max_examples=EXAMPLES,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no slow "explain"
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -47,42 +49,76 @@ hashable_junk = st.one_of(
     st.binary(max_size=4),
 )
 junk = st.one_of(hashable_junk, st.lists(st.integers(-3, 3), max_size=2))
+
+# Each argument has values of the right type (some of them still wrong: unknown units, devices, names)
+# and junk. An example makes at most one argument junk (see draw_arguments), so the valid paths run too.
 sizes = st.one_of(
-    st.integers(0, 2**20),
-    st.sampled_from(
-        ["1KiB", "64KiB", "1MiB", "20GiB", "8Gb", "1.5GB", "0", "0B", "1e3MB", "-1", "20 GB", "20XB"]
-    ),
+    st.integers(0, 2**14),
+    st.sampled_from(["1KiB", "4KiB", "64KiB", "1MiB", "20GiB", "8Gb", "1.5KB", "0", "0B", "1e3MB"]),
+    st.sampled_from(["-1", "20 GB", "20XB", "GB", "1000"]),
     st.integers(2**60, 2**80),
-    junk,
 )
+junk_sizes = st.one_of(junk, st.floats(allow_nan=True, allow_infinity=True))
 device_keys = st.one_of(
     st.integers(0, 3),
-    st.sampled_from(
-        ["cpu", "disk", "mps", "cuda:0", "cuda:1", "gpu:1", "0", "1", "", "cuda", "xpu:0", " cpu"]
-    ),
+    st.sampled_from(["cpu", "disk", "cuda:0", "cuda:1", "0", "1"]),
+    st.sampled_from(["mps", "gpu:1", "", "cuda", "xpu:0", " cpu", "tpu"]),
     st.integers(-3, 2**65),
     st.just(torch.device("cpu")),
     st.just(torch.device("cuda", 1)),
-    hashable_junk,
 )
 max_memories = st.one_of(
+    st.fixed_dictionaries({0: st.integers(0, 2**14), 1: st.integers(0, 2**14), "cpu": st.integers(0, 2**16)}),
+    st.dictionaries(
+        st.integers(0, 3) | st.sampled_from(["cpu", "disk"]), st.integers(0, 4096), min_size=1, max_size=5
+    ),
     st.dictionaries(device_keys, sizes, max_size=5),
-    st.dictionaries(st.integers(0, 3) | st.sampled_from(["cpu", "disk"]), st.integers(0, 4096), max_size=5),
-    junk,
 )
+junk_max_memories = st.one_of(junk, st.dictionaries(hashable_junk, junk_sizes, min_size=1, max_size=3))
 dtypes = st.one_of(
     st.none(),
     st.sampled_from(["float16", "bfloat16", "float32", "torch.float16", "int8", "float8_e4m3fn", "bool"]),
-    st.sampled_from(["bf16", "float77", "", "complex64", "torch.", "uint4", "int4"]),
-    st.sampled_from([torch.float16, torch.bfloat16, torch.complex64, torch.quint8, torch.int32, torch.bool]),
-    junk,
+    st.sampled_from([torch.float16, torch.bfloat16, torch.complex64, torch.int32, torch.bool]),
 )
-strategies = st.one_of(st.sampled_from(devicemap.STRATEGIES), junk)
-flags = st.one_of(st.booleans(), junk)
+junk_dtypes = st.one_of(
+    junk, st.sampled_from(["bf16", "float77", "", "torch.", "uint4", "int4", "Tensor"]), st.just(torch.quint8)
+)
+strategies = st.sampled_from(devicemap.STRATEGIES)
+flags = st.booleans()
+
+
+def draw_arguments(data: st.DataObject, valid: dict, bad: dict) -> dict:
+    """Keyword arguments: every one from ``valid``, except at most one drawn from ``bad`` instead."""
+    junk_one = data.draw(st.sampled_from([*[None] * len(bad), *bad]), label="junk argument")  # half: none
+    return {
+        name: data.draw(bad[name] if name == junk_one else strategy, label=name)
+        for name, strategy in valid.items()
+    }
+
+
+class Graph:
+    """A drawn model; its repr stays finite (torch's Module repr recurses forever on a cycle)."""
+
+    def __init__(self, model: torch.nn.Module, cyclic: bool):
+        self.model, self.cyclic = model, cyclic
+
+    def __repr__(self) -> str:
+        names = [name for name, _ in self.model.named_modules()]
+        return f"Graph(cyclic={self.cyclic}, modules={names}, edges={_edges(self.model)})"
+
+
+def _edges(model: torch.nn.Module) -> list[tuple[str, str, str]]:
+    ids = {id(m): name for name, m in model.named_modules()}
+    return [
+        (ids[id(m)], child_name, ids[id(c)])
+        for m in model.modules()
+        for child_name, c in m._modules.items()
+        if c is not None
+    ]
 
 
 @st.composite
-def module_graphs(draw: st.DrawFn) -> tuple[torch.nn.Module, bool]:
+def module_graphs(draw: st.DrawFn) -> Graph:
     """A random model, maybe with a module registered under a second parent, maybe with a cycle."""
     model = draw(models())
     modules = list(model.modules())
@@ -92,7 +128,7 @@ def module_graphs(draw: st.DrawFn) -> tuple[torch.nn.Module, bool]:
         target = modules[draw(st.integers(0, len(modules) - 1))]
         owner._modules[f"extra{len(owner._modules)}"] = target
         cyclic = cyclic or _reaches(target, owner)
-    return model, cyclic
+    return Graph(model, cyclic)
 
 
 def _reaches(start: torch.nn.Module, goal: torch.nn.Module) -> bool:
@@ -118,51 +154,60 @@ def expect_placement_error(call, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
         except devicemap.InternalError as err:  # a caught Rust panic: always a bug
             pytest.fail(f"InternalError (a panic) from {call.__name__}: {err}")
         except devicemap.PlacementError as err:
             assert str(err), "an error without a message"
+            event(f"{call.__name__}: {type(err).__name__}")
             return None
+        except BaseException as err:  # reported briefly: a deep traceback (recursion) can exhaust pytest
+            frames = traceback.extract_tb(err.__traceback__)[-6:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+            pytest.fail(f"{call.__name__} raised {type(err).__name__}: {str(err)[:500]} (at {where})")
+        event(f"{call.__name__}: returned")  # --hypothesis-show-statistics shows how often each path ran
+        return result
+
+
+class_lists = st.one_of(st.none(), st.lists(st.sampled_from(CLASS_NAMES) | st.text(max_size=4), max_size=3))
+junk_class_lists = st.one_of(junk, st.lists(hashable_junk, min_size=1, max_size=2))
+PLAN_ARGUMENTS = {
+    "max_memory": max_memories,
+    "strategy": strategies,
+    "no_split_module_classes": class_lists,
+    "dtype": dtypes,
+    "offload_buffers": flags,
+    "balance": st.sampled_from(["memory", "compute"]),
+    "gpu0_reserve": st.one_of(st.none(), sizes),
+}
+PLAN_JUNK = {
+    "max_memory": junk_max_memories,
+    "strategy": junk,
+    "no_split_module_classes": junk_class_lists,
+    "dtype": junk_dtypes,
+    "offload_buffers": junk,
+    "balance": junk,
+    "gpu0_reserve": junk_sizes,
+    "pins": junk,
+}
 
 
 @fuzz_settings
 @given(graph=module_graphs(), data=st.data())
 def test_plan_returns_a_plan_or_a_placement_error(graph, data):
-    model, cyclic = graph
+    model, cyclic = graph.model, graph.cyclic
     names = module_names(model)
-    pins = data.draw(
-        st.one_of(
-            st.none(),
-            st.dictionaries(st.sampled_from(names) | st.text(max_size=6), device_keys, max_size=3),
-            junk,
-        ),
-        label="pins",
+    pins = st.one_of(
+        st.none(), st.dictionaries(st.sampled_from(names) | st.text(max_size=6), device_keys, max_size=3)
     )
-    kwargs = {
-        "max_memory": data.draw(max_memories, label="max_memory"),
-        "strategy": data.draw(strategies, label="strategy"),
-        "no_split_module_classes": data.draw(
-            st.one_of(
-                st.none(), st.lists(st.sampled_from(CLASS_NAMES) | st.text(max_size=4), max_size=3), junk
-            ),
-            label="no_split",
-        ),
-        "dtype": data.draw(dtypes, label="dtype"),
-        "pins": pins,
-        "offload_buffers": data.draw(flags, label="offload_buffers"),
-        "balance": data.draw(st.one_of(st.sampled_from(["memory", "compute"]), junk), label="balance"),
-        "gpu0_reserve": data.draw(st.one_of(st.none(), sizes), label="gpu0_reserve"),
-    }
-    if kwargs["max_memory"] is None:
-        kwargs["max_memory"] = {"cpu": "1GiB"}  # None reads this machine: valid, but not what is fuzzed
+    kwargs = draw_arguments(data, {**PLAN_ARGUMENTS, "pins": pins}, PLAN_JUNK)
     result = expect_placement_error(devicemap.plan, model, **kwargs)
-    if result is not None and not cyclic:
+    if result is not None and not cyclic and kwargs["dtype"] is None:  # check_plan sizes at stored dtypes
         check_plan(model, result, pins=None)
 
 
 @fuzz_settings
-@given(size=sizes, memory=max_memories)
+@given(size=st.one_of(sizes, junk_sizes), memory=st.one_of(max_memories, junk_max_memories))
 def test_size_and_device_parsing(size, memory):
     parsed = expect_placement_error(devicemap.parse_size, size)
     assert parsed is None or (isinstance(parsed, int) and parsed >= 0)
@@ -172,53 +217,53 @@ def test_size_and_device_parsing(size, memory):
 
 
 @fuzz_settings
-@given(
-    batch=st.one_of(st.integers(-2, 64), junk),
-    seq=st.one_of(st.integers(-2, 4096), junk),
-    kv=dtypes,
-    logits=st.one_of(st.none(), st.integers(-2, 8), junk),
-)
-def test_workload_fields(batch, seq, kv, logits):
-    expect_placement_error(
-        devicemap.Workload, batch_size=batch, seq_len=seq, kv_dtype=kv, logits_tokens=logits
+@given(data=st.data())
+def test_workload_fields(data):
+    kwargs = draw_arguments(
+        data,
+        {
+            "batch_size": st.integers(-2, 64),
+            "seq_len": st.integers(-2, 4096),
+            "kv_dtype": dtypes,
+            "logits_tokens": st.one_of(st.none(), st.integers(-2, 8)),
+        },
+        {"batch_size": junk, "seq_len": junk, "kv_dtype": junk_dtypes, "logits_tokens": junk},
     )
+    expect_placement_error(devicemap.Workload, **kwargs)
 
 
 @fuzz_settings
-@given(
-    model=models(),
-    memory=max_memories,
-    dtype=dtypes,
-    no_split=st.one_of(st.none(), st.lists(st.sampled_from(CLASS_NAMES), max_size=2), junk),
-    low_zero=flags,
-)
-def test_compat_drop_ins(model, memory, dtype, no_split, low_zero):
-    balanced = expect_placement_error(
-        compat.get_balanced_memory,
-        model,
-        max_memory=memory,
-        no_split_module_classes=no_split,
-        dtype=dtype,
-        low_zero=low_zero,
+@given(model=models(), data=st.data())
+def test_compat_drop_ins(model, data):
+    kwargs = draw_arguments(
+        data,
+        {"max_memory": max_memories, "no_split_module_classes": class_lists, "dtype": dtypes},
+        {"max_memory": junk_max_memories, "no_split_module_classes": junk_class_lists, "dtype": junk_dtypes},
     )
-    expect_placement_error(
-        compat.infer_auto_device_map,
-        model,
-        max_memory=balanced if balanced is not None else memory,
-        no_split_module_classes=no_split,
-        dtype=dtype,
-    )
+    low_zero = data.draw(st.one_of(flags, junk), label="low_zero")
+    balanced = expect_placement_error(compat.get_balanced_memory, model, low_zero=low_zero, **kwargs)
+    if balanced is not None:
+        kwargs["max_memory"] = balanced
+    expect_placement_error(compat.infer_auto_device_map, model, **kwargs)
 
 
 @fuzz_settings
-@given(
-    model=models(),
-    hosts=st.one_of(st.lists(st.lists(sizes, max_size=3), max_size=3), junk),
-    dtype=dtypes,
-    tied=st.one_of(st.sampled_from(["copy", "error"]), junk),
-)
-def test_plan_stages(model, hosts, dtype, tied):
-    expect_placement_error(devicemap.plan_stages, model, hosts=hosts, dtype=dtype, tied=tied)
+@given(model=models(), data=st.data())
+def test_plan_stages(model, data):
+    kwargs = draw_arguments(
+        data,
+        {
+            "hosts": st.lists(st.lists(sizes, min_size=1, max_size=3), min_size=1, max_size=3),
+            "dtype": dtypes,
+            "tied": st.sampled_from(["copy", "error"]),
+        },
+        {
+            "hosts": st.one_of(junk, st.lists(st.lists(junk_sizes, max_size=2), max_size=2)),
+            "dtype": junk_dtypes,
+            "tied": junk,
+        },
+    )
+    expect_placement_error(devicemap.plan_stages, model, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -226,33 +271,107 @@ def small_checkpoint(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("fuzz-checkpoint")
-    save_file({f"model.layers.{i}.w": torch.zeros(8, 8) for i in range(3)}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "model_type": "llama"}))
+    save_file({f"model.layers.{i}.weight": torch.zeros(8, 8) for i in range(3)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"num_hidden_layers": 3, "model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}
+        )
+    )
     return folder
 
 
 @fuzz_settings
 @given(data=st.data())
 def test_plan_checkpoint_arguments(small_checkpoint, data):
-    path = data.draw(st.one_of(st.just(small_checkpoint), st.just(str(small_checkpoint)), junk), label="path")
-    expect_placement_error(
-        devicemap.plan_checkpoint,
-        path,
-        max_memory=data.draw(max_memories, label="max_memory") or {"cpu": "1MiB"},
-        strategy=data.draw(strategies, label="strategy"),
-        dtype=data.draw(dtypes, label="dtype"),
-        block_pattern=data.draw(st.one_of(st.none(), st.just("model.layers.*"), junk), label="pattern"),
-        config=data.draw(
-            st.one_of(
-                st.none(),
-                st.fixed_dictionaries({"num_hidden_layers": junk, "tie_word_embeddings": junk}),
-                junk,
+    kwargs = draw_arguments(
+        data,
+        {
+            "path": st.sampled_from(
+                [small_checkpoint, str(small_checkpoint), small_checkpoint / "model.safetensors"]
             ),
-            label="config",
-        ),
-        workload=data.draw(st.one_of(st.none(), st.just(devicemap.Workload(batch_size=1, seq_len=8)), junk)),
-        offload_buffers=data.draw(flags, label="offload_buffers"),
+            "max_memory": max_memories,
+            "strategy": strategies,
+            "dtype": dtypes,
+            "block_pattern": st.sampled_from([None, "model.layers.*", ["model.*"]]),
+            "config": st.one_of(st.none(), st.fixed_dictionaries({"num_hidden_layers": st.integers(-1, 5)})),
+            "workload": st.one_of(st.none(), st.just(devicemap.Workload(batch_size=1, seq_len=8))),
+            "offload_buffers": flags,
+        },
+        {
+            "path": junk,
+            "max_memory": junk_max_memories,
+            "strategy": junk,
+            "dtype": junk_dtypes,
+            "block_pattern": junk_class_lists,
+            "config": st.one_of(
+                junk, st.fixed_dictionaries({"num_hidden_layers": junk, "tie_word_embeddings": junk})
+            ),
+            "workload": junk,
+            "offload_buffers": junk,
+        },
     )
+    expect_placement_error(devicemap.plan_checkpoint, kwargs.pop("path"), **kwargs)
+
+
+non_path_junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(), st.binary(max_size=3))
+device_maps = st.dictionaries(
+    st.sampled_from(["", "0", "1", "2"]), device_keys | st.just("disk"), min_size=1, max_size=3
+)
+junk_device_maps = st.one_of(junk, st.dictionaries(hashable_junk, hashable_junk, min_size=1, max_size=2))
+
+
+def three_linears() -> torch.nn.Module:
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8, bias=False) for _ in range(3)])
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_dispatch_arguments(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("offload")
+    kwargs = draw_arguments(
+        data,
+        {
+            "plan": st.one_of(device_maps, st.just({"": "cpu"})),
+            "rehearse": flags,
+            "offload_buffers": flags,
+            "offload_dir": st.just(folder),
+        },
+        {"plan": junk_device_maps, "rehearse": junk, "offload_buffers": junk, "offload_dir": non_path_junk},
+    )
+    expect_placement_error(devicemap.dispatch, three_linears(), **kwargs)
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_load_checkpoint_arguments(small_checkpoint, tmp_path_factory, data):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = torch.nn.Module()
+        empty.model = torch.nn.Module()
+        empty.model.layers = three_linears()
+    kwargs = draw_arguments(
+        data,
+        {
+            "checkpoint": st.just(small_checkpoint),
+            "plan": st.one_of(device_maps, st.sampled_from([{"": 0}, {"": "cpu"}, {"": "disk"}])),
+            "offload_dir": st.just(tmp_path_factory.mktemp("offload")),
+            "dtype": dtypes,
+            "rehearse": flags,
+            "progress": st.just(False),
+            "offload_buffers": flags,
+        },
+        {
+            "checkpoint": non_path_junk,
+            "plan": junk_device_maps,
+            "offload_dir": non_path_junk,
+            "dtype": junk_dtypes,
+            "rehearse": junk,
+            "progress": junk,
+            "offload_buffers": junk,
+        },
+    )
+    expect_placement_error(devicemap.load_checkpoint, empty, **kwargs)
 
 
 # -- safetensors headers, mutated byte by byte, in a child process (a hang or an abort is caught) --------
