@@ -468,7 +468,7 @@ def test_mutated_safetensors_headers_raise_checkpoint_errors(tmp_path: Path):
     tensors["layers.0.mask"] = torch.ones(5, dtype=torch.bool)
     tensors["head.w"] = torch.randn(2, 2, dtype=torch.bfloat16)
     save_file(tensors, tmp_path / "seed.safetensors", metadata={"format": "pt"})
-    rounds = max(400, EXAMPLES * 8)
+    rounds = max(400, EXAMPLES * 2)
     seed = 0 if os.environ.get("CI") else random.randrange(2**32)
     try:
         done = subprocess.run(
