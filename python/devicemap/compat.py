@@ -164,7 +164,7 @@ def infer_auto_device_map(
     tree = ModuleTree.from_module(
         model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
     )
-    warn_untied_weights(model, tree.tied_groups)
+    warn_untied_weights(model, tree.tied_groups, tree.module_types)
     entries, used_bits, offloaded_modules, unassigned = _core.infer_auto_device_map(
         tree.core,
         [(str(k), _bits(v)) for k, v in memory.items()],

@@ -129,7 +129,9 @@ class _Walk:
     def run(self, model: torch.nn.Module) -> None:
         # One tuple per node (name, parent, kind, class, bits, duplicate), transposed at the end: the
         # walk is pure Python, so every attribute lookup and call per node counts on 100k-node trees.
-        rows: list[tuple[str, int, int, int, int, bool]] = []
+        # Module rows carry id(module) as a 7th field (for the cycle and copy checks); zip() keeps the
+        # six columns every row has, so it is dropped there for free.
+        rows: list[tuple] = []
         add = rows.append
         param_nodes, param_order = self.param_nodes, self.param_order
         class_of, sizer, untie = self.class_of_type, self.sizer, self.untie
@@ -137,26 +139,23 @@ class _Walk:
         named, tensor_bits = sizer.needs_names, sizer.bits
         bits_per = sizer.cache.get  # bits per element by dtype, once sizer.bits has seen the dtype
         buffer_nodes = self.buffer_nodes
-        # id(module) -> (id(parent module), name) of the edge it was first reached by.
-        first_edge: dict[int, tuple[int, str]] = {}
-        module_ids: dict[int, int] = {}  # row -> id(module), for the cycle check on repeated modules
+        first_row: dict[int, int] = {}  # id(module) -> the row of its first walk
         stack: list[tuple[torch.nn.Module, int, str, int]] = [(model, -1, "", _FIRST)]
         pop, push = stack.pop, stack.extend
         while stack:
             module, parent, local, mode = pop()
             node = len(rows)
             key = id(module)
-            if mode == _FIRST and key not in first_edge:
-                first_edge[key] = (module_ids[parent] if parent >= 0 else 0, local)
+            if mode == _FIRST and key not in first_row:
+                first_row[key] = node
             else:
-                if self._is_ancestor(rows, module_ids, parent, key):
+                if self._is_ancestor(rows, parent, key):
                     continue  # a cycle: torch's named_modules never re-enters it either
                 if mode == _FIRST:
                     mode = _COPY
-            module_ids[node] = key
             cls = type(module)
             cid = type_id(cls, -1)
-            add((local, parent, MODULE, cid if cid >= 0 else class_of(cls), 0, False))
+            add((local, parent, MODULE, cid if cid >= 0 else class_of(cls), 0, False, key))
             params = module._parameters
             if params:
                 seen_here: set[int] = set()
@@ -219,13 +218,17 @@ class _Walk:
                     seen_children.add(id(child))
                     if mode == _COPY:
                         # Inside a copy, only the edges of the first walk are followed again.
-                        child_mode = _COPY if first_edge.get(id(child)) == (key, name) else _OWN
+                        first = first_row.get(id(child))
+                        tree_edge = (
+                            first is not None and rows[first][0] == name and rows[rows[first][1]][6] == key
+                        )
+                        child_mode = _COPY if tree_edge else _OWN
                     else:
                         child_mode = _FIRST
                     found.append((child, node, name, child_mode))
                 found.reverse()
                 push(found)
-        columns = list(zip(*rows))
+        columns = list(zip(*rows))[:6]  # (a tree of modules only still has the 7th column)
         self.names, self.parents, self.kinds, self.classes, self.bits, self.duplicate = (
             list(c) for c in columns
         )
@@ -244,10 +247,10 @@ class _Walk:
         return found
 
     @staticmethod
-    def _is_ancestor(rows: list[tuple], module_ids: dict[int, int], row: int, key: int) -> bool:
+    def _is_ancestor(rows: list[tuple], row: int, key: int) -> bool:
         """Whether the module ``key`` is the module at ``row`` or one of its ancestors."""
         while row >= 0:
-            if module_ids[row] == key:
+            if rows[row][6] == key:
                 return True
             row = rows[row][1]
         return False
@@ -275,6 +278,8 @@ class ModuleTree:
         self._core = core
         self.no_split_module_classes: list[str] = list(no_split_module_classes)
         """Classes the model itself declares unsplittable (transformers' ``_no_split_modules``)."""
+        self.module_types: frozenset[type] = frozenset()
+        """The Python types of the exported modules and parameters (empty for checkpoint trees)."""
 
     @classmethod
     def from_module(
@@ -361,7 +366,9 @@ class ModuleTree:
             )
         core = _core.Tree(names, parents, kinds, classes, list(class_ids), bits, duplicate, tie)
         no_split = getattr(model, "_no_split_modules", None) or []
-        return cls(core, no_split_module_classes=[str(c) for c in no_split])
+        tree = cls(core, no_split_module_classes=[str(c) for c in no_split])
+        tree.module_types = frozenset(walk.type_ids)
+        return tree
 
     # -- queries -------------------------------------------------------------------------------
     def __len__(self) -> int:
