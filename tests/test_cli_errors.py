@@ -276,3 +276,10 @@ def test_a_closed_output_ends_quietly():
     finally:
         os.close(write)
     assert out.returncode == 141 and out.stderr == ""
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"devicemap {devicemap.__version__}"

@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from . import cli_inputs
+from . import __version__, cli_inputs
 from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 planned, 1 the model does not fit, 2 bad usage or input, 3 a bug in devicemap "
         "(please report it), 130 interrupted, 141 output closed early (e.g. piped into head)",
     )
+    parser.add_argument("--version", action="version", version=f"devicemap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "demo", help=f"plan {DEMO_MODEL} on {DEMO_GPUS} + {DEMO_CPU} CPU and compare with accelerate"
