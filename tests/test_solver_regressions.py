@@ -167,3 +167,12 @@ def test_a_small_block_on_disk_names_the_block_that_filled_the_cpu():
     assert "needs 3.91 KiB but only 1000 B left on the CPU" in reasons["1"]
     assert '"1" (3.91 KiB) did not fit in the 1000 B left on the CPU' in reasons["2"]
     assert "did not fit on the GPUs or the CPU" not in reasons["2"]
+
+
+def test_the_fit_on_no_device_message_says_where_staging_room_is_kept():
+    model = linears(8, out_features=250)  # 8 layers of 10 000 bytes
+    with pytest.raises(devicemap.DoesNotFitError) as err:
+        devicemap.plan(model, max_memory={0: 30_000, "cpu": 20_000})
+    message = str(err.value)
+    assert "capacities GPU 0: 29.30 KiB, cpu: 19.53 KiB" in message
+    assert "9.77 KiB of GPU 0 is kept free to stage offloaded layers" in message

@@ -339,14 +339,28 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
         let capacities: Vec<String> = spec
             .devices()
             .iter()
-            .map(|(d, cap)| format!("{d}: {}", cap.map(human).unwrap_or_else(|| "unbounded".into())))
+            .map(|(d, cap)| {
+                format!(
+                    "{}: {}",
+                    label(*d),
+                    cap.map(human).unwrap_or_else(|| "unbounded".into())
+                )
+            })
             .collect();
-        let reserve = ledger.reserve.iter().copied().max().unwrap_or(0);
-        let staging = if reserve > 0 {
-            format!(", of which {} is kept free to stage offloaded layers", human(reserve))
-        } else {
-            String::new()
-        };
+        let staging: Vec<String> = ledger
+            .devices
+            .iter()
+            .zip(&ledger.reserve)
+            .filter(|(_, r)| **r > 0)
+            .map(|(d, r)| {
+                format!(
+                    "; {} of {} is kept free to stage offloaded layers",
+                    human(*r),
+                    label(*d)
+                )
+            })
+            .collect();
+        let staging = staging.concat();
         return Err(PlacementError::DoesNotFit {
             detail: format!(
                 "{} of the model's {} of weights ({} blocks from {:?} on) fit on no device (capacities {}{}); \
