@@ -13,7 +13,6 @@ to end before renting GPUs.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,9 +26,9 @@ from .memory import DeviceKey, Size, device_key
 from .offload_folder import (
     ConvertedWeights,
     content_key,
+    owned_by_result,
     prepare,
     refuse_non_folder,
-    remove_with,
     session_folder,
 )
 from .planning import Plan, device_for, plan
@@ -182,21 +181,16 @@ def dispatch(
         # accelerate writes index.json and one file per weight straight into the folder it is given:
         # give it one of devicemap's own, so a user's files and other models' weights are never touched.
         folder = session_folder(folder, "dispatch")
-    try:
-        dispatched = dispatch_model(
+    return owned_by_result(
+        folder,
+        lambda: dispatch_model(
             model,
             device_map=_without_disk_root(model, device_map),
             main_device=main_device if main_device is not None else _main_device(plan, device_map),
             offload_dir=str(folder) if folder is not None else None,
             offload_buffers=offload_buffers,
-        )
-    except BaseException:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    if folder is not None:
-        remove_with(dispatched, folder)
-    return dispatched
+        ),
+    )
 
 
 def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
@@ -502,13 +496,8 @@ def from_pretrained(
         folder = None
     if dtype is not None:
         kwargs.setdefault("dtype", _load_dtype(dtype))
-    try:
-        model = model_class.from_pretrained(str(path), device_map=result.device_map, **kwargs)
-    except BaseException:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    if folder is not None:
-        remove_with(model, folder)
+    model = owned_by_result(
+        folder, lambda: model_class.from_pretrained(str(path), device_map=result.device_map, **kwargs)
+    )
     model.devicemap_plan = result
     return model

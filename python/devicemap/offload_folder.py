@@ -32,11 +32,13 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 from .errors import OffloadFolderError
+
+T = TypeVar("T")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -127,6 +129,20 @@ def session_folder(offload_dir: PathLike, kind: str) -> Path:
 def remove_with(owner: Any, folder: Path) -> None:
     """Remove ``folder`` when ``owner`` is garbage-collected, or at interpreter exit."""
     weakref.finalize(owner, shutil.rmtree, str(folder), True)
+
+
+def owned_by_result(folder: Optional[Path], build: Callable[[], T]) -> T:
+    """Run ``build`` (which writes into the session ``folder``); the folder goes when the result is
+    garbage-collected, or at once if ``build`` fails."""
+    try:
+        result = build()
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder is not None:
+        remove_with(result, folder)
+    return result
 
 
 def content_key(checkpoint: PathLike, files: Iterable[str], dtype: str, tensors: Iterable[str]) -> str:
