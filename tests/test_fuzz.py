@@ -374,6 +374,98 @@ def test_load_checkpoint_arguments(small_checkpoint, tmp_path_factory, data):
     expect_placement_error(devicemap.load_checkpoint, empty, **kwargs)
 
 
+# Per flag: values the command accepts, and values it must refuse (one line, exit 2).
+CLI_VALUES = {
+    "--gpus": (
+        ["2x8GiB", "4X24GiB", "80GiB,40GiB", "1x2GiB", "1x256MiB"],
+        ["24", "1x", "x8GiB", "-1GiB", "", "2x8GiB,"],
+    ),
+    "--cpu": (["64GiB", "0B", "1e3GB"], ["abc", "18446744073709551615", "0"]),
+    "--strategy": (list(devicemap.STRATEGIES), ["fastest", ""]),
+    "--dtype": (["bf16", "fp16", "float32", "int8", "auto", "torch.float16"], ["float77", ""]),
+    "--batch": (["1", "4"], ["0", "-1", "two", "1e9"]),
+    "--seq-len": (["1", "2048"], ["0", "-5", "x"]),
+    "--balance": (["memory", "compute"], ["speed"]),
+    "--to": (["vllm", "llama.cpp", "deepspeed", "pipelining"], ["tensorrt"]),
+}
+MAX_MEMORY = (
+    ["0=8GiB,cpu=64GiB", "0=1GiB,1=1GiB,cpu=2GiB,disk"],
+    ["0=8GiB,0=9GiB", "cpu", "disk=1GiB", "=", "tpu=1GiB"],
+)
+CLI_SWITCHES = ["--disk", "--json"]
+DEVICE_FLAGS = ["--gpus", "--cpu", "--disk", "--strategy", "--dtype"]
+COMMAND_FLAGS = {
+    "plan": [*DEVICE_FLAGS, "--batch", "--seq-len", "--balance", "--json"],
+    "compare": DEVICE_FLAGS,
+    "export": [*DEVICE_FLAGS, "--to"],
+    "models": [],
+}
+
+
+@st.composite
+def command_lines(draw: st.DrawFn, folder: Path) -> list[str]:
+    """A command line with at most one bad piece, so that valid runs (exit 0 and 1) happen too."""
+    command = draw(st.sampled_from(["plan", "plan", "compare", "export", "models"]))
+    takes = COMMAND_FLAGS[command]
+    models = ["llama-3.2-1b", "qwen2.5-0.5b", "t5-large"]
+    bad_models = [
+        "lama-3",
+        "",
+        str(folder / "missing.json"),
+        str(folder / "bad.json"),
+        str(folder / "list.json"),
+        str(folder / "huge.json"),
+        str(folder),
+    ]
+    flags = draw(st.permutations([f for f in sorted(CLI_VALUES) if f in takes]))[: draw(st.integers(0, 4))]
+    pieces = ["model", *flags] + (["--max-memory"] if "--gpus" in takes and draw(st.booleans()) else [])
+    bad = draw(st.sampled_from([*[None] * len(pieces), *pieces]), label="bad piece")
+    args = [command, draw(st.sampled_from(bad_models if bad == "model" else models))]
+    for flag in pieces[1:]:
+        good, wrong = MAX_MEMORY if flag == "--max-memory" else CLI_VALUES[flag]
+        args += [flag, draw(st.sampled_from(wrong if bad == flag else good))]
+    if "--gpus" in takes and "--max-memory" not in pieces and "--gpus" not in pieces and draw(st.booleans()):
+        args += ["--gpus", "2x4GiB"]
+    args += draw(st.permutations([f for f in CLI_SWITCHES if f in takes]))[: draw(st.integers(0, 2))]
+    if command == "export" and "--to" not in pieces:
+        args += ["--to", "vllm"]  # required
+    if command == "models":
+        args = ["models"]
+    elif bad is None and draw(st.sampled_from([False] * 9 + [True])):
+        args.append("--no-such-flag")  # a usage error
+    return args
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-configs")
+    (folder / "bad.json").write_text("{not json")
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "huge.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 10**12}))
+    return folder
+
+
+@settings(fuzz_settings, max_examples=max(20, EXAMPLES // 3))
+@given(data=st.data())
+def test_the_command_answers_every_command_line_with_a_documented_exit_code(config_files, data):
+    import contextlib
+    import io
+
+    from devicemap import cli
+
+    argv = data.draw(command_lines(config_files), label="argv")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(argv)
+    event(f"exit {code}")
+    assert code in (0, 1, 2), (argv, code, err.getvalue()[-2000:])  # 3 is a bug: a traceback to report
+    assert "Traceback" not in err.getvalue(), (argv, err.getvalue()[-2000:])
+    if code:
+        line = err.getvalue().strip()
+        assert line.startswith("devicemap: ") and "\n" not in line, (argv, line)
+
+
 # -- safetensors headers, mutated byte by byte, in a child process (a hang or an abort is caught) --------
 
 HEADER_FUZZER = textwrap.dedent(
