@@ -1,4 +1,6 @@
-"""devicemap's exceptions. Every one derives from :class:`PlacementError`, itself a ``ValueError``.
+"""devicemap's exceptions. Bad input raises a :class:`PlacementError` subclass (itself a ``ValueError``);
+a bug in devicemap raises :class:`InternalError`, which derives from ``Exception`` only, so that
+``except ValueError`` or ``except PlacementError`` around bad input never hides it.
 
 Each message names the offending input and how to fix it, e.g.::
 
@@ -13,7 +15,9 @@ from ._core import (
     AccelerateCompatError,
     CheckpointError,
     DoesNotFitError,
+    DuplicateDeviceError,
     InternalError,
+    InvalidOptionError,
     InvalidSizeError,
     InvalidTreeError,
     PinConflictError,
@@ -22,11 +26,6 @@ from ._core import (
     UnknownDeviceError,
     UnknownModuleError,
 )
-
-
-class InvalidOptionError(PlacementError):
-    """An option with a value devicemap does not accept: a strategy, balance, dtype, flag or workload
-    field (the message names the option, the value and what is accepted)."""
 
 
 class OffloadFolderError(PlacementError):
@@ -38,6 +37,7 @@ __all__ = [
     "AccelerateCompatError",
     "CheckpointError",
     "DoesNotFitError",
+    "DuplicateDeviceError",
     "InternalError",
     "InvalidOptionError",
     "InvalidSizeError",

@@ -80,18 +80,14 @@ impl DeviceSpec {
         devices.sort_by_key(|(d, _)| *d);
         for pair in devices.windows(2) {
             if pair[0].0 == pair[1].0 {
-                return Err(PlacementError::UnknownDevice {
+                return Err(PlacementError::DuplicateDevice {
                     key: pair[0].0.to_string(),
-                    hint: "the device appears twice in max_memory; give each device once".into(),
                 });
             }
         }
         for (device, capacity) in &devices {
             if capacity.is_none() && *device != Device::Disk {
-                return Err(PlacementError::InvalidSize {
-                    input: format!("{device}: unbounded"),
-                    reason: "only disk may be unbounded".into(),
-                });
+                return Err(PlacementError::UnboundedDevice { device: *device });
             }
         }
         Ok(DeviceSpec { devices })
@@ -217,6 +213,22 @@ mod tests {
         let order: Vec<Device> = spec.devices().iter().map(|(d, _)| *d).collect();
         assert_eq!(order, vec![Device::Gpu(0), Device::Gpu(1), Device::Cpu, Device::Disk]);
         assert!(Device::parse("tpu").is_err());
-        assert!(DeviceSpec::new(vec![(Device::Cpu, Some(1)), (Device::Cpu, Some(2))]).is_err());
+    }
+
+    #[test]
+    fn a_device_given_twice_is_a_duplicate_device() {
+        let err = DeviceSpec::new(vec![
+            (Device::parse("cuda:0").unwrap(), Some(1)),
+            (Device::Gpu(0), Some(2)),
+        ])
+        .unwrap_err();
+        assert_eq!(err, PlacementError::DuplicateDevice { key: "0".into() });
+    }
+
+    #[test]
+    fn only_disk_may_be_unbounded() {
+        let err = DeviceSpec::new(vec![(Device::Gpu(1), None), (Device::Disk, None)]).unwrap_err();
+        assert_eq!(err, PlacementError::UnboundedDevice { device: Device::Gpu(1) });
+        assert!(DeviceSpec::new(vec![(Device::Disk, None)]).is_ok());
     }
 }

@@ -2,7 +2,7 @@
 
 use devicemap_core::PlacementError as CoreError;
 use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(
@@ -22,6 +22,19 @@ create_exception!(
     UnknownDeviceError,
     PlacementError,
     "A device key that is not a GPU index, 'mps', 'cpu' or 'disk'."
+);
+create_exception!(
+    devicemap,
+    DuplicateDeviceError,
+    UnknownDeviceError,
+    "A device given twice in one max_memory (e.g. 0 and 'cuda:0')."
+);
+create_exception!(
+    devicemap,
+    InvalidOptionError,
+    PlacementError,
+    "An option with a value devicemap does not accept: a strategy, balance, dtype, flag or workload field \
+     (the message names the option, the value and what is accepted)."
 );
 create_exception!(
     devicemap,
@@ -60,10 +73,12 @@ create_exception!(
     PlacementError,
     "accelerate itself fails on this input."
 );
+// Not a PlacementError (so not a ValueError): `except ValueError` around bad input must not hide a bug.
+// Unlike PyO3's PanicException (a BaseException) it is still an Exception, so servers catch and log it.
 create_exception!(
     devicemap,
     InternalError,
-    PlacementError,
+    PyException,
     "A bug in devicemap (a Rust panic, caught)."
 );
 
@@ -72,6 +87,9 @@ pub fn to_py(err: CoreError) -> PyErr {
     match err {
         CoreError::InvalidSize { .. } => InvalidSizeError::new_err(msg),
         CoreError::UnknownDevice { .. } => UnknownDeviceError::new_err(msg),
+        CoreError::DuplicateDevice { .. } => DuplicateDeviceError::new_err(msg),
+        CoreError::UnboundedDevice { .. } => InvalidSizeError::new_err(msg),
+        CoreError::InvalidOption { .. } => InvalidOptionError::new_err(msg),
         CoreError::UnknownModule { .. } => UnknownModuleError::new_err(msg),
         CoreError::TiedPinConflict { .. } => TiedPinConflictError::new_err(msg),
         CoreError::PinConflict { .. } => PinConflictError::new_err(msg),
@@ -105,6 +123,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PlacementError", py.get_type::<PlacementError>())?;
     m.add("InvalidSizeError", py.get_type::<InvalidSizeError>())?;
     m.add("UnknownDeviceError", py.get_type::<UnknownDeviceError>())?;
+    m.add("DuplicateDeviceError", py.get_type::<DuplicateDeviceError>())?;
+    m.add("InvalidOptionError", py.get_type::<InvalidOptionError>())?;
     m.add("UnknownModuleError", py.get_type::<UnknownModuleError>())?;
     m.add("TiedPinConflictError", py.get_type::<TiedPinConflictError>())?;
     m.add("PinConflictError", py.get_type::<PinConflictError>())?;

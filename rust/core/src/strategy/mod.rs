@@ -40,18 +40,20 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every strategy, in the order the docs list them.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Auto,
+        Strategy::Balanced,
+        Strategy::BalancedLow0,
+        Strategy::Sequential,
+    ];
+
+    /// Read a strategy name ("auto", "balanced", "balanced_low_0", "sequential").
     pub fn parse(name: &str) -> Result<Strategy> {
-        match name {
-            "auto" => Ok(Strategy::Auto),
-            "sequential" => Ok(Strategy::Sequential),
-            "balanced" => Ok(Strategy::Balanced),
-            "balanced_low_0" => Ok(Strategy::BalancedLow0),
-            other => Err(PlacementError::UnknownModule {
-                name: other.to_string(),
-                context: "strategy names".into(),
-                suggestion: "; use \"auto\", \"balanced\", \"balanced_low_0\" or \"sequential\"".into(),
-            }),
-        }
+        Strategy::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| invalid_option("strategy", name, Strategy::ALL.map(Strategy::name)))
     }
 
     pub fn name(self) -> &'static str {
@@ -72,6 +74,35 @@ pub enum Balance {
     Memory,
     /// Compute per GPU (the `compute` values of the options), within each GPU's memory.
     Compute,
+}
+
+impl Balance {
+    /// Every balance mode.
+    pub const ALL: [Balance; 2] = [Balance::Memory, Balance::Compute];
+
+    /// Read a balance mode ("memory" or "compute").
+    pub fn parse(name: &str) -> Result<Balance> {
+        Balance::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| invalid_option("balance", name, Balance::ALL.map(Balance::name)))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::Memory => "memory",
+            Balance::Compute => "compute",
+        }
+    }
+}
+
+/// The error for an option value that is none of `expected`.
+fn invalid_option<const N: usize>(what: &str, value: &str, expected: [&str; N]) -> PlacementError {
+    PlacementError::InvalidOption {
+        what: what.into(),
+        value: value.into(),
+        expected: expected.map(String::from).to_vec(),
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -1058,5 +1089,24 @@ mod tests {
             "{small}"
         );
         assert!(small.contains("blocks keep model order"), "{small}");
+    }
+
+    #[test]
+    fn option_names_parse_and_bad_ones_are_invalid_options_listing_every_name() {
+        for strategy in Strategy::ALL {
+            assert_eq!(Strategy::parse(strategy.name()), Ok(strategy));
+        }
+        for balance in Balance::ALL {
+            assert_eq!(Balance::parse(balance.name()), Ok(balance));
+        }
+        let err = Strategy::parse("greedy").unwrap_err();
+        assert!(
+            matches!(&err, PlacementError::InvalidOption { what, value, expected }
+            if what == "strategy" && value == "greedy" && expected.len() == 4),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(r#""balanced_low_0""#), "{err}");
+        let err = Balance::parse("flops").unwrap_err();
+        assert_eq!(err.to_string(), r#"invalid balance "flops"; use "memory" or "compute""#);
     }
 }
