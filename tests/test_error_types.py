@@ -81,3 +81,12 @@ def test_an_unknown_balance_from_the_core_is_an_invalid_option_naming_every_mode
         devicemap.InvalidOptionError, match='invalid balance "flops"; use "memory" or "compute"'
     ):
         solve(tree, balance="flops")
+
+
+def test_the_cli_still_reports_a_rust_panic_as_a_bug_with_exit_3(capsys, monkeypatch):
+    from devicemap import cli
+
+    monkeypatch.setattr(cli, "run_models", _core._panic_for_tests)
+    assert cli.main(["models"]) == 3
+    err = capsys.readouterr().err
+    assert "deliberate test panic" in err and "please report" in err
