@@ -4,6 +4,7 @@
     devicemap models                                 # bundled model shapes
     devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bfloat16 --out plan.svg
     devicemap plan ./my-model/config.json --max-memory 0=20GiB,1=20GiB,cpu=64GiB --json
+    devicemap plan ./my-model/ --gpus 2x24GiB --pin lm_head=0 --gpu0-reserve 2GiB --save device_map.json
     devicemap plan ./checkpoint/ --gpus 2x80GiB --dtype bfloat16           # safetensors headers only
     devicemap compare mixtral-8x7b --gpus 2x48GiB --cpu 64GiB --dtype bfloat16
     devicemap export llama-3-70b --gpus 4x40GiB --dtype bfloat16 --to vllm
@@ -11,6 +12,10 @@
 Exit codes: 0 planned; 1 the model does not fit; 2 bad usage or input (one line on stderr naming the
 input and the fix); 3 a bug in devicemap (a traceback to report); 130 interrupted; 141 the output was
 closed early (e.g. piped into ``head``), as for a command stopped by SIGPIPE.
+
+``--save device_map.json`` writes the plan's device map, which loads back with
+``from_pretrained(model, device_map=json.load(open("device_map.json")))``. ``--json`` prints every
+command's result as JSON; the schema is in :mod:`devicemap.cli_json`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from . import __version__, cli_inputs
+from . import __version__, cli_inputs, cli_json
 from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
@@ -81,6 +86,42 @@ def add_model_and_devices(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    """Flags that steer where layers go, for the commands that make a devicemap plan."""
+    p.add_argument(
+        "--pin",
+        action="append",
+        metavar="MODULE=DEVICE",
+        help="keep a module on a device, e.g. --pin lm_head=0 --pin model.embed_tokens=cpu (repeatable; "
+        "the device must be in the device spec)",
+    )
+    p.add_argument(
+        "--gpu0-reserve",
+        metavar="SIZE",
+        help="memory to keep free on GPU 0 on top of the plan, e.g. 2GiB (for generate's extra buffers)",
+    )
+    p.add_argument(
+        "--offload-buffers",
+        action="store_true",
+        help="offload buffers with their layers (default: buffers of offloaded layers stay on the GPU "
+        "that runs them, and the plan reserves room for them there)",
+    )
+
+
+def add_no_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-split",
+        action="append",
+        metavar="CLASS",
+        help="a module class never split across devices (repeatable); when given, these REPLACE the "
+        "model's own _no_split_modules instead of adding to them",
+    )
+
+
+def add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON (see devicemap.cli_json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="devicemap",
@@ -108,36 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
         "is a floating dtype, else the config's dtype, else bfloat16",
     )
     p.add_argument("--balance", default="memory", choices=("memory", "compute"))
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_placement_options(p)
+    add_no_split(p)
+    add_json(p, "the plan, its inputs and every device's bytes")
     p.add_argument("--out", help="write a picture of the plan: a .svg or .html file")
+    p.add_argument(
+        "--save",
+        metavar="FILE",
+        help="write the plan's device_map as JSON (e.g. device_map.json), the form "
+        "from_pretrained(device_map=...) and accelerate take",
+    )
     c = sub.add_parser("compare", help="devicemap and accelerate side by side on the same inputs")
     add_model_and_devices(c)
+    add_no_split(c)
+    add_json(c, "both sides")
     e = sub.add_parser("export", help="print the split for another engine")
     add_model_and_devices(e)
     e.add_argument("--to", required=True, choices=TARGETS, help="target engine")
+    add_placement_options(e)
+    add_no_split(e)
+    add_json(e, "the target, the exported text and its numbers")
     return parser
-
-
-def plan_to_json(result: Plan) -> dict:
-    return {
-        "strategy": result.strategy,
-        "device_map": result.device_map,
-        "devices": [
-            {
-                "device": u.device,
-                "capacity": u.capacity,
-                "weights": u.weights,
-                "runtime": u.runtime,
-                "reserve": u.reserve,
-                "blocks": list(u.blocks),
-            }
-            for u in result.usage
-        ],
-        "offloaded": [
-            {"name": o.name, "device": o.device, "bytes": o.bytes, "reason": o.reason}
-            for o in result.offloaded
-        ],
-    }
 
 
 def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
@@ -177,9 +209,13 @@ def workload_from_args(
 
 
 def write_picture(result: Plan, path: Path, title: str) -> None:
-    """Write through a private temporary file beside the target, so a failure never leaves half a picture
-    (nor overwrites anything but the target)."""
     text = plan_to_html(result, title) if path.suffix.lower() == ".html" else plan_to_svg(result, title)
+    write_atomically(path, text, "the picture")
+
+
+def write_atomically(path: Path, text: str, what: str) -> None:
+    """Write through a private temporary file beside the target, so a failure never leaves half a file
+    (nor overwrites anything but the target)."""
     temporary: Optional[str] = None
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -187,10 +223,32 @@ def write_picture(result: Plan, path: Path, title: str) -> None:
             file.write(text)
         os.replace(temporary, path)
     except OSError as err:
-        raise InvalidOptionError(f"cannot write the picture {str(path)!r}: {err.strerror or err}") from None
+        raise InvalidOptionError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from None
     finally:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, object]) -> dict:
+    """--pin, --gpu0-reserve and --offload-buffers as the library's keyword arguments."""
+    reserve = None
+    if args.gpu0_reserve is not None:
+        if 0 not in memory:
+            raise InvalidOptionError(
+                f"--gpu0-reserve {args.gpu0_reserve!r} keeps room on GPU 0, and the device spec has no GPU 0; "
+                "add it with --gpus/--max-memory or drop --gpu0-reserve"
+            )
+        reserve = cli_inputs.size("--gpu0-reserve", args.gpu0_reserve)
+    return {
+        "pins": cli_inputs.pins(args.pin, memory),
+        "gpu0_reserve": reserve,
+        "offload_buffers": args.offload_buffers,
+    }
+
+
+def model_no_split(model) -> list[str]:
+    """The classes a transformers model declares unsplittable (what the library uses by default)."""
+    return sorted(getattr(model, "_no_split_modules", None) or [])
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -198,43 +256,103 @@ def run_plan(args: argparse.Namespace) -> int:
     memory = memory_from_args(args)
     dtype = cli_inputs.weights_dtype(args.dtype, source)
     workload = workload_from_args(args, source, dtype)
+    placement = placement_from_args(args, memory)
     picture = cli_inputs.picture_path(args.out) if args.out is not None else None
+    saved = cli_inputs.output_file("--save", args.save, "device_map.json") if args.save is not None else None
+    no_split: Optional[list[str]] = None
     if source.kind == "checkpoint":
-        if args.balance != "memory":
+        needs_modules = [
+            flag
+            for flag, given in (
+                ("--balance compute", args.balance != "memory"),
+                ("--no-split", args.no_split),
+            )
+            if given
+        ]
+        if needs_modules:
             raise InvalidOptionError(
-                "--balance compute needs the model's modules: plan its config.json (or the catalog name) instead"
+                f"{' and '.join(needs_modules)} need the model's modules, and a checkpoint is planned from its "
+                "headers: plan its config.json (or the catalog name) instead"
             )
         result = plan_checkpoint(
-            str(source.path), max_memory=memory, strategy=args.strategy, dtype=dtype, workload=workload
-        )
-    else:
-        result = plan(
-            source.meta_model("plan"),
+            str(source.path),
             max_memory=memory,
             strategy=args.strategy,
             dtype=dtype,
             workload=workload,
-            balance=args.balance,
+            **placement,
         )
-    print(json.dumps(plan_to_json(result), indent=2) if args.json else result)
+    else:
+        model = source.meta_model("plan")
+        no_split = cli_inputs.no_split_classes(args.no_split, model)
+        result = plan(
+            model,
+            max_memory=memory,
+            strategy=args.strategy,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            workload=workload,
+            balance=args.balance,
+            **placement,
+        )
+        no_split = no_split if no_split is not None else model_no_split(model)
+    if args.json:
+        inputs = cli_json.inputs_json(
+            model=args.model,
+            source=source.kind,
+            memory=memory,
+            strategy=args.strategy,
+            dtype=dtype,
+            kv_dtype=workload.kv_dtype if workload is not None else None,
+            workload=workload,
+            no_split=no_split,
+            no_split_given=bool(args.no_split),
+            **placement,
+        )
+        print(json.dumps(cli_json.plan_json(result, inputs), indent=2))
+    else:
+        print(result)
     if picture is not None:
         write_picture(result, picture, f"{args.model}")
         if not args.json:
             print(f"picture written to {args.out}")
+    if saved is not None:
+        write_atomically(saved, json.dumps(result.device_map, indent=2) + "\n", "the device map")
+        if not args.json:
+            print(f"device_map written to {args.save}")
     return 0
 
 
 def model_memory_dtype(args: argparse.Namespace, command: str):
-    """The inputs `compare` and `export` share: the meta model, the device spec and the dtype."""
+    """The inputs `compare` and `export` share: the model source, meta model, device spec, dtype and
+    the --no-split classes (None: the model's own)."""
     source = cli_inputs.model_source(args.model)
     memory = memory_from_args(args)
     dtype = cli_inputs.weights_dtype(args.dtype, source)
-    return source.meta_model(command), memory, dtype
+    model = source.meta_model(command)
+    return source, model, memory, dtype, cli_inputs.no_split_classes(args.no_split, model)
+
+
+def shared_inputs_json(args, source, model, memory, dtype, no_split, **placement) -> dict:
+    return cli_json.inputs_json(
+        model=args.model,
+        source=source.kind,
+        memory=memory,
+        strategy=args.strategy,
+        dtype=dtype,
+        no_split=no_split if no_split is not None else model_no_split(model),
+        no_split_given=no_split is not None,
+        **placement,
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    model, memory, dtype = model_memory_dtype(args, "compare")
-    sides = compare(model, memory, strategy=args.strategy, dtype=dtype)
+    source, model, memory, dtype, no_split = model_memory_dtype(args, "compare")
+    sides = compare(model, memory, strategy=args.strategy, dtype=dtype, no_split_module_classes=no_split)
+    if args.json:
+        inputs = shared_inputs_json(args, source, model, memory, dtype, no_split)
+        print(json.dumps(cli_json.compare_json(sides, inputs), indent=2))
+        return 0
     devices = list(dict.fromkeys(d for side in sides for d in side.device_bytes))
     rows = [("", *(side.method for side in sides))]
     for device in devices:
@@ -255,9 +373,22 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    model, memory, dtype = model_memory_dtype(args, "export")
-    result = plan(model, max_memory=memory, strategy=args.strategy, dtype=dtype)
-    print(export(result, model, args.to))
+    source, model, memory, dtype, no_split = model_memory_dtype(args, "export")
+    placement = placement_from_args(args, memory)
+    result = plan(
+        model,
+        max_memory=memory,
+        strategy=args.strategy,
+        no_split_module_classes=no_split,
+        dtype=dtype,
+        **placement,
+    )
+    text = export(result, model, args.to)
+    if args.json:
+        inputs = shared_inputs_json(args, source, model, memory, dtype, no_split, **placement)
+        print(json.dumps(cli_json.export_json(result, model, args.to, text, inputs), indent=2))
+    else:
+        print(text)
     return 0
 
 

@@ -7,6 +7,7 @@ unit or a zero batch is refused rather than reinterpreted.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -125,6 +126,72 @@ def _entries(flag: str, text: str, example: str) -> list[str]:
     return parts
 
 
+def pins(texts: Optional[list[str]], memory: dict[DeviceKey, object]) -> dict[str, DeviceKey]:
+    """``--pin NAME=DEVICE`` (repeatable) -> ``{name: device}``; the device must be in the device spec.
+
+    Module names are checked by the library, which suggests close names for a typo.
+
+    >>> pins(["lm_head=0", "model.embed_tokens=cpu"], {0: 1, "cpu": 1})
+    {'lm_head': 0, 'model.embed_tokens': 'cpu'}
+    """
+    placed: dict[str, DeviceKey] = {}
+    for text in texts or []:
+        name, has_device, device = text.partition("=")
+        name = name.strip()
+        if not has_device or not name or not device.strip():
+            raise InvalidOptionError(
+                f"--pin {text!r}: write MODULE=DEVICE, e.g. --pin lm_head=0 or --pin model.embed_tokens=cpu"
+            )
+        try:
+            key = device_key(device)
+        except UnknownDeviceError as err:
+            raise UnknownDeviceError(f"--pin {text!r}: {err}") from None
+        if key not in memory:
+            devices = ", ".join(str(d) for d in memory)
+            raise UnknownDeviceError(
+                f"--pin {text!r}: device {device.strip()!r} is not in the device spec ({devices}); "
+                "pin to one of those or add it with --gpus/--cpu/--disk/--max-memory"
+            )
+        if name in placed and placed[name] != key:
+            raise InvalidOptionError(
+                f"--pin {text!r}: {name!r} is already pinned to {placed[name]!r}; pin each module once"
+            )
+        placed[name] = key
+    return placed
+
+
+def no_split_classes(texts: Optional[list[str]], model: Any) -> Optional[list[str]]:
+    """``--no-split CLASS`` (repeatable): class names that exist in the model, or None when absent
+    (the model's own ``_no_split_modules`` then apply). A name no module has is a typo, not a no-op."""
+    if not texts:
+        return None
+    present = sorted({type(module).__name__ for module in model.modules()})
+    for name in texts:
+        if name not in present:
+            close = difflib.get_close_matches(name, present, n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"the model's classes are {', '.join(present)}"
+            )
+            raise InvalidOptionError(f"--no-split {name!r}: no module of the model has this class; {hint}")
+    return list(dict.fromkeys(texts))
+
+
+def output_file(flag: str, text: str, example: str) -> Path:
+    """A file to write in an existing folder, checked before planning (not after the work is done)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise InvalidOptionError(
+            f"{flag} {text!r} is a folder: give a file name inside it, e.g. {path / example}"
+        )
+    if not path.parent.is_dir():
+        raise InvalidOptionError(
+            f"{flag} {text!r}: the folder {str(path.parent)!r} does not exist; create it first"
+        )
+    return path
+
+
 # ----- dtypes and counts -----------------------------------------------------------------------------
 
 
@@ -189,15 +256,7 @@ def picture_path(text: str) -> Path:
     path = Path(text).expanduser()
     if path.suffix.lower() not in (".svg", ".html"):
         raise InvalidOptionError(f"--out {text!r}: use a .svg or .html file name")
-    if path.is_dir():
-        raise InvalidOptionError(
-            f"--out {text!r} is a folder: give a file name inside it, e.g. {path / 'plan.svg'}"
-        )
-    if not path.parent.is_dir():
-        raise InvalidOptionError(
-            f"--out {text!r}: the folder {str(path.parent)!r} does not exist; create it first"
-        )
-    return path
+    return output_file("--out", text, "plan.svg")
 
 
 # ----- the model argument ----------------------------------------------------------------------------
