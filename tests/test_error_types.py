@@ -73,9 +73,7 @@ def test_an_unbounded_gpu_reaching_the_core_is_an_invalid_size_naming_the_device
     assert "unbounded" in message and "1: unbounded" not in message
 
 
-# rust/python/src/lib.rs still checks balance names itself (reporting an unknown *module*); once it calls
-# the core's Balance::parse this passes, and strict=True makes the stale marker fail so it gets removed.
-@pytest.mark.xfail(strict=True, reason="lib.rs solve does not call Balance::parse yet")
+# The binding parses balance names with the core's Balance::parse (it used to report an unknown *module*).
 def test_an_unknown_balance_from_the_core_is_an_invalid_option_naming_every_mode(tree):
     with pytest.raises(
         devicemap.InvalidOptionError, match='invalid balance "flops"; use "memory" or "compute"'

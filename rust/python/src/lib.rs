@@ -188,17 +188,7 @@ fn solve(
             .into_iter()
             .map(|(n, d)| Ok((n, Device::parse(&d)?)))
             .collect::<Result<Vec<_>, CoreError>>()?;
-        let balance = match balance.as_str() {
-            "memory" => Balance::Memory,
-            "compute" => Balance::Compute,
-            other => {
-                return Err(CoreError::UnknownModule {
-                    name: other.to_string(),
-                    context: "balance modes".into(),
-                    suggestion: "; use \"memory\" or \"compute\"".into(),
-                })
-            }
-        };
+        let balance = Balance::parse(&balance)?;
         let options = SolveOptions {
             strategy: Strategy::parse(&strategy)?,
             no_split_module_classes,
