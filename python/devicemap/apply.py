@@ -143,6 +143,7 @@ def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
 def dispatch(
     model: torch.nn.Module,
     plan: PlanLike,
+    *,
     offload_dir: Optional[Union[str, Path]] = None,
     main_device: Optional[Union[int, str, torch.device]] = None,
     rehearse: bool = False,
@@ -243,6 +244,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     checkpoint: Union[str, Path],
     plan: PlanLike,
+    *,
     offload_dir: Optional[Union[str, Path]] = None,
     dtype: Optional[DtypeLike] = None,
     rehearse: bool = False,
@@ -446,6 +448,7 @@ def _safetensors_name(dtype: torch.dtype) -> str:
 
 def from_pretrained(
     path: Union[str, Path],
+    *,
     model_class: Any = None,
     strategy: str = "auto",
     max_memory: Optional[Mapping[object, Size]] = None,

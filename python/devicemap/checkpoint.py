@@ -30,7 +30,7 @@ from . import _core
 from .arguments import check_mapping, check_path, check_strings
 from .errors import CheckpointError, InvalidOptionError
 from .memory import Size
-from .planning import Plan, plan
+from .planning import Plan, plan_with_runtime
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
 from .workload import Workload, compute_dtype
 
@@ -129,6 +129,7 @@ def tie_groups(config: Mapping[str, Any]) -> list[list[str]]:
 
 def checkpoint_tree(
     path: Union[str, Path],
+    *,
     dtype: Optional[DtypeLike] = None,
     block_pattern: Optional[Union[str, Iterable[str]]] = None,
     config: Optional[Mapping[str, Any]] = None,
@@ -150,6 +151,7 @@ def checkpoint_tree(
 def plan_checkpoint(
     path: Union[str, Path],
     max_memory: Optional[Mapping[object, Size]] = None,
+    *,
     strategy: str = "auto",
     dtype: Optional[DtypeLike] = None,
     pins: Optional[Mapping[str, object]] = None,
@@ -188,7 +190,7 @@ def plan_checkpoint(
     config = dict(config) if config is not None else find_config(path) or {}
     tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
     runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
-    return plan(
+    return plan_with_runtime(
         tree,
         max_memory=max_memory,
         strategy=strategy,

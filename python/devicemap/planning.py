@@ -222,6 +222,7 @@ def _span(blocks: tuple[str, ...]) -> str:
 def plan(
     model_or_tree: Union[torch.nn.Module, ModuleTree],
     max_memory: Optional[Mapping[object, Size]] = None,
+    *,
     strategy: str = "auto",
     no_split_module_classes: Optional[Iterable[str]] = None,
     dtype: Optional[DtypeLike] = None,
@@ -231,9 +232,7 @@ def plan(
     workload: Optional[Workload] = None,
     balance: str = "memory",
     gpu0_reserve: Optional[Size] = None,
-    *,
     untie: bool = False,
-    runtime_memory: Optional[tuple[list[tuple[str, int]], int]] = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -259,8 +258,6 @@ def plan(
         gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
         untie: count a shared parameter once per user instead of keeping its users together (for
             pipeline stages, where each stage holds its own copy).
-        runtime_memory: precomputed ``([(module name, bits)], activation bits)`` instead of a workload
-            (what :func:`devicemap.plan_checkpoint` passes).
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -274,6 +271,41 @@ def plan(
         >>> p.device_map
         {'0': 0, '1': 0, '2': 0, '3': 0, '4': 1, '5': 1, '6': 1, '7': 1}
     """
+    return plan_with_runtime(
+        model_or_tree,
+        max_memory,
+        strategy=strategy,
+        no_split_module_classes=no_split_module_classes,
+        dtype=dtype,
+        special_dtypes=special_dtypes,
+        pins=pins,
+        offload_buffers=offload_buffers,
+        workload=workload,
+        balance=balance,
+        gpu0_reserve=gpu0_reserve,
+        untie=untie,
+    )
+
+
+def plan_with_runtime(
+    model_or_tree: Union[torch.nn.Module, ModuleTree],
+    max_memory: Optional[Mapping[object, Size]],
+    *,
+    strategy: str = "auto",
+    no_split_module_classes: Optional[Iterable[str]] = None,
+    dtype: Optional[DtypeLike] = None,
+    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    pins: Optional[Mapping[str, object]] = None,
+    offload_buffers: bool = False,
+    workload: Optional[Workload] = None,
+    balance: str = "memory",
+    gpu0_reserve: Optional[Size] = None,
+    untie: bool = False,
+    runtime_memory: Optional[tuple[list[tuple[str, int]], int]] = None,
+) -> Plan:
+    """:func:`plan` with the runtime memory given directly: ``([(module name, bits)], activation bits)``
+    instead of a workload sized from the model (what :func:`devicemap.plan_checkpoint` passes, having sized
+    it from ``config.json``). Internal: not exported from the package."""
     # Every argument is checked before any work, so a wrong one is named instead of failing deep inside.
     check_choice("strategy", strategy, STRATEGIES)
     check_choice("balance", balance, ("memory", "compute"))
@@ -329,12 +361,12 @@ def plan(
         runtime, activation_bits = list(runtime_memory[0]), int(runtime_memory[1])
     elif workload is not None:
         if not isinstance(model_or_tree, torch_module()):
-            raise PlacementError("workload needs the model itself (its config), not a ModuleTree")
+            raise InvalidOptionError("workload needs the model itself (its config), not a ModuleTree")
         runtime, activation_bits = workload_runtime(model_or_tree, tree, workload, dtype)
     compute: list[tuple[str, int]] = []
     if balance == "compute":
         if not isinstance(model_or_tree, torch_module()):
-            raise PlacementError("balance='compute' needs the model itself, not a ModuleTree")
+            raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model_or_tree)
     check_runtime_bits(runtime, activation_bits)
 

@@ -86,6 +86,7 @@ def host_ranks(hosts: Sequence[Sequence[Size]]) -> list[tuple[int, int, int]]:
 def plan_stages(
     model: Union[torch.nn.Module, ModuleTree],
     hosts: Sequence[Sequence[Size]],
+    *,
     dtype: Optional[DtypeLike] = None,
     no_split_module_classes: Optional[list[str]] = None,
     balance: str = "memory",
