@@ -125,6 +125,25 @@ def test_export_takes_the_placement_flags(capsys, small_model):
     assert printed["values"]["pp_layer_partition"] == [stage["layers"] for stage in printed["stages"]]
 
 
+@pytest.mark.parametrize("target", ["vllm", "deepspeed", "pipelining"])
+def test_a_pin_that_breaks_the_layer_order_cannot_be_exported(capsys, target):
+    # Layer 2 pinned to GPU 1 sits between GPU 0's layers: a layer count per stage would misplace it.
+    line = refused(
+        capsys,
+        "export",
+        SMALL,
+        "--gpus",
+        "2x8GiB",
+        "--dtype",
+        "bf16",
+        "--to",
+        target,
+        "--pin",
+        "model.layers.2=1",
+    )
+    assert "model.layers.3" in line and "GPU 0" in line and "model.layers.2" in line
+
+
 def test_no_split_on_a_checkpoint_is_refused(capsys, tiny_checkpoints):
     _, folder = tiny_checkpoints["llama"]
     line = refused(capsys, "plan", str(folder), "--cpu", "1GiB", "--no-split", "LlamaDecoderLayer")

@@ -53,7 +53,25 @@ def gpu_stages(
             f"the plan keeps {len(offloaded)} decoder layers off the GPUs (from {offloaded[0]}); pipeline "
             "engines need every layer on a GPU: add GPUs or memory, or export to llama.cpp"
         )
+    _check_one_run_per_gpu(plan, model)
     return [(device, layers) for device, layers in stages.items() if layers]
+
+
+def _check_one_run_per_gpu(plan: Plan, model: torch.nn.Module) -> None:
+    """Engines give stage i the next run of layers: each GPU's layers must be one run, in GPU order (a pin
+    can put a layer on another GPU between them, which no layer-count export can express)."""
+    order = [u.device for u in plan.usage if isinstance(u.device, int)]
+    previous: tuple[int, str] | None = None
+    for name, device in layer_devices(plan, model):
+        if not isinstance(device, int):
+            continue
+        if previous is not None and order.index(device) < order.index(previous[0]):
+            raise PlacementError(
+                f"{name} is on GPU {device} but comes after {previous[1]} on GPU {previous[0]}: engines run "
+                "each GPU's layers as one stage in GPU order, so this split (made by pins or ties) cannot be "
+                "exported; drop the pins that break the layer order, or export to another target"
+            )
+        previous = (device, name)
 
 
 def to_vllm(plan: Plan, model: torch.nn.Module) -> str:
