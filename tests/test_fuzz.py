@@ -387,17 +387,21 @@ CLI_VALUES = {
     "--seq-len": (["1", "2048"], ["0", "-5", "x"]),
     "--balance": (["memory", "compute"], ["speed"]),
     "--to": (["vllm", "llama.cpp", "deepspeed", "pipelining"], ["tensorrt"]),
+    "--pin": (["lm_head=0", "model.norm=cpu", "model.layers.0=1"], ["lm_head", "nope=0", "lm_head=7", "=0"]),
+    "--no-split": (["LlamaDecoderLayer", "Qwen2DecoderLayer"], ["NoSuchLayer", ""]),
+    "--gpu0-reserve": (["1GiB", "0B"], ["lots", "-1GiB"]),
 }
 MAX_MEMORY = (
     ["0=8GiB,cpu=64GiB", "0=1GiB,1=1GiB,cpu=2GiB,disk"],
     ["0=8GiB,0=9GiB", "cpu", "disk=1GiB", "=", "tpu=1GiB"],
 )
-CLI_SWITCHES = ["--disk", "--json"]
-DEVICE_FLAGS = ["--gpus", "--cpu", "--disk", "--strategy", "--dtype"]
+CLI_SWITCHES = ["--disk", "--json", "--offload-buffers"]
+DEVICE_FLAGS = ["--gpus", "--cpu", "--disk", "--strategy", "--dtype", "--json", "--no-split"]
+PLACEMENT_FLAGS = ["--pin", "--gpu0-reserve", "--offload-buffers"]
 COMMAND_FLAGS = {
-    "plan": [*DEVICE_FLAGS, "--batch", "--seq-len", "--balance", "--json"],
+    "plan": [*DEVICE_FLAGS, *PLACEMENT_FLAGS, "--batch", "--seq-len", "--balance"],
     "compare": DEVICE_FLAGS,
-    "export": [*DEVICE_FLAGS, "--to"],
+    "export": [*DEVICE_FLAGS, *PLACEMENT_FLAGS, "--to"],
     "models": [],
 }
 
