@@ -1,7 +1,7 @@
 //! Plan: the result of a solve. Blocks with their devices, the coarsest device map (accelerate's
 //! format), bytes per device, the staging reserve, and why anything left the GPUs.
 
-use crate::device::Device;
+use crate::device::{bits_to_bytes, Device, BITS_PER_BYTE};
 use crate::tree::NodeId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,37 @@ pub struct Plan {
     pub offloaded: Vec<Offload>,
 }
 
+// Byte views for front ends: the core keeps bits (a bool is 1 bit), users see whole bytes. Used sizes
+// round up (a partly used byte is used); a capacity rounds down (never promise a byte that is not there).
+impl Offload {
+    /// Bytes of this block, rounded up.
+    pub fn bytes(&self) -> u64 {
+        bits_to_bytes(self.bits)
+    }
+}
+
+impl DeviceUsage {
+    /// Capacity in whole bytes, rounded down (`None`: unbounded disk).
+    pub fn capacity_bytes(&self) -> Option<u64> {
+        self.capacity_bits.map(|bits| bits / BITS_PER_BYTE)
+    }
+
+    /// Bytes of weights, rounded up.
+    pub fn weight_bytes(&self) -> u64 {
+        bits_to_bytes(self.weight_bits)
+    }
+
+    /// Bytes of runtime memory, rounded up.
+    pub fn runtime_bytes(&self) -> u64 {
+        bits_to_bytes(self.runtime_bits)
+    }
+
+    /// Bytes kept free, rounded up.
+    pub fn reserve_bytes(&self) -> u64 {
+        bits_to_bytes(self.reserve_bits)
+    }
+}
+
 impl Plan {
     pub fn device_of(&self, node: NodeId) -> Option<Device> {
         self.assignments.iter().find(|(n, _)| *n == node).map(|(_, d)| *d)
@@ -57,5 +88,44 @@ impl Plan {
             .map(|u| u.weight_bits + u.runtime_bits + u.reserve_bits)
             .max()
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(capacity_bits: Option<u64>, weight_bits: u64, runtime_bits: u64, reserve_bits: u64) -> DeviceUsage {
+        DeviceUsage {
+            device: Device::Gpu(0),
+            capacity_bits,
+            weight_bits,
+            runtime_bits,
+            reserve_bits,
+            compute: 0,
+            blocks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn used_bytes_round_up_and_capacity_rounds_down() {
+        let u = usage(Some(8 * 100 + 7), 8 * 10 + 1, 3, 8 * 4);
+        assert_eq!(u.capacity_bytes(), Some(100));
+        assert_eq!(u.weight_bytes(), 11);
+        assert_eq!(u.runtime_bytes(), 1);
+        assert_eq!(u.reserve_bytes(), 4);
+        assert_eq!(usage(None, 0, 0, 0).capacity_bytes(), None);
+        assert_eq!(usage(None, 0, 0, 0).weight_bytes(), 0);
+    }
+
+    #[test]
+    fn offload_bytes_round_up() {
+        let o = Offload {
+            node: 0,
+            device: Device::Cpu,
+            bits: 17,
+            reason: String::new(),
+        };
+        assert_eq!(o.bytes(), 3);
     }
 }
