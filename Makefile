@@ -44,5 +44,17 @@ bench: build
 	$(BIN)/python benches/bench_checkpoint.py
 	$(BIN)/python benches/bench_stages.py
 
+# Pictures for the README: the plans as SVG and, rasterised with cairosvg (installed here if missing;
+# it needs the cairo library, Debian's libcairo2), as PNG in docs/. Not part of `make test`.
+PICTURES := docs/plan-llama-3-70b docs/plan-mixtral-8x7b-disk
+.PHONY: pictures
+pictures: build
+	$(BIN)/python -c "import cairosvg" 2>/dev/null || $(BIN)/python -m pip install --quiet cairosvg
+	@$(BIN)/python -c "import cairosvg" || { echo "cairosvg needs the cairo library: apt-get install libcairo2"; exit 1; }
+	$(BIN)/devicemap plan llama-3-70b --gpus 4x24GiB --cpu 128GiB --dtype bf16 --out docs/plan-llama-3-70b.svg > /dev/null
+	$(BIN)/devicemap plan mixtral-8x7b --gpus 2x24GiB --cpu 16GiB --disk --dtype bf16 --batch 4 --seq-len 4096 \
+		--out docs/plan-mixtral-8x7b-disk.svg > /dev/null
+	$(BIN)/python -c "import sys, cairosvg; [cairosvg.svg2png(url=f + '.svg', write_to=f + '.png', output_width=1920) for f in sys.argv[1:]]" $(PICTURES)
+
 clean:
 	rm -rf target $(VENV) .pytest_cache .hypothesis
