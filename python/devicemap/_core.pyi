@@ -1,6 +1,9 @@
 """Typing for the Rust extension (devicemap._core). Use the public API in `devicemap` instead."""
 
-from typing import Optional
+from typing import Optional, Union
+
+DeviceKey = Union[int, str]
+"""A device as accelerate's maps spell it: an int GPU index, or "mps" / "cpu" / "disk"."""
 
 __version__: str
 
@@ -26,6 +29,50 @@ class Tree:
     def suggest(self, name: str) -> list[str]: ...
     def modules_of_class(self, class_name: str) -> list[str]: ...
 
+class DeviceUsageRecord:
+    """What one device holds in a plan, in bytes (used sizes rounded up, capacity rounded down)."""
+
+    @property
+    def device(self) -> DeviceKey: ...
+    @property
+    def capacity(self) -> Optional[int]: ...
+    @property
+    def weights(self) -> int: ...
+    @property
+    def runtime(self) -> int: ...
+    @property
+    def reserve(self) -> int: ...
+    @property
+    def compute(self) -> int: ...
+    @property
+    def blocks(self) -> list[str]: ...
+
+class OffloadRecord:
+    """A block placed on CPU or disk, its bytes (rounded up) and why."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def device(self) -> DeviceKey: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+
+class SolveResult:
+    """What solve returns: the strategy that ran, (module, device) pairs in model order, usage, offloads."""
+
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def device_map(self) -> list[tuple[str, DeviceKey]]: ...
+    @property
+    def assignments(self) -> list[tuple[str, DeviceKey]]: ...
+    @property
+    def usage(self) -> list[DeviceUsageRecord]: ...
+    @property
+    def offloaded(self) -> list[OffloadRecord]: ...
+
 def solve(
     tree: Tree,
     devices: list[tuple[str, Optional[int]]],
@@ -38,13 +85,7 @@ def solve(
     compute: list[tuple[str, int]] = ...,
     balance: str = "memory",
     gpu0_reserve_bits: int = 0,
-) -> tuple[
-    str,
-    list[tuple[str, str]],
-    list[tuple[str, str]],
-    list[tuple[str, Optional[int], int, int, int, int, list[str]]],
-    list[tuple[str, str, int, str]],
-]: ...
+) -> SolveResult: ...
 def infer_auto_device_map(
     tree: Tree,
     max_memory: list[tuple[str, int]],
@@ -52,7 +93,7 @@ def infer_auto_device_map(
     fallback_allocation: bool,
     clean_result: bool,
 ) -> tuple[
-    list[tuple[str, str]],
+    list[tuple[str, DeviceKey]],
     list[tuple[str, int]],
     list[tuple[str, str]],
     list[tuple[str, int, list[str]]],

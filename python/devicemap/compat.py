@@ -175,7 +175,7 @@ def infer_auto_device_map(
     if not offload_buffers:
         warn_offloaded_buffers(model, memory, dict(used_bits), offloaded_modules, dtype, special_dtypes)
     log_unassigned_devices(model, unassigned)
-    return {name: int(d) if d.isdigit() else d for name, d in entries}
+    return dict(entries)
 
 
 def get_balanced_memory(

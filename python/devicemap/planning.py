@@ -59,10 +59,6 @@ def torch_module() -> type:
     return torch.nn.Module
 
 
-def _device_from_core(text: str) -> DeviceKey:
-    return int(text) if text.isdigit() else text
-
-
 @dataclass(frozen=True)
 class DeviceUsage:
     """What one device holds in a plan."""
@@ -370,7 +366,7 @@ def plan_with_runtime(
         compute = flops_per_token(model_or_tree)
     check_runtime_bits(runtime, activation_bits)
 
-    strategy_ran, device_map, assignments, usage, offloaded = _core.solve(
+    result = _core.solve(
         tree.core,
         devices,
         strategy,
@@ -383,22 +379,25 @@ def plan_with_runtime(
         balance,
         reserve_bits,
     )
+    # The core hands back bytes (rounded once, in Rust) and devices as accelerate's keys.
     return Plan(
-        strategy=strategy_ran,
-        device_map={n: _device_from_core(d) for n, d in device_map},
-        assignments={n: _device_from_core(d) for n, d in assignments},
+        strategy=result.strategy,
+        device_map=dict(result.device_map),
+        assignments=dict(result.assignments),
         usage=[
             DeviceUsage(
-                device=_device_from_core(d),
-                capacity=None if cap is None else cap // 8,
-                weights=-(-weights // 8),
-                runtime=-(-run // 8),
-                reserve=-(-reserve // 8),
-                compute=flops,
-                blocks=tuple(blocks),
+                device=u.device,
+                capacity=u.capacity,
+                weights=u.weights,
+                runtime=u.runtime,
+                reserve=u.reserve,
+                compute=u.compute,
+                blocks=tuple(u.blocks),
             )
-            for d, cap, weights, run, reserve, flops, blocks in usage
+            for u in result.usage
         ],
-        offloaded=[Offload(n, _device_from_core(d), -(-b // 8), r) for n, d, b, r in offloaded],
+        offloaded=[
+            Offload(name=o.name, device=o.device, bytes=o.bytes, reason=o.reason) for o in result.offloaded
+        ],
         tree=tree,
     )

@@ -2,6 +2,7 @@
 //! the work, map errors (see errors.rs). No placement logic lives here.
 
 mod errors;
+mod records;
 
 use devicemap_core::checkpoint_tree::CheckpointTreeOptions;
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
@@ -12,6 +13,7 @@ use devicemap_core::{
 };
 use errors::guarded;
 use pyo3::prelude::*;
+use records::{named_devices, DeviceKey, DeviceUsageRecord, OffloadRecord, SolveResult};
 use std::sync::Arc;
 
 /// An immutable module size tree owned by Rust (build it with `devicemap.ModuleTree`).
@@ -123,24 +125,14 @@ fn parse_devices(devices: Vec<(String, Option<u64>)>) -> Result<Vec<(Device, Opt
 }
 
 type NamedDevice = (String, String);
-/// accelerate's map, and the facts behind its warnings: bits used per device, modules placed whole on
-/// CPU/disk, devices left empty (device, bits needed, the names those bits come from).
+/// accelerate's map (devices as its keys: int GPU index or str), and the facts behind its warnings: bits
+/// used per device, modules placed whole on CPU/disk, devices left empty (device, bits needed, the names
+/// those bits come from).
 type CompatReport = (
-    Vec<NamedDevice>,
+    Vec<(String, DeviceKey)>,
     Vec<(String, i128)>,
     Vec<NamedDevice>,
     Vec<(String, i128, Vec<String>)>,
-);
-/// (device, capacity bits or None, weight bits, runtime bits, reserve bits, compute, block names)
-type UsageRow = (String, Option<u64>, u64, u64, u64, u64, Vec<String>);
-/// (name, device, bits, reason)
-type OffloadRow = (String, String, u64, String);
-type SolveResult = (
-    String,
-    Vec<NamedDevice>,
-    Vec<NamedDevice>,
-    Vec<UsageRow>,
-    Vec<OffloadRow>,
 );
 
 fn named_values(tree: &ModuleTree, values: Vec<(String, u64)>, what: &str) -> Result<Vec<(u32, u64)>, CoreError> {
@@ -160,6 +152,7 @@ fn named_values(tree: &ModuleTree, values: Vec<(String, u64)>, what: &str) -> Re
 
 /// Solve a placement. Devices are (key, capacity in bits) pairs; keys as accelerate's max_memory keys.
 /// `runtime` and `compute` attach values to module names (bits of KV cache/logits; compute cost).
+/// Returns a `SolveResult` of named records in bytes, devices as accelerate's keys (int GPU index or str).
 #[pyfunction]
 #[pyo3(signature = (
     tree, devices, strategy, no_split_module_classes, pins, offload_buffers,
@@ -201,47 +194,7 @@ fn solve(
             gpu0_reserve_bits,
         };
         let plan = devicemap_core::solve(&t, &spec, &options)?;
-        let named = |pairs: &[(u32, Device)]| -> Vec<NamedDevice> {
-            pairs
-                .iter()
-                .map(|(n, d)| (t.name(*n).to_string(), d.to_string()))
-                .collect()
-        };
-        let usage = plan
-            .usage
-            .iter()
-            .map(|u| {
-                let blocks = u.blocks.iter().map(|b| t.name(*b).to_string()).collect();
-                (
-                    u.device.to_string(),
-                    u.capacity_bits,
-                    u.weight_bits,
-                    u.runtime_bits,
-                    u.reserve_bits,
-                    u.compute,
-                    blocks,
-                )
-            })
-            .collect();
-        let offloaded = plan
-            .offloaded
-            .iter()
-            .map(|o| {
-                (
-                    t.name(o.node).to_string(),
-                    o.device.to_string(),
-                    o.bits,
-                    o.reason.clone(),
-                )
-            })
-            .collect();
-        Ok((
-            plan.strategy.to_string(),
-            named(&plan.device_map),
-            named(&plan.assignments),
-            usage,
-            offloaded,
-        ))
+        Ok(SolveResult::new(&t, &plan))
     })
 }
 
@@ -270,7 +223,7 @@ fn infer_auto_device_map(
         let result = accelerate_compat::infer_auto_device_map(&t, &mm, &options)?;
         let named = |(n, d): &(u32, Device)| (t.name(*n).to_string(), d.to_string());
         Ok((
-            result.device_map.iter().map(named).collect(),
+            named_devices(&t, &result.device_map),
             result
                 .used_bits
                 .iter()
@@ -372,6 +325,9 @@ fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tree>()?;
+    m.add_class::<SolveResult>()?;
+    m.add_class::<DeviceUsageRecord>()?;
+    m.add_class::<OffloadRecord>()?;
     m.add_function(wrap_pyfunction!(solve, m)?)?;
     m.add_function(wrap_pyfunction!(infer_auto_device_map, m)?)?;
     m.add_function(wrap_pyfunction!(balanced_budget, m)?)?;
