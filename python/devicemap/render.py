@@ -209,7 +209,7 @@ def _run_labels(runs: list[Run], y: int) -> list[str]:
                 f'text-anchor="middle" fill="white" font-size="11">{text}</text>'
             )
             continue
-        x = max(run.x, below_free_from)
+        x = min(max(run.x, below_free_from), WIDTH - needed - 4)  # stay inside the picture
         out.append(
             f'<path d="M{run.x + run.width / 2:.2f},{y + BAR} V{y + BAR + 5}" stroke="#444"/>'
             f'<text class="run-label" x="{x:.2f}" y="{y + BAR + 16}" fill="#222" font-size="11">{text}</text>'
@@ -255,8 +255,7 @@ _HOVER_SCRIPT = """
 const box = document.getElementById('hover');
 document.querySelectorAll('rect.block').forEach(r => {
   r.addEventListener('mousemove', e => {
-    box.textContent = r.dataset.name + ' \u2014 ' + r.querySelector('title').textContent.split(' \u2014 ')[1]
-      + ' \u2014 ' + r.dataset.reason;
+    box.textContent = r.querySelector('title').textContent;  // "name — bytes — why it is there"
     box.style.left = (e.clientX + 12) + 'px'; box.style.top = (e.clientY + 12) + 'px';
     box.style.display = 'block';
   });
