@@ -8,6 +8,8 @@ compares the command's device map with ``devicemap.plan`` on the same meta model
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -293,3 +295,11 @@ def test_export_json_schema(capsys, target, values):
     for stage in printed["stages"]:
         assert_shape(stage, {"device": int, "layers": int, "first": str, "last": str})
     assert sum(stage["layers"] for stage in printed["stages"]) == 16
+
+
+def test_saved_files_get_the_usual_permissions(capsys, tmp_path):
+    target = tmp_path / "device_map.json"
+    assert cli.main(["plan", SMALL, "--gpus", "2x8GiB", "--dtype", "bf16", "--save", str(target)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600

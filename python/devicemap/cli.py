@@ -213,6 +213,13 @@ def write_picture(result: Plan, path: Path, title: str) -> None:
     write_atomically(path, text, "the picture")
 
 
+def _default_file_mode() -> int:
+    """The mode open() would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: Path, text: str, what: str) -> None:
     """Write through a private temporary file beside the target, so a failure never leaves half a file
     (nor overwrites anything but the target)."""
@@ -221,6 +228,7 @@ def write_atomically(path: Path, text: str, what: str) -> None:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temporary, _default_file_mode())  # mkstemp makes it private (0600); a plain file is not
         os.replace(temporary, path)
     except OSError as err:
         raise InvalidOptionError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from None
