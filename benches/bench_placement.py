@@ -20,8 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import accelerate.utils.modeling as acc_modeling
 import torch

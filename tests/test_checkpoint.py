@@ -163,7 +163,7 @@ def test_workload_from_the_checkpoint_config_matches_the_model(tiny_checkpoints)
     memory = {0: "1MiB", 1: "1MiB", "cpu": "1GiB"}
     from_headers = devicemap.plan_checkpoint(folder, max_memory=memory, workload=workload, dtype="float32")
     from_model = devicemap.plan(model, max_memory=memory, workload=workload, dtype="float32")
-    for header_usage, model_usage in zip(from_headers.usage, from_model.usage):
+    for header_usage, model_usage in zip(from_headers.usage, from_model.usage, strict=False):
         assert header_usage.runtime == model_usage.runtime, header_usage.device
     assert sum(u.runtime for u in from_headers.usage) > 0
     with pytest.raises(devicemap.CheckpointError, match="config.json"):

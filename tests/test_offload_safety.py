@@ -312,10 +312,13 @@ def test_dispatches_into_one_offload_dir_keep_their_weights_and_the_users_files(
     files = user_files(offload)
     models = [sequential(0), sequential(1)]
     plans = [spilling(m, 3000) for m in models]
-    dispatched = [devicemap.dispatch(copy.deepcopy(m), p, offload_dir=offload) for m, p in zip(models, plans)]
+    dispatched = [
+        devicemap.dispatch(copy.deepcopy(m), p, offload_dir=offload)
+        for m, p in zip(models, plans, strict=False)
+    ]
     x = torch.randn(2, 16)
     with torch.no_grad():
-        for model, placed in zip(models, dispatched):
+        for model, placed in zip(models, dispatched, strict=False):
             torch.testing.assert_close(placed(x), model(x))
     assert_kept(files)
     assert len(list(offload.glob("devicemap-dispatch-*"))) == 2
@@ -343,7 +346,7 @@ def test_from_pretrained_loads_into_one_offload_dir_keep_their_weights(tmp_path)
         limits = {"cpu": total // 2, "disk": 0}
         models.append(model)
         loaded.append(devicemap.from_pretrained(folder, max_memory=limits, offload_dir=offload).eval())
-    for model, placed in zip(models, loaded):
+    for model, placed in zip(models, loaded, strict=False):
         assert_same(model, placed)  # the first model still computes with its own disk weights
     assert_kept(files)
     del loaded, placed

@@ -109,7 +109,7 @@ def brute_force_with_tie(weights: list[int], tied: tuple[int, int], capacities: 
             bounds = [0, *cuts, len(rest)]
             loads = [sum(rest[bounds[g] : bounds[g + 1]]) for g in range(len(capacities))]
             loads[lane] += group
-            if all(load <= cap for load, cap in zip(loads, capacities)):
+            if all(load <= cap for load, cap in zip(loads, capacities, strict=False)):
                 best = max(loads) if best is None else min(best, max(loads))
     return best
 

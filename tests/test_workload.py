@@ -16,7 +16,7 @@ def cache_bytes_per_layer(cache) -> list[int]:
     """Bytes of each layer's key and value tensors in a transformers cache (4.x and 5.x layouts)."""
     if hasattr(cache, "layers"):
         return [layer.keys.nbytes + layer.values.nbytes for layer in cache.layers]
-    return [k.nbytes + v.nbytes for k, v in zip(cache.key_cache, cache.value_cache)]
+    return [k.nbytes + v.nbytes for k, v in zip(cache.key_cache, cache.value_cache, strict=False)]
 
 
 def test_kv_formula_matches_a_real_cache(tiny_llama):

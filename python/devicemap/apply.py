@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ from .planning import Plan, device_for, plan
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
-PlanLike = Union[Plan, Mapping[str, DeviceKey]]
+PlanLike = Plan | Mapping[str, DeviceKey]
 
 
 class RehearsalDevice(str):
@@ -144,8 +144,8 @@ def dispatch(
     model: torch.nn.Module,
     plan: PlanLike,
     *,
-    offload_dir: Optional[Union[str, Path]] = None,
-    main_device: Optional[Union[int, str, torch.device]] = None,
+    offload_dir: str | Path | None = None,
+    main_device: int | str | torch.device | None = None,
     rehearse: bool = False,
     offload_buffers: bool = False,
 ) -> torch.nn.Module:
@@ -204,7 +204,7 @@ def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> di
     return {name: "disk" for name in names}
 
 
-def _load_dtype(dtype: Optional[DtypeLike]) -> Optional[torch.dtype]:
+def _load_dtype(dtype: DtypeLike | None) -> torch.dtype | None:
     """The dtype floating weights are loaded in: a floating dtype (weights as integers need a quantizer)."""
     if dtype is None:
         return None
@@ -242,11 +242,11 @@ def _target(device: Any) -> Any:
 
 def load_checkpoint(
     model: torch.nn.Module,
-    checkpoint: Union[str, Path],
+    checkpoint: str | Path,
     plan: PlanLike,
     *,
-    offload_dir: Optional[Union[str, Path]] = None,
-    dtype: Optional[DtypeLike] = None,
+    offload_dir: str | Path | None = None,
+    dtype: DtypeLike | None = None,
     rehearse: bool = False,
     progress: bool = True,
     offload_buffers: bool = False,
@@ -354,12 +354,12 @@ def _floating(stored: str) -> bool:
 
 
 def _converted_weights(
-    folder: Optional[Path],
-    checkpoint: Union[str, Path],
+    folder: Path | None,
+    checkpoint: str | Path,
     tensors: list[tuple[str, str, list[int], str, int, int]],
-    target: Optional[torch.dtype],
+    target: torch.dtype | None,
     converting: set[str],
-) -> Optional[ConvertedWeights]:
+) -> ConvertedWeights | None:
     """Where this load's converted disk weights go, checked before any tensor is read."""
     if not converting:
         return None
@@ -391,7 +391,7 @@ def _tie_groups(model: torch.nn.Module) -> list[set[str]]:
 
 def _check_names(
     model: torch.nn.Module,
-    checkpoint: Union[str, Path],
+    checkpoint: str | Path,
     tensors: list[tuple[str, str, list[int], str, int, int]],
     tie_groups: list[set[str]],
 ) -> None:
@@ -447,15 +447,15 @@ def _safetensors_name(dtype: torch.dtype) -> str:
 
 
 def from_pretrained(
-    path: Union[str, Path],
+    path: str | Path,
     *,
     model_class: Any = None,
     strategy: str = "auto",
-    max_memory: Optional[Mapping[object, Size]] = None,
-    workload: Optional[Workload] = None,
-    dtype: Optional[DtypeLike] = None,
-    offload_dir: Optional[Union[str, Path]] = None,
-    pins: Optional[Mapping[str, object]] = None,
+    max_memory: Mapping[object, Size] | None = None,
+    workload: Workload | None = None,
+    dtype: DtypeLike | None = None,
+    offload_dir: str | Path | None = None,
+    pins: Mapping[str, object] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Plan with devicemap, then load through transformers' ``from_pretrained(device_map=...)``.

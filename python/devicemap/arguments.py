@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 from .errors import InvalidOptionError
 
@@ -27,12 +27,12 @@ def check_choice(option: str, value: object, choices: Iterable[str]) -> str:
     return value
 
 
-def check_class_names(option: str, value: object) -> Optional[list[str]]:
+def check_class_names(option: str, value: object) -> list[str] | None:
     """``None``, one class name, or an iterable of class names (strings, as accelerate compares names)."""
     return check_strings(option, value, "class names", "['LlamaDecoderLayer']")
 
 
-def check_strings(option: str, value: object, what: str, example: str) -> Optional[list[str]]:
+def check_strings(option: str, value: object, what: str, example: str) -> list[str] | None:
     """``None``, one string, or an iterable of strings (``what`` and ``example`` word the message)."""
     if value is None:
         return None
@@ -59,7 +59,7 @@ def check_path(option: str, value: object) -> str:
     return value
 
 
-def check_mapping(option: str, value: object, example: str) -> Optional[Mapping[Any, Any]]:
+def check_mapping(option: str, value: object, example: str) -> Mapping[Any, Any] | None:
     """``None`` or a mapping (a dict); ``example`` shows the expected shape in the message."""
     if value is not None and not isinstance(value, Mapping):
         raise InvalidOptionError(f"{option} must be a dict like {example}, got {value!r}")

@@ -24,7 +24,7 @@ import json
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from . import _core
 from .arguments import check_mapping, check_path, check_strings
@@ -38,7 +38,7 @@ BLOCK_CLASS = "CheckpointBlock"
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
 
 
-def find_config(path: Union[str, Path]) -> Optional[dict[str, Any]]:
+def find_config(path: str | Path) -> dict[str, Any] | None:
     """The ``config.json`` next to a checkpoint file/index, or inside a checkpoint folder."""
     path = Path(path)
     candidate = (path if path.is_dir() else path.parent) / "config.json"
@@ -68,7 +68,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _decoder_count(config: Mapping[str, Any]) -> Optional[tuple[str, int]]:
+def _decoder_count(config: Mapping[str, Any]) -> tuple[str, int] | None:
     c = _text_config(config)
     return next(((k, int(c[k])) for k in _DECODER_COUNT_KEYS if _is_count(c.get(k))), None)
 
@@ -128,11 +128,11 @@ def tie_groups(config: Mapping[str, Any]) -> list[list[str]]:
 
 
 def checkpoint_tree(
-    path: Union[str, Path],
+    path: str | Path,
     *,
-    dtype: Optional[DtypeLike] = None,
-    block_pattern: Optional[Union[str, Iterable[str]]] = None,
-    config: Optional[Mapping[str, Any]] = None,
+    dtype: DtypeLike | None = None,
+    block_pattern: str | Iterable[str] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> ModuleTree:
     """The size tree of a checkpoint, from its headers (see the module docs)."""
     path = Path(check_path("checkpoint path", path))
@@ -149,17 +149,17 @@ def checkpoint_tree(
 
 
 def plan_checkpoint(
-    path: Union[str, Path],
-    max_memory: Optional[Mapping[object, Size]] = None,
+    path: str | Path,
+    max_memory: Mapping[object, Size] | None = None,
     *,
     strategy: str = "auto",
-    dtype: Optional[DtypeLike] = None,
-    pins: Optional[Mapping[str, object]] = None,
+    dtype: DtypeLike | None = None,
+    pins: Mapping[str, object] | None = None,
     offload_buffers: bool = False,
-    block_pattern: Optional[Union[str, Iterable[str]]] = None,
-    config: Optional[Mapping[str, Any]] = None,
-    gpu0_reserve: Optional[Size] = None,
-    workload: Optional[Workload] = None,
+    block_pattern: str | Iterable[str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    gpu0_reserve: Size | None = None,
+    workload: Workload | None = None,
 ) -> Plan:
     """Plan a checkpoint too big to instantiate, reading only its safetensors headers (in Rust).
 
@@ -202,7 +202,7 @@ def plan_checkpoint(
 
 
 def _workload_memory(
-    tree: ModuleTree, config: Mapping[str, Any], workload: Workload, dtype: Optional[DtypeLike]
+    tree: ModuleTree, config: Mapping[str, Any], workload: Workload, dtype: DtypeLike | None
 ) -> tuple[list[tuple[str, int]], int]:
     """KV cache per decoder block, logits with ``lm_head``, activations: from the config alone."""
     if not config:

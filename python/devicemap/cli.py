@@ -29,7 +29,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 from . import __version__, cli_inputs, cli_json
 from .checkpoint import plan_checkpoint
@@ -196,8 +195,8 @@ def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
 
 
 def workload_from_args(
-    args: argparse.Namespace, source: cli_inputs.ModelSource, dtype: Optional[str]
-) -> Optional[Workload]:
+    args: argparse.Namespace, source: cli_inputs.ModelSource, dtype: str | None
+) -> Workload | None:
     batch = cli_inputs.at_least_one("--batch", args.batch)
     seq_len = cli_inputs.at_least_one("--seq-len", args.seq_len)
     if batch is None and seq_len is None:
@@ -223,7 +222,7 @@ def _default_file_mode() -> int:
 def write_atomically(path: Path, text: str, what: str) -> None:
     """Write through a private temporary file beside the target, so a failure never leaves half a file
     (nor overwrites anything but the target)."""
-    temporary: Optional[str] = None
+    temporary: str | None = None
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as file:
@@ -267,7 +266,7 @@ def run_plan(args: argparse.Namespace) -> int:
     placement = placement_from_args(args, memory)
     picture = cli_inputs.picture_path(args.out) if args.out is not None else None
     saved = cli_inputs.output_file("--save", args.save, "device_map.json") if args.save is not None else None
-    no_split: Optional[list[str]] = None
+    no_split: list[str] | None = None
     if source.kind == "checkpoint":
         needs_modules = [
             flag
@@ -376,7 +375,7 @@ def run_compare(args: argparse.Namespace) -> int:
     rows.append(("time (sizes + placement)", *(f"{side.seconds * 1e3:.1f} ms" for side in sides)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     return 0
 
 
@@ -455,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code (see the module docstring). Bad input never shows a traceback."""
     # accelerate warns about every GPU index this machine lacks; planning for other machines is the point.
     logging.getLogger("accelerate").setLevel(logging.ERROR)

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from .memory import DeviceKey, device_key, parse_size
@@ -36,7 +36,7 @@ DEFAULT_KV_DTYPE = "bfloat16"
 # ----- sizes and devices -----------------------------------------------------------------------------
 
 
-def size(flag: str, text: str, entry: Optional[str] = None) -> int:
+def size(flag: str, text: str, entry: str | None = None) -> int:
     """A size on the command line: ``"24GiB"``, or a plain byte count of at least 1 MiB.
 
     A bare number below 1 MiB is refused: ``--gpus 24`` almost certainly means 24 GiB, not 24 bytes.
@@ -126,7 +126,7 @@ def _entries(flag: str, text: str, example: str) -> list[str]:
     return parts
 
 
-def pins(texts: Optional[list[str]], memory: dict[DeviceKey, object]) -> dict[str, DeviceKey]:
+def pins(texts: list[str] | None, memory: dict[DeviceKey, object]) -> dict[str, DeviceKey]:
     """``--pin NAME=DEVICE`` (repeatable) -> ``{name: device}``; the device must be in the device spec.
 
     Module names are checked by the library, which suggests close names for a typo.
@@ -160,7 +160,7 @@ def pins(texts: Optional[list[str]], memory: dict[DeviceKey, object]) -> dict[st
     return placed
 
 
-def no_split_classes(texts: Optional[list[str]], model: Any) -> Optional[list[str]]:
+def no_split_classes(texts: list[str] | None, model: Any) -> list[str] | None:
     """``--no-split CLASS`` (repeatable): class names that exist in the model, or None when absent
     (the model's own ``_no_split_modules`` then apply). A name no module has is a typo, not a no-op."""
     if not texts:
@@ -195,7 +195,7 @@ def output_file(flag: str, text: str, example: str) -> Path:
 # ----- dtypes and counts -----------------------------------------------------------------------------
 
 
-def weights_dtype(text: Optional[str], source: ModelSource) -> Optional[str]:
+def weights_dtype(text: str | None, source: ModelSource) -> str | None:
     """``--dtype``: a dtype name or alias, ``auto`` = the config's own dtype, or ``None`` when absent or
     when the config names none (the weights keep their own dtypes)."""
     if text is None:
@@ -215,7 +215,7 @@ def dtype(flag: str, text: str) -> str:
     return name
 
 
-def known_dtype(text: str) -> Optional[str]:
+def known_dtype(text: str) -> str | None:
     """The torch name of a dtype name or alias devicemap accepts, else None."""
     name = text.strip().lower().removeprefix("torch.")
     name = DTYPE_ALIASES.get(name, name)
@@ -230,11 +230,11 @@ def accepted_dtypes() -> str:
     return ", ".join(named) + ", auto (the config's dtype)"
 
 
-def is_floating(name: Optional[str]) -> bool:
+def is_floating(name: str | None) -> bool:
     return name is not None and name.startswith(("float", "bfloat"))
 
 
-def kv_dtype(text: Optional[str], compute_dtype: Optional[str], source: ModelSource) -> str:
+def kv_dtype(text: str | None, compute_dtype: str | None, source: ModelSource) -> str:
     """``--kv-dtype``, else the compute dtype: ``--dtype`` when floating, else the config's, else bfloat16
     (an int8 weight dtype says nothing about the cache, which holds activations)."""
     if text is not None and text.strip().lower() != "auto":
@@ -245,7 +245,7 @@ def kv_dtype(text: Optional[str], compute_dtype: Optional[str], source: ModelSou
     return config_dtype if is_floating(config_dtype) else DEFAULT_KV_DTYPE  # type: ignore[return-value]
 
 
-def at_least_one(flag: str, value: Optional[int]) -> Optional[int]:
+def at_least_one(flag: str, value: int | None) -> int | None:
     if value is not None and value < 1:
         raise InvalidOptionError(f"{flag} {value}: use a whole number of at least 1")
     return value
@@ -268,10 +268,10 @@ class ModelSource:
 
     text: str
     kind: str  # "catalog", "config" or "checkpoint"
-    path: Optional[Path]
-    config: Optional[dict[str, Any]]  # None: a checkpoint without config.json
+    path: Path | None
+    config: dict[str, Any] | None  # None: a checkpoint without config.json
 
-    def config_dtype(self) -> Optional[str]:
+    def config_dtype(self) -> str | None:
         """The dtype the config declares (``dtype`` / ``torch_dtype``, or its text config's), if any."""
         for config in (self.config or {}, (self.config or {}).get("text_config")):
             if not isinstance(config, dict):
@@ -354,7 +354,7 @@ def is_checkpoint(path: Path) -> bool:
     return path.name.endswith((".safetensors", ".safetensors.index.json")) and path.is_file()
 
 
-def read_config(path: Path, required: bool = True) -> Optional[dict[str, Any]]:
+def read_config(path: Path, required: bool = True) -> dict[str, Any] | None:
     """A config.json as a dict; its faults (unreadable, not JSON, not an object) name the file."""
     if not required and not path.is_file():
         return None

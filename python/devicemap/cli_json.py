@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 from .compare import Side
 from .export import gpu_stages
@@ -35,13 +35,13 @@ def inputs_json(
     source: str,
     memory: dict[DeviceKey, object],
     strategy: str,
-    dtype: Optional[str],
-    kv_dtype: Optional[str] = None,
+    dtype: str | None,
+    kv_dtype: str | None = None,
     workload: Any = None,
-    pins: Optional[dict[str, DeviceKey]] = None,
-    no_split: Optional[list[str]] = None,
+    pins: dict[str, DeviceKey] | None = None,
+    no_split: list[str] | None = None,
     no_split_given: bool = False,
-    gpu0_reserve: Optional[int] = None,
+    gpu0_reserve: int | None = None,
     offload_buffers: bool = False,
 ) -> dict[str, Any]:
     """The inputs as the command understood them (sizes in bytes, dtype aliases resolved)."""

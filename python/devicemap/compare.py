@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -26,7 +25,7 @@ class Side:
     device_bytes: dict[DeviceKey, int]
     offloaded: list[str]
     seconds: float
-    min_gpu_memory: Optional[int]
+    min_gpu_memory: int | None
     """Smallest equal per-GPU memory with nothing on CPU/disk (to 1 MiB), None without GPUs."""
 
     @property
@@ -70,8 +69,8 @@ def compare(
     model: torch.nn.Module,
     max_memory: Mapping[object, object],
     strategy: str = "auto",
-    dtype: Optional[DtypeLike] = None,
-    no_split_module_classes: Optional[list[str]] = None,
+    dtype: DtypeLike | None = None,
+    no_split_module_classes: list[str] | None = None,
 ) -> tuple[Side, Side]:
     """(devicemap, accelerate) on the same inputs."""
     memory = normalize_max_memory(max_memory)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from . import _core
 from .compat_warnings import (
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["get_balanced_memory", "get_max_memory", "infer_auto_device_map"]
 
 
-def _convert_size(size: Union[int, float, str]) -> Union[int, float]:
+def _convert_size(size: int | float | str) -> int | float:
     """accelerate's size reading (lenient like it: ``"20 GB"`` is read as 20 GB)."""
     if isinstance(size, (int, float)) and not isinstance(size, bool):
         if size < 0:
@@ -75,8 +75,8 @@ def _convert_size(size: Union[int, float, str]) -> Union[int, float]:
 
 
 def get_max_memory(
-    max_memory: Optional[Mapping[object, object]] = None,
-) -> dict[DeviceKey, Union[int, float]]:
+    max_memory: Mapping[object, object] | None = None,
+) -> dict[DeviceKey, int | float]:
     """accelerate's ``get_max_memory``: sizes to bytes, devices sorted (GPU indices, mps, cpu, disk).
 
     >>> get_max_memory({"cpu": "1GiB", 1: 100, 0: "1KB"})
@@ -102,7 +102,7 @@ def get_max_memory(
     return {k: converted[k] for k in ordered}
 
 
-def _check_number(key: object, size: object) -> Union[int, float]:
+def _check_number(key: object, size: object) -> int | float:
     """accelerate takes numbers as they are (negative ones hold nothing); anything else, or NaN, which
     it would compare as neither fitting nor too big, is refused."""
     if not isinstance(size, (int, float)) or (isinstance(size, float) and math.isnan(size)):
@@ -130,7 +130,7 @@ _UNBOUNDED_BITS = 2**64 - 1
 """What the core can count: a larger capacity (or infinity, which accelerate accepts) is unbounded."""
 
 
-def _bits(size: Union[int, float]) -> int:
+def _bits(size: int | float) -> int:
     # accelerate compares (possibly fractional) byte counts; whole bits, rounded down, give the same
     # answers for its `<=` tests. A negative capacity holds nothing, like 0.
     if size <= 0:
@@ -142,10 +142,10 @@ def _bits(size: Union[int, float]) -> int:
 
 def infer_auto_device_map(
     model: torch.nn.Module,
-    max_memory: Optional[Mapping[object, object]] = None,
-    no_split_module_classes: Optional[list[str]] = None,
-    dtype: Optional[DtypeLike] = None,
-    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    max_memory: Mapping[object, object] | None = None,
+    no_split_module_classes: list[str] | None = None,
+    dtype: DtypeLike | None = None,
+    special_dtypes: Mapping[str, DtypeLike] | None = None,
     verbose: bool = False,
     clean_result: bool = True,
     offload_buffers: bool = False,
@@ -180,12 +180,12 @@ def infer_auto_device_map(
 
 def get_balanced_memory(
     model: torch.nn.Module,
-    max_memory: Optional[Mapping[object, object]] = None,
-    no_split_module_classes: Optional[list[str]] = None,
-    dtype: Optional[DtypeLike] = None,
-    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+    max_memory: Mapping[object, object] | None = None,
+    no_split_module_classes: list[str] | None = None,
+    dtype: DtypeLike | None = None,
+    special_dtypes: Mapping[str, DtypeLike] | None = None,
     low_zero: bool = False,
-) -> dict[DeviceKey, Union[int, float]]:
+) -> dict[DeviceKey, int | float]:
     """Same arguments and result as ``accelerate.utils.get_balanced_memory`` (accelerate 1.x): a
     ``max_memory`` that spreads the model over the GPUs (accelerate's heuristic budget).
 
@@ -215,7 +215,7 @@ def get_balanced_memory(
     )
     share = num_devices - 1 if low_zero else num_devices
     total_bits, per_gpu_bits = _core.balanced_budget(tree.core, _no_split(no_split_module_classes), share)
-    total: Union[int, float] = total_bits // 8 if total_bits % 8 == 0 else total_bits / 8
+    total: int | float = total_bits // 8 if total_bits % 8 == 0 else total_bits / 8
     per_gpu = per_gpu_bits // 8
     gpus = sorted(k for k, v in memory.items() if isinstance(k, int) and v > 0)
     for index in gpus[:-1]:

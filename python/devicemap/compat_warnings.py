@@ -20,7 +20,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from .tree import DtypeLike, dtype_bits, to_dtype
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("accelerate.utils.modeling")
 """accelerate's own logger, so levels and handlers set for ``accelerate`` apply to these lines too."""
 
-Bytes = Union[int, float]
+Bytes = int | float
 
 
 def accelerator_count() -> int:
@@ -97,8 +97,8 @@ def warn_offloaded_buffers(
     memory: Mapping[object, Bytes],
     used_bits: Mapping[str, int],
     offloaded_modules: list[tuple[str, str]],
-    dtype: Optional[DtypeLike],
-    special_dtypes: Optional[Mapping[str, DtypeLike]],
+    dtype: DtypeLike | None,
+    special_dtypes: Mapping[str, DtypeLike] | None,
 ) -> None:
     """``infer_auto_device_map(offload_buffers=False)``: buffers of the modules placed whole on CPU/disk
     stay on a GPU at run time; warn when they fit on none of them."""
@@ -118,7 +118,7 @@ def warn_offloaded_buffers(
 
 
 def _buffer_bytes(
-    module: torch.nn.Module, dtype: Optional[DtypeLike], special_dtypes: Optional[Mapping[str, DtypeLike]]
+    module: torch.nn.Module, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None
 ) -> Bytes:
     """A module's buffers in bytes, sized by accelerate's rules (names relative to the module, as
     accelerate looks special dtypes up for this sum)."""

@@ -5,14 +5,14 @@ actually uses. Embedding lookups cost nothing; in mixture-of-experts layers only
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .workload import _first, text_config
 
 
-def _expert_share(config: Optional[Any]) -> tuple[int, float]:
+def _expert_share(config: Any | None) -> tuple[int, float]:
     if config is None:
         return 0, 1.0
     c = text_config(config)

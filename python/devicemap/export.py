@@ -13,7 +13,7 @@ Each exporter counts the model's decoder layers on every GPU, in order (GPU i is
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Optional, Union
 
 from . import _core
 from .errors import InvalidSizeError, UnknownDeviceError
 
-DeviceKey = Union[int, str]
+DeviceKey = int | str
 """A device as accelerate names it: an ``int`` GPU index, ``"mps"``, ``"cpu"`` or ``"disk"``."""
 
-Size = Union[int, float, str]
+Size = int | float | str
 
 _ORDER = {"mps": 0, "cpu": 1, "disk": 2}
 
@@ -122,7 +121,7 @@ def available_memory() -> dict[DeviceKey, int]:
     return found
 
 
-def normalize_max_memory(max_memory: Optional[Mapping[object, Size]]) -> dict[DeviceKey, Optional[int]]:
+def normalize_max_memory(max_memory: Mapping[object, Size] | None) -> dict[DeviceKey, int | None]:
     """Validate ``max_memory`` and return ``{device: bytes}`` in placement order (disk: ``None``,
     unbounded). ``None`` reads the machine's free memory.
 
@@ -139,7 +138,7 @@ def normalize_max_memory(max_memory: Optional[Mapping[object, Size]]) -> dict[De
         raise UnknownDeviceError(
             "max_memory names no device: give at least one, e.g. {0: '20GiB', 'cpu': '64GiB'}"
         )
-    result: dict[DeviceKey, Optional[int]] = {}
+    result: dict[DeviceKey, int | None] = {}
     for raw_key, raw_size in max_memory.items():
         key = device_key(raw_key)
         if key in result:
@@ -156,6 +155,6 @@ def normalize_max_memory(max_memory: Optional[Mapping[object, Size]]) -> dict[De
     return {k: result[k] for k in sort_devices(list(result))}
 
 
-def bytes_to_bits(size: Optional[float]) -> Optional[int]:
+def bytes_to_bits(size: float | None) -> int | None:
     """Capacities are handed to the core in bits (floor: a fractional byte cannot be used)."""
     return None if size is None else int(math.floor(size * 8))

@@ -34,7 +34,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 from .errors import OffloadFolderError
 
@@ -131,7 +131,7 @@ def remove_with(owner: Any, folder: Path) -> None:
     weakref.finalize(owner, shutil.rmtree, str(folder), True)
 
 
-def owned_by_result(folder: Optional[Path], build: Callable[[], T]) -> T:
+def owned_by_result(folder: Path | None, build: Callable[[], T]) -> T:
     """Run ``build`` (which writes into the session ``folder``); the folder goes when the result is
     garbage-collected, or at once if ``build`` fails."""
     try:
@@ -172,10 +172,10 @@ class ConvertedWeights:
         self.key = key
         self.tensors = frozenset(tensors)
         self.final = folder / f"{CONVERTED_PREFIX}{key}"
-        self.staging: Optional[Path] = None
+        self.staging: Path | None = None
         self.written: dict[str, str] = {}  # tensor name -> file name inside the folder
 
-    def complete(self) -> Optional[dict[str, Path]]:
+    def complete(self) -> dict[str, Path] | None:
         """``{tensor name: file}`` of a finished folder for this content, or ``None``."""
         manifest = _read_json(self.final / MANIFEST)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
@@ -274,7 +274,7 @@ def _owner_running(owner: Any) -> bool:
     return started is None or now is None or now == started  # a different start time: pid reused
 
 
-def _proc_stat(pid: int) -> Optional[list[str]]:
+def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (Linux), or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -283,12 +283,12 @@ def _proc_stat(pid: int) -> Optional[list[str]]:
     return text[text.rfind(")") + 2 :].split()
 
 
-def _process_start(pid: int) -> Optional[int]:
+def _process_start(pid: int) -> int | None:
     fields = _proc_stat(pid)
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
-def _process_state(pid: int) -> Optional[str]:
+def _process_state(pid: int) -> str | None:
     fields = _proc_stat(pid)
     return fields[0] if fields else None
 

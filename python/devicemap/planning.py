@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .arguments import check_choice, check_class_names, check_flag, check_mapping
@@ -33,7 +33,7 @@ def covering_key(name: str, device_map: Mapping[str, object]) -> str:
     >>> covering_key("model.layers.3.mlp.weight", {"model.layers": 0, "model.layers.3": 1, "lm_head": 1})
     'model.layers.3'
     """
-    best: Optional[str] = None
+    best: str | None = None
     for key in device_map:
         if (key == "" or key == name or name.startswith(key + ".")) and (
             best is None or len(key) > len(best)
@@ -64,7 +64,7 @@ class DeviceUsage:
     """What one device holds in a plan."""
 
     device: DeviceKey
-    capacity: Optional[int]
+    capacity: int | None
     """Bytes the plan may use (``None``: unbounded disk)."""
     weights: int
     """Bytes of parameters and buffers placed here."""
@@ -107,7 +107,7 @@ class Plan:
         assignments: dict[str, DeviceKey],
         usage: list[DeviceUsage],
         offloaded: list[Offload],
-        tree: Optional[ModuleTree] = None,
+        tree: ModuleTree | None = None,
     ):
         self.strategy = strategy
         self.tree = tree
@@ -157,7 +157,7 @@ class Plan:
             raise PlacementError("this plan carries no size tree; make it with devicemap.plan()")
         return self.tree.module_bytes(name)
 
-    def table(self, limit: Optional[int] = 10) -> str:
+    def table(self, limit: int | None = 10) -> str:
         """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all)."""
         rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "", "blocks")]
         for u in self.usage:
@@ -178,7 +178,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"devicemap plan ({self.strategy})"]
         for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
         if self.offloaded:
             lines.append(f"offloaded ({len(self.offloaded)} blocks):")
             shown = self.offloaded if limit is None else self.offloaded[:limit]
@@ -216,18 +216,18 @@ def _span(blocks: tuple[str, ...]) -> str:
 
 
 def plan(
-    model_or_tree: Union[torch.nn.Module, ModuleTree],
-    max_memory: Optional[Mapping[object, Size]] = None,
+    model_or_tree: torch.nn.Module | ModuleTree,
+    max_memory: Mapping[object, Size] | None = None,
     *,
     strategy: str = "auto",
-    no_split_module_classes: Optional[Iterable[str]] = None,
-    dtype: Optional[DtypeLike] = None,
-    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
-    pins: Optional[Mapping[str, object]] = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: DtypeLike | None = None,
+    special_dtypes: Mapping[str, DtypeLike] | None = None,
+    pins: Mapping[str, object] | None = None,
     offload_buffers: bool = False,
-    workload: Optional[Workload] = None,
+    workload: Workload | None = None,
     balance: str = "memory",
-    gpu0_reserve: Optional[Size] = None,
+    gpu0_reserve: Size | None = None,
     untie: bool = False,
 ) -> Plan:
     """Decide where each module of a model lives.
@@ -284,20 +284,20 @@ def plan(
 
 
 def plan_with_runtime(
-    model_or_tree: Union[torch.nn.Module, ModuleTree],
-    max_memory: Optional[Mapping[object, Size]],
+    model_or_tree: torch.nn.Module | ModuleTree,
+    max_memory: Mapping[object, Size] | None,
     *,
     strategy: str = "auto",
-    no_split_module_classes: Optional[Iterable[str]] = None,
-    dtype: Optional[DtypeLike] = None,
-    special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
-    pins: Optional[Mapping[str, object]] = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: DtypeLike | None = None,
+    special_dtypes: Mapping[str, DtypeLike] | None = None,
+    pins: Mapping[str, object] | None = None,
     offload_buffers: bool = False,
-    workload: Optional[Workload] = None,
+    workload: Workload | None = None,
     balance: str = "memory",
-    gpu0_reserve: Optional[Size] = None,
+    gpu0_reserve: Size | None = None,
     untie: bool = False,
-    runtime_memory: Optional[tuple[list[tuple[str, int]], int]] = None,
+    runtime_memory: tuple[list[tuple[str, int]], int] | None = None,
 ) -> Plan:
     """:func:`plan` with the runtime memory given directly: ``([(module name, bits)], activation bits)``
     instead of a workload sized from the model (what :func:`devicemap.plan_checkpoint` passes, having sized

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from html import escape
-from typing import Optional
 
 from .planning import DeviceUsage, Plan
 
@@ -57,7 +56,7 @@ class Run:
         return f"{first} – {last} ({len(self.blocks)})"
 
 
-def plan_to_svg(plan: Plan, title: Optional[str] = None) -> str:
+def plan_to_svg(plan: Plan, title: str | None = None) -> str:
     """An SVG drawing of ``plan``: one bar per device on one shared byte scale, filled by its blocks
     (each with its name, bytes and why it is there as tooltip and ``data-`` attributes), runtime memory,
     reserve and free capacity; block-range labels on the bars; a legend of the parts present.
@@ -85,7 +84,7 @@ def plan_to_svg(plan: Plan, title: Optional[str] = None) -> str:
     return "\n".join(out)
 
 
-def plan_to_html(plan: Plan, title: Optional[str] = None) -> str:
+def plan_to_html(plan: Plan, title: str | None = None) -> str:
     """A standalone HTML page with the SVG, a hover box naming the block under the pointer (its name,
     bytes and why it is there), and the plan's table.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -84,11 +84,11 @@ def host_ranks(hosts: Sequence[Sequence[Size]]) -> list[tuple[int, int, int]]:
 
 
 def plan_stages(
-    model: Union[torch.nn.Module, ModuleTree],
+    model: torch.nn.Module | ModuleTree,
     hosts: Sequence[Sequence[Size]],
     *,
-    dtype: Optional[DtypeLike] = None,
-    no_split_module_classes: Optional[list[str]] = None,
+    dtype: DtypeLike | None = None,
+    no_split_module_classes: list[str] | None = None,
     balance: str = "memory",
     tied: str = "copy",
 ) -> StagePlan:
@@ -117,7 +117,7 @@ def plan_stages(
     return StagePlan(tuple(stages), result)
 
 
-def _refuse_crossing_ties(model: Union[torch.nn.Module, ModuleTree], result: Plan) -> None:
+def _refuse_crossing_ties(model: torch.nn.Module | ModuleTree, result: Plan) -> None:
     """With ties kept, tied blocks share their first user's device; a pipeline can only run that if
     every block between them is on the same stage too."""
     tree = model if isinstance(model, ModuleTree) else ModuleTree.from_module(model)
@@ -137,7 +137,7 @@ def pipeline(
     stages: StagePlan,
     example_args: tuple[Any, ...],
     rank: int,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     group: Any = None,
 ) -> Any:
     """Build ``rank``'s stage of ``model`` with ``torch.distributed.pipelining`` (traced with

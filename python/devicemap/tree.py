@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Union
 
 from . import _core
 from .errors import InvalidOptionError
@@ -64,7 +64,7 @@ class _Sizer:
     """Tensor size in bits under accelerate's dtype rules: integer and bool tensors keep their width,
     floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name."""
 
-    def __init__(self, dtype: Optional[DtypeLike], special_dtypes: Optional[Mapping[str, DtypeLike]]):
+    def __init__(self, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):
         self.target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
         self.special = {k: dtype_bits(to_dtype(v)) for k, v in (special_dtypes or {}).items()}
         self.needs_names = bool(self.special)
@@ -228,7 +228,7 @@ class _Walk:
                     found.append((child, node, name, child_mode))
                 found.reverse()
                 push(found)
-        columns = list(zip(*rows))[:6]  # (a tree of modules only still has the 7th column)
+        columns = list(zip(*rows, strict=False))[:6]  # (a tree of modules only still has the 7th column)
         self.names, self.parents, self.kinds, self.classes, self.bits, self.duplicate = (
             list(c) for c in columns
         )
@@ -285,8 +285,8 @@ class ModuleTree:
     def from_module(
         cls,
         model: torch.nn.Module,
-        dtype: Optional[DtypeLike] = None,
-        special_dtypes: Optional[Mapping[str, DtypeLike]] = None,
+        dtype: DtypeLike | None = None,
+        special_dtypes: Mapping[str, DtypeLike] | None = None,
         *,
         accelerate_tie_order: bool = False,
         untie: bool = False,

@@ -15,7 +15,7 @@ device, GPU 0), so devicemap plans it there instead of discovering it as an out-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -38,7 +38,7 @@ def _first(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _count(config: Any, *names: str, default: Optional[int] = None) -> int:
+def _count(config: Any, *names: str, default: int | None = None) -> int:
     """A positive integer field of the config (the first of ``names`` present), or ``default``; a
     missing or malformed field is an error naming it, not a TypeError inside a formula."""
     value = _first(config, *names, default=default)
@@ -54,7 +54,7 @@ def _count(config: Any, *names: str, default: Optional[int] = None) -> int:
     return value
 
 
-def compute_dtype(dtype: Optional[DtypeLike]) -> Optional[DtypeLike]:
+def compute_dtype(dtype: DtypeLike | None) -> DtypeLike | None:
     """The dtype activations and the KV cache are computed in when weights are sized as ``dtype``:
     itself when it is a floating dtype of 16 bits or more; ``None`` (the default, float16) for int8/fp8
     weight sizes, which quantized models still compute in 16 bits."""
@@ -77,9 +77,9 @@ class Workload:
 
     batch_size: int = 1
     seq_len: int = 2048
-    kv_dtype: Optional[DtypeLike] = None
+    kv_dtype: DtypeLike | None = None
     """Dtype of the KV cache; default: the planning dtype, else float16."""
-    logits_tokens: Optional[int] = 1
+    logits_tokens: int | None = 1
     """Positions whose logits exist at once: 1 for ``generate`` (it keeps only the last position's);
     ``None`` means ``seq_len``, for full forward passes such as evaluation."""
 
@@ -96,11 +96,11 @@ class Workload:
         if self.kv_dtype is not None:
             dtype_bits(to_dtype(self.kv_dtype, "Workload.kv_dtype"))
 
-    def _bytes_per(self, dtype: Optional[DtypeLike], fallback: Optional[DtypeLike]) -> int:
+    def _bytes_per(self, dtype: DtypeLike | None, fallback: DtypeLike | None) -> int:
         chosen = dtype if dtype is not None else fallback if fallback is not None else torch.float16
         return dtype_bits(to_dtype(chosen)) // 8
 
-    def kv_cache_bytes_per_layer(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
+    def kv_cache_bytes_per_layer(self, config: Any, dtype: DtypeLike | None = None) -> int:
         """KV cache of one decoder layer, from the model config (transformers naming, T5 naming)."""
         c = text_config(config)
         heads = _count(c, "num_attention_heads", "num_heads", "n_head")
@@ -115,7 +115,7 @@ class Workload:
         per *= self._bytes_per(self.kv_dtype, compute_dtype(dtype))
         return per * (2 if getattr(c, "is_encoder_decoder", False) else 1)
 
-    def activation_bytes(self, config: Any, dtype: Optional[DtypeLike] = None) -> int:
+    def activation_bytes(self, config: Any, dtype: DtypeLike | None = None) -> int:
         c = text_config(config)
         hidden = _count(c, "hidden_size", "d_model")
         inner = _count(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
@@ -147,7 +147,7 @@ def decoder_layers(model: torch.nn.Module, config: Any) -> list[str]:
     return [f"{name}.{i}" if name else str(i) for i in range(len(layers))]
 
 
-def output_head(model: torch.nn.Module) -> Optional[str]:
+def output_head(model: torch.nn.Module) -> str | None:
     """The module producing logits (transformers' output embeddings)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
@@ -157,7 +157,7 @@ def output_head(model: torch.nn.Module) -> Optional[str]:
 
 
 def runtime_memory(
-    model: torch.nn.Module, tree: ModuleTree, workload: Workload, dtype: Optional[DtypeLike]
+    model: torch.nn.Module, tree: ModuleTree, workload: Workload, dtype: DtypeLike | None
 ) -> tuple[list[tuple[str, int]], int]:
     """Per-module runtime memory (bits) and the per-device activation memory (bits) of a workload."""
     config = getattr(model, "config", None)

@@ -18,7 +18,7 @@ import functools
 import json
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..errors import InvalidOptionError, UnknownModuleError
 
@@ -58,7 +58,7 @@ def load_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(configs[name])
 
 
-def build_meta_model(name_or_config: Union[str, Mapping[str, Any]], num_hidden_layers: Optional[int] = None):
+def build_meta_model(name_or_config: str | Mapping[str, Any], num_hidden_layers: int | None = None):
     """The transformers model of a bundled name or a config dict, on the meta device (no memory).
 
     ``num_hidden_layers`` overrides the depth (handy for quick tests). Tied embeddings are tied.
