@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "maturin>=1.7,<2"
+	$(BIN)/python -m pip install --quiet "maturin>=1.9.4,<2"
 	touch $(STAMP)
 
 # Builds the Rust extension (incrementally, in target/) and installs devicemap editable with its

@@ -135,3 +135,32 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devicemap_core::Device;
+
+    #[test]
+    fn core_errors_map_to_their_python_classes_and_panics_to_internal_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let duplicate = to_py(CoreError::DuplicateDevice { key: "0".into() });
+            assert!(duplicate.is_instance_of::<DuplicateDeviceError>(py));
+            assert!(duplicate.is_instance_of::<UnknownDeviceError>(py));
+            let option = to_py(CoreError::InvalidOption {
+                what: "strategy".into(),
+                value: "greedy".into(),
+                expected: vec!["auto".into()],
+            });
+            assert!(option.is_instance_of::<InvalidOptionError>(py));
+            assert!(option.is_instance_of::<PlacementError>(py));
+            let unbounded = to_py(CoreError::UnboundedDevice { device: Device::Cpu });
+            assert!(unbounded.is_instance_of::<InvalidSizeError>(py));
+            let panic = guarded(py, || -> Result<(), CoreError> { panic!("boom") }).unwrap_err();
+            assert!(panic.is_instance_of::<InternalError>(py));
+            assert!(!panic.is_instance_of::<pyo3::exceptions::PyValueError>(py));
+            assert!(panic.to_string().contains("boom"));
+        });
+    }
+}
