@@ -31,7 +31,9 @@ rust-test:
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
 
+# ruff comes with the test extras too; installing it here lets `make lint` run alone on a fresh clone.
 lint: setup
+	$(BIN)/python -m pip install --quiet "ruff>=0.6"
 	$(BIN)/ruff check python tests benches examples
 	$(BIN)/ruff format --check python tests benches examples
 
