@@ -1,13 +1,47 @@
 """Typing for the Rust extension (devicemap._core). Use the public API in `devicemap` instead."""
 
-DeviceKey = int | str
+from typing import TypeAlias, final
+
+__all__ = [
+    "Tree",
+    "SolveResult",
+    "DeviceUsageRecord",
+    "OffloadRecord",
+    "solve",
+    "infer_auto_device_map",
+    "balanced_budget",
+    "parse_size",
+    "tree_from_checkpoint",
+    "checkpoint_tensors",
+    "_panic_for_tests",
+    "PlacementError",
+    "InvalidSizeError",
+    "UnknownDeviceError",
+    "DuplicateDeviceError",
+    "InvalidOptionError",
+    "UnknownModuleError",
+    "TiedPinConflictError",
+    "PinConflictError",
+    "DoesNotFitError",
+    "InvalidTreeError",
+    "AccelerateCompatError",
+    "CheckpointError",
+    "InternalError",
+    "__version__",
+]
+
+# Private: the extension has no such name; the public alias is devicemap.memory.DeviceKey.
+_DeviceKey: TypeAlias = int | str
 """A device as accelerate's maps spell it: an int GPU index, or "mps" / "cpu" / "disk"."""
 
 __version__: str
 
+# pyclasses without `subclass` cannot be subclassed at runtime.
+@final
 class Tree:
-    def __init__(
-        self,
+    # The binding builds Tree in `#[new]`, so the signature lives on __new__, not __init__.
+    def __new__(
+        cls,
         names: list[str],
         parents: list[int],
         kinds: list[int],
@@ -16,7 +50,7 @@ class Tree:
         bits: list[int],
         duplicate: list[bool],
         tie: list[int],
-    ) -> None: ...
+    ) -> Tree: ...
     def __len__(self) -> int: ...
     def name(self, node: int) -> str: ...
     def find(self, name: str) -> int | None: ...
@@ -27,11 +61,12 @@ class Tree:
     def suggest(self, name: str) -> list[str]: ...
     def modules_of_class(self, class_name: str) -> list[str]: ...
 
+@final
 class DeviceUsageRecord:
     """What one device holds in a plan, in bytes (used sizes rounded up, capacity rounded down)."""
 
     @property
-    def device(self) -> DeviceKey: ...
+    def device(self) -> _DeviceKey: ...
     @property
     def capacity(self) -> int | None: ...
     @property
@@ -45,27 +80,29 @@ class DeviceUsageRecord:
     @property
     def blocks(self) -> list[str]: ...
 
+@final
 class OffloadRecord:
     """A block placed on CPU or disk, its bytes (rounded up) and why."""
 
     @property
     def name(self) -> str: ...
     @property
-    def device(self) -> DeviceKey: ...
+    def device(self) -> _DeviceKey: ...
     @property
     def bytes(self) -> int: ...
     @property
     def reason(self) -> str: ...
 
+@final
 class SolveResult:
     """What solve returns: the strategy that ran, (module, device) pairs in model order, usage, offloads."""
 
     @property
     def strategy(self) -> str: ...
     @property
-    def device_map(self) -> list[tuple[str, DeviceKey]]: ...
+    def device_map(self) -> list[tuple[str, _DeviceKey]]: ...
     @property
-    def assignments(self) -> list[tuple[str, DeviceKey]]: ...
+    def assignments(self) -> list[tuple[str, _DeviceKey]]: ...
     @property
     def usage(self) -> list[DeviceUsageRecord]: ...
     @property
@@ -81,7 +118,7 @@ def solve(
     runtime: list[tuple[str, int]] = ...,
     activation_bits: int = 0,
     compute: list[tuple[str, int]] = ...,
-    balance: str = "memory",
+    balance: str = ...,  # "memory"; pyo3 cannot show a Rust String default
     gpu0_reserve_bits: int = 0,
 ) -> SolveResult: ...
 def infer_auto_device_map(
@@ -91,7 +128,7 @@ def infer_auto_device_map(
     fallback_allocation: bool,
     clean_result: bool,
 ) -> tuple[
-    list[tuple[str, DeviceKey]],
+    list[tuple[str, _DeviceKey]],
     list[tuple[str, int]],
     list[tuple[str, str]],
     list[tuple[str, int, list[str]]],
