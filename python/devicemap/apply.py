@@ -22,7 +22,7 @@ import torch
 from . import _core
 from .arguments import check_flag, check_path
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
-from .memory import DeviceKey, Size, device_key
+from .memory import DeviceKey, MaxMemory, device_key
 from .offload_folder import (
     ConvertedWeights,
     content_key,
@@ -286,10 +286,11 @@ def load_checkpoint(
 
     placement = {name: device_for(name, device_map) for name, *_ in tensors}
     cast = {name for name, stored, *_ in tensors if target is not None and _floating(stored)}
+    target_name = _safetensors_name(target) if target is not None else None
     converting = {
         name
         for name, stored, *_ in tensors
-        if name in cast and placement[name] == "disk" and stored != _safetensors_name(target)
+        if name in cast and placement[name] == "disk" and stored != target_name
     }
     writer = _converted_weights(folder, checkpoint, tensors, target, converting)
     ready = writer.complete() if writer is not None else None  # written by an earlier load: reuse
@@ -339,7 +340,7 @@ def load_checkpoint(
         raise
     _retie(model, tie_groups, index)
     if hasattr(model, "tie_weights"):
-        model.tie_weights()
+        model.tie_weights()  # type: ignore[operator]  # torch types Module.__getattr__ as Tensor | Module
     return dispatch_model(
         model,
         device_map=device_map,
@@ -437,7 +438,8 @@ def _retie(model: torch.nn.Module, tie_groups: list[set[str]], index: dict[str, 
         for name in names:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
-            if module._parameters[leaf].device.type == "meta":
+            current = module._parameters[leaf]  # a tie group names parameters, never None entries
+            if current is not None and current.device.type == "meta":
                 module._parameters[leaf] = value
 
 
@@ -451,7 +453,7 @@ def from_pretrained(
     *,
     model_class: Any = None,
     strategy: str = "auto",
-    max_memory: Mapping[object, Size] | None = None,
+    max_memory: MaxMemory | None = None,
     workload: Workload | None = None,
     dtype: DtypeLike | None = None,
     offload_dir: str | Path | None = None,

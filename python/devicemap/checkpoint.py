@@ -29,7 +29,7 @@ from typing import Any
 from . import _core
 from .arguments import check_mapping, check_path, check_strings
 from .errors import CheckpointError, InvalidOptionError
-from .memory import Size
+from .memory import MaxMemory, Size
 from .planning import Plan, plan_with_runtime
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
 from .workload import Workload, compute_dtype
@@ -150,7 +150,7 @@ def checkpoint_tree(
 
 def plan_checkpoint(
     path: str | Path,
-    max_memory: Mapping[object, Size] | None = None,
+    max_memory: MaxMemory | None = None,
     *,
     strategy: str = "auto",
     dtype: DtypeLike | None = None,

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
+def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, int]:
     """The device spec: --max-memory alone, or --gpus/--cpu/--disk (never a mix, which would be ambiguous)."""
     if args.max_memory is not None:
         mixed = [flag for flag, given in (("--gpus", args.gpus), ("--cpu", args.cpu)) if given is not None]
@@ -182,7 +182,7 @@ def memory_from_args(args: argparse.Namespace) -> dict[DeviceKey, object]:
                 "use one or the other, e.g. --max-memory 0=24GiB,cpu=64GiB,disk"
             )
         return cli_inputs.max_memory(args.max_memory)
-    memory: dict[DeviceKey, object] = dict(cli_inputs.gpu_sizes(args.gpus)) if args.gpus is not None else {}
+    memory: dict[DeviceKey, int] = dict(cli_inputs.gpu_sizes(args.gpus)) if args.gpus is not None else {}
     if args.cpu is not None:
         memory["cpu"] = cli_inputs.size("--cpu", args.cpu)
     if args.disk:
@@ -236,7 +236,7 @@ def write_atomically(path: Path, text: str, what: str) -> None:
             os.unlink(temporary)
 
 
-def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, object]) -> dict:
+def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) -> dict:
     """--pin, --gpu0-reserve and --offload-buffers as the library's keyword arguments."""
     reserve = None
     if args.gpu0_reserve is not None:
@@ -304,13 +304,16 @@ def run_plan(args: argparse.Namespace) -> int:
         )
         no_split = no_split if no_split is not None else model_no_split(model)
     if args.json:
+        # The CLI builds its Workload with a dtype name (cli_inputs.kv_dtype), never a torch.dtype.
+        kv_dtype = workload.kv_dtype if workload is not None else None
+        kv_dtype_name = kv_dtype if isinstance(kv_dtype, str) else None
         inputs = cli_json.inputs_json(
             model=args.model,
             source=source.kind,
             memory=memory,
             strategy=args.strategy,
             dtype=dtype,
-            kv_dtype=workload.kv_dtype if workload is not None else None,
+            kv_dtype=kv_dtype_name,
             workload=workload,
             no_split=no_split,
             no_split_given=bool(args.no_split),

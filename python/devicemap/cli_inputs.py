@@ -79,12 +79,12 @@ def gpu_sizes(text: str) -> dict[DeviceKey, int]:
     return dict(enumerate(sizes))
 
 
-def max_memory(text: str) -> dict[DeviceKey, object]:
+def max_memory(text: str) -> dict[DeviceKey, int]:
     """``--max-memory``: ``"0=20GiB,1=20GiB,cpu=64GiB,disk"`` -> a max_memory dict.
 
     Each device once; every device but disk needs a size (disk takes none: it is never limited).
     """
-    memory: dict[DeviceKey, object] = {}
+    memory: dict[DeviceKey, int] = {}
     for part in _entries("--max-memory", text, "0=20GiB,cpu=64GiB,disk"):
         name, has_size, amount = part.partition("=")
         try:
@@ -126,7 +126,7 @@ def _entries(flag: str, text: str, example: str) -> list[str]:
     return parts
 
 
-def pins(texts: list[str] | None, memory: dict[DeviceKey, object]) -> dict[str, DeviceKey]:
+def pins(texts: list[str] | None, memory: dict[DeviceKey, int]) -> dict[str, DeviceKey]:
     """``--pin NAME=DEVICE`` (repeatable) -> ``{name: device}``; the device must be in the device spec.
 
     Module names are checked by the library, which suggests close names for a typo.

@@ -33,7 +33,7 @@ def inputs_json(
     *,
     model: str,
     source: str,
-    memory: dict[DeviceKey, object],
+    memory: dict[DeviceKey, int],
     strategy: str,
     dtype: str | None,
     kv_dtype: str | None = None,

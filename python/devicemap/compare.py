@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DoesNotFitError
-from .memory import DeviceKey, normalize_max_memory
+from .memory import DeviceKey, MaxMemory, normalize_max_memory
 from .planning import plan
 from .tree import DtypeLike, ModuleTree
 
@@ -67,7 +67,7 @@ def min_equal_gpu_memory(place: Placer, low: int, high: int) -> int:
 
 def compare(
     model: torch.nn.Module,
-    max_memory: Mapping[object, object],
+    max_memory: MaxMemory,
     strategy: str = "auto",
     dtype: DtypeLike | None = None,
     no_split_module_classes: list[str] | None = None,
@@ -97,7 +97,10 @@ def compare(
         return accelerate_device_map(model, with_gpus(size), acc_strategy, no_split, dtype)
 
     start = time.perf_counter()  # end to end, like accelerate's call: size export + solve
-    mine = plan(model, max_memory=memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype)
+    # The caller's max_memory, not the normalized one: that holds None for disk, which is no Size.
+    mine = plan(
+        model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
+    )
     mine_seconds = time.perf_counter() - start
     start = time.perf_counter()
     other = accelerate_device_map(model, acc_memory, acc_strategy, no_split, dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .compat_warnings import (
@@ -75,7 +75,7 @@ def _convert_size(size: int | float | str) -> int | float:
 
 
 def get_max_memory(
-    max_memory: Mapping[object, object] | None = None,
+    max_memory: Mapping[Any, object] | None = None,  # Any: Mapping is invariant in its key
 ) -> dict[DeviceKey, int | float]:
     """accelerate's ``get_max_memory``: sizes to bytes, devices sorted (GPU indices, mps, cpu, disk).
 
@@ -142,7 +142,7 @@ def _bits(size: int | float) -> int:
 
 def infer_auto_device_map(
     model: torch.nn.Module,
-    max_memory: Mapping[object, object] | None = None,
+    max_memory: Mapping[Any, object] | None = None,  # Any: Mapping is invariant in its key
     no_split_module_classes: list[str] | None = None,
     dtype: DtypeLike | None = None,
     special_dtypes: Mapping[str, DtypeLike] | None = None,
@@ -180,7 +180,7 @@ def infer_auto_device_map(
 
 def get_balanced_memory(
     model: torch.nn.Module,
-    max_memory: Mapping[object, object] | None = None,
+    max_memory: Mapping[Any, object] | None = None,  # Any: Mapping is invariant in its key
     no_split_module_classes: list[str] | None = None,
     dtype: DtypeLike | None = None,
     special_dtypes: Mapping[str, DtypeLike] | None = None,

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from .memory import DeviceKey
 from .tree import DtypeLike, dtype_bits, to_dtype
 
 if TYPE_CHECKING:
@@ -81,9 +82,11 @@ def _declares_tied_weights(model: torch.nn.Module, module_types: Iterable[type])
     if "PreTrainedModel" not in {cls.__name__ for cls in type(model).__mro__}:
         return False
     config = getattr(model, "config", None)
-    if hasattr(model, "config"):
+    if config is not None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        if text is not None and getattr(text, "tie_word_embeddings", False) and model.get_output_embeddings():
+        # The ignore is for torch's stubs: Module.__getattr__ returns Tensor | Module, so mypy cannot see
+        # transformers' get_output_embeddings method.
+        if text is not None and getattr(text, "tie_word_embeddings", False) and model.get_output_embeddings():  # type: ignore[operator]
             return True
         if getattr(config, "is_encoder_decoder", False) and getattr(config, "tie_encoder_decoder", False):
             return True
@@ -94,7 +97,7 @@ def _declares_tied_weights(model: torch.nn.Module, module_types: Iterable[type])
 
 def warn_offloaded_buffers(
     model: torch.nn.Module,
-    memory: Mapping[object, Bytes],
+    memory: Mapping[DeviceKey, Bytes],
     used_bits: Mapping[str, int],
     offloaded_modules: list[tuple[str, str]],
     dtype: DtypeLike | None,

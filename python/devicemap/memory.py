@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, overload
 
 from . import _core
 from .errors import InvalidSizeError, UnknownDeviceError
@@ -12,6 +13,10 @@ DeviceKey = int | str
 """A device as accelerate names it: an ``int`` GPU index, ``"mps"``, ``"cpu"`` or ``"disk"``."""
 
 Size = int | float | str
+
+MaxMemory = Mapping[Any, Size]
+"""``max_memory`` as callers give it. The key is ``Any`` because a Mapping is invariant in its key type: a
+``dict[int, str]`` is not a ``Mapping[object, str]``. :func:`device_key` checks every key at run time."""
 
 _ORDER = {"mps": 0, "cpu": 1, "disk": 2}
 
@@ -121,7 +126,7 @@ def available_memory() -> dict[DeviceKey, int]:
     return found
 
 
-def normalize_max_memory(max_memory: Mapping[object, Size] | None) -> dict[DeviceKey, int | None]:
+def normalize_max_memory(max_memory: MaxMemory | None) -> dict[DeviceKey, int | None]:
     """Validate ``max_memory`` and return ``{device: bytes}`` in placement order (disk: ``None``,
     unbounded). ``None`` reads the machine's free memory.
 
@@ -155,6 +160,10 @@ def normalize_max_memory(max_memory: Mapping[object, Size] | None) -> dict[Devic
     return {k: result[k] for k in sort_devices(list(result))}
 
 
+@overload
+def bytes_to_bits(size: float) -> int: ...
+@overload
+def bytes_to_bits(size: None) -> None: ...
 def bytes_to_bits(size: float | None) -> int | None:
     """Capacities are handed to the core in bits (floor: a fractional byte cannot be used)."""
     return None if size is None else int(math.floor(size * 8))

@@ -91,7 +91,7 @@ def prepare(offload_dir: PathLike) -> Path:
 
 def remove_stale(folder: Path) -> list[Path]:
     """Remove the staging and per-model folders of devicemap processes that are gone; return them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
     except OSError:

@@ -16,7 +16,15 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
-from .memory import DeviceKey, Size, bytes_to_bits, device_key, normalize_max_memory, parse_size
+from .memory import (
+    DeviceKey,
+    MaxMemory,
+    Size,
+    bytes_to_bits,
+    device_key,
+    normalize_max_memory,
+    parse_size,
+)
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
 from .workload import Workload, check_runtime_bits
 from .workload import runtime_memory as workload_runtime
@@ -53,7 +61,7 @@ def device_for(name: str, device_map: Mapping[str, Any]) -> Any:
     return device_map[covering_key(name, device_map)]
 
 
-def torch_module() -> type:
+def torch_module() -> type[torch.nn.Module]:
     import torch
 
     return torch.nn.Module
@@ -217,7 +225,7 @@ def _span(blocks: tuple[str, ...]) -> str:
 
 def plan(
     model_or_tree: torch.nn.Module | ModuleTree,
-    max_memory: Mapping[object, Size] | None = None,
+    max_memory: MaxMemory | None = None,
     *,
     strategy: str = "auto",
     no_split_module_classes: Iterable[str] | None = None,
@@ -285,7 +293,7 @@ def plan(
 
 def plan_with_runtime(
     model_or_tree: torch.nn.Module | ModuleTree,
-    max_memory: Mapping[object, Size] | None,
+    max_memory: MaxMemory | None,
     *,
     strategy: str = "auto",
     no_split_module_classes: Iterable[str] | None = None,

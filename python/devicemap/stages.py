@@ -109,7 +109,7 @@ def plan_stages(
         result = plan(model, max_memory=memory, dtype=dtype, balance=balance, untie=tied == "copy", **options)
     if tied == "error":
         _refuse_crossing_ties(model, result)
-    stages = []
+    stages: list[Stage] = []
     for rank, (host, gpu, _) in enumerate(ranks):
         usage = next(u for u in result.usage if u.device == rank)
         if usage.blocks:

@@ -171,10 +171,10 @@ class _Walk:
                     param_order.append(index)
                     if untie and kind == PARAMETER:
                         key = index  # every name is its own storage (aliases inside one module stay one)
-                    cls = type(param)
-                    cid = type_id(cls, -1)
+                    param_cls = type(param)
+                    cid = type_id(param_cls, -1)
                     if cid < 0:
-                        cid = class_of(cls)
+                        cid = class_of(param_cls)
                     nodes = param_nodes.get(key)
                     if nodes is not None:
                         nodes.append(index)
