@@ -31,11 +31,14 @@ rust-test:
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
 
-# ruff comes with the test extras too; installing it here lets `make lint` run alone on a fresh clone.
-lint: setup
-	$(BIN)/python -m pip install --quiet "ruff>=0.6"
+# Style (ruff), types (mypy, settings in pyproject.toml) and the stub of the Rust extension against the
+# built binding (stubtest). They come with the test extras; installed here too so `make lint` runs alone.
+lint: build
+	$(BIN)/python -m pip install --quiet "ruff>=0.6" "mypy>=1.10"
 	$(BIN)/ruff check python tests benches examples
 	$(BIN)/ruff format --check python tests benches examples
+	$(BIN)/python -m mypy
+	$(BIN)/python -m mypy.stubtest devicemap._core
 
 py-test: build
 	$(BIN)/python -m pytest -q

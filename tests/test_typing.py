@@ -7,10 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("mypy", reason="the type check needs mypy")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 USER_CALLS = """
