@@ -293,3 +293,22 @@ def test_compute_balance_on_a_cyclic_model_finishes():
     model[1]._modules["back"] = model
     plan = devicemap.plan(model, max_memory={0: 400, 1: 400}, balance="compute")
     assert set(plan.device_map.values()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(dtype="bfloat16"), "dtype"),
+        (dict(balance="compute"), "compute"),
+        (dict(tied="copy"), "untie=True"),
+    ],
+)
+def test_plan_stages_on_a_tree_names_what_needs_the_model(kwargs, fragment):
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # tied: the tree keeps them as one storage
+    tree = devicemap.ModuleTree.from_module(model)
+    options = {"tied": "error", **kwargs}
+    with pytest.raises(devicemap.InvalidOptionError, match=fragment):
+        devicemap.plan_stages(tree, hosts=[["1MiB", "1MiB"]], **options)
+    # The model itself takes all of them.
+    devicemap.plan_stages(model, hosts=[["1MiB", "1MiB"]], **{"tied": "copy", **kwargs})

@@ -102,11 +102,20 @@ def plan_stages(
     check_choice("tied", tied, ("copy", "error"))  # copy: each stage keeps its own copy of a tied weight
     ranks = host_ranks(hosts)
     memory = {rank: capacity for rank, (_, _, capacity) in enumerate(ranks)}
-    options: dict[str, Any] = dict(strategy="balanced", no_split_module_classes=no_split_module_classes)
+    options: dict[str, Any] = dict(
+        strategy="balanced", no_split_module_classes=no_split_module_classes, dtype=dtype, balance=balance
+    )
     if isinstance(model, ModuleTree):
+        if tied == "copy" and model.tied_groups:
+            # A tree's ties are fixed when it is exported; copying them needs the model (or an untied tree).
+            raise InvalidOptionError(
+                f"tied='copy' cannot untie a ModuleTree ({len(model.tied_groups)} tied groups): pass the model, "
+                "export the tree with ModuleTree.from_module(model, untie=True), or pass tied='error'"
+            )
+        # dtype and balance='compute' need the model; plan() names them if given with a tree.
         result = plan(model, max_memory=memory, **options)
     else:
-        result = plan(model, max_memory=memory, dtype=dtype, balance=balance, untie=tied == "copy", **options)
+        result = plan(model, max_memory=memory, untie=tied == "copy", **options)
     if tied == "error":
         _refuse_crossing_ties(model, result)
     stages: list[Stage] = []
