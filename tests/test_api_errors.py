@@ -8,6 +8,7 @@ import torch
 
 import devicemap
 from devicemap import compat
+from devicemap.memory import accelerator_count
 
 HUGE = 10**30  # bytes: beyond the 2 EiB the core counts in 64-bit bits
 MEMORY = {0: "1GiB", "cpu": "1GiB"}
@@ -228,7 +229,7 @@ def test_plan_checkpoint_names_the_wrong_argument(tmp_path, kwargs, fragments):
 
 
 def test_a_plan_for_gpus_this_machine_lacks_says_rehearse(model):
-    visible = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
+    visible = accelerator_count()  # as accelerate counts them
     missing = {"": visible}  # one GPU index past the last this machine has
     with pytest.raises(devicemap.UnknownDeviceError, match="rehearse=True"):
         devicemap.dispatch(model, missing)

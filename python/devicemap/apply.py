@@ -22,7 +22,7 @@ import torch
 from . import _core
 from .arguments import check_flag, check_path
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
-from .memory import DeviceKey, MaxMemory, device_key
+from .memory import DeviceKey, MaxMemory, accelerator_count, device_key
 from .offload_folder import (
     ConvertedWeights,
     content_key,
@@ -101,10 +101,9 @@ def _check_disjoint(device_map: Mapping[str, Any]) -> None:
 
 
 def _check_present(device_map: Mapping[str, Any]) -> None:
-    """Every GPU the map names exists here (else torch fails deep inside the first copy)."""
-    visible = _gpu_count()
-    for name, device in device_map.items():
-        key = device_key(device)
+    """Every GPU the (canonical) map names exists here (else torch fails deep inside the first copy)."""
+    visible = accelerator_count()
+    for name, key in device_map.items():
         if isinstance(key, int) and key >= visible:
             raise UnknownDeviceError(
                 f"the device map puts {name!r} on GPU {key}, but this machine has {visible} GPU(s); run it "
@@ -114,13 +113,6 @@ def _check_present(device_map: Mapping[str, Any]) -> None:
             raise UnknownDeviceError(
                 f"the device map puts {name!r} on 'mps', which this machine lacks; pass rehearse=True to run on the CPU"
             )
-
-
-def _gpu_count() -> int:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "device_count"):
-        return int(accelerator.device_count())
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:

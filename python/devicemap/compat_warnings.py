@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from .memory import DeviceKey
+from .memory import DeviceKey, accelerator_count
 from .tree import DtypeLike, dtype_bits, to_dtype
 
 if TYPE_CHECKING:
@@ -32,21 +32,6 @@ logger = logging.getLogger("accelerate.utils.modeling")
 """accelerate's own logger, so levels and handlers set for ``accelerate`` apply to these lines too."""
 
 Bytes = int | float
-
-
-def accelerator_count() -> int:
-    """How many GPUs accelerate sees: the first available accelerator backend, else CUDA."""
-    import torch
-
-    for name in ("npu", "mlu", "sdaa", "musa", "xpu", "hpu"):
-        backend = getattr(torch, name, None)
-        if (
-            backend is not None
-            and callable(getattr(backend, "is_available", None))
-            and backend.is_available()
-        ):
-            return int(backend.device_count())
-    return int(torch.cuda.device_count())
 
 
 def warn_missing_gpus(gpus: Iterable[int]) -> None:

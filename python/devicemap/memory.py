@@ -105,6 +105,22 @@ def sort_devices(keys: list[DeviceKey]) -> list[DeviceKey]:
     return sorted(keys, key=lambda k: (0, k, 0) if isinstance(k, int) else (1, 0, _ORDER[k]))
 
 
+def accelerator_count() -> int:
+    """How many GPUs accelerate sees (and so dispatches to): the first available accelerator backend
+    (npu, mlu, sdaa, musa, xpu, hpu), else CUDA."""
+    import torch
+
+    for name in ("npu", "mlu", "sdaa", "musa", "xpu", "hpu"):
+        backend = getattr(torch, name, None)
+        if (
+            backend is not None
+            and callable(getattr(backend, "is_available", None))
+            and backend.is_available()
+        ):
+            return int(backend.device_count())
+    return int(torch.cuda.device_count())
+
+
 def available_memory() -> dict[DeviceKey, int]:
     """Free memory of the machine's devices: every visible CUDA GPU and the CPU's available RAM.
 
