@@ -107,7 +107,8 @@ def test_a_tied_head_splits_the_run_instead_of_spanning_the_model():
     gpu0 = plan.usage[0]
     assert gpu0.blocks[0] == "embed" and gpu0.blocks[-1] == "head"  # the head is tied to the embedding
     labels = run_labels(devices(plan_to_svg(plan))["0"])
-    assert labels == [f"embed – {gpu0.blocks[-2]} ({len(gpu0.blocks) - 1})", "head"]
+    last_layer = gpu0.blocks[-2].rpartition(".")[2]  # the layers between are named as one range
+    assert labels == [f"embed, layers.0–{last_layer} ({len(gpu0.blocks) - 1})", "head"]
 
 
 def test_html_hover_names_each_block_its_bytes_and_why_it_is_there(offloading_plan):
@@ -127,3 +128,14 @@ def test_html_hover_names_each_block_its_bytes_and_why_it_is_there(offloading_pl
             seen += 1
     assert seen == 8
     assert "mousemove" in page  # the hover box
+
+
+def test_the_plan_table_names_each_run_a_device_holds_not_a_span_from_first_to_last():
+    # GPU 0 holds the embedding and the head (tied) and the first layers; GPU 1 the rest. A row reading
+    # "embed .. head" would claim the whole model.
+    plan = devicemap.plan(TiedHead(), max_memory={0: "70KiB", 1: "60KiB"}, strategy="sequential")
+    row = next(line for line in plan.table().splitlines() if line.startswith("0 "))
+    assert "embed, layers.0–" in row and row.rstrip().endswith(
+        ", head (" + str(len(plan.usage[0].blocks)) + ")"
+    )
+    assert " .. " not in plan.table()

@@ -16,6 +16,7 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
+from .formatting import format_bytes, span_label
 from .memory import (
     DeviceKey,
     MaxMemory,
@@ -169,18 +170,18 @@ class Plan:
         """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all)."""
         rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "", "blocks")]
         for u in self.usage:
-            cap = "unbounded" if u.capacity is None else _human(u.capacity)
+            cap = "unbounded" if u.capacity is None else format_bytes(u.capacity)
             pct = "" if not u.capacity else f"{100 * u.used / u.capacity:.0f}%"
             rows.append(
                 (
                     str(u.device),
-                    _human(u.weights),
-                    _human(u.runtime),
-                    _human(u.reserve),
+                    format_bytes(u.weights),
+                    format_bytes(u.runtime),
+                    format_bytes(u.reserve),
                     cap,
                     pct,
                     _bar(u),
-                    _span(u.blocks),
+                    span_label(u.blocks),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -191,17 +192,10 @@ class Plan:
             lines.append(f"offloaded ({len(self.offloaded)} blocks):")
             shown = self.offloaded if limit is None else self.offloaded[:limit]
             for o in shown:
-                lines.append(f"  {o.name} -> {o.device} ({_human(o.bytes)}): {o.reason}")
+                lines.append(f"  {o.name} -> {o.device} ({format_bytes(o.bytes)}): {o.reason}")
             if len(shown) < len(self.offloaded):
                 lines.append(f"  ... and {len(self.offloaded) - len(shown)} more (plan.explain() lists all)")
         return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _bar(usage: DeviceUsage, width: int = 20) -> str:
@@ -213,14 +207,6 @@ def _bar(usage: DeviceUsage, width: int = 20) -> str:
         cells.append(mark * round(width * part / usage.capacity))
     used = "".join(cells)[:width]
     return f"[{used}{'·' * (width - len(used))}]"
-
-
-def _span(blocks: tuple[str, ...]) -> str:
-    if not blocks:
-        return "-"
-    if len(blocks) == 1:
-        return blocks[0]
-    return f"{blocks[0]} .. {blocks[-1]} ({len(blocks)})"
 
 
 def plan(

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
+from .formatting import format_bytes, span_label
 from .planning import DeviceUsage, Plan
 
 WIDTH, LABEL, RIGHT = 960, 150, 20
@@ -44,16 +45,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        first, last = self.blocks[0], self.blocks[-1]
-        if len(self.blocks) == 1:
-            return first
-        # model.layers.12 .. model.layers.26 reads as model.layers.12–26
-        head, _, first_tail = first.rpartition(".")
-        last_head, _, last_tail = last.rpartition(".")
-        if head == last_head and first_tail.isdigit() and last_tail.isdigit():
-            prefix = f"{head}." if head else ""
-            return f"{prefix}{first_tail}–{last_tail} ({len(self.blocks)})"
-        return f"{first} – {last} ({len(self.blocks)})"
+        return span_label(self.blocks)
 
 
 def plan_to_svg(plan: Plan, title: str | None = None) -> str:
@@ -101,14 +93,6 @@ def plan_to_html(plan: Plan, title: str | None = None) -> str:
         f"<p>Hover a block to see its name, size and why it is there.</p>\n"
         f"<pre>{escape(plan.explain())}</pre>\n<script>{_HOVER_SCRIPT}</script>\n</body></html>\n"
     )
-
-
-def format_bytes(n: int) -> str:
-    """``1.59 GiB``: bytes in the largest binary unit that keeps the number >= 1."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _scale(usage: list[DeviceUsage]) -> float:

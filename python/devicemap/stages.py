@@ -21,8 +21,9 @@ import torch
 
 from .arguments import check_choice
 from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError
+from .formatting import format_bytes
 from .memory import Size, parse_size
-from .planning import Plan, _human, covering_key, plan
+from .planning import Plan, covering_key, plan
 from .tree import DtypeLike, ModuleTree
 
 
@@ -55,7 +56,7 @@ class StagePlan:
         for s in self.stages:
             span = s.blocks[0] if len(s.blocks) == 1 else f"{s.blocks[0]} .. {s.blocks[-1]} ({len(s.blocks)})"
             lines.append(
-                f"{s.index:<6} {s.rank:<5} {f'{s.host}/{s.local_gpu}':<9} {_human(s.bytes):<11} {span}"
+                f"{s.index:<6} {s.rank:<5} {f'{s.host}/{s.local_gpu}':<9} {format_bytes(s.bytes):<11} {span}"
             )
         return "\n".join(lines)
 
