@@ -1,7 +1,7 @@
 """Typing for the Rust extension (devicemap._core). Use the public API in `devicemap` instead."""
 
 from os import PathLike
-from typing import TypeAlias, final
+from typing import Final, TypeAlias, final
 
 __all__ = [
     "Tree",
@@ -28,6 +28,12 @@ __all__ = [
     "AccelerateCompatError",
     "CheckpointError",
     "InternalError",
+    "KIND_MODULE",
+    "KIND_PARAMETER",
+    "KIND_BUFFER",
+    "KIND_NON_PERSISTENT_BUFFER",
+    "KIND_PARAMETER_ALIAS",
+    "BLOCK_CLASS",
     "__version__",
 ]
 
@@ -36,6 +42,15 @@ _DeviceKey: TypeAlias = int | str
 """A device as accelerate's maps spell it: an int GPU index, or "mps" / "cpu" / "disk"."""
 
 __version__: str
+
+# Codes of Tree's `kinds` column (the core's NodeKind).
+KIND_MODULE: Final[int]
+KIND_PARAMETER: Final[int]
+KIND_BUFFER: Final[int]
+KIND_NON_PERSISTENT_BUFFER: Final[int]
+KIND_PARAMETER_ALIAS: Final[int]
+BLOCK_CLASS: Final[str]
+"""Class name of the blocks a checkpoint tree groups its layers into."""
 
 # pyclasses without `subclass` cannot be subclassed at runtime.
 @final

@@ -19,7 +19,12 @@ from .errors import InvalidOptionError
 if TYPE_CHECKING:
     import torch
 
-MODULE, PARAMETER, BUFFER, NON_PERSISTENT_BUFFER, PARAMETER_ALIAS = 0, 1, 2, 3, 4
+# Node kind codes of the tree columns, defined once in the core.
+MODULE = _core.KIND_MODULE
+PARAMETER = _core.KIND_PARAMETER
+BUFFER = _core.KIND_BUFFER
+NON_PERSISTENT_BUFFER = _core.KIND_NON_PERSISTENT_BUFFER
+PARAMETER_ALIAS = _core.KIND_PARAMETER_ALIAS
 DtypeLike = Union[str, "torch.dtype"]
 
 

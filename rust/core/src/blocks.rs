@@ -83,7 +83,7 @@ pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, 
 
 fn make_block(tree: &ModuleTree, node: NodeId) -> Block {
     let buffer_bits = (node..tree.end(node))
-        .filter(|&i| matches!(tree.kind(i), crate::tree::NodeKind::Buffer { .. }))
+        .filter(|&i| tree.kind(i).is_buffer())
         .map(|i| tree.own_bits(i))
         .sum();
     Block {

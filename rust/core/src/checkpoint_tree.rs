@@ -8,7 +8,7 @@
 
 use crate::error::{PlacementError, Result};
 use crate::safetensors::{dtype_bits, is_floating, Checkpoint, TensorEntry};
-use crate::tree::{ModuleTree, TreeColumns};
+use crate::tree::{ModuleTree, NodeKind, TreeColumns};
 use std::collections::{HashMap, HashSet};
 
 /// The class given to block modules; pass it as a no-split class when planning.
@@ -257,7 +257,7 @@ fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
         let index = c.names.len() as i64;
         c.names.push(local);
         c.parents.push(parent);
-        c.kinds.push(0);
+        c.kinds.push(NodeKind::Module as u8);
         c.classes.push(u32::from(is_block));
         c.bits.push(0);
         c.duplicate.push(false);
@@ -275,7 +275,7 @@ fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
                 };
                 c.names.push(name.clone());
                 c.parents.push(index);
-                c.kinds.push(1);
+                c.kinds.push(NodeKind::Parameter as u8);
                 c.classes.push(2);
                 c.bits.push(bits);
                 c.duplicate.push(nodes[*child].duplicate);

@@ -9,20 +9,57 @@ use crate::error::{PlacementError, Result};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+/// A node's position in the tree's pre-order (the root is 0).
 pub type NodeId = u32;
 const NO_PARENT: u32 = u32::MAX;
 const NO_TIE: u32 = u32::MAX;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a node is. The discriminants are the codes of [`TreeColumns::kinds`], the one place they are
+/// defined (the binding exports them to Python as `_core.KIND_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum NodeKind {
-    Module,
-    Parameter,
-    Buffer { persistent: bool },
+    /// A `torch.nn.Module`.
+    Module = 0,
+    /// A parameter under its own name.
+    Parameter = 1,
+    /// A buffer saved in the state dict.
+    Buffer = 2,
+    /// A buffer registered with `persistent=False` (not in the state dict, still on the device).
+    NonPersistentBuffer = 3,
+    /// A second name for a parameter inside the same module: listed by
+    /// `named_parameters(remove_duplicate=False)` only, so it is tied but never an item of its own.
+    ParameterAlias = 4,
 }
 
 impl NodeKind {
+    /// Every kind, in code order.
+    pub const ALL: [NodeKind; 5] = [
+        NodeKind::Module,
+        NodeKind::Parameter,
+        NodeKind::Buffer,
+        NodeKind::NonPersistentBuffer,
+        NodeKind::ParameterAlias,
+    ];
+
+    /// The kind with this column code, if any.
+    pub fn from_u8(code: u8) -> Option<NodeKind> {
+        NodeKind::ALL.into_iter().find(|k| *k as u8 == code)
+    }
+
+    /// Parameters and buffers (anything that is not a module).
     pub fn is_tensor(self) -> bool {
         !matches!(self, NodeKind::Module)
+    }
+
+    /// A parameter, under its own name or as an alias.
+    pub fn is_parameter(self) -> bool {
+        matches!(self, NodeKind::Parameter | NodeKind::ParameterAlias)
+    }
+
+    /// A buffer, persistent or not.
+    pub fn is_buffer(self) -> bool {
+        matches!(self, NodeKind::Buffer | NodeKind::NonPersistentBuffer)
     }
 }
 
@@ -33,12 +70,11 @@ pub struct TreeColumns {
     pub names: Vec<String>,
     /// Parent index, -1 for the root (index 0).
     pub parents: Vec<i64>,
-    /// 0 module, 1 parameter, 2 persistent buffer, 3 non-persistent buffer, 4 parameter alias (a second
-    /// name for a parameter inside the same module: listed by `named_parameters(remove_duplicate=False)`
-    /// only, so it is tied but never an item of its own).
+    /// [`NodeKind`] codes (`NodeKind::Module as u8`, ...).
     pub kinds: Vec<u8>,
     /// Index into `class_names` (tensors use "Parameter" / "Tensor" like torch).
     pub classes: Vec<u32>,
+    /// The distinct class names `classes` points into.
     pub class_names: Vec<String>,
     /// Tensor size in bits (modules: 0).
     pub bits: Vec<u64>,
@@ -49,6 +85,7 @@ pub struct TreeColumns {
     pub tie: Vec<i64>,
 }
 
+/// A validated tree: full names, parents, subtree ranges and sizes, tie groups.
 #[derive(Debug, Clone)]
 pub struct ModuleTree {
     names: Vec<String>,
@@ -58,7 +95,6 @@ pub struct ModuleTree {
     class_names: Vec<String>,
     own_bits: Vec<u64>,
     duplicate: Vec<bool>,
-    alias: Vec<bool>,
     tie: Vec<u32>,
     end: Vec<u32>,
     children: Vec<Vec<NodeId>>,
@@ -70,189 +106,249 @@ pub struct ModuleTree {
     index: OnceLock<HashMap<String, NodeId>>,
 }
 
+/// The error for malformed columns.
+fn bad<T>(msg: String) -> Result<T> {
+    Err(PlacementError::InvalidTree(msg))
+}
+
+/// Full names, parents, subtree ends and children, from the parent column.
+struct Links {
+    names: Vec<String>,
+    parent: Vec<u32>,
+    end: Vec<u32>,
+    children: Vec<Vec<NodeId>>,
+}
+
+/// Per-node sizes, summed bottom-up.
+struct Sizes {
+    own_bits: Vec<u64>,
+    subtree_bits: Vec<u64>,
+    counted: Vec<bool>,
+    holds_tensors: Vec<bool>,
+}
+
+/// Every column has one entry per node, and there is a root; returns the node count.
+fn check_lengths(c: &TreeColumns) -> Result<usize> {
+    let n = c.names.len();
+    if n == 0 {
+        return bad("the tree has no root".into());
+    }
+    for (what, len) in [
+        ("parents", c.parents.len()),
+        ("kinds", c.kinds.len()),
+        ("classes", c.classes.len()),
+        ("bits", c.bits.len()),
+        ("duplicate", c.duplicate.len()),
+        ("tie", c.tie.len()),
+    ] {
+        if len != n {
+            return bad(format!("column {what} has {len} entries, names has {n}"));
+        }
+    }
+    if n >= NO_PARENT as usize {
+        return bad(format!("{n} nodes is more than this tree format holds"));
+    }
+    Ok(n)
+}
+
+/// Decode the kind codes; node 0 must be the root module, and every class index must exist.
+fn read_kinds(c: &TreeColumns) -> Result<Vec<NodeKind>> {
+    let mut kind = Vec::with_capacity(c.kinds.len());
+    for (i, &code) in c.kinds.iter().enumerate() {
+        match NodeKind::from_u8(code) {
+            Some(k) => kind.push(k),
+            None => return bad(format!("node {i} has unknown kind {code}")),
+        }
+    }
+    if c.parents[0] != -1 || kind[0] != NodeKind::Module {
+        return bad("node 0 must be the root module with parent -1".into());
+    }
+    for (i, class) in c.classes.iter().enumerate() {
+        if *class as usize >= c.class_names.len() {
+            return bad(format!(
+                "node {i} names class {class}, but only {} classes exist",
+                c.class_names.len()
+            ));
+        }
+    }
+    Ok(kind)
+}
+
+/// Check pre-order with an ancestor stack (parents before children, each subtree contiguous, only
+/// modules as parents, dot-free local names) and build full names, subtree ends and children.
+fn link_parents(c: &TreeColumns, kind: &[NodeKind]) -> Result<Links> {
+    let n = c.names.len();
+    let mut names = Vec::with_capacity(n);
+    let mut parent = vec![NO_PARENT; n];
+    let mut end = vec![0u32; n];
+    let mut children: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    let mut stack: Vec<usize> = vec![0];
+    names.push(String::new());
+    #[allow(clippy::needless_range_loop)] // i is a node id used across several columns
+    for i in 1..n {
+        let p = c.parents[i];
+        if p < 0 || p as usize >= i {
+            return bad(format!(
+                "node {i} ({:?}) has parent {p}; parents must come before children",
+                c.names[i]
+            ));
+        }
+        let p = p as usize;
+        while let Some(&top) = stack.last() {
+            if top == p {
+                break;
+            }
+            end[top] = i as u32;
+            stack.pop();
+        }
+        if stack.is_empty() {
+            return bad(format!(
+                "node {i} ({:?}) is not in pre-order under its parent {p}",
+                c.names[i]
+            ));
+        }
+        if kind[p].is_tensor() {
+            return bad(format!("node {i} has a tensor ({:?}) as parent", names[p]));
+        }
+        let local = &c.names[i];
+        if local.is_empty() || local.contains('.') {
+            return bad(format!(
+                "node {i} has local name {local:?}; names must be non-empty and dot-free"
+            ));
+        }
+        names.push(if p == 0 {
+            local.clone()
+        } else {
+            format!("{}.{}", names[p], local)
+        });
+        parent[i] = p as u32;
+        children[p].push(i as u32);
+        stack.push(i);
+    }
+    for top in stack {
+        end[top] = n as u32;
+    }
+    Ok(Links {
+        names,
+        parent,
+        end,
+        children,
+    })
+}
+
+/// Sum tensor sizes bottom-up, each storage once (duplicates add nothing); modules carry no bits of
+/// their own and aliases must be marked duplicate.
+fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes> {
+    let n = kind.len();
+    let mut own_bits = vec![0u64; n];
+    let mut subtree_bits = vec![0u64; n];
+    let mut counted = vec![false; n];
+    let mut holds_tensors = vec![false; n];
+    for i in (0..n).rev() {
+        holds_tensors[i] |= kind[i].is_tensor();
+        if kind[i] == NodeKind::ParameterAlias && !c.duplicate[i] {
+            return bad(format!("parameter alias {:?} must be marked duplicate", links.names[i]));
+        }
+        if kind[i].is_tensor() && !c.duplicate[i] {
+            own_bits[i] = c.bits[i];
+            counted[i] = true;
+        } else if !kind[i].is_tensor() && c.bits[i] != 0 {
+            return bad(format!(
+                "module {:?} has bits {}; module sizes come from their tensors",
+                links.names[i], c.bits[i]
+            ));
+        }
+        subtree_bits[i] = subtree_bits[i].saturating_add(own_bits[i]);
+        if i > 0 {
+            let p = links.parent[i] as usize;
+            subtree_bits[p] = subtree_bits[p].saturating_add(subtree_bits[i]);
+            counted[p] |= counted[i];
+            holds_tensors[p] |= holds_tensors[i];
+        }
+    }
+    Ok(Sizes {
+        own_bits,
+        subtree_bits,
+        counted,
+        holds_tensors,
+    })
+}
+
+/// Each node's tie group and the groups' members (sorted by name); every group needs two tensors.
+fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<(Vec<u32>, Vec<Vec<NodeId>>)> {
+    let n = kind.len();
+    let mut tie = vec![NO_TIE; n];
+    let mut groups: Vec<Vec<NodeId>> = Vec::new();
+    for (i, t) in c.tie.iter().enumerate() {
+        if *t < 0 {
+            continue;
+        }
+        // Parameters shared by several modules, or buffers of a module registered under several parents.
+        if !kind[i].is_tensor() {
+            return bad(format!("node {:?} is tied but is not a tensor", names[i]));
+        }
+        let t = *t as usize;
+        if t > n {
+            return bad(format!("tie group {t} of {:?} is out of range", names[i]));
+        }
+        if groups.len() <= t {
+            groups.resize(t + 1, Vec::new());
+        }
+        groups[t].push(i as u32);
+        tie[i] = t as u32;
+    }
+    for (g, members) in groups.iter_mut().enumerate() {
+        if members.len() < 2 {
+            return bad(format!(
+                "tie group {g} has {} member(s); a tie needs two names",
+                members.len()
+            ));
+        }
+        members.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+    }
+    Ok((tie, groups))
+}
+
+/// Full names are unique exactly when no parent has two children of one local name.
+fn check_unique_names(c: &TreeColumns, links: &Links) -> Result<()> {
+    let n = c.names.len();
+    let mut siblings: Vec<(u32, &str)> = (1..n).map(|i| (links.parent[i], c.names[i].as_str())).collect();
+    siblings.sort_unstable();
+    if let Some(pair) = siblings.windows(2).find(|w| w[0] == w[1]) {
+        let (p, local) = pair[0];
+        let full = if p == 0 {
+            local.to_string()
+        } else {
+            format!("{}.{local}", links.names[p as usize])
+        };
+        return bad(format!("the name {full:?} appears twice"));
+    }
+    Ok(())
+}
+
 impl ModuleTree {
     /// Validate the columns and build the tree (full names, subtree ranges and sizes).
     pub fn from_columns(c: TreeColumns) -> Result<ModuleTree> {
-        let n = c.names.len();
-        let bad = |msg: String| Err(PlacementError::InvalidTree(msg));
-        if n == 0 {
-            return bad("the tree has no root".into());
-        }
-        for (what, len) in [
-            ("parents", c.parents.len()),
-            ("kinds", c.kinds.len()),
-            ("classes", c.classes.len()),
-            ("bits", c.bits.len()),
-            ("duplicate", c.duplicate.len()),
-            ("tie", c.tie.len()),
-        ] {
-            if len != n {
-                return bad(format!("column {what} has {len} entries, names has {n}"));
-            }
-        }
-        if n >= NO_PARENT as usize {
-            return bad(format!("{n} nodes is more than this tree format holds"));
-        }
-        let mut kind = Vec::with_capacity(n);
-        let alias: Vec<bool> = c.kinds.iter().map(|k| *k == 4).collect();
-        for (i, k) in c.kinds.iter().enumerate() {
-            kind.push(match k {
-                0 => NodeKind::Module,
-                1 | 4 => NodeKind::Parameter,
-                2 => NodeKind::Buffer { persistent: true },
-                3 => NodeKind::Buffer { persistent: false },
-                other => return bad(format!("node {i} has unknown kind {other}")),
-            });
-        }
-        if c.parents[0] != -1 || kind[0] != NodeKind::Module {
-            return bad("node 0 must be the root module with parent -1".into());
-        }
-        for (i, class) in c.classes.iter().enumerate() {
-            if *class as usize >= c.class_names.len() {
-                return bad(format!(
-                    "node {i} names class {class}, but only {} classes exist",
-                    c.class_names.len()
-                ));
-            }
-        }
-
-        // Pre-order check with an ancestor stack; also computes full names and subtree ends.
-        let mut names = Vec::with_capacity(n);
-        let mut parent = vec![NO_PARENT; n];
-        let mut end = vec![0u32; n];
-        let mut children: Vec<Vec<NodeId>> = vec![Vec::new(); n];
-        let mut stack: Vec<usize> = vec![0];
-        names.push(String::new());
-        #[allow(clippy::needless_range_loop)] // i is a node id used across several columns
-        for i in 1..n {
-            let p = c.parents[i];
-            if p < 0 || p as usize >= i {
-                return bad(format!(
-                    "node {i} ({:?}) has parent {p}; parents must come before children",
-                    c.names[i]
-                ));
-            }
-            let p = p as usize;
-            while let Some(&top) = stack.last() {
-                if top == p {
-                    break;
-                }
-                end[top] = i as u32;
-                stack.pop();
-            }
-            if stack.is_empty() {
-                return bad(format!(
-                    "node {i} ({:?}) is not in pre-order under its parent {p}",
-                    c.names[i]
-                ));
-            }
-            if kind[p].is_tensor() {
-                return bad(format!("node {i} has a tensor ({:?}) as parent", names[p]));
-            }
-            let local = &c.names[i];
-            if local.is_empty() || local.contains('.') {
-                return bad(format!(
-                    "node {i} has local name {local:?}; names must be non-empty and dot-free"
-                ));
-            }
-            names.push(if p == 0 {
-                local.clone()
-            } else {
-                format!("{}.{}", names[p], local)
-            });
-            parent[i] = p as u32;
-            children[p].push(i as u32);
-            stack.push(i);
-        }
-        for top in stack {
-            end[top] = n as u32;
-        }
-
-        let mut own_bits = vec![0u64; n];
-        let mut subtree_bits = vec![0u64; n];
-        let mut counted = vec![false; n];
-        let mut holds_tensors = vec![false; n];
-        for i in (0..n).rev() {
-            holds_tensors[i] |= kind[i].is_tensor();
-            if alias[i] && !c.duplicate[i] {
-                return bad(format!("parameter alias {:?} must be marked duplicate", names[i]));
-            }
-            if kind[i].is_tensor() && !c.duplicate[i] {
-                own_bits[i] = c.bits[i];
-                counted[i] = true;
-            } else if !kind[i].is_tensor() && c.bits[i] != 0 {
-                return bad(format!(
-                    "module {:?} has bits {}; module sizes come from their tensors",
-                    names[i], c.bits[i]
-                ));
-            }
-            subtree_bits[i] = subtree_bits[i].saturating_add(own_bits[i]);
-            if i > 0 {
-                let p = parent[i] as usize;
-                subtree_bits[p] = subtree_bits[p].saturating_add(subtree_bits[i]);
-                counted[p] |= counted[i];
-                holds_tensors[p] |= holds_tensors[i];
-            }
-        }
-
-        let mut tie = vec![NO_TIE; n];
-        let mut tie_groups: Vec<Vec<NodeId>> = Vec::new();
-        for (i, t) in c.tie.iter().enumerate() {
-            if *t < 0 {
-                continue;
-            }
-            // Parameters shared by several modules, or buffers of a module registered under several parents.
-            if !kind[i].is_tensor() {
-                return bad(format!("node {:?} is tied but is not a tensor", names[i]));
-            }
-            let t = *t as usize;
-            if t > n {
-                return bad(format!("tie group {t} of {:?} is out of range", names[i]));
-            }
-            if tie_groups.len() <= t {
-                tie_groups.resize(t + 1, Vec::new());
-            }
-            tie_groups[t].push(i as u32);
-            tie[i] = t as u32;
-        }
-        for (g, members) in tie_groups.iter_mut().enumerate() {
-            if members.len() < 2 {
-                return bad(format!(
-                    "tie group {g} has {} member(s); a tie needs two names",
-                    members.len()
-                ));
-            }
-            members.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
-        }
-
-        // Full names are unique exactly when no parent has two children of one local name.
-        let mut siblings: Vec<(u32, &str)> = (1..n).map(|i| (parent[i], c.names[i].as_str())).collect();
-        siblings.sort_unstable();
-        if let Some(pair) = siblings.windows(2).find(|w| w[0] == w[1]) {
-            let (p, local) = pair[0];
-            let full = if p == 0 {
-                local.to_string()
-            } else {
-                format!("{}.{local}", names[p as usize])
-            };
-            return bad(format!("the name {full:?} appears twice"));
-        }
-
+        check_lengths(&c)?;
+        let kind = read_kinds(&c)?;
+        let links = link_parents(&c, &kind)?;
+        let sizes = sum_sizes(&c, &kind, &links)?;
+        let (tie, tie_groups) = tie_groups(&c, &kind, &links.names)?;
+        check_unique_names(&c, &links)?;
         Ok(ModuleTree {
-            names,
-            parent,
+            names: links.names,
+            parent: links.parent,
             kind,
             class: c.classes,
             class_names: c.class_names,
-            own_bits,
+            own_bits: sizes.own_bits,
             duplicate: c.duplicate,
-            alias,
             tie,
-            end,
-            children,
-            subtree_bits,
-            counted,
-            holds_tensors,
+            end: links.end,
+            children: links.children,
+            subtree_bits: sizes.subtree_bits,
+            counted: sizes.counted,
+            holds_tensors: sizes.holds_tensors,
             tie_groups,
             index: OnceLock::new(),
         })
@@ -323,19 +419,16 @@ impl ModuleTree {
         self.children(id)
             .iter()
             .copied()
-            .filter(|c| self.kind(*c) == NodeKind::Parameter && !self.alias[*c as usize])
+            .filter(|c| self.kind(*c) == NodeKind::Parameter)
     }
 
     /// A second name for a parameter within the same module.
     pub fn is_alias(&self, id: NodeId) -> bool {
-        self.alias[id as usize]
+        self.kind(id) == NodeKind::ParameterAlias
     }
 
     pub fn direct_buffers(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
-        self.children(id)
-            .iter()
-            .copied()
-            .filter(|c| matches!(self.kind(*c), NodeKind::Buffer { .. }))
+        self.children(id).iter().copied().filter(|c| self.kind(*c).is_buffer())
     }
 
     pub fn has_child_modules(&self, id: NodeId) -> bool {
@@ -437,59 +530,104 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// Build trees by hand in Rust tests and benchmarks.
+/// One row of [`TreeColumns`], as [`TreeBuilder`] adds it.
+#[cfg(test)]
+struct Row<'a> {
+    name: &'a str,
+    parent: i64,
+    kind: NodeKind,
+    class: &'a str,
+    bits: u64,
+    duplicate: bool,
+    tie: i64,
+}
+
+#[cfg(test)]
+impl<'a> Row<'a> {
+    fn module(parent: i64, name: &'a str, class: &'a str) -> Row<'a> {
+        Row {
+            name,
+            parent,
+            kind: NodeKind::Module,
+            class,
+            bits: 0,
+            duplicate: false,
+            tie: -1,
+        }
+    }
+
+    fn tensor(parent: NodeId, name: &'a str, kind: NodeKind, class: &'a str, bytes: u64) -> Row<'a> {
+        Row {
+            name,
+            parent: parent as i64,
+            kind,
+            class,
+            bits: bytes * 8,
+            duplicate: false,
+            tie: -1,
+        }
+    }
+}
+
+/// Build trees by hand in the crate's unit tests.
+#[cfg(test)]
 #[derive(Debug, Default)]
-pub struct TreeBuilder {
+pub(crate) struct TreeBuilder {
     columns: TreeColumns,
     classes: HashMap<String, u32>,
 }
 
+#[cfg(test)]
 impl TreeBuilder {
     /// Start a tree whose root module has class `class`.
-    pub fn new(class: &str) -> TreeBuilder {
+    pub(crate) fn new(class: &str) -> TreeBuilder {
         let mut b = TreeBuilder::default();
-        b.push("", -1, 0, class, 0, false, -1);
+        b.push(Row::module(-1, "", class));
         b
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn push(&mut self, name: &str, parent: i64, kind: u8, class: &str, bits: u64, dup: bool, tie: i64) -> NodeId {
+    fn push(&mut self, row: Row) -> NodeId {
         let next = self.classes.len() as u32;
-        let class_id = *self.classes.entry(class.to_string()).or_insert_with(|| {
-            self.columns.class_names.push(class.to_string());
+        let class_id = *self.classes.entry(row.class.to_string()).or_insert_with(|| {
+            self.columns.class_names.push(row.class.to_string());
             next
         });
-        self.columns.names.push(name.to_string());
-        self.columns.parents.push(parent);
-        self.columns.kinds.push(kind);
+        self.columns.names.push(row.name.to_string());
+        self.columns.parents.push(row.parent);
+        self.columns.kinds.push(row.kind as u8);
         self.columns.classes.push(class_id);
-        self.columns.bits.push(bits);
-        self.columns.duplicate.push(dup);
-        self.columns.tie.push(tie);
+        self.columns.bits.push(row.bits);
+        self.columns.duplicate.push(row.duplicate);
+        self.columns.tie.push(row.tie);
         (self.columns.names.len() - 1) as NodeId
     }
 
     /// Add a child module (call in pre-order).
-    pub fn module(&mut self, parent: NodeId, name: &str, class: &str) -> NodeId {
-        self.push(name, parent as i64, 0, class, 0, false, -1)
+    pub(crate) fn module(&mut self, parent: NodeId, name: &str, class: &str) -> NodeId {
+        self.push(Row::module(parent as i64, name, class))
     }
 
     /// Add a parameter of `bytes` bytes.
-    pub fn param(&mut self, parent: NodeId, name: &str, bytes: u64) -> NodeId {
-        self.push(name, parent as i64, 1, "Parameter", bytes * 8, false, -1)
+    pub(crate) fn param(&mut self, parent: NodeId, name: &str, bytes: u64) -> NodeId {
+        self.push(Row::tensor(parent, name, NodeKind::Parameter, "Parameter", bytes))
     }
 
     /// Add a parameter that shares the storage of an earlier one (`tie` is the group number).
-    pub fn tied_param(&mut self, parent: NodeId, name: &str, bytes: u64, tie: i64, duplicate: bool) -> NodeId {
-        self.push(name, parent as i64, 1, "Parameter", bytes * 8, duplicate, tie)
+    pub(crate) fn tied_param(&mut self, parent: NodeId, name: &str, bytes: u64, tie: i64, duplicate: bool) -> NodeId {
+        self.push(Row {
+            duplicate,
+            tie,
+            ..Row::tensor(parent, name, NodeKind::Parameter, "Parameter", bytes)
+        })
     }
 
     /// Add a persistent buffer of `bytes` bytes.
-    pub fn buffer(&mut self, parent: NodeId, name: &str, bytes: u64) -> NodeId {
-        self.push(name, parent as i64, 2, "Tensor", bytes * 8, false, -1)
+    pub(crate) fn buffer(&mut self, parent: NodeId, name: &str, bytes: u64) -> NodeId {
+        self.push(Row::tensor(parent, name, NodeKind::Buffer, "Tensor", bytes))
     }
 
-    pub fn build(self) -> Result<ModuleTree> {
+    /// Validate and build the tree.
+    pub(crate) fn build(self) -> Result<ModuleTree> {
         ModuleTree::from_columns(self.columns)
     }
 }

@@ -9,7 +9,7 @@ use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
 use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
 use devicemap_core::strategy::Balance;
 use devicemap_core::{
-    Device, DeviceSpec, ModuleTree, PlacementError as CoreError, SolveOptions, Strategy, TreeColumns,
+    Device, DeviceSpec, ModuleTree, NodeKind, PlacementError as CoreError, SolveOptions, Strategy, TreeColumns,
 };
 use errors::guarded;
 use pyo3::prelude::*;
@@ -77,9 +77,9 @@ impl Tree {
     fn kind(&self, node: u32) -> PyResult<&'static str> {
         self.check(node)?;
         Ok(match self.inner.kind(node) {
-            devicemap_core::NodeKind::Module => "module",
-            devicemap_core::NodeKind::Parameter => "parameter",
-            devicemap_core::NodeKind::Buffer { .. } => "buffer",
+            k if k.is_parameter() => "parameter",
+            k if k.is_buffer() => "buffer",
+            _ => "module",
         })
     }
 
@@ -336,6 +336,17 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     errors::register(m)?;
+    // Node kind codes of the `kinds` column (the core's NodeKind discriminants, defined once there).
+    for (name, kind) in [
+        ("KIND_MODULE", NodeKind::Module),
+        ("KIND_PARAMETER", NodeKind::Parameter),
+        ("KIND_BUFFER", NodeKind::Buffer),
+        ("KIND_NON_PERSISTENT_BUFFER", NodeKind::NonPersistentBuffer),
+        ("KIND_PARAMETER_ALIAS", NodeKind::ParameterAlias),
+    ] {
+        m.add(name, kind as u8)?;
+    }
+    m.add("BLOCK_CLASS", devicemap_core::checkpoint_tree::BLOCK_CLASS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -56,8 +56,8 @@ pub fn balanced_budget(tree: &ModuleTree, no_split: &[String], share_devices: u6
 fn module_sizes_key_order(tree: &ModuleTree) -> Vec<NodeId> {
     let mut seen = vec![false; tree.len()];
     let mut order = Vec::new();
-    let params = (0..tree.len() as NodeId).filter(|&i| tree.kind(i) == crate::tree::NodeKind::Parameter);
-    let buffers = (0..tree.len() as NodeId).filter(|&i| matches!(tree.kind(i), crate::tree::NodeKind::Buffer { .. }));
+    let params = (0..tree.len() as NodeId).filter(|&i| tree.kind(i).is_parameter());
+    let buffers = (0..tree.len() as NodeId).filter(|&i| tree.kind(i).is_buffer());
     for t in params.chain(buffers) {
         if tree.is_duplicate(t) {
             continue;
