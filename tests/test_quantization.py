@@ -317,3 +317,28 @@ def test_storage_bits_match_torch_storage_for_every_dtype():
         assert storage_bits(dtype) * 8 == tensor.untyped_storage().nbytes() * 8, dtype
     assert storage_bits(torch.float4_e2m1fn_x2) == storage_bits(torch.int4) == 8  # one element a byte
     assert storage_bits(torch.bool) == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_conv1d_layers_and_tied_head(tmp_path, bits):
+    """GPT-2: Conv1D layers are quantized like Linear (out features from the transposed weight), and
+    the head tied to the input embeddings stays unquantized and counted once."""
+    pytest.importorskip("bitsandbytes")
+    config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=64)
+    config.bos_token_id = config.eos_token_id = 0
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).to(BF16).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = transformers.GPT2LMHeadModel(config).to(BF16)
+    quant = transformers.BitsAndBytesConfig(
+        **({"load_in_8bit": True} if bits == 8 else BNB_CONFIGS["nf4-double"])
+    )
+    model = transformers.GPT2LMHeadModel.from_pretrained(
+        tmp_path, quantization_config=quant, device_map="cpu"
+    )
+    sizer = quantized_sizer(meta, quant, BF16)
+    assert (
+        len(sizer.quantized_names) == 8
+        and not {"lm_head.weight", "transformer.wte.weight"} & sizer.quantized_names
+    )
+    assert_matches(planned_bytes(meta, sizer, BF16), real_bytes(model), slack=0 if bits == 8 else 4 * 3)
