@@ -33,7 +33,8 @@ from .errors import (
     UnknownModuleError,
 )
 from .memory import available_memory, normalize_max_memory, parse_size
-from .planning import STRATEGIES, DeviceUsage, Offload, Plan, plan
+from .options import STRATEGIES, Balance, Strategy
+from .planning import DeviceUsage, Offload, Plan, plan
 from .stages import Stage, StagePlan, pipeline, plan_stages
 from .tree import ModuleTree
 from .workload import Workload
@@ -41,6 +42,7 @@ from .workload import Workload
 __all__ = [
     "STRATEGIES",
     "AccelerateCompatError",
+    "Balance",
     "CheckpointError",
     "DeviceUsage",
     "DoesNotFitError",
@@ -56,6 +58,7 @@ __all__ = [
     "Plan",
     "Stage",
     "StagePlan",
+    "Strategy",
     "PlacementError",
     "TiedPinConflictError",
     "UnknownDeviceError",

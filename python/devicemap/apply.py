@@ -31,6 +31,7 @@ from .offload_folder import (
     refuse_non_folder,
     session_folder,
 )
+from .options import Strategy
 from .planning import Plan, device_for, plan
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
@@ -444,7 +445,7 @@ def from_pretrained(
     path: str | Path,
     *,
     model_class: Any = None,
-    strategy: str = "auto",
+    strategy: Strategy = "auto",
     max_memory: MaxMemory | None = None,
     workload: Workload | None = None,
     dtype: DtypeLike | None = None,

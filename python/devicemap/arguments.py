@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidOptionError
+
+Choice = TypeVar("Choice", bound=str)
 
 
 def check_flag(option: str, value: object) -> bool:
@@ -17,14 +19,13 @@ def check_flag(option: str, value: object) -> bool:
     return value
 
 
-def check_choice(option: str, value: object, choices: Iterable[str]) -> str:
-    """``value`` must be one of the strings ``choices``."""
+def check_choice(option: str, value: object, choices: Iterable[Choice]) -> Choice:
+    """``value`` must be one of the strings ``choices`` (typed as the matching ``Literal``)."""
     choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise InvalidOptionError(
-            f"unknown {option} {value!r}: use one of {', '.join(repr(c) for c in choices)}"
-        )
-    return value
+    for choice in choices:
+        if isinstance(value, str) and value == choice:
+            return choice
+    raise InvalidOptionError(f"unknown {option} {value!r}: use one of {', '.join(repr(c) for c in choices)}")
 
 
 def check_class_names(option: str, value: object) -> list[str] | None:

@@ -30,9 +30,10 @@ from . import _core
 from .arguments import check_mapping, check_path, check_strings
 from .errors import CheckpointError, InvalidOptionError
 from .memory import MaxMemory, Size
-from .planning import Plan, plan_with_runtime
+from .options import PlacementOptions, Strategy
+from .planning import Plan, solve_tree
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
-from .workload import Workload, compute_dtype
+from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
 
 BLOCK_CLASS = _core.BLOCK_CLASS
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
@@ -152,7 +153,7 @@ def plan_checkpoint(
     path: str | Path,
     max_memory: MaxMemory | None = None,
     *,
-    strategy: str = "auto",
+    strategy: Strategy = "auto",
     dtype: DtypeLike | None = None,
     pins: Mapping[str, object] | None = None,
     offload_buffers: bool = False,
@@ -183,6 +184,9 @@ def plan_checkpoint(
     >>> devicemap.plan_checkpoint(folder, max_memory={0: "600KiB", 1: "600KiB"}, block_pattern="layers.*").device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
     """
+    options = PlacementOptions.parse(
+        strategy=strategy, pins=pins, offload_buffers=offload_buffers, gpu0_reserve=gpu0_reserve
+    )
     path = check_path("checkpoint path", path)
     check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     if workload is not None and not isinstance(workload, Workload):
@@ -190,20 +194,12 @@ def plan_checkpoint(
     config = dict(config) if config is not None else find_config(path) or {}
     tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
     runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
-    return plan_with_runtime(
-        tree,
-        max_memory=max_memory,
-        strategy=strategy,
-        pins=pins,
-        offload_buffers=offload_buffers,
-        gpu0_reserve=gpu0_reserve,
-        runtime_memory=runtime,
-    )
+    return solve_tree(tree, max_memory, options, runtime)
 
 
 def _workload_memory(
     tree: ModuleTree, config: Mapping[str, Any], workload: Workload, dtype: DtypeLike | None
-) -> tuple[list[tuple[str, int]], int]:
+) -> RuntimeMemory:
     """KV cache per decoder block, logits with ``lm_head``, activations: from the config alone."""
     if not config:
         raise CheckpointError("a workload needs the checkpoint's config.json (layer count, heads, sizes)")
@@ -216,13 +212,9 @@ def _workload_memory(
             UserWarning,
             stacklevel=3,
         )
-    per_layer = workload.kv_cache_bytes_per_layer(view, dtype) * 8
-    runtime = [(name, per_layer) for name in layers]
-    if tree.core.find("lm_head") is not None:
-        runtime.append(("lm_head", workload.logits_bytes(view) * 8))
-    return runtime, workload.activation_bytes(
-        view, compute_dtype(dtype) or view.get("torch_dtype") or view.get("dtype")
-    ) * 8
+    head = "lm_head" if tree.core.find("lm_head") is not None else None
+    activation_dtype = compute_dtype(dtype) or view.get("torch_dtype") or view.get("dtype")
+    return layer_runtime(workload, view, layers, head, dtype, activation_dtype)
 
 
 class _ConfigView:

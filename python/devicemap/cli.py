@@ -36,7 +36,8 @@ from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
 from .memory import DeviceKey, parse_size
-from .planning import STRATEGIES, Plan, plan
+from .options import STRATEGIES
+from .planning import Plan, plan
 from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree
 from .workload import Workload

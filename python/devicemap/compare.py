@@ -10,6 +10,7 @@ import torch
 
 from .errors import DoesNotFitError
 from .memory import DeviceKey, MaxMemory, normalize_max_memory
+from .options import Strategy
 from .planning import plan
 from .tree import DtypeLike, ModuleTree
 
@@ -68,7 +69,7 @@ def min_equal_gpu_memory(place: Placer, low: int, high: int) -> int:
 def compare(
     model: torch.nn.Module,
     max_memory: MaxMemory,
-    strategy: str = "auto",
+    strategy: Strategy = "auto",
     dtype: DtypeLike | None = None,
     no_split_module_classes: list[str] | None = None,
 ) -> tuple[Side, Side]:

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from .workload import _first, text_config
+from .model_config import config_value, text_config
 
 
 def _expert_share(config: Any | None) -> tuple[int, float]:
     if config is None:
         return 0, 1.0
     c = text_config(config)
-    experts = _first(c, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-    active = _first(c, "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+    experts = config_value(c, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    active = config_value(c, "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
     if not experts or not active:
         return 0, 1.0
     return int(experts), min(1.0, float(active) / float(experts))

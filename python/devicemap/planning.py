@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .arguments import check_choice, check_class_names, check_flag, check_mapping
+from .arguments import check_flag
 from .compute import flops_per_token
 from .errors import (
     InvalidOptionError,
-    InvalidSizeError,
     PlacementError,
     UnknownDeviceError,
-    UnknownModuleError,
 )
 from .formatting import format_bytes, span_label
 from .memory import (
@@ -22,18 +20,15 @@ from .memory import (
     MaxMemory,
     Size,
     bytes_to_bits,
-    device_key,
     normalize_max_memory,
-    parse_size,
 )
+from .options import Balance, PlacementOptions, Strategy
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
-from .workload import Workload, check_runtime_bits
+from .workload import RuntimeMemory, Workload, check_runtime_bits
 from .workload import runtime_memory as workload_runtime
 
 if TYPE_CHECKING:
     import torch
-
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def covering_key(name: str, device_map: Mapping[str, object]) -> str:
@@ -213,14 +208,14 @@ def plan(
     model_or_tree: torch.nn.Module | ModuleTree,
     max_memory: MaxMemory | None = None,
     *,
-    strategy: str = "auto",
+    strategy: Strategy = "auto",
     no_split_module_classes: Iterable[str] | None = None,
     dtype: DtypeLike | None = None,
     special_dtypes: Mapping[str, DtypeLike] | None = None,
     pins: Mapping[str, object] | None = None,
     offload_buffers: bool = False,
     workload: Workload | None = None,
-    balance: str = "memory",
+    balance: Balance = "memory",
     gpu0_reserve: Size | None = None,
     untie: bool = False,
 ) -> Plan:
@@ -261,48 +256,16 @@ def plan(
         >>> p.device_map
         {'0': 0, '1': 0, '2': 0, '3': 0, '4': 1, '5': 1, '6': 1, '7': 1}
     """
-    return plan_with_runtime(
-        model_or_tree,
-        max_memory,
+    # Every argument is checked before any work, so a wrong one is named instead of failing deep inside.
+    options = PlacementOptions.parse(
         strategy=strategy,
         no_split_module_classes=no_split_module_classes,
-        dtype=dtype,
-        special_dtypes=special_dtypes,
         pins=pins,
         offload_buffers=offload_buffers,
-        workload=workload,
         balance=balance,
         gpu0_reserve=gpu0_reserve,
-        untie=untie,
     )
-
-
-def plan_with_runtime(
-    model_or_tree: torch.nn.Module | ModuleTree,
-    max_memory: MaxMemory | None,
-    *,
-    strategy: str = "auto",
-    no_split_module_classes: Iterable[str] | None = None,
-    dtype: DtypeLike | None = None,
-    special_dtypes: Mapping[str, DtypeLike] | None = None,
-    pins: Mapping[str, object] | None = None,
-    offload_buffers: bool = False,
-    workload: Workload | None = None,
-    balance: str = "memory",
-    gpu0_reserve: Size | None = None,
-    untie: bool = False,
-    runtime_memory: tuple[list[tuple[str, int]], int] | None = None,
-) -> Plan:
-    """:func:`plan` with the runtime memory given directly: ``([(module name, bits)], activation bits)``
-    instead of a workload sized from the model (what :func:`devicemap.plan_checkpoint` passes, having sized
-    it from ``config.json``). Internal: not exported from the package."""
-    # Every argument is checked before any work, so a wrong one is named instead of failing deep inside.
-    check_choice("strategy", strategy, STRATEGIES)
-    check_choice("balance", balance, ("memory", "compute"))
-    check_flag("offload_buffers", offload_buffers)
     check_flag("untie", untie)
-    requested_classes = check_class_names("no_split_module_classes", no_split_module_classes)
-    check_mapping("pins", pins, "{'lm_head': 0}")
     if workload is not None and not isinstance(workload, Workload):
         raise InvalidOptionError(
             f"workload must be a devicemap.Workload such as Workload(batch_size=1, seq_len=4096), got {workload!r}"
@@ -311,21 +274,43 @@ def plan_with_runtime(
         raise InvalidOptionError(
             f"dtype {dtype!r} has no whole-byte width to size weights with; use e.g. 'bfloat16'"
         )
+    model = model_or_tree if isinstance(model_or_tree, torch_module()) else None
     if isinstance(model_or_tree, ModuleTree):
         if dtype is not None or special_dtypes is not None:
             raise InvalidOptionError(
                 "dtype/special_dtypes apply when sizing a model: pass them to ModuleTree.from_module()"
             )
         tree = model_or_tree
-    elif isinstance(model_or_tree, torch_module()):
-        tree = ModuleTree.from_module(model_or_tree, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
+    elif model is not None:
+        tree = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
     else:
         raise InvalidOptionError(
             f"plan() needs a torch.nn.Module (on the meta device is fine) or a devicemap.ModuleTree, "
             f"got {type(model_or_tree).__name__}"
         )
-    classes = list(tree.no_split_module_classes) if requested_classes is None else requested_classes
+    runtime = RuntimeMemory()
+    if workload is not None:
+        if model is None:
+            raise InvalidOptionError("workload needs the model itself (its config), not a ModuleTree")
+        runtime = workload_runtime(model, tree, workload, dtype)
+    compute: list[tuple[str, int]] = []
+    if options.balance == "compute":
+        if model is None:
+            raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
+        compute = flops_per_token(model)
+    return solve_tree(tree, max_memory, options, runtime, compute)
 
+
+def solve_tree(
+    tree: ModuleTree,
+    max_memory: MaxMemory | None,
+    options: PlacementOptions,
+    runtime: RuntimeMemory | None = None,
+    compute: list[tuple[str, int]] | None = None,
+) -> Plan:
+    """Place a sized tree with checked options: what :func:`plan` and :func:`devicemap.plan_checkpoint`
+    share once each has sized its input."""
+    runtime = runtime or RuntimeMemory()
     memory = normalize_max_memory(max_memory)
     if set(memory) == {"disk"}:
         raise UnknownDeviceError(
@@ -333,45 +318,19 @@ def plan_with_runtime(
             "run on a GPU or the CPU; add 'cpu' (e.g. {'cpu': '64GiB', 'disk': 0}) or a GPU"
         )
     devices = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
-    pin_list: list[tuple[str, str]] = []
-    for name, device in (pins or {}).items():
-        if not isinstance(name, str):
-            raise UnknownModuleError(f"pin key {name!r} must be a module name string such as 'lm_head'")
-        pin_list.append((name, str(device_key(device))))
-    reserve_bits = 0
-    if gpu0_reserve is not None:
-        try:
-            reserve_bits = bytes_to_bits(parse_size(gpu0_reserve))
-        except InvalidSizeError as err:
-            raise InvalidSizeError(f"gpu0_reserve: {err}") from None
-
-    runtime: list[tuple[str, int]] = []
-    activation_bits = 0
-    if runtime_memory is not None:
-        runtime, activation_bits = list(runtime_memory[0]), int(runtime_memory[1])
-    elif workload is not None:
-        if not isinstance(model_or_tree, torch_module()):
-            raise InvalidOptionError("workload needs the model itself (its config), not a ModuleTree")
-        runtime, activation_bits = workload_runtime(model_or_tree, tree, workload, dtype)
-    compute: list[tuple[str, int]] = []
-    if balance == "compute":
-        if not isinstance(model_or_tree, torch_module()):
-            raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
-        compute = flops_per_token(model_or_tree)
-    check_runtime_bits(runtime, activation_bits)
-
+    check_runtime_bits(runtime.per_module, runtime.activation_bits)
     result = _core.solve(
         tree.core,
         devices,
-        strategy,
-        classes,
-        pin_list,
-        offload_buffers,
-        runtime,
-        activation_bits,
-        compute,
-        balance,
-        reserve_bits,
+        options.strategy,
+        options.classes_for(tree.no_split_module_classes),
+        list(options.pins),
+        options.offload_buffers,
+        list(runtime.per_module),
+        runtime.activation_bits,
+        compute or [],
+        options.balance,
+        options.gpu0_reserve_bits,
     )
     # The core hands back bytes (rounded once, in Rust) and devices as accelerate's keys.
     return Plan(

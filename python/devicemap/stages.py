@@ -23,6 +23,7 @@ from .arguments import check_choice
 from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError
 from .formatting import format_bytes
 from .memory import Size, parse_size
+from .options import Balance
 from .planning import Plan, covering_key, plan
 from .tree import DtypeLike, ModuleTree
 
@@ -90,7 +91,7 @@ def plan_stages(
     *,
     dtype: DtypeLike | None = None,
     no_split_module_classes: list[str] | None = None,
-    balance: str = "memory",
+    balance: Balance = "memory",
     tied: str = "copy",
 ) -> StagePlan:
     """Contiguous pipeline stages over ``hosts`` (each a list of its GPUs' sizes), balanced exactly.

@@ -14,44 +14,15 @@ device, GPU 0), so devicemap plans it there instead of discovering it as an out-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import InvalidOptionError, InvalidSizeError
 from .memory import MAX_SIZE
+from .model_config import config_count, config_value, text_config
 from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
-
-
-def text_config(config: Any) -> Any:
-    """The language-model part of a (possibly multimodal) transformers config."""
-    getter = getattr(config, "get_text_config", None)
-    return getter() if callable(getter) else config
-
-
-def _first(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _count(config: Any, *names: str, default: int | None = None) -> int:
-    """A positive integer field of the config (the first of ``names`` present), or ``default``; a
-    missing or malformed field is an error naming it, not a TypeError inside a formula."""
-    value = _first(config, *names, default=default)
-    if value is None:
-        raise InvalidOptionError(
-            f"the model config has no {' / '.join(names)}, which the workload needs to size the KV cache and "
-            "activations; give a complete config.json or plan without a workload"
-        )
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(
-            f"the model config's {' / '.join(names)} is {value!r}: the workload needs a positive integer"
-        )
-    return value
 
 
 def compute_dtype(dtype: DtypeLike | None) -> DtypeLike | None:
@@ -103,22 +74,22 @@ class Workload:
     def kv_cache_bytes_per_layer(self, config: Any, dtype: DtypeLike | None = None) -> int:
         """KV cache of one decoder layer, from the model config (transformers naming, T5 naming)."""
         c = text_config(config)
-        heads = _count(c, "num_attention_heads", "num_heads", "n_head")
-        kv_heads = _count(c, "num_key_value_heads", "num_kv_heads", default=heads)
+        heads = config_count(c, "num_attention_heads", "num_heads", "n_head")
+        kv_heads = config_count(c, "num_key_value_heads", "num_kv_heads", default=heads)
         if getattr(c, "multi_query", False):  # Falcon-style multi-query attention
             kv_heads = 1
-        if _first(c, "head_dim", "d_kv") is not None:
-            head_dim = _count(c, "head_dim", "d_kv")
+        if config_value(c, "head_dim", "d_kv") is not None:
+            head_dim = config_count(c, "head_dim", "d_kv")
         else:
-            head_dim = _count(c, "hidden_size", "d_model") // heads
+            head_dim = config_count(c, "hidden_size", "d_model") // heads
         per = 2 * self.batch_size * self.seq_len * kv_heads * head_dim
         per *= self._bytes_per(self.kv_dtype, compute_dtype(dtype))
         return per * (2 if getattr(c, "is_encoder_decoder", False) else 1)
 
     def activation_bytes(self, config: Any, dtype: DtypeLike | None = None) -> int:
         c = text_config(config)
-        hidden = _count(c, "hidden_size", "d_model")
-        inner = _count(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
+        hidden = config_count(c, "hidden_size", "d_model")
+        inner = config_count(c, "intermediate_size", "d_ff", "ffn_dim", default=4 * hidden)
         return (
             self.batch_size
             * self.seq_len
@@ -128,13 +99,13 @@ class Workload:
 
     def logits_bytes(self, config: Any) -> int:
         tokens = self.seq_len if self.logits_tokens is None else self.logits_tokens
-        return self.batch_size * tokens * _count(text_config(config), "vocab_size") * 4
+        return self.batch_size * tokens * config_count(text_config(config), "vocab_size") * 4
 
 
 def decoder_layers(model: torch.nn.Module, config: Any) -> list[str]:
     """Names of the layers that hold a KV cache: the ModuleList with one entry per decoder layer."""
     c = text_config(config)
-    count = _first(c, "num_decoder_layers", "num_hidden_layers", "num_layers", "n_layer")
+    count = config_value(c, "num_decoder_layers", "num_hidden_layers", "num_layers", "n_layer")
     candidates = [
         (name, module)
         for name, module in model.named_modules()
@@ -156,10 +127,19 @@ def output_head(model: torch.nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
+@dataclass(frozen=True)
+class RuntimeMemory:
+    """Memory a workload needs besides the weights, in bits: per module (a decoder layer's KV cache, the
+    head's logits) and once on every computing device (activations)."""
+
+    per_module: list[tuple[str, int]] = field(default_factory=list)
+    activation_bits: int = 0
+
+
 def runtime_memory(
     model: torch.nn.Module, tree: ModuleTree, workload: Workload, dtype: DtypeLike | None
-) -> tuple[list[tuple[str, int]], int]:
-    """Per-module runtime memory (bits) and the per-device activation memory (bits) of a workload."""
+) -> RuntimeMemory:
+    """The runtime memory of ``workload`` on a transformers model (its config, decoder layers and head)."""
     config = getattr(model, "config", None)
     if config is None:
         raise InvalidOptionError(
@@ -168,17 +148,29 @@ def runtime_memory(
         )
     if dtype is None:  # the dtype the weights will have: else the model's own floating dtype
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    per_layer = workload.kv_cache_bytes_per_layer(config, dtype) * 8
-    runtime = [(name, per_layer) for name in decoder_layers(model, config)]
-    if not runtime:
+    layers = decoder_layers(model, config)
+    if not layers:
         raise InvalidOptionError(
             f"could not find the decoder layers of {type(model).__name__} (a ModuleList with one entry per "
             "layer); pass a transformers model or leave workload=None"
         )
-    head = output_head(model)
+    return layer_runtime(workload, config, layers, output_head(model), dtype, dtype)
+
+
+def layer_runtime(
+    workload: Workload,
+    config: Any,
+    layers: list[str],
+    head: str | None,
+    kv_dtype: DtypeLike | None,
+    activation_dtype: DtypeLike | None,
+) -> RuntimeMemory:
+    """KV cache on each decoder layer, logits with the head, activations on every computing device."""
+    per_layer = workload.kv_cache_bytes_per_layer(config, kv_dtype) * 8
+    per_module = [(name, per_layer) for name in layers]
     if head is not None:
-        runtime.append((head, workload.logits_bytes(config) * 8))
-    return runtime, workload.activation_bytes(config, dtype) * 8
+        per_module.append((head, workload.logits_bytes(config) * 8))
+    return RuntimeMemory(per_module, workload.activation_bytes(config, activation_dtype) * 8)
 
 
 def check_runtime_bits(runtime: list[tuple[str, int]], activation_bits: int) -> None:
