@@ -32,7 +32,7 @@ from .errors import CheckpointError, InvalidOptionError
 from .memory import MaxMemory, Size
 from .options import PlacementOptions, Strategy
 from .planning import Plan, solve_tree
-from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+from .tree import DtypeLike, ModuleTree, target_bits
 from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
 
 BLOCK_CLASS = _core.BLOCK_CLASS
@@ -142,7 +142,7 @@ def checkpoint_tree(
     check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     config = dict(config) if config is not None else find_config(path) or {}
     patterns = check_strings("block_pattern", block_pattern, "module name patterns", "'model.layers.*'") or []
-    bits = dtype_bits(to_dtype(dtype)) if dtype is not None else None
+    bits = target_bits(dtype) if dtype is not None else None
     core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
     tree = ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
     _warn_if_truncated(tree, config)

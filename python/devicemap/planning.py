@@ -10,6 +10,7 @@ from . import _core
 from .arguments import check_flag
 from .compute import flops_per_token
 from .errors import (
+    DoesNotFitError,
     InvalidOptionError,
     PlacementError,
     UnknownDeviceError,
@@ -23,7 +24,8 @@ from .memory import (
     normalize_max_memory,
 )
 from .options import Balance, PlacementOptions, Strategy
-from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+from .quantization import OffloadRule, offload_rule
+from .tree import DtypeLike, ModuleTree, target_bits
 from .workload import RuntimeMemory, Workload, check_runtime_bits
 from .workload import runtime_memory as workload_runtime
 
@@ -218,6 +220,7 @@ def plan(
     balance: Balance = "memory",
     gpu0_reserve: Size | None = None,
     untie: bool = False,
+    quantization_config: Any = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -243,6 +246,11 @@ def plan(
         gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
         untie: count a shared parameter once per user instead of keeping its users together (for
             pipeline stages, where each stage holds its own copy).
+        quantization_config: the quantizer the model will load with (a transformers
+            ``BitsAndBytesConfig``/``TorchAoConfig`` or its dict): each weight is sized as that quantizer
+            stores it, quantization state included, and its offload rule is kept (bitsandbytes refuses
+            CPU/disk beside GPUs unless ``llm_int8_enable_fp32_cpu_offload``: the plan then uses the GPUs
+            only, or raises :class:`DoesNotFitError`).
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -270,19 +278,24 @@ def plan(
         raise InvalidOptionError(
             f"workload must be a devicemap.Workload such as Workload(batch_size=1, seq_len=4096), got {workload!r}"
         )
-    if dtype is not None and dtype_bits(to_dtype(dtype)) == 0:
-        raise InvalidOptionError(
-            f"dtype {dtype!r} has no whole-byte width to size weights with; use e.g. 'bfloat16'"
-        )
+    if dtype is not None:
+        target_bits(dtype)
     model = model_or_tree if isinstance(model_or_tree, torch_module()) else None
     if isinstance(model_or_tree, ModuleTree):
-        if dtype is not None or special_dtypes is not None:
+        if dtype is not None or special_dtypes is not None or quantization_config is not None:
             raise InvalidOptionError(
-                "dtype/special_dtypes apply when sizing a model: pass them to ModuleTree.from_module()"
+                "dtype/special_dtypes/quantization_config apply when sizing a model: pass them to "
+                "ModuleTree.from_module()"
             )
         tree = model_or_tree
     elif model is not None:
-        tree = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
+        tree = ModuleTree.from_module(
+            model,
+            dtype=dtype,
+            special_dtypes=special_dtypes,
+            untie=untie,
+            quantization_config=quantization_config,
+        )
     else:
         raise InvalidOptionError(
             f"plan() needs a torch.nn.Module (on the meta device is fine) or a devicemap.ModuleTree, "
@@ -298,7 +311,8 @@ def plan(
         if model is None:
             raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model)
-    return solve_tree(tree, max_memory, options, runtime, compute)
+    rule = offload_rule(quantization_config) if quantization_config is not None else None
+    return solve_tree(tree, max_memory, options, runtime, compute, offload=rule)
 
 
 def solve_tree(
@@ -307,9 +321,10 @@ def solve_tree(
     options: PlacementOptions,
     runtime: RuntimeMemory | None = None,
     compute: list[tuple[str, int]] | None = None,
+    offload: OffloadRule | None = None,
 ) -> Plan:
     """Place a sized tree with checked options: what :func:`plan` and :func:`devicemap.plan_checkpoint`
-    share once each has sized its input."""
+    share once each has sized its input. ``offload``: a quantizer's rule on CPU/disk placement."""
     runtime = runtime or RuntimeMemory()
     memory = normalize_max_memory(max_memory)
     if set(memory) == {"disk"}:
@@ -317,7 +332,31 @@ def solve_tree(
             f"max_memory {dict(max_memory or {})!r} names only 'disk': weights can be stored there, but layers "
             "run on a GPU or the CPU; add 'cpu' (e.g. {'cpu': '64GiB', 'disk': 0}) or a GPU"
         )
-    devices = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
+    usable = offload.usable(memory) if offload is not None else memory
+    if not usable:
+        raise DoesNotFitError(
+            f"{offload.reason if offload else ''}, and max_memory names no GPU; give it one"
+        )
+    try:
+        return _solve(tree, usable, options, runtime, compute or [])
+    except DoesNotFitError as err:
+        if offload is None or usable == memory:
+            raise
+        left_out = " and ".join(repr(k) for k in memory if k not in usable)
+        raise DoesNotFitError(
+            f"{err}. Note: {offload.reason}, so {left_out} in max_memory could not be used; the quantized "
+            "model must fit on the GPUs given"
+        ) from None
+
+
+def _solve(
+    tree: ModuleTree,
+    memory: Mapping[DeviceKey, int | None],
+    options: PlacementOptions,
+    runtime: RuntimeMemory,
+    compute: list[tuple[str, int]],
+) -> Plan:
+    devices: list[tuple[str, int | None]] = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
     check_runtime_bits(runtime.per_module, runtime.activation_bits)
     result = _core.solve(
         tree.core,
@@ -328,7 +367,7 @@ def solve_tree(
         options.offload_buffers,
         list(runtime.per_module),
         runtime.activation_bits,
-        compute or [],
+        compute,
         options.balance,
         options.gpu0_reserve_bits,
     )

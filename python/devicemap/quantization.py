@@ -102,6 +102,20 @@ class OffloadRule:
         """Whether a map mixing accelerators with ``device`` (``"cpu"`` or ``"disk"``) is accepted."""
         return {"cpu": self.cpu, "disk": self.disk}.get(device, True)
 
+    def usable(self, memory: Mapping[Any, int | None]) -> dict[Any, int | None]:
+        """The devices of ``memory`` (accelerate's keys) a plan may use under this rule: beside
+        accelerators, the CPU and disk only where allowed; with no accelerator, the CPU alone if the
+        quantizer runs there (and no disk).
+
+        >>> OffloadRule(cpu=False, disk=False).usable({0: 100, "cpu": 1000, "disk": 0})
+        {0: 100}
+        """
+        if any(key not in ("cpu", "disk") for key in memory):
+            return {k: v for k, v in memory.items() if k not in ("cpu", "disk") or self.allows(k)}
+        if self.cpu_only:
+            return {k: v for k, v in memory.items() if k == "cpu" or self.disk}
+        return {}
+
 
 _NO_OFFLOAD = "transformers refuses CPU/disk entries in the device map for this quantizer"
 

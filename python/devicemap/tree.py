@@ -11,10 +11,11 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from . import _core
 from .errors import InvalidOptionError
+from .quantization import QuantizedSizer, quantized_sizer, storage_bits
 
 if TYPE_CHECKING:
     import torch
@@ -29,24 +30,33 @@ DtypeLike = Union[str, "torch.dtype"]
 
 
 def dtype_bits(dtype: torch.dtype) -> int:
-    """Bits per element as accelerate counts them (``bool``: 1 bit, float8: 8 bits, else the width).
+    """Bits per element: ``bool`` 1 bit (as accelerate counts it), sub-byte dtypes as torch stores them
+    (``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
 
     >>> import torch
-    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool)
-    (16, 1)
+    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.int4)
+    (16, 1, 8)
+    """
+    return storage_bits(dtype)
+
+
+def target_bits(dtype: DtypeLike, option: str = "dtype") -> int:
+    """Bits per element of a dtype weights are sized *as* (``dtype=``, ``special_dtypes``): a dtype
+    holding less than a byte per value is refused, since converting to it is a quantizer's job.
+
+    >>> target_bits("bfloat16"), target_bits("float8_e4m3fn")
+    (16, 8)
     """
     import torch
 
-    if dtype == torch.bool:
-        return 1
-    if "float8" in str(dtype):
-        return 8
-    match = re.search(r"[^\d](\d+)$", str(dtype))
-    if match is None:
+    resolved = to_dtype(dtype, option)
+    width = re.search(r"\d+", str(resolved).removeprefix("torch."))
+    if resolved != torch.bool and width is not None and int(width.group()) < 8:
         raise InvalidOptionError(
-            f"cannot size dtype {dtype}: its name carries no bit width; use e.g. torch.float16 or 'bfloat16'"
+            f"{option} {dtype!r} packs values below a byte, which only a quantizer produces; size 4-bit "
+            "weights with quantization_config= (bitsandbytes, torchao) or plan the quantized checkpoint"
         )
-    return int(match.group(1)) // 8 * 8
+    return dtype_bits(resolved)
 
 
 def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
@@ -67,17 +77,30 @@ def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
 
 class _Sizer:
     """Tensor size in bits under accelerate's dtype rules: integer and bool tensors keep their width,
-    floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name."""
+    floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name. A
+    ``loaded`` sizer (quantizer and float32 keeps) decides first for the tensors it knows."""
 
-    def __init__(self, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):
-        self.target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
-        self.special = {k: dtype_bits(to_dtype(v)) for k, v in (special_dtypes or {}).items()}
-        self.needs_names = bool(self.special)
+    def __init__(
+        self,
+        dtype: DtypeLike | None,
+        special_dtypes: Mapping[str, DtypeLike] | None,
+        loaded: QuantizedSizer | None = None,
+    ):
+        self.target = target_bits(dtype) if dtype is not None else None
+        self.special = {
+            k: target_bits(v, f"special_dtypes[{k!r}]") for k, v in (special_dtypes or {}).items()
+        }
+        self.loaded = loaded
+        self.needs_names = bool(self.special) or loaded is not None
         self.cache: dict[object, int] = {}
 
     def bits(self, name: str, tensor: torch.Tensor) -> int:
         if self.special and name in self.special:
             return tensor.numel() * self.special[name]
+        if self.loaded is not None:
+            decided = self.loaded.bits(name, tensor)
+            if decided is not None:
+                return decided
         per = self.cache.get(tensor.dtype)
         if per is None:
             own = dtype_bits(tensor.dtype)
@@ -293,6 +316,7 @@ class ModuleTree:
         dtype: DtypeLike | None = None,
         special_dtypes: Mapping[str, DtypeLike] | None = None,
         *,
+        quantization_config: Any = None,
         accelerate_tie_order: bool = False,
         untie: bool = False,
     ) -> ModuleTree:
@@ -305,6 +329,9 @@ class ModuleTree:
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
         tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
+        As transformers loads them, ``_keep_in_fp32_modules`` stay float32 under ``dtype=float16`` and
+        ``quantization_config`` (bitsandbytes 4/8-bit, torchao) sizes each weight as the quantizer stores
+        it, quantization state included (see :mod:`devicemap.quantization`).
         Buffers count whether persistent or not. Tensors reachable under several names (tied
         weights, shared modules) are counted once, under their first name, and recorded as tied.
 
@@ -321,15 +348,21 @@ class ModuleTree:
                 f"ModuleTree.from_module expects a torch.nn.Module, got {type(model).__name__}"
             )
         if dtype is not None:
-            dtype_bits(to_dtype(dtype))
+            target_bits(dtype)
         if special_dtypes is not None:
             if not isinstance(special_dtypes, Mapping):
                 raise InvalidOptionError(
                     f"special_dtypes must be a dict like {{'lm_head.weight': 'float32'}}, got {special_dtypes!r}"
                 )
             for name, special in special_dtypes.items():
-                dtype_bits(to_dtype(special, f"special_dtypes[{name!r}]"))
-        walk = _Walk(_Sizer(dtype, special_dtypes), untie=untie, like_named_children=accelerate_tie_order)
+                target_bits(special, f"special_dtypes[{name!r}]")
+        loaded = None
+        if not accelerate_tie_order:  # accelerate's port sizes by dtype alone, as accelerate does
+            loaded = quantized_sizer(model, quantization_config, dtype)
+            if loaded.method is None and not loaded.fp32_names:
+                loaded = None  # nothing to decide: keep the fast walk that builds no names
+        sizer = _Sizer(dtype, special_dtypes, loaded)
+        walk = _Walk(sizer, untie=untie, like_named_children=accelerate_tie_order)
         # The walk allocates a tuple per node and frees nothing: the cyclic collector would only rescan
         # the growing heap again and again (a large share of the time on 100k-node trees).
         collecting = gc.isenabled()

@@ -1,0 +1,157 @@
+"""plan(..., quantization_config=...) through the public API: every device's planned bytes equal what the
+quantized model really holds there, and a quantizer's offload rule is kept (never a map it then refuses).
+The quantized models are real: bitsandbytes and torchao quantize on this CPU."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+import transformers
+from transformers.quantizers.auto import AutoHfQuantizer
+
+import devicemap
+from devicemap.planning import device_for
+
+BF16 = torch.bfloat16
+ROOMY = {0: "2MiB", 1: "2MiB", "cpu": "1GiB"}
+
+
+def llama_config() -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama_config()).to(BF16).save_pretrained(path)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(llama_config(), dtype=BF16)
+    return path, meta
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, through tensor subclasses (torchao) to their inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return tensor.untyped_storage().nbytes() if tensor.dim() else tensor.element_size()
+    names, _ = flatten()
+    return sum(tensor_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
+
+
+def real_bytes_per_device(model: torch.nn.Module, device_map: dict) -> dict:
+    """What the quantized model's state_dict holds on each device of ``device_map``, tied copies once."""
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    out: dict = defaultdict(int)
+    for name, tensor in model.state_dict().items():
+        if name not in aliases:
+            out[device_for(name, device_map)] += tensor_bytes(tensor)
+    return dict(out)
+
+
+def quantized(path, config) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu"
+    )
+
+
+def planned_bytes(plan: devicemap.Plan) -> dict:
+    return {u.device: u.weights for u in plan.usage if u.weights}
+
+
+def assert_within_one_percent(planned: dict, real: dict) -> None:
+    assert planned.keys() == real.keys()
+    for device, want in real.items():
+        assert abs(planned[device] - want) <= want / 100, (device, planned[device], want)
+
+
+def accepted_by_transformers(config, device_map) -> bool:
+    try:
+        AutoHfQuantizer.from_config(config).validate_environment(device_map=device_map)
+    except ValueError:
+        return False
+    return True
+
+
+QUANTIZERS = {
+    "bnb-nf4": lambda: transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "bnb-nf4-double": lambda: transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    ),
+    "bnb-int8": lambda: transformers.BitsAndBytesConfig(load_in_8bit=True),
+    "torchao-int8": lambda: transformers.TorchAoConfig(
+        pytest.importorskip("torchao.quantization").Int8WeightOnlyConfig()
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZERS))
+def test_planned_bytes_per_device_equal_the_quantized_model(llama, kind):
+    path, meta = llama
+    config = QUANTIZERS[kind]()
+    plan = devicemap.plan(meta, ROOMY, dtype=BF16, quantization_config=config)
+    assert len({d for d in plan.device_map.values()}) == 2  # split over both GPUs: the test sees two sums
+    real = real_bytes_per_device(quantized(path, config), plan.device_map)
+    assert_within_one_percent(planned_bytes(plan), real)
+    # the flat bf16 sizes would have been far off: the plan really counted the quantizer
+    unquantized = devicemap.plan(meta, ROOMY, dtype=BF16)
+    assert sum(planned_bytes(plan).values()) < 0.8 * sum(planned_bytes(unquantized).values())
+
+
+def test_bitsandbytes_gets_a_gpu_only_plan_although_the_cpu_is_offered(llama):
+    _, meta = llama
+    config = QUANTIZERS["bnb-nf4"]()
+    # sized at bf16 these GPUs are too small and layers would go to the CPU, which bitsandbytes refuses
+    memory = {0: "1.5MiB", 1: "1.5MiB", "cpu": "1GiB"}
+    assert "cpu" in devicemap.plan(meta, memory, dtype=BF16).device_map.values()
+    plan = devicemap.plan(meta, memory, dtype=BF16, quantization_config=config)
+    assert set(plan.device_map.values()) <= {0, 1}
+    assert accepted_by_transformers(config, plan.device_map)
+
+
+def test_bitsandbytes_that_cannot_fit_the_gpus_is_refused_saying_why(llama):
+    _, meta = llama
+    with pytest.raises(devicemap.DoesNotFitError) as err:
+        devicemap.plan(
+            meta,
+            {0: "600KiB", 1: "600KiB", "cpu": "1GiB"},
+            dtype=BF16,
+            quantization_config=QUANTIZERS["bnb-nf4"](),
+        )
+    message = str(err.value)
+    assert "bitsandbytes refuses CPU/disk" in message and "llm_int8_enable_fp32_cpu_offload" in message
+    assert "'cpu'" in message
+
+
+def test_torchao_may_offload_to_the_cpu_and_transformers_accepts_the_map(llama):
+    _, meta = llama
+    config = QUANTIZERS["torchao-int8"]()
+    plan = devicemap.plan(meta, {0: "2MiB", "cpu": "1GiB"}, dtype=BF16, quantization_config=config)
+    assert {0, "cpu"} <= set(plan.device_map.values())
+    assert accepted_by_transformers(config, plan.device_map)
+
+
+def test_keep_in_fp32_modules_are_sized_as_they_load(tmp_path):
+    # T5 keeps `wo` in float32 when loaded in float16; the plan must count it at 4 bytes, not 2.
+    config = transformers.T5Config(d_model=64, d_ff=256, num_layers=2, num_heads=2, d_kv=32, vocab_size=128)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = transformers.T5ForConditionalGeneration(config)
+    plan = devicemap.plan(meta, {"cpu": "1GiB"}, dtype=torch.float16)
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16)
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert plan.block_bytes("encoder.block.0") == sum(
+        t.numel() * t.element_size() for t in loaded.encoder.block[0].state_dict().values()
+    )
