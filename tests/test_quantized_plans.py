@@ -155,3 +155,45 @@ def test_keep_in_fp32_modules_are_sized_as_they_load(tmp_path):
     assert plan.block_bytes("encoder.block.0") == sum(
         t.numel() * t.element_size() for t in loaded.encoder.block[0].state_dict().values()
     )
+
+
+def fp32_offload_config():
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_enable_fp32_cpu_offload=True
+    )
+
+
+def test_fp32_cpu_offload_counts_offloaded_layers_unquantized(llama):
+    # With llm_int8_enable_fp32_cpu_offload bitsandbytes quantizes only what is on a GPU: a layer on the
+    # CPU loads as a plain bf16 layer, 3.5x its 4-bit size.
+    _, meta = llama
+    config = fp32_offload_config()
+    plain = devicemap.plan(meta, {"cpu": "1GiB"}, dtype=BF16)  # every block at its bf16 size
+    nf4 = devicemap.plan(meta, {"cpu": "1GiB"}, dtype=BF16, quantization_config=QUANTIZERS["bnb-nf4"]())
+    # buffers offloaded with their blocks, so each device's sum is exactly its blocks' bytes
+    plan = devicemap.plan(
+        meta, {0: "1.5MiB", "cpu": "1GiB"}, dtype=BF16, quantization_config=config, offload_buffers=True
+    )
+    on = defaultdict(list)
+    for block, device in plan.assignments.items():
+        on[device].append(block)
+    assert on[0] and on["cpu"]
+    assert accepted_by_transformers(config, plan.device_map)
+    used = planned_bytes(plan)
+    assert used[0] == sum(nf4.block_bytes(b) for b in on[0])
+    assert used["cpu"] == sum(plain.block_bytes(b) for b in on["cpu"])
+    assert all(o.bytes == plain.block_bytes(o.name) for o in plan.offloaded)
+
+
+def test_fp32_cpu_offload_moves_to_disk_what_the_cpu_cannot_hold_unquantized(llama):
+    _, meta = llama
+    layer_bf16 = devicemap.plan(meta, {"cpu": "1GiB"}, dtype=BF16).block_bytes("model.layers.2")
+    # Room on the CPU for 4 layers at 4-bit but only 1 at bf16; a plan sized at 4-bit would overfill it.
+    cpu = int(1.5 * layer_bf16)
+    memory = {0: "1.5MiB", "cpu": cpu, "disk": 0}
+    plan = devicemap.plan(meta, memory, dtype=BF16, quantization_config=fp32_offload_config())
+    cpu_usage = next(u for u in plan.usage if u.device == "cpu")
+    assert cpu_usage.used <= cpu and cpu_usage.capacity == cpu
+    assert "disk" in plan.device_map.values()
+    with pytest.raises(devicemap.DoesNotFitError, match="unquantized"):
+        devicemap.plan(meta, {0: "1.5MiB", "cpu": cpu}, dtype=BF16, quantization_config=fp32_offload_config())

@@ -312,6 +312,11 @@ def plan(
             raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model)
     rule = offload_rule(quantization_config) if quantization_config is not None else None
+    if rule is not None and model is not None and not rule.offloaded_quantized:
+        from .unquantized_offload import plan_with_unquantized_offload  # it builds on solve_tree below
+
+        unquantized = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
+        return plan_with_unquantized_offload(tree, unquantized, max_memory, options, runtime, compute, rule)
     return solve_tree(tree, max_memory, options, runtime, compute, offload=rule)
 
 
