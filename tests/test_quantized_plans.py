@@ -197,3 +197,43 @@ def test_fp32_cpu_offload_moves_to_disk_what_the_cpu_cannot_hold_unquantized(lla
     assert "disk" in plan.device_map.values()
     with pytest.raises(devicemap.DoesNotFitError, match="unquantized"):
         devicemap.plan(meta, {0: "1.5MiB", "cpu": cpu}, dtype=BF16, quantization_config=fp32_offload_config())
+
+
+def test_from_pretrained_with_a_quantizer_plans_the_bytes_it_loads(llama):
+    # The whole model on the CPU: bitsandbytes quantizes it there; the plan counts the 4-bit bytes.
+    path, _ = llama
+    config = QUANTIZERS["bnb-nf4"]()
+    model = devicemap.from_pretrained(
+        path, max_memory={"cpu": "1GiB"}, dtype=BF16, quantization_config=config
+    )
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    plan = model.devicemap_plan
+    assert plan.device_map == {"": "cpu"}
+    assert_within_one_percent(planned_bytes(plan), real_bytes_per_device(model, plan.device_map))
+
+
+def test_fp32_offload_to_cpu_and_disk_loads_the_offloaded_layers_unquantized_as_planned(llama, tmp_path):
+    # CPU and disk together: transformers leaves every offloaded layer unquantized (bf16). The CPU's
+    # planned bytes are those of the plain layers it really holds.
+    path, meta = llama
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    layer = devicemap.plan(meta, {"cpu": "1GiB"}, dtype=BF16).block_bytes("model.layers.0")
+    model = devicemap.from_pretrained(
+        path,
+        max_memory={"cpu": int(2.5 * layer), "disk": 0},
+        dtype=BF16,
+        quantization_config=config,
+        offload_dir=tmp_path,
+        offload_buffers=True,
+    )
+    plan = model.devicemap_plan
+    on_cpu = [b for b, d in plan.assignments.items() if d == "cpu"]
+    assert on_cpu and "disk" in plan.device_map.values()
+    assert not any("8bit" in type(m).__name__ for m in model.modules())  # nothing was quantized
+    real_cpu = sum(
+        tensor_bytes(t)
+        for b in on_cpu
+        for t in model.get_submodule(b).state_dict().values()
+        if t.device.type == "cpu"
+    )
+    assert planned_bytes(plan)["cpu"] == real_cpu

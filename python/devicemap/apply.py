@@ -457,7 +457,8 @@ def from_pretrained(
 
     The plan is made on a meta-device instance built from the folder's ``config.json`` (nothing
     allocated); it is kept on the returned model as ``model.devicemap_plan``. Any other keyword goes
-    to transformers. Weights transformers re-saves for the disk go to a folder of this model's own
+    to transformers; a ``quantization_config=`` keyword (or the one in a pre-quantized checkpoint's
+    ``config.json``) also sizes the plan, as :func:`devicemap.plan` does with it. Weights transformers re-saves for the disk go to a folder of this model's own
     inside ``offload_dir`` (``devicemap-transformers-<pid>-<random>/``), removed with the model; an
     explicit ``offload_folder=`` keyword goes to transformers unchanged. Doing it yourself is two lines::
 
@@ -480,7 +481,17 @@ def from_pretrained(
         meta = model_class.from_config(config)
     if hasattr(meta, "tie_weights"):
         meta.tie_weights()
-    result = plan(meta, max_memory=max_memory, strategy=strategy, dtype=dtype, workload=workload, pins=pins)
+    # A quantizer given here, or the one a pre-quantized checkpoint names, sizes the weights.
+    quantization = kwargs.get("quantization_config") or getattr(config, "quantization_config", None)
+    result = plan(
+        meta,
+        max_memory=max_memory,
+        strategy=strategy,
+        dtype=dtype,
+        workload=workload,
+        pins=pins,
+        quantization_config=quantization,
+    )
     if "disk" in result.device_map.values() and "offload_folder" not in kwargs:
         if folder is None:
             raise OffloadFolderError(

@@ -65,8 +65,8 @@ def plan_with_unquantized_offload(
 
 def _extra_bytes(plan: Plan, quantized: ModuleTree, unquantized: ModuleTree) -> defaultdict[DeviceKey, int]:
     extra: defaultdict[DeviceKey, int] = defaultdict(int)
-    if not any(device not in _OFFLOAD_DEVICES for device in plan.assignments.values()):
-        return extra  # the whole model on the CPU: bitsandbytes quantizes it there
+    if len(plan.device_map) == 1:
+        return extra  # {"": "cpu"}: the whole model on the CPU, which bitsandbytes quantizes there
     for block, device in plan.assignments.items():
         if device in _OFFLOAD_DEVICES:
             extra[device] += unquantized.module_bytes(block) - quantized.module_bytes(block)

@@ -91,17 +91,13 @@ pub fn build_units(
             PlacementError::UnknownModule {
                 name: name.clone(),
                 context: "pins".into(),
-                suggestion: if close.is_empty() {
-                    "; pin names are module or parameter names as in model.named_modules()".into()
-                } else {
-                    format!("; did you mean {}?", close.join(", "))
-                },
+                suggestions: close,
             }
         })?;
         if !spec.contains(*device) {
             return Err(PlacementError::UnknownDevice {
                 key: device.to_string(),
-                hint: format!("pin {name:?} names a device that is not in max_memory; add it there or pin elsewhere"),
+                pin: Some(name.clone()),
             });
         }
         let depth = tree.ancestors_top_down(node).len() + usize::from(node != tree.root());
@@ -120,10 +116,11 @@ pub fn build_units(
             match &block_pin[i] {
                 Some((_, true, dev, other)) if inside_block && *dev != *device => {
                     return Err(PlacementError::PinConflict {
-                        detail: format!(
-                            "{name:?} -> {device} and {other:?} -> {dev} fall in the same unsplittable block {:?}",
-                            tree.name(blocks[i].node)
-                        ),
+                        pin: name.clone(),
+                        device: *device,
+                        other_pin: other.clone(),
+                        other_device: *dev,
+                        block: tree.name(blocks[i].node).to_string(),
                     });
                 }
                 Some((d, _, _, _)) if *d > depth => {}
@@ -173,7 +170,9 @@ pub fn build_units(
                         .collect();
                     return Err(PlacementError::TiedPinConflict {
                         names,
-                        devices: format!("{existing} and {device} (from pin {pin_name:?})"),
+                        first: existing,
+                        second: *device,
+                        pin: pin_name.clone(),
                     });
                 }
                 _ => unit.pinned = Some(*device),

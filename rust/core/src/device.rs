@@ -20,9 +20,13 @@ pub fn bits_to_bytes(bits: u64) -> u64 {
 /// A placement target, in accelerate's order: GPUs by index, then MPS, then CPU, then disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Device {
+    /// An accelerator by index (cuda, xpu, npu, ...: accelerate's integer keys).
     Gpu(u32),
+    /// Apple's Metal device (one at most; placed like a GPU).
     Mps,
+    /// Main memory: holds offloaded weights, or computes when there is no GPU.
     Cpu,
+    /// Offload folder on disk: weights are read from it when their block runs.
     Disk,
 }
 
@@ -46,10 +50,11 @@ impl Device {
         }
         Err(PlacementError::UnknownDevice {
             key: key.to_string(),
-            hint: "use an integer GPU index (0, 1, ...), \"cuda:N\", \"mps\", \"cpu\" or \"disk\"".into(),
+            pin: None,
         })
     }
 
+    /// A device that computes the blocks it holds (a GPU or MPS): blocks there are not offloaded.
     pub fn is_gpu_like(self) -> bool {
         matches!(self, Device::Gpu(_) | Device::Mps)
     }
@@ -93,10 +98,12 @@ impl DeviceSpec {
         Ok(DeviceSpec { devices })
     }
 
+    /// Every device with its capacity in bits (`None`: unbounded disk), in placement order.
     pub fn devices(&self) -> &[(Device, Option<u64>)] {
         &self.devices
     }
 
+    /// The GPU-like devices with their capacities, in order.
     pub fn gpus(&self) -> impl Iterator<Item = (Device, u64)> + '_ {
         self.devices
             .iter()
@@ -104,10 +111,12 @@ impl DeviceSpec {
             .map(|(d, c)| (*d, c.unwrap_or(u64::MAX)))
     }
 
+    /// `None` if the device is not in the spec, else its capacity (`Some(None)`: unbounded).
     pub fn capacity(&self, device: Device) -> Option<Option<u64>> {
         self.devices.iter().find(|(d, _)| *d == device).map(|(_, c)| *c)
     }
 
+    /// Whether the spec lists the device.
     pub fn contains(&self, device: Device) -> bool {
         self.devices.iter().any(|(d, _)| *d == device)
     }
@@ -174,6 +183,30 @@ pub fn parse_size(input: &str) -> Result<u64> {
     // Truncate like accelerate's int(float(x) * unit).
     let bytes = scaled as u64;
     Ok(if bits_unit { bytes / 8 } else { bytes })
+}
+
+/// Bits as a readable size ("512 B", "1.50 MiB", "70.00 GiB").
+pub(crate) fn human(bits: u64) -> String {
+    let bytes = bits_to_bytes(bits);
+    for (unit, size) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= size {
+            return format!("{:.2} {unit}", bytes as f64 / size as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// A device as a sentence names it ("GPU 0", "mps", "cpu").
+pub(crate) fn label(device: Device) -> String {
+    match device {
+        Device::Gpu(i) => format!("GPU {i}"),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

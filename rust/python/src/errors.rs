@@ -93,7 +93,7 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::UnknownModule { .. } => UnknownModuleError::new_err(msg),
         CoreError::TiedPinConflict { .. } => TiedPinConflictError::new_err(msg),
         CoreError::PinConflict { .. } => PinConflictError::new_err(msg),
-        CoreError::DoesNotFit { .. } => DoesNotFitError::new_err(msg),
+        CoreError::DoesNotFit(_) => DoesNotFitError::new_err(msg),
         CoreError::InvalidTree(_) => InvalidTreeError::new_err(msg),
         CoreError::AccelerateFailure(_) => AccelerateCompatError::new_err(msg),
         CoreError::Checkpoint { .. } => CheckpointError::new_err(msg),

@@ -144,7 +144,7 @@ fn named_values(tree: &ModuleTree, values: Vec<(String, u64)>, what: &str) -> Re
                 .ok_or_else(|| CoreError::UnknownModule {
                     name,
                     context: what.to_string(),
-                    suggestion: String::new(),
+                    suggestions: Vec::new(),
                 })
         })
         .collect()

@@ -5,6 +5,7 @@
 
 use crate::tree::{ModuleTree, NodeId};
 
+/// The model-dependent numbers of `get_balanced_memory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalancedBudget {
     /// `module_sizes[""]`: the whole model, in bits.

@@ -16,11 +16,15 @@ use std::collections::{HashMap, VecDeque};
 /// Options of `infer_auto_device_map` that change the map.
 #[derive(Debug, Clone, Default)]
 pub struct CompatOptions {
+    /// Module classes never split (`no_split_module_classes`).
     pub no_split_module_classes: Vec<String>,
+    /// accelerate's `fallback_allocation`: when a GPU would stay empty, look for a module that fits it.
     pub fallback_allocation: bool,
+    /// accelerate's `clean_result`: merge children that share a device into their parent.
     pub clean_result: bool,
 }
 
+/// What `infer_auto_device_map` returns, plus what its warnings and logs need.
 #[derive(Debug, Clone)]
 pub struct CompatResult {
     /// Module/tensor name -> device, in model order.
@@ -37,6 +41,7 @@ pub struct CompatResult {
 /// A device accelerate moved past before placing anything on it.
 #[derive(Debug, Clone)]
 pub struct Unassigned {
+    /// The device skipped.
     pub device: Device,
     /// What the first module needed there: its size with ties plus the largest-layer reserve, in bits.
     pub bits: i128,

@@ -115,7 +115,8 @@ pub fn costs(chain: Chain, lanes: &[Lane], counts: &[usize]) -> Vec<u64> {
 }
 
 /// Memory of each lane (base + run) for the given counts.
-pub fn loads(chain: Chain, lanes: &[Lane], counts: &[usize]) -> Vec<u64> {
+#[cfg(test)]
+fn loads(chain: Chain, lanes: &[Lane], counts: &[usize]) -> Vec<u64> {
     sums(chain.memory, lanes.iter().map(|l| l.base), counts)
 }
 

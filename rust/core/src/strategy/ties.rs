@@ -16,7 +16,7 @@
 //! which is then exact only among such plans.
 
 use super::chain::{greedy, placed, Chain, Lane};
-use super::{balanced, low_zero, sequential, Strategy};
+use super::{balanced, low_zero, sequential, ResolvedStrategy as Strategy};
 
 /// Most GPU choices (GPUs ^ tie groups) tried exhaustively.
 pub const MAX_CHOICES: usize = 4096;
@@ -169,7 +169,7 @@ fn score(strategy: Strategy, units: Units, lanes: &[Lane], lane_of: &[usize]) ->
     }
     let peak = |from: usize| cost[from..].iter().copied().max().unwrap_or(0);
     Some(match strategy {
-        Strategy::Sequential | Strategy::Auto => (0, 0),
+        Strategy::Sequential => (0, 0),
         Strategy::BalancedLow0 if lanes.len() > 1 => (load[0], peak(1)),
         Strategy::Balanced | Strategy::BalancedLow0 => (peak(0), 0),
     })
@@ -177,7 +177,7 @@ fn score(strategy: Strategy, units: Units, lanes: &[Lane], lane_of: &[usize]) ->
 
 fn counts_for(strategy: Strategy, chain: Chain, lanes: &[Lane]) -> Vec<usize> {
     match strategy {
-        Strategy::Sequential | Strategy::Auto => sequential::assign(chain, lanes),
+        Strategy::Sequential => sequential::assign(chain, lanes),
         Strategy::Balanced => balanced::assign(chain, lanes),
         Strategy::BalancedLow0 => low_zero::assign(chain, lanes),
     }
@@ -227,7 +227,7 @@ pub fn lay_out(strategy: Strategy, units: Units, lanes: &[Lane]) -> Option<Vec<u
     let counts = counts_for(strategy, units.chain, lanes);
     let in_place = lanes_of(0..n, &counts, n);
     keep_if_better(&mut best, strategy, units, lanes, in_place, placed(&counts) == n);
-    if best.is_some() && matches!(strategy, Strategy::Sequential | Strategy::Auto) {
+    if best.is_some() && matches!(strategy, Strategy::Sequential) {
         return best.map(|(_, lane_of)| lane_of);
     }
 
