@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 /// The class given to block modules; pass it as a no-split class when planning.
 pub const BLOCK_CLASS: &str = "CheckpointBlock";
 
+/// How to group a checkpoint's tensors into a tree.
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointTreeOptions {
     /// Globs over dotted module names, `*` standing for one name component (e.g. "model.layers.*").
@@ -118,6 +119,8 @@ fn bad_name(file: &std::path::Path, reason: String) -> PlacementError {
     }
 }
 
+/// The module tree implied by a checkpoint's tensor names: modules from the dotted prefixes, blocks
+/// (class [`BLOCK_CLASS`]) where the patterns or the config's layer counts say, ties from the groups.
 pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
     let entries = &checkpoint.entries[..];
     let tie_groups = resolve_ties(entries, &options.tie_groups);

@@ -4,10 +4,12 @@
 //! other front ends. Sizes are counted in **bits** internally: accelerate counts a `bool` element as
 //! 1/8 byte, and integer bits keep every comparison exact. Convert with [`device::bits_to_bytes`].
 
-pub mod blocks;
+#![warn(missing_docs)]
+
+mod blocks;
 pub mod checkpoint_tree;
-pub mod clean;
-pub mod constraints;
+mod clean;
+mod constraints;
 pub mod device;
 pub mod error;
 pub mod plan;

@@ -4,16 +4,23 @@
 use crate::device::{bits_to_bytes, Device, BITS_PER_BYTE};
 use crate::tree::NodeId;
 
+/// A block whose weights live off the device that computes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offload {
+    /// The block's node.
     pub node: NodeId,
+    /// Where its weights live (CPU or disk).
     pub device: Device,
+    /// Its size in bits.
     pub bits: u64,
+    /// Why it left the GPUs, as a sentence for users.
     pub reason: String,
 }
 
+/// What one device holds and keeps free.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceUsage {
+    /// The device.
     pub device: Device,
     /// Capacity in bits (`None`: unbounded disk).
     pub capacity_bits: Option<u64>,
@@ -30,6 +37,7 @@ pub struct DeviceUsage {
     pub blocks: Vec<NodeId>,
 }
 
+/// The result of a solve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// The strategy that ran (after resolving "auto").
@@ -76,6 +84,7 @@ impl DeviceUsage {
 }
 
 impl Plan {
+    /// The device of a block node (`None` for nodes that are not blocks).
     pub fn device_of(&self, node: NodeId) -> Option<Device> {
         self.assignments.iter().find(|(n, _)| *n == node).map(|(_, d)| *d)
     }

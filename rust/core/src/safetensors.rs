@@ -15,21 +15,27 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 /// Largest header accepted (the safetensors format's own limit).
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// One tensor as a safetensors header describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
+    /// Its full dotted name.
     pub name: String,
+    /// The safetensors dtype ("BF16", "F32", "BOOL", ...).
     pub dtype: String,
+    /// Its shape (empty for a scalar).
     pub shape: Vec<u64>,
-    /// Byte offsets within the file's data section.
+    /// Byte offset of its first byte within the file's data section.
     pub begin: u64,
+    /// Byte offset just past its last byte.
     pub end: u64,
     /// Index into the checkpoint's `files`.
     pub file: usize,
 }
 
 impl TensorEntry {
+    /// Number of elements (1 for a scalar).
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
@@ -40,7 +46,9 @@ impl TensorEntry {
 pub struct Checkpoint {
     /// What was asked for: a file, an index or a folder (named by errors about the whole checkpoint).
     pub path: PathBuf,
+    /// The safetensors files read, in index order.
     pub files: Vec<PathBuf>,
+    /// Every tensor, in file then header order.
     pub entries: Vec<TensorEntry>,
 }
 
@@ -53,7 +61,7 @@ impl Checkpoint {
 
 /// Bits per element of a safetensors dtype name, as sized in memory once loaded (`BOOL`: 1 bit, as
 /// accelerate counts torch.bool), or `None` for a name torch cannot load.
-pub fn dtype_bits(dtype: &str) -> Option<u64> {
+pub(crate) fn dtype_bits(dtype: &str) -> Option<u64> {
     Some(match dtype {
         "BOOL" => 1,
         "F4" => 4,
@@ -74,7 +82,8 @@ fn stored_bits(dtype: &str) -> u64 {
     }
 }
 
-pub fn is_floating(dtype: &str) -> bool {
+/// A floating-point or complex dtype (the ones a load dtype converts).
+pub(crate) fn is_floating(dtype: &str) -> bool {
     dtype.starts_with('F') || dtype == "BF16" || dtype == "C64"
 }
 
@@ -86,7 +95,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> PlacementError {
 }
 
 /// Read and validate the header of one safetensors file.
-pub fn read_header(path: &Path, file: usize) -> Result<Vec<TensorEntry>> {
+pub(crate) fn read_header(path: &Path, file: usize) -> Result<Vec<TensorEntry>> {
     let mut handle = File::open(path).map_err(|e| bad(path, format!("cannot open: {e}")))?;
     let length = handle
         .metadata()
@@ -352,11 +361,11 @@ fn parse_entry(path: &Path, file: usize, name: &str, value: &Value, data_len: u6
 }
 
 /// An index's tensor name -> position of its shard in the list of files read.
-pub type WeightMap = BTreeMap<String, usize>;
+pub(crate) type WeightMap = BTreeMap<String, usize>;
 
 /// The checkpoint files to read for `path` (a `.safetensors` file, a `model.safetensors.index.json`,
 /// or a folder holding either) and, for an index, which of them holds each tensor.
-pub fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
+pub(crate) fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
     if path.is_dir() {
         let index = path.join("model.safetensors.index.json");
         if index.exists() {

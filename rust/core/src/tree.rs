@@ -12,7 +12,6 @@ use std::sync::OnceLock;
 /// A node's position in the tree's pre-order (the root is 0).
 pub type NodeId = u32;
 const NO_PARENT: u32 = u32::MAX;
-const NO_TIE: u32 = u32::MAX;
 
 /// What a node is. The discriminants are the codes of [`TreeColumns::kinds`], the one place they are
 /// defined (the binding exports them to Python as `_core.KIND_*`).
@@ -95,7 +94,6 @@ pub struct ModuleTree {
     class_names: Vec<String>,
     own_bits: Vec<u64>,
     duplicate: Vec<bool>,
-    tie: Vec<u32>,
     end: Vec<u32>,
     children: Vec<Vec<NodeId>>,
     subtree_bits: Vec<u64>,
@@ -274,10 +272,9 @@ fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes>
     })
 }
 
-/// Each node's tie group and the groups' members (sorted by name); every group needs two tensors.
-fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<(Vec<u32>, Vec<Vec<NodeId>>)> {
+/// The tie groups' members (sorted by name); only tensors are tied, and every group needs two.
+fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<Vec<Vec<NodeId>>> {
     let n = kind.len();
-    let mut tie = vec![NO_TIE; n];
     let mut groups: Vec<Vec<NodeId>> = Vec::new();
     for (i, t) in c.tie.iter().enumerate() {
         if *t < 0 {
@@ -295,7 +292,6 @@ fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<(V
             groups.resize(t + 1, Vec::new());
         }
         groups[t].push(i as u32);
-        tie[i] = t as u32;
     }
     for (g, members) in groups.iter_mut().enumerate() {
         if members.len() < 2 {
@@ -306,7 +302,7 @@ fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<(V
         }
         members.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
     }
-    Ok((tie, groups))
+    Ok(groups)
 }
 
 /// Full names are unique exactly when no parent has two children of one local name.
@@ -333,7 +329,7 @@ impl ModuleTree {
         let kind = read_kinds(&c)?;
         let links = link_parents(&c, &kind)?;
         let sizes = sum_sizes(&c, &kind, &links)?;
-        let (tie, tie_groups) = tie_groups(&c, &kind, &links.names)?;
+        let tie_groups = tie_groups(&c, &kind, &links.names)?;
         check_unique_names(&c, &links)?;
         Ok(ModuleTree {
             names: links.names,
@@ -343,7 +339,6 @@ impl ModuleTree {
             class_names: c.class_names,
             own_bits: sizes.own_bits,
             duplicate: c.duplicate,
-            tie,
             end: links.end,
             children: links.children,
             subtree_bits: sizes.subtree_bits,
@@ -354,42 +349,52 @@ impl ModuleTree {
         })
     }
 
+    /// Number of nodes (modules and tensors).
     pub fn len(&self) -> usize {
         self.names.len()
     }
 
+    /// Never true for a built tree (it has a root); here for `len`'s sake.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
 
+    /// The root module's id (always 0).
     pub fn root(&self) -> NodeId {
         0
     }
 
+    /// Full dotted name ("" for the root).
     pub fn name(&self, id: NodeId) -> &str {
         &self.names[id as usize]
     }
 
+    /// What the node is.
     pub fn kind(&self, id: NodeId) -> NodeKind {
         self.kind[id as usize]
     }
 
+    /// A parameter or buffer rather than a module.
     pub fn is_tensor(&self, id: NodeId) -> bool {
         self.kind[id as usize].is_tensor()
     }
 
+    /// The node's class ("Linear", "Parameter", ...).
     pub fn class_name(&self, id: NodeId) -> &str {
         &self.class_names[self.class[id as usize] as usize]
     }
 
-    pub fn class_id(&self, id: NodeId) -> u32 {
+    /// The node's index into [`ModuleTree::class_names`] (cheap class comparisons).
+    pub(crate) fn class_id(&self, id: NodeId) -> u32 {
         self.class[id as usize]
     }
 
+    /// The distinct class names.
     pub fn class_names(&self) -> &[String] {
         &self.class_names
     }
 
+    /// The parent module (`None` for the root).
     pub fn parent(&self, id: NodeId) -> Option<NodeId> {
         let p = self.parent[id as usize];
         (p != NO_PARENT).then_some(p)
@@ -401,7 +406,7 @@ impl ModuleTree {
     }
 
     /// Whether `id` lies strictly inside `ancestor`'s subtree.
-    pub fn is_strict_descendant(&self, id: NodeId, ancestor: NodeId) -> bool {
+    pub(crate) fn is_strict_descendant(&self, id: NodeId, ancestor: NodeId) -> bool {
         ancestor < id && id < self.end(ancestor)
     }
 
@@ -410,28 +415,26 @@ impl ModuleTree {
         &self.children[id as usize]
     }
 
-    pub fn child_modules(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+    /// Direct child modules, in definition order.
+    pub(crate) fn child_modules(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
         self.children(id).iter().copied().filter(|c| !self.is_tensor(*c))
     }
 
     /// Direct parameters as `named_parameters(recurse=False)` lists them (aliases left out).
-    pub fn direct_parameters(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+    pub(crate) fn direct_parameters(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
         self.children(id)
             .iter()
             .copied()
             .filter(|c| self.kind(*c) == NodeKind::Parameter)
     }
 
-    /// A second name for a parameter within the same module.
-    pub fn is_alias(&self, id: NodeId) -> bool {
-        self.kind(id) == NodeKind::ParameterAlias
-    }
-
-    pub fn direct_buffers(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+    /// Direct buffers, persistent or not.
+    pub(crate) fn direct_buffers(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
         self.children(id).iter().copied().filter(|c| self.kind(*c).is_buffer())
     }
 
-    pub fn has_child_modules(&self, id: NodeId) -> bool {
+    /// Whether the module has any child module.
+    pub(crate) fn has_child_modules(&self, id: NodeId) -> bool {
         self.child_modules(id).next().is_some()
     }
 
@@ -446,22 +449,18 @@ impl ModuleTree {
     }
 
     /// Whether the subtree holds any tensor (counted here or under an earlier name).
-    pub fn holds_tensors(&self, id: NodeId) -> bool {
+    pub(crate) fn holds_tensors(&self, id: NodeId) -> bool {
         self.holds_tensors[id as usize]
     }
 
     /// Whether the subtree holds a tensor counted here (accelerate's `module_sizes` has the key).
-    pub fn is_counted(&self, id: NodeId) -> bool {
+    pub(crate) fn is_counted(&self, id: NodeId) -> bool {
         self.counted[id as usize]
     }
 
-    pub fn is_duplicate(&self, id: NodeId) -> bool {
+    /// The tensor was counted under an earlier name.
+    pub(crate) fn is_duplicate(&self, id: NodeId) -> bool {
         self.duplicate[id as usize]
-    }
-
-    pub fn tie_group_of(&self, id: NodeId) -> Option<usize> {
-        let t = self.tie[id as usize];
-        (t != NO_TIE).then_some(t as usize)
     }
 
     /// Tied parameter groups (members sorted by name), in accelerate's order.
@@ -469,6 +468,7 @@ impl ModuleTree {
         &self.tie_groups
     }
 
+    /// The node with this full name.
     pub fn find(&self, name: &str) -> Option<NodeId> {
         self.index
             .get_or_init(|| {
@@ -483,7 +483,7 @@ impl ModuleTree {
     }
 
     /// Ancestors of `id` from the root's child down to the parent (the root itself excluded).
-    pub fn ancestors_top_down(&self, id: NodeId) -> Vec<NodeId> {
+    pub(crate) fn ancestors_top_down(&self, id: NodeId) -> Vec<NodeId> {
         let mut chain = Vec::new();
         let mut cur = self.parent(id);
         while let Some(p) = cur {
