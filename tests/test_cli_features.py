@@ -14,7 +14,7 @@ import stat
 import pytest
 
 import devicemap
-from devicemap import catalog, cli
+from devicemap import catalog, cli, cli_inputs
 
 SMALL = "llama-3.2-1b"  # the cheapest bundled model to build
 DEVICES = ("--gpus", "2x1GiB", "--cpu", "8GiB", "--dtype", "bf16")
@@ -112,6 +112,35 @@ def test_offload_buffers_as_the_library(capsys, small_model):
     printed = command_json(capsys, "plan", SMALL, *DEVICES, "--offload-buffers")
     assert printed["device_map"] == library_map(small_model, offload_buffers=True)
     assert printed["inputs"]["offload_buffers"] is True
+
+
+@pytest.mark.parametrize("preset", ["bnb-4bit", "bnb-8bit", "torchao-int8"])
+def test_quant_sizes_weights_as_the_library_does(capsys, small_model, preset):
+    printed = command_json(capsys, "plan", SMALL, "--gpus", "2x1GiB", "--dtype", "bf16", "--quant", preset)
+    config = cli_inputs.quantization(preset)
+    expected = devicemap.plan(
+        small_model, max_memory={0: "1GiB", 1: "1GiB"}, dtype="bfloat16", quantization_config=config
+    )
+    assert printed["device_map"] == expected.device_map
+    assert [d["weights"] for d in printed["devices"]] == [u.weights for u in expected.usage]
+    assert printed["inputs"]["quant"] == preset
+    # 4-bit or 8-bit weights: far less than the bf16 model
+    bf16 = devicemap.plan(small_model, max_memory={"cpu": "64GiB"}, dtype="bfloat16")
+    assert sum(u.weights for u in expected.usage) < 0.7 * sum(u.weights for u in bf16.usage)
+
+
+def test_quant_that_refuses_offload_explains_the_shortfall(capsys):
+    code = cli.main(
+        ["plan", SMALL, "--gpus", "1x256MiB", "--cpu", "8GiB", "--dtype", "bf16", "--quant", "bnb-4bit"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "bitsandbytes refuses CPU/disk" in err and "'cpu'" in err
+
+
+def test_quant_on_a_checkpoint_or_an_unknown_preset_is_refused(capsys, tiny_checkpoints):
+    _, folder = tiny_checkpoints["llama"]
+    assert "--quant" in refused(capsys, "plan", str(folder), "--cpu", "1GiB", "--quant", "bnb-4bit")
+    assert "bnb-8bit" in refused(capsys, "plan", SMALL, "--cpu", "1GiB", "--quant", "int3")
 
 
 def test_export_takes_the_placement_flags(capsys, small_model):
@@ -227,6 +256,7 @@ INPUT_KEYS = {
     "no_split": (dict, type(None)),
     "gpu0_reserve": (int, type(None)),
     "offload_buffers": bool,
+    "quant": (str, type(None)),
 }
 
 

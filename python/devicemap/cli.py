@@ -101,6 +101,13 @@ def add_placement_options(p: argparse.ArgumentParser) -> None:
         help="memory to keep free on GPU 0 on top of the plan, e.g. 2GiB (for generate's extra buffers)",
     )
     p.add_argument(
+        "--quant",
+        choices=tuple(cli_inputs.QUANT_PRESETS),
+        help="size weights as this quantizer stores them and keep its offload rules (bnb-*: bitsandbytes, "
+        "nf4 4-bit / double-quant / fp4 / LLM.int8 / LLM.int8 with fp32 CPU offload; torchao-*: weight-only "
+        "int8 / fp8); a pre-quantized checkpoint needs none, its headers give the sizes",
+    )
+    p.add_argument(
         "--offload-buffers",
         action="store_true",
         help="offload buffers with their layers (default: buffers of offloaded layers stay on the GPU "
@@ -267,6 +274,7 @@ def run_plan(args: argparse.Namespace) -> int:
     placement = placement_from_args(args, memory)
     picture = cli_inputs.picture_path(args.out) if args.out is not None else None
     saved = cli_inputs.output_file("--save", args.save, "device_map.json") if args.save is not None else None
+    quant = cli_inputs.quantization(args.quant)
     no_split: list[str] | None = None
     if source.kind == "checkpoint":
         needs_modules = [
@@ -274,6 +282,7 @@ def run_plan(args: argparse.Namespace) -> int:
             for flag, given in (
                 ("--balance compute", args.balance != "memory"),
                 ("--no-split", args.no_split),
+                ("--quant", args.quant),
             )
             if given
         ]
@@ -301,6 +310,7 @@ def run_plan(args: argparse.Namespace) -> int:
             dtype=dtype,
             workload=workload,
             balance=args.balance,
+            quantization_config=quant,
             **placement,
         )
         no_split = no_split if no_split is not None else model_no_split(model)
@@ -318,6 +328,7 @@ def run_plan(args: argparse.Namespace) -> int:
             workload=workload,
             no_split=no_split,
             no_split_given=bool(args.no_split),
+            quant=args.quant,
             **placement,
         )
         print(json.dumps(cli_json.plan_json(result, inputs), indent=2))
@@ -392,11 +403,14 @@ def run_export(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         no_split_module_classes=no_split,
         dtype=dtype,
+        quantization_config=cli_inputs.quantization(args.quant),
         **placement,
     )
     text = export(result, model, args.to)
     if args.json:
-        inputs = shared_inputs_json(args, source, model, memory, dtype, no_split, **placement)
+        inputs = shared_inputs_json(
+            args, source, model, memory, dtype, no_split, quant=args.quant, **placement
+        )
         print(json.dumps(cli_json.export_json(result, model, args.to, text, inputs), indent=2))
     else:
         print(text)

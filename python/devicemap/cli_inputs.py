@@ -192,6 +192,47 @@ def output_file(flag: str, text: str, example: str) -> Path:
     return path
 
 
+# ----- quantization ----------------------------------------------------------------------------------
+
+# --quant presets: the quantization_config each stands for, in the dict form transformers' configs take
+# (torchao's need torchao's config objects, built only when asked for).
+QUANT_PRESETS: dict[str, dict[str, Any]] = {
+    "bnb-4bit": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "bnb-4bit-dq": {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+    },
+    "bnb-fp4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "bnb-8bit": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    "bnb-8bit-cpu-offload": {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": True,
+        "llm_int8_enable_fp32_cpu_offload": True,
+    },
+    "torchao-int8": {"quant_method": "torchao", "torchao": "Int8WeightOnlyConfig"},
+    "torchao-fp8": {"quant_method": "torchao", "torchao": "Float8WeightOnlyConfig"},
+}
+
+
+def quantization(text: str | None) -> Any:
+    """``--quant``: a preset name -> the quantization_config :func:`devicemap.plan` takes (None if absent)."""
+    if text is None:
+        return None
+    preset = QUANT_PRESETS.get(text.strip().lower())
+    if preset is None:
+        raise InvalidOptionError(f"--quant {text!r}: use one of {', '.join(QUANT_PRESETS)}")
+    if preset["quant_method"] != "torchao":
+        return dict(preset)
+    try:
+        import torchao.quantization as ao
+        from transformers import TorchAoConfig
+    except ImportError:
+        raise InvalidOptionError(f"--quant {text}: needs torchao (pip install torchao)") from None
+    return TorchAoConfig(getattr(ao, preset["torchao"])())
+
+
 # ----- dtypes and counts -----------------------------------------------------------------------------
 
 

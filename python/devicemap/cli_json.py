@@ -43,6 +43,7 @@ def inputs_json(
     no_split_given: bool = False,
     gpu0_reserve: int | None = None,
     offload_buffers: bool = False,
+    quant: str | None = None,
 ) -> dict[str, Any]:
     """The inputs as the command understood them (sizes in bytes, dtype aliases resolved)."""
     return {
@@ -65,6 +66,7 @@ def inputs_json(
         else {"classes": list(no_split), "source": "--no-split" if no_split_given else "model"},
         "gpu0_reserve": gpu0_reserve,
         "offload_buffers": offload_buffers,
+        "quant": quant,
     }
 
 
