@@ -22,7 +22,7 @@ import torch
 from . import _core
 from .arguments import check_flag, check_path
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
-from .memory import DeviceKey, MaxMemory, accelerator_count, device_key
+from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
 from .offload_folder import (
     ConvertedWeights,
     content_key,
@@ -230,7 +230,7 @@ def _folder_arg(offload_dir: object) -> Path:
 
 
 def _target(device: Any) -> Any:
-    return f"cuda:{device}" if isinstance(device, int) else device
+    return f"{accelerator_type()}:{device}" if isinstance(device, int) else device
 
 
 def load_checkpoint(

@@ -66,11 +66,18 @@ def _within_limit(size: Size, value: int) -> int:
     return value
 
 
-def device_key(key: object) -> DeviceKey:
-    """Normalize a device key: ``0``, ``"0"``, ``"cuda:0"`` -> ``0``; ``"cpu"``, ``"disk"``, ``"mps"`` as is.
+ACCELERATORS = ("cuda", "xpu", "npu", "mlu", "musa", "sdaa", "hpu", "mtia", "gpu")
+"""Device types whose index is a GPU index in a plan (accelerate's convention: one accelerator type per
+machine, its devices numbered 0, 1, ...)."""
 
-    >>> device_key("cuda:1")
-    1
+
+def device_key(key: object) -> DeviceKey:
+    """Normalize a device key as accelerate does: an accelerator's device is its index, ``"cpu"``,
+    ``"disk"`` and ``"mps"`` stay names. ``0``, ``"0"``, ``"cuda:0"``, ``"xpu:0"``, ``"npu:0"``,
+    ``torch.device("xpu", 0)`` -> ``0``; ``"hpu"`` (no index) -> ``0``.
+
+    >>> device_key("cuda:1"), device_key("xpu:2"), device_key("hpu")
+    (1, 2, 0)
     """
     if isinstance(key, bool):
         raise UnknownDeviceError(
@@ -91,12 +98,17 @@ def device_key(key: object) -> DeviceKey:
         text = key.strip()
         if text in _ORDER:
             return text
-        for prefix in ("cuda:", "gpu:", ""):
-            rest = text[len(prefix) :] if text.startswith(prefix) else None
-            if rest is not None and rest.isdigit():
-                return int(rest)
+        if text.isdigit():
+            return int(text)
+        kind, colon, index = text.partition(":")
+        if kind in ACCELERATORS:
+            if not colon:
+                return 0  # "hpu", torch.device("xpu"): the first device
+            if index.isdigit():
+                return int(index)
     raise UnknownDeviceError(
-        f"unknown device {key!r}: use an integer GPU index (0, 1, ...), 'cuda:N', 'mps', 'cpu' or 'disk'"
+        f"unknown device {key!r}: use an integer GPU index (0, 1, ...), an accelerator device such as "
+        "'cuda:N', 'xpu:N' or 'npu:N', or 'mps', 'cpu' or 'disk'"
     )
 
 
@@ -105,24 +117,51 @@ def sort_devices(keys: list[DeviceKey]) -> list[DeviceKey]:
     return sorted(keys, key=lambda k: (0, k, 0) if isinstance(k, int) else (1, 0, _ORDER[k]))
 
 
-def accelerator_count() -> int:
-    """How many GPUs accelerate sees (and so dispatches to): the first available accelerator backend
-    (npu, mlu, sdaa, musa, xpu, hpu), else CUDA."""
+def _first_available_backend() -> tuple[str, Any] | None:
+    """The accelerator torch runs on here (``torch.accelerator`` where torch has it, else the first
+    available backend module accelerate would use), as ``(type, backend module or None)``."""
     import torch
 
-    for name in ("npu", "mlu", "sdaa", "musa", "xpu", "hpu"):
+    portable = getattr(torch, "accelerator", None)
+    if portable is not None and callable(getattr(portable, "is_available", None)):
+        if not portable.is_available():
+            return None
+        current = portable.current_accelerator()
+        return (current.type if current is not None else "cuda"), None
+    for name in ("npu", "mlu", "sdaa", "musa", "xpu", "hpu", "cuda"):  # torch < 2.6
         backend = getattr(torch, name, None)
         if (
             backend is not None
             and callable(getattr(backend, "is_available", None))
             and backend.is_available()
         ):
-            return int(backend.device_count())
-    return int(torch.cuda.device_count())
+            return name, backend
+    return None
+
+
+def accelerator_type() -> str:
+    """The device type GPU indices stand for on this machine (``"cuda"``, ``"xpu"``, ``"npu"``, ...);
+    ``"cuda"`` when there is none (a plan made elsewhere names CUDA GPUs by default)."""
+    found = _first_available_backend()
+    return found[0] if found is not None and found[0] != "mps" else "cuda"
+
+
+def accelerator_count() -> int:
+    """How many GPUs accelerate sees (and so dispatches to) on this machine's accelerator."""
+    import torch
+
+    found = _first_available_backend()
+    if found is None or found[0] == "mps":
+        return 0
+    backend = found[1]
+    if backend is None:
+        return int(torch.accelerator.device_count())
+    return int(backend.device_count())
 
 
 def available_memory() -> dict[DeviceKey, int]:
-    """Free memory of the machine's devices: every visible CUDA GPU and the CPU's available RAM.
+    """Free memory of the machine's devices: every visible accelerator (CUDA, XPU, NPU, ... through
+    ``torch.accelerator``) and the CPU's available RAM; on Apple silicon ``"mps"`` shares the RAM.
 
     Disk is never included: pass ``"disk"`` in ``max_memory`` to allow offloading to disk.
     """
@@ -130,14 +169,20 @@ def available_memory() -> dict[DeviceKey, int]:
     import torch
 
     found: dict[DeviceKey, int] = {}
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            try:
-                found[index] = int(torch.cuda.mem_get_info(index)[0])
-            except RuntimeError:  # a GPU that cannot be initialised is simply not used
-                continue
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    backend = _first_available_backend()
+    if backend is not None and backend[0] == "mps":
         found["mps"] = int(psutil.virtual_memory().available)
+    elif backend is not None:
+        module = backend[1]
+        for index in range(accelerator_count()):
+            try:
+                if module is None:
+                    free = torch.accelerator.get_memory_info(index)[0]
+                else:
+                    free = module.mem_get_info(index)[0]
+                found[index] = int(free)
+            except (RuntimeError, AttributeError):  # a device that cannot be read is simply not used
+                continue
     found["cpu"] = int(psutil.virtual_memory().available)
     return found
 
