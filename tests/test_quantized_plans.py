@@ -237,3 +237,14 @@ def test_fp32_offload_to_cpu_and_disk_loads_the_offloaded_layers_unquantized_as_
         if t.device.type == "cpu"
     )
     assert planned_bytes(plan)["cpu"] == real_cpu
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "torchao-int8"])
+def test_a_pre_quantized_checkpoint_is_planned_from_headers_with_its_stored_bytes(llama, tmp_path, kind):
+    # dtype=bf16 must not shrink the float32 scales the quantizer saved (they load as float32).
+    path, _ = llama
+    model = quantized(path, QUANTIZERS[kind]())
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    plan = devicemap.plan_checkpoint(tmp_path, {"cpu": "1GiB"}, dtype="bfloat16")
+    real = real_bytes_per_device(model, {"": "cpu"})
+    assert planned_bytes(plan) == real

@@ -135,7 +135,8 @@ def checkpoint_tree(
     block_pattern: str | Iterable[str] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> ModuleTree:
-    """The size tree of a checkpoint, from its headers (see the module docs)."""
+    """The size tree of a checkpoint, from its headers (see the module docs). A pre-quantized checkpoint
+    (its ``config.json`` has a ``quantization_config``) is sized exactly as stored: ``dtype`` is not applied."""
     path = Path(check_path("checkpoint path", path))
     if not path.exists():
         raise CheckpointError(f"bad checkpoint {path}: no such file or folder")
@@ -143,6 +144,10 @@ def checkpoint_tree(
     config = dict(config) if config is not None else find_config(path) or {}
     patterns = check_strings("block_pattern", block_pattern, "module name patterns", "'model.layers.*'") or []
     bits = target_bits(dtype) if dtype is not None else None
+    if config.get("quantization_config"):
+        # Pre-quantized: the headers hold the stored sizes, quantization state (float32 scales) included,
+        # which a dtype must not shrink; the floating weights are saved in the dtype they load in.
+        bits = None
     core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
     tree = ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
     _warn_if_truncated(tree, config)
