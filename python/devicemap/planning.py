@@ -24,7 +24,7 @@ from .memory import (
     normalize_max_memory,
 )
 from .options import Balance, PlacementOptions, Strategy
-from .quantization import OffloadRule, offload_rule
+from .quantization import OffloadRule
 from .tree import DtypeLike, ModuleTree, target_bits
 from .workload import RuntimeMemory, Workload, check_runtime_bits
 from .workload import runtime_memory as workload_runtime
@@ -311,13 +311,16 @@ def plan(
         if model is None:
             raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model)
-    rule = offload_rule(quantization_config) if quantization_config is not None else None
-    if rule is not None and model is not None and not rule.offloaded_quantized:
-        from .unquantized_offload import plan_with_unquantized_offload  # it builds on solve_tree below
+    if quantization_config is not None and model is not None:
+        from .quantized_planning import plan_quantized  # it builds on solve_tree below
 
-        unquantized = ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
-        return plan_with_unquantized_offload(tree, unquantized, max_memory, options, runtime, compute, rule)
-    return solve_tree(tree, max_memory, options, runtime, compute, offload=rule)
+        def unquantized() -> ModuleTree:
+            return ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
+
+        return plan_quantized(
+            model, tree, max_memory, options, runtime, compute, quantization_config, dtype, unquantized
+        )
+    return solve_tree(tree, max_memory, options, runtime, compute)
 
 
 def solve_tree(
