@@ -1,0 +1,320 @@
+"""Make the loaders people already call use devicemap's plans, without changing their code.
+
+    >>> import devicemap.install as dm_install
+    >>> with dm_install.installed():  # doctest: +SKIP
+    ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=...)
+
+:func:`install` replaces the one function each library calls to turn a strategy string (``"auto"``,
+``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) into a device map:
+
+- transformers 5: ``transformers.modeling_utils._get_device_map`` (what ``from_pretrained`` calls);
+- accelerate 1: ``load_checkpoint_and_dispatch`` (in ``accelerate`` and ``accelerate.big_modeling``);
+- PEFT: the re-plan ``PeftModel.from_pretrained`` / ``load_adapter`` run for a model with CPU/disk entries
+  (``peft.peft_model.get_balanced_memory`` / ``infer_auto_device_map``);
+- diffusers: ``_determine_device_map`` (model ``from_pretrained`` and ``from_single_file``).
+
+Each function is replaced as a module attribute, which the library looks up at every call, so code that
+imported the library (even before :func:`install`) is reached; the one exception is a name copied out
+beforehand (``from accelerate import load_checkpoint_and_dispatch`` run before :func:`install`).
+:func:`install` imports no library: one already imported is patched at once, the others as their import
+ends. A library that is not installed is skipped; one outside the supported versions is left alone with
+one warning. At call time anything a hook does not recognise (a quantizer, transformers'
+``_no_placement_params``, arguments it does not know) goes to the library's own function, with one warning
+per reason; a device map that is not a strategy string goes there silently. :func:`uninstall` puts back
+the exact original function objects.
+
+Code that cannot be edited: ``DEVICEMAP=1`` and the start-up line :data:`STARTUP_LINE` (shipped as
+``devicemap.pth``), which installs before the program runs; :func:`install_from_environment` does the same
+from ``import devicemap``.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+ENVIRONMENT_VARIABLE = "DEVICEMAP"
+"""``DEVICEMAP=1`` (or ``true``/``yes``/``on``) asks :func:`install_from_environment` to install."""
+
+STARTUP_LINE = (
+    'import os; os.environ.get("DEVICEMAP", "").strip().lower() in ("1", "true", "yes", "on") and '
+    '__import__("devicemap.install", fromlist=["install"]).install_from_environment()'
+)
+"""The one line of ``devicemap.pth`` (run by ``site`` at every interpreter start): imports nothing but ``os``
+unless ``DEVICEMAP`` asks for the install, so code that never imports devicemap is reached at no cost to
+every other process. :func:`install` imports no library itself: each is patched when its import ends."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One module attribute replaced while installed."""
+
+    distribution: str
+    """The package whose version is checked (``transformers``)."""
+    module: str
+    """The module holding the attribute (``transformers.modeling_utils``)."""
+    attribute: str
+    """The attribute replaced (``_get_device_map``)."""
+    make: Callable[[Callable[..., object]], Callable[..., object]]
+    """Builds the replacement from the original function (the fallback)."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """Versions of one library the hooks were written against: ``minimum <= version < below``."""
+
+    distribution: str
+    minimum: str
+    below: str
+
+
+_lock = threading.RLock()
+_originals: dict[tuple[str, str], object] = {}
+_replacements: dict[tuple[str, str], object] = {}
+_pending: dict[str, list[Patch]] = {}  # module name -> patches waiting for it to be imported
+_warned: set[str] = set()
+
+
+def warn_once(reason: str) -> None:
+    """Warn once per process and reason that a call falls back to the library's own planner."""
+    with _lock:
+        if reason in _warned:
+            return
+        _warned.add(reason)
+    warnings.warn(f"devicemap: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _supported() -> list[Support]:
+    return [
+        Support("transformers", "5.0", "6"),
+        Support("accelerate", "1.0", "2"),
+        Support("peft", "0.17", "1"),
+        Support("diffusers", "0.35", "1"),
+    ]
+
+
+def _patches() -> list[Patch]:
+    from . import hook_accelerate, hook_diffusers, hook_peft, hook_transformers
+
+    return [
+        Patch(
+            "transformers",
+            "transformers.modeling_utils",
+            "_get_device_map",
+            hook_transformers.make_get_device_map,
+        ),
+        Patch(
+            "accelerate",
+            "accelerate.big_modeling",
+            "load_checkpoint_and_dispatch",
+            hook_accelerate.make_load_and_dispatch,
+        ),
+        Patch(
+            "accelerate", "accelerate", "load_checkpoint_and_dispatch", hook_accelerate.make_load_and_dispatch
+        ),
+        Patch("peft", "peft.peft_model", "get_balanced_memory", hook_peft.make_get_balanced_memory),
+        Patch("peft", "peft.peft_model", "infer_auto_device_map", hook_peft.make_infer_auto_device_map),
+        Patch(
+            "diffusers",
+            "diffusers.models.modeling_utils",
+            "_determine_device_map",
+            hook_diffusers.make_determine,
+        ),
+        Patch(
+            "diffusers",
+            "diffusers.loaders.single_file_model",
+            "_determine_device_map",
+            hook_diffusers.make_determine,
+        ),
+    ]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release part, enough for the ranges above."""
+    found = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in found.group(0).split(".")) if found else ()
+
+
+def _version_ok(support: Support) -> bool | None:
+    """True when supported, False when installed at an unsupported version, None when not installed."""
+    try:
+        found = _release(metadata.version(support.distribution))
+    except metadata.PackageNotFoundError:
+        return None
+    return _release(support.minimum) <= found < _release(support.below)
+
+
+def _apply(patch: Patch, module: ModuleType) -> None:
+    """Replace ``patch.attribute`` of the (fully imported) ``module``; called with the lock held."""
+    key = (patch.module, patch.attribute)
+    if key in _originals:
+        return
+    current = getattr(module, patch.attribute, None)
+    if current is None:
+        warn_once(f"{patch.module} has no {patch.attribute}; that loader keeps its own planner")
+        return
+    # A package can re-export a function it imported from an already-patched submodule (accelerate's
+    # __init__ from big_modeling): that name then already holds a replacement; keep it, remember the original.
+    for other_key, replacement in _replacements.items():
+        if current is replacement:
+            _originals[key] = _originals[other_key]
+            _replacements[key] = replacement
+            return
+    replacement = patch.make(current)
+    _originals[key] = current
+    _replacements[key] = replacement
+    setattr(module, patch.attribute, replacement)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a module the moment it finishes importing, so :func:`install` never imports a library
+    itself (cheap enough to run at interpreter start-up) and still reaches code that imports it later."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in _pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if isinstance(spec.loader, importlib.abc.Loader) and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """The module's own loader, then the pending patches for it."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        with _lock:
+            for patch in _pending.pop(module.__name__, []):
+                _apply(patch, module)
+
+    def __getattr__(self, name: str) -> Any:  # get_code, get_source, is_package... of the real loader
+        return getattr(self.loader, name)
+
+
+_finder = _PatchOnImport()
+
+
+def install() -> list[str]:
+    """Make ``from_pretrained(device_map="auto", ...)`` and friends use devicemap's plans.
+
+    Libraries already imported are patched now; the others the moment they are imported (install never
+    imports them itself). Idempotent: a second call changes nothing. Returns the ``module.attribute``
+    names patched so far.
+
+    >>> import devicemap.install as dm_install
+    >>> patched = dm_install.install()  # doctest: +SKIP
+    >>> "transformers.modeling_utils._get_device_map" in patched  # doctest: +SKIP
+    True
+    """
+    with _lock:
+        versions = {s.distribution: _version_ok(s) for s in _supported()}
+        for support in _supported():
+            if versions[support.distribution] is False:
+                warn_once(
+                    f"{support.distribution} {metadata.version(support.distribution)} is outside the versions "
+                    f"devicemap hooks into (>= {support.minimum}, < {support.below}); it keeps its own planner"
+                )
+        for patch in _patches():
+            if not versions.get(patch.distribution) or (patch.module, patch.attribute) in _originals:
+                continue
+            module = sys.modules.get(patch.module)
+            if (
+                module is not None
+                and getattr(module, "__spec__", None) is not None
+                and not _initializing(module)
+            ):
+                _apply(patch, module)
+            elif patch not in _pending.get(patch.module, []):
+                _pending.setdefault(patch.module, []).append(patch)
+        if _pending and _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
+        return [f"{m}.{a}" for m, a in _originals]
+
+
+def _initializing(module: ModuleType) -> bool:
+    """Whether ``module`` is still executing its body (imported, not finished)."""
+    spec = getattr(module, "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
+def uninstall() -> None:
+    """Put back every original function :func:`install` replaced (the same objects) and forget the patches
+    still waiting for their library to be imported. Idempotent.
+
+    An attribute someone else replaced after :func:`install` is left as they set it.
+    """
+    with _lock:
+        _pending.clear()
+        if _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+        for (module_name, attribute), original in list(_originals.items()):
+            module = sys.modules.get(module_name)
+            if (
+                module is not None
+                and getattr(module, attribute, None) is _replacements[(module_name, attribute)]
+            ):
+                setattr(module, attribute, original)
+            del _originals[(module_name, attribute)]
+            del _replacements[(module_name, attribute)]
+
+
+def is_installed() -> bool:
+    """Whether :func:`install` is in effect (something patched, or waiting for its library's import)."""
+    with _lock:
+        return bool(_originals or _pending)
+
+
+@contextmanager
+def installed() -> Iterator[list[str]]:
+    """Use devicemap's plans inside the ``with`` block only; what was installed before stays installed.
+
+    >>> import devicemap.install as dm_install
+    >>> with dm_install.installed() as patched:  # doctest: +SKIP
+    ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="balanced")
+    """
+    already = is_installed()
+    patched = install()
+    try:
+        yield patched
+    finally:
+        if not already:
+            uninstall()
+
+
+def environment_requests_install(environ: dict[str, str] | None = None) -> bool:
+    """Whether ``DEVICEMAP`` is set to ``1``, ``true``, ``yes`` or ``on`` (any case)."""
+    value = (os.environ if environ is None else environ).get(ENVIRONMENT_VARIABLE, "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def install_from_environment() -> list[str]:
+    """:func:`install` when ``DEVICEMAP=1``; nothing otherwise. Meant to run at ``import devicemap`` or from a
+    ``.pth`` start-up line, so code that never mentions devicemap is reached too."""
+    if environment_requests_install():
+        return install()
+    return []
