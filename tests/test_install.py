@@ -373,3 +373,33 @@ print("ok")
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["1", ""])
+def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> None:
+    """The ``devicemap.pth`` start-up line: with DEVICEMAP=1 a process that never imports devicemap gets
+    the hooks; without it, devicemap is not even imported."""
+    import os
+    import subprocess
+    import sys
+
+    shipped = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap.pth"
+    assert shipped.read_text().strip() == dm_install.STARTUP_LINE
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "devicemap.pth").write_text(dm_install.STARTUP_LINE + "\n")
+    script = (
+        f"import site, sys; site.addsitedir({str(site_dir)!r}); "
+        "print('devicemap' in sys.modules); import transformers.modeling_utils as m; "
+        "print(m._get_device_map.__module__)"
+    )
+    env = {**os.environ, "DEVICEMAP": value}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    lines = done.stdout.split()
+    assert lines[-2:] == (
+        ["True", "devicemap.hook_transformers"]
+        if value
+        else ["False", "transformers.integrations.accelerate"]
+    ), done.stderr[-2000:]
