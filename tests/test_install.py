@@ -184,6 +184,50 @@ def test_keep_in_fp32_weights_are_planned_at_fp32(t5_path: Path, tmp_path: Path)
     # model just the same); the Llama tests compare logits.
 
 
+def test_quantized_from_pretrained_is_sized_as_the_quantizer_stores_it(
+    monkeypatch: pytest.MonkeyPatch, llama_path: Path
+) -> None:
+    """bitsandbytes quantizes on the fly: the hook plans the model as it will be stored (devicemap's
+    quantized sizes) where transformers uses a flat element size and keeps 10% free."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    def planned(config: Any, budget: dict[int | str, int | str]) -> dict[str, Any]:
+        def stop(model: Any, state_dict: Any, files: Any, load_config: Any, *args: Any, **kwargs: Any) -> Any:
+            raise _Stop(load_config.device_map)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_utils.PreTrainedModel, "_load_pretrained_model", staticmethod(stop))
+            with pytest.raises(_Stop) as stopped:
+                AutoModelForCausalLM.from_pretrained(
+                    llama_path, quantization_config=config, device_map="auto", max_memory=dict(budget)
+                )
+        return stopped.value.device_map
+
+    eight_bit = BitsAndBytesConfig(load_in_8bit=True)
+    budget: dict[int | str, int | str] = {0: "300KiB", 1: "300KiB"}
+    with pytest.raises(ValueError, match="dispatched on the CPU or the disk"):
+        planned(eight_bit, budget)  # transformers' own map spills to the CPU, then bitsandbytes refuses it
+    with dm_install.installed():
+        hooked = planned(eight_bit, budget)
+    assert (
+        hooked
+        == devicemap.plan(meta_model(llama_path), dict(budget), quantization_config=eight_bit).device_map
+    )
+    assert set(hooked.values()) == {0, 1}
+
+    four_bit = BitsAndBytesConfig(load_in_4bit=True)
+    budget = {0: "400KiB", 1: "400KiB"}
+    own = planned(four_bit, budget)
+    with dm_install.installed():
+        hooked = planned(four_bit, budget)
+    assert (
+        hooked
+        == devicemap.plan(meta_model(llama_path), dict(budget), quantization_config=four_bit).device_map
+    )
+    assert hooked != own
+
+
 def test_load_checkpoint_and_dispatch(
     monkeypatch: pytest.MonkeyPatch, llama_path: Path, tmp_path: Path
 ) -> None:
@@ -239,6 +283,8 @@ def test_unrecognised_calls_fall_back_with_one_warning() -> None:
         return {"": "cpu"}
 
     class Quantizer:
+        pre_quantized = True
+
         class quantization_config:  # noqa: N801
             quant_method = "bitsandbytes_4bit"
 
@@ -251,8 +297,8 @@ def test_unrecognised_calls_fall_back_with_one_warning() -> None:
             assert hooked(model, "auto", {"cpu": "1GiB"}, Quantizer()) == {"": "cpu"}
     assert len(calls) == 3
     assert [str(w.message) for w in caught if "devicemap" in str(w.message)] == [
-        "devicemap: from_pretrained(device_map='auto'): quantized models (bitsandbytes_4bit) are not sized "
-        "exactly yet; the library plans them itself"
+        "devicemap: from_pretrained(device_map='auto'): pre-quantized bitsandbytes_4bit checkpoints are not "
+        "planned through the loader yet"
     ]
     # A dict is the user's own map: passed through untouched, no warning.
     assert hooked(model, {"": 0}, None, None) == {"": "cpu"}

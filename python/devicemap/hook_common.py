@@ -1,5 +1,5 @@
 """What every loader hook shares: planning a model as the loader sees it (ties named but not yet live,
-weights kept in fp32, a quantizer), and the one place a quantizer's exact sizes will plug in."""
+weights kept in fp32, a quantizer), and the one place a quantizer's exact sizes plug in."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 
+from .errors import InvalidOptionError
 from .planning import Plan, plan
 
 if TYPE_CHECKING:
@@ -68,17 +69,36 @@ def live_ties(model: torch.nn.Module, tied_keys: Mapping[str, str] | None) -> It
             holder._parameters[local] = current
 
 
-def quantized_plan_inputs(model: torch.nn.Module, hf_quantizer: object) -> dict[str, Any]:
-    """THE place a quantizer's sizing plugs in: the extra :func:`devicemap.plan` arguments that size
-    ``model`` as ``hf_quantizer`` will store it (``devicemap.quantization`` is being written for this).
+def quantized_plan_inputs(
+    model: torch.nn.Module, hf_quantizer: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """THE place a quantizer's sizing plugs in: the model to size and the extra :func:`devicemap.plan`
+    arguments that size it as ``hf_quantizer`` will store it.
 
-    Until that lands every quantized load raises :class:`Unrecognised`, so the library plans it itself.
+    By the time the loader plans, ``hf_quantizer.preprocess_model`` has already swapped in its quantized
+    layers (``Linear4bit`` holding unpacked meta weights...), while :mod:`devicemap.quantization` sizes the
+    model as built *before* that swap. So a twin of the same class is built from the model's config on the
+    meta device (nothing allocated; module names are the same, so the map applies to the loaded model) and
+    planned with the quantizer's config. Pre-quantized checkpoints (sized exactly from their headers by
+    :func:`devicemap.plan_checkpoint`) and anything else raise :class:`Unrecognised`.
     """
-    method = getattr(getattr(hf_quantizer, "quantization_config", None), "quant_method", None)
-    raise Unrecognised(
-        f"quantized models ({getattr(method, 'value', method) or type(hf_quantizer).__name__}) are not sized "
-        "exactly yet; the library plans them itself"
-    )
+    import copy
+
+    import torch
+
+    config = getattr(hf_quantizer, "quantization_config", None)
+    method = getattr(config, "quant_method", None)
+    label = getattr(method, "value", method) or type(hf_quantizer).__name__
+    if config is None or getattr(hf_quantizer, "pre_quantized", False):
+        raise Unrecognised(f"pre-quantized {label} checkpoints are not planned through the loader yet")
+    build = getattr(type(model), "_from_config", None)
+    model_config = getattr(model, "config", None)
+    if build is None or model_config is None:
+        raise Unrecognised(f"cannot rebuild {type(model).__name__} unquantized to size it for {label}")
+    dtype = getattr(model, "dtype", None)
+    with torch.device("meta"):
+        twin = build(copy.deepcopy(model_config), dtype=dtype)
+    return twin, {"quantization_config": config, "dtype": dtype}
 
 
 def keep_in_fp32_dtypes(
@@ -118,17 +138,25 @@ def plan_for_loader(
     """Plan ``model`` the way a loader will load it; raises :class:`Unrecognised` for what it cannot size."""
     extra: dict[str, Any] = {}
     if quantizer is not None:
-        extra = quantized_plan_inputs(model, quantizer)
+        # The twin's ties are live and the quantizer's sizing covers keep-in-fp32 weights.
+        model, extra = quantized_plan_inputs(model, quantizer)
+        tied_keys, special_dtypes, dtype = None, None, extra.pop("dtype")
     with live_ties(model, tied_keys):
-        return plan(
-            model,
-            max_memory,
-            strategy=strategy,
-            no_split_module_classes=list(no_split_module_classes)
-            if no_split_module_classes is not None
-            else None,
-            dtype=dtype,
-            special_dtypes=special_dtypes or None,
-            offload_buffers=offload_buffers,
-            **extra,
-        )
+        try:
+            planned = plan(
+                model,
+                max_memory,
+                strategy=strategy,
+                no_split_module_classes=list(no_split_module_classes)
+                if no_split_module_classes is not None
+                else None,
+                dtype=dtype,
+                special_dtypes=special_dtypes or None,
+                offload_buffers=offload_buffers,
+                **extra,
+            )
+        except InvalidOptionError as err:
+            if not extra:
+                raise
+            raise Unrecognised(f"devicemap cannot size this quantizer: {err}") from None
+    return planned

@@ -18,10 +18,11 @@ imported the library (even before :func:`install`) is reached; the one exception
 beforehand (``from accelerate import load_checkpoint_and_dispatch`` run before :func:`install`).
 :func:`install` imports no library: one already imported is patched at once, the others as their import
 ends. A library that is not installed is skipped; one outside the supported versions is left alone with
-one warning. At call time anything a hook does not recognise (a quantizer, transformers'
-``_no_placement_params``, arguments it does not know) goes to the library's own function, with one warning
-per reason; a device map that is not a strategy string goes there silently. :func:`uninstall` puts back
-the exact original function objects.
+one warning. A quantizer that quantizes while loading (bitsandbytes, torchao) is planned with devicemap's
+quantized sizes. At call time anything a hook does not recognise (a pre-quantized checkpoint, a quantizer
+devicemap cannot size, transformers' ``_no_placement_params``, arguments it does not know) goes to the
+library's own function, with one warning per reason; a device map that is not a strategy string goes there
+silently. :func:`uninstall` puts back the exact original function objects.
 
 Code that cannot be edited: ``DEVICEMAP=1`` and the start-up line :data:`STARTUP_LINE` (shipped as
 ``devicemap.pth``), which installs before the program runs; :func:`install_from_environment` does the same
