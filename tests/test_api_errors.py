@@ -36,7 +36,11 @@ PLAN_CASES = [
         ["dtype", "'float77'", "bfloat16"],
     ),
     (dict(max_memory=MEMORY, dtype=5), devicemap.InvalidOptionError, ["dtype", "5"]),
-    (dict(max_memory=MEMORY, dtype="uint4"), devicemap.InvalidOptionError, ["'uint4'", "quantization_config"]),
+    (
+        dict(max_memory=MEMORY, dtype="uint4"),
+        devicemap.InvalidOptionError,
+        ["'uint4'", "quantization_config"],
+    ),
     (
         dict(max_memory=MEMORY, special_dtypes={"0.weight": "x"}),
         devicemap.InvalidOptionError,

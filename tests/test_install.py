@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import devicemap
-from devicemap import install as dm_install
+from devicemap import hooks as dm_install
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -399,7 +399,7 @@ def test_install_patches_libraries_imported_later(tmp_path: Path) -> None:
     lets DEVICEMAP=1 run at interpreter start-up), re-exports included; uninstall() restores all."""
     script = """
 import sys
-import devicemap.install as dm_install
+import devicemap.hooks as dm_install
 dm_install.install()
 assert "transformers" not in sys.modules and "accelerate" not in sys.modules, "install imported a library"
 import accelerate, accelerate.big_modeling as big_modeling
@@ -423,17 +423,17 @@ print("ok")
 
 @pytest.mark.parametrize("value", ["1", ""])
 def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> None:
-    """The ``devicemap.pth`` start-up line: with DEVICEMAP=1 a process that never imports devicemap gets
+    """The ``devicemap_hooks.pth`` start-up line: with DEVICEMAP=1 a process that never imports devicemap gets
     the hooks; without it, devicemap is not even imported."""
     import os
     import subprocess
     import sys
 
-    shipped = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap.pth"
+    shipped = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap_hooks.pth"
     assert shipped.read_text().strip() == dm_install.STARTUP_LINE
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    (site_dir / "devicemap.pth").write_text(dm_install.STARTUP_LINE + "\n")
+    (site_dir / "devicemap_hooks.pth").write_text(dm_install.STARTUP_LINE + "\n")
     script = (
         f"import site, sys; site.addsitedir({str(site_dir)!r}); "
         "print('devicemap' in sys.modules); import transformers.modeling_utils as m; "
@@ -449,3 +449,22 @@ def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> No
         if value
         else ["False", "transformers.integrations.accelerate"]
     ), done.stderr[-2000:]
+
+
+def test_the_installed_package_ships_the_startup_file() -> None:
+    """`pip install devicemap` (here: the build `make build` installed) puts devicemap_hooks.pth in
+    site-packages, so DEVICEMAP=1 reaches a program that never imports devicemap."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import sys, transformers.modeling_utils as m; print('devicemap' in sys.modules, m._get_device_map.__module__)"
+    for value, expected in (
+        ("1", "True devicemap.hook_transformers"),
+        ("0", "False transformers.integrations.accelerate"),
+    ):
+        env = {**os.environ, "DEVICEMAP": value}
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert done.stdout.strip().endswith(expected), (value, done.stdout, done.stderr[-2000:])

@@ -32,6 +32,7 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
+from .hooks import install, install_from_environment, installed, uninstall
 from .memory import available_memory, normalize_max_memory, parse_size
 from .options import STRATEGIES, Balance, Strategy
 from .planning import DeviceUsage, Offload, Plan, plan
@@ -70,6 +71,8 @@ __all__ = [
     "dispatch",
     "execution_map",
     "from_pretrained",
+    "install",
+    "installed",
     "load_checkpoint",
     "plan_checkpoint",
     "compat",
@@ -78,4 +81,9 @@ __all__ = [
     "pipeline",
     "plan",
     "plan_stages",
+    "uninstall",
 ]
+
+# DEVICEMAP=1: existing from_pretrained/load_checkpoint_and_dispatch calls use devicemap's plans (the
+# devicemap_hooks.pth start-up line does this even for programs that never import devicemap).
+install_from_environment()

@@ -18,7 +18,7 @@ from .hook_common import Unrecognised, is_strategy, plan_for_loader
 
 def make_load_and_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``accelerate.load_checkpoint_and_dispatch``."""
-    from .install import warn_once
+    from .hooks import warn_once
 
     signature = inspect.signature(original)
 

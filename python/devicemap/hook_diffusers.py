@@ -19,7 +19,7 @@ from .hook_common import Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_fo
 
 def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for diffusers' ``_determine_device_map``."""
-    from .install import warn_once
+    from .hooks import warn_once
 
     def _determine_device_map(
         model: Any,

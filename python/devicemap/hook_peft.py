@@ -48,7 +48,7 @@ def _remembered_budget(model: Any) -> Any:
 
 def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``peft.peft_model.infer_auto_device_map``."""
-    from .install import warn_once
+    from .hooks import warn_once
 
     def infer_auto_device_map(model: Any, max_memory: Any = None, *args: Any, **kwargs: Any) -> Any:
         if args or set(kwargs) - {"no_split_module_classes"}:

@@ -45,7 +45,7 @@ def plan_pretrained(model: Any, strategy: StrategyName, max_memory: Any, hf_quan
 
 def make_get_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``transformers.modeling_utils._get_device_map``."""
-    from .install import warn_once
+    from .hooks import warn_once
 
     def _get_device_map(model: Any, device_map: Any, max_memory: Any, hf_quantizer: Any) -> Any:
         if not is_strategy(device_map):

@@ -1,6 +1,6 @@
 """Make the loaders people already call use devicemap's plans, without changing their code.
 
-    >>> import devicemap.install as dm_install
+    >>> import devicemap.hooks as dm_install
     >>> with dm_install.installed():  # doctest: +SKIP
     ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=...)
 
@@ -25,7 +25,7 @@ library's own function, with one warning per reason; a device map that is not a 
 silently. :func:`uninstall` puts back the exact original function objects.
 
 Code that cannot be edited: ``DEVICEMAP=1`` and the start-up line :data:`STARTUP_LINE` (shipped as
-``devicemap.pth``), which installs before the program runs; :func:`install_from_environment` does the same
+``devicemap_hooks.pth``), which installs before the program runs; :func:`install_from_environment` does the same
 from ``import devicemap``.
 """
 
@@ -50,9 +50,9 @@ ENVIRONMENT_VARIABLE = "DEVICEMAP"
 
 STARTUP_LINE = (
     'import os; os.environ.get("DEVICEMAP", "").strip().lower() in ("1", "true", "yes", "on") and '
-    '__import__("devicemap.install", fromlist=["install"]).install_from_environment()'
+    '__import__("devicemap.hooks", fromlist=["install"]).install_from_environment()'
 )
-"""The one line of ``devicemap.pth`` (run by ``site`` at every interpreter start): imports nothing but ``os``
+"""The one line of ``devicemap_hooks.pth`` (run by ``site`` at every interpreter start): imports nothing but ``os``
 unless ``DEVICEMAP`` asks for the install, so code that never imports devicemap is reached at no cost to
 every other process. :func:`install` imports no library itself: each is patched when its import ends."""
 
@@ -227,7 +227,7 @@ def install() -> list[str]:
     imports them itself). Idempotent: a second call changes nothing. Returns the ``module.attribute``
     names patched so far.
 
-    >>> import devicemap.install as dm_install
+    >>> import devicemap.hooks as dm_install
     >>> patched = dm_install.install()  # doctest: +SKIP
     >>> "transformers.modeling_utils._get_device_map" in patched  # doctest: +SKIP
     True
@@ -294,7 +294,7 @@ def is_installed() -> bool:
 def installed() -> Iterator[list[str]]:
     """Use devicemap's plans inside the ``with`` block only; what was installed before stays installed.
 
-    >>> import devicemap.install as dm_install
+    >>> import devicemap.hooks as dm_install
     >>> with dm_install.installed() as patched:  # doctest: +SKIP
     ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="balanced")
     """
