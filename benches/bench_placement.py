@@ -12,7 +12,14 @@ For each tree (catalog models built on the meta device, and a synthetic mixture-
     ``compute_module_sizes`` / ``find_tied_parameters`` answered from a cache filled by a warm-up run),
     against the Rust solves on an exported tree.
 
-Times are best-of-N wall clock; the ratios (accelerate / devicemap) are what to read.
+and (c) end to end, transformers 5's own planner: what ``from_pretrained(device_map="auto",
+max_memory=...)`` computes (``transformers.integrations.accelerate._get_device_map``: its own
+get_balanced_memory + infer_auto_device_map, sizes and tie rules; see ``transformers_planner.py``), on
+the same tree built as from_pretrained builds it (load dtype, ties from ``all_tied_weights_keys``),
+against ``devicemap.plan`` (whose default ``"auto"`` is also balanced over several GPUs). Skipped, with
+the reason printed, on transformers < 5.
+
+Times are best-of-N wall clock; the ratios (accelerate or transformers / devicemap) are what to read.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from accelerate.utils import infer_auto_device_map as acc_infer
 import devicemap
 from devicemap import _core, catalog
 from devicemap.compat import infer_auto_device_map as dm_infer
+from transformers_planner import build_like_from_pretrained, transformers_device_map, unavailable_reason
 
 CATALOG_MODELS = ["llama-3-8b", "llama-3-70b", "llama-3.1-405b", "mixtral-8x22b", "qwen3-30b-a3b", "t5-large"]
 QUICK_MODELS = ["llama-3-8b", "qwen3-30b-a3b"]
@@ -103,7 +111,23 @@ def memory_for(total: int, gpus: int = 4, on_gpus: float = 0.9) -> dict:
     return {**{g: int(total * on_gpus / gpus) for g in range(gpus)}, "cpu": 2 * total}
 
 
-def bench_tree(label: str, model: torch.nn.Module, dtype, no_split: list[str], repeat: int) -> dict:
+def transformers_side(model: torch.nn.Module, dtype, no_split: list[str], tied: dict | None):
+    """(model, keyword arguments) for transformers_device_map: a PreTrainedModel rebuilt as
+    from_pretrained builds it in ``dtype``; a plain module as is, with its no-split classes and ties."""
+    if hasattr(model, "get_init_context"):
+        return build_like_from_pretrained(model, dtype), {}
+    return model, {"no_split_module_classes": no_split, "tied_weights_keys": tied or {}}
+
+
+def bench_tree(
+    label: str,
+    model: torch.nn.Module,
+    dtype,
+    no_split: list[str],
+    repeat: int,
+    tied: dict | None = None,
+    with_transformers: bool = True,
+) -> dict:
     tree_time, tree = best_of(lambda: devicemap.ModuleTree.from_module(model, dtype=dtype), repeat)
     memory = memory_for(tree.total_bytes)
     kwargs = dict(no_split_module_classes=no_split, dtype=dtype)
@@ -114,6 +138,12 @@ def bench_tree(label: str, model: torch.nn.Module, dtype, no_split: list[str], r
         lambda: devicemap.plan(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype),
         repeat,
     )
+    tf_time = None
+    if with_transformers:
+        tf_model, tf_kwargs = transformers_side(model, dtype, no_split, tied)
+        tf_time, _ = best_of(
+            lambda: transformers_device_map(tf_model, dict(memory), "auto", **tf_kwargs), acc_repeat
+        )
     with cached_accelerate_sizes():
         acc_infer(model, max_memory=dict(memory), **kwargs)  # fills the cache
         acc_solve, _ = best_of(lambda: acc_infer(model, max_memory=dict(memory), **kwargs), acc_repeat)
@@ -130,6 +160,7 @@ def bench_tree(label: str, model: torch.nn.Module, dtype, no_split: list[str], r
         "acc_e2e": acc_time,
         "dm_e2e": dm_time,
         "plan_e2e": plan_time,
+        "tf_e2e": tf_time,
         "acc_solve": acc_solve,
         "compat_solve": compat_solve,
         "own_solve": own_solve,
@@ -142,16 +173,20 @@ def ms(seconds: float) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
+    tf = all(r["tf_e2e"] is not None for r in rows)
     print(
         "\n| tree | modules | accelerate e2e | devicemap.compat e2e | ratio | devicemap.plan e2e | ratio "
-        "| accelerate solve | devicemap solve (compat / own) | ratio | same map |"
+        + ("| transformers 5 e2e | ratio " if tf else "")
+        + "| accelerate solve | devicemap solve (compat / own) | ratio | same map |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if tf else "") + "---:|---:|---:|:---:|")
     for r in rows:
+        tf_cells = f"{ms(r['tf_e2e'])} | {r['tf_e2e'] / r['plan_e2e']:.1f}x | " if tf else ""
         print(
             f"| {r['tree']} | {r['modules']:,} | {ms(r['acc_e2e'])} | {ms(r['dm_e2e'])} | "
             f"{r['acc_e2e'] / r['dm_e2e']:.1f}x | {ms(r['plan_e2e'])} | {r['acc_e2e'] / r['plan_e2e']:.1f}x | "
-            f"{ms(r['acc_solve'])} | {ms(r['compat_solve'])} / {ms(r['own_solve'])} | "
+            + tf_cells
+            + f"{ms(r['acc_solve'])} | {ms(r['compat_solve'])} / {ms(r['own_solve'])} | "
             f"{r['acc_solve'] / r['compat_solve']:.0f}x | {'yes' if r['equal'] else 'NO'} |"
         )
     print(
@@ -166,17 +201,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller trees and repeats")
     args = parser.parse_args()
     repeat = 2 if args.quick else 5
+    skip = unavailable_reason()
+    if skip is not None:
+        print(f"  no transformers-5 column: {skip}", flush=True)
+    tf = skip is None
     rows = []
     for name in QUICK_MODELS if args.quick else CATALOG_MODELS:
         model = catalog.build_meta_model(name)
-        rows.append(bench_tree(name, model, "bfloat16", sorted(model._no_split_modules), repeat))
+        no_split = sorted(model._no_split_modules)
+        rows.append(bench_tree(name, model, "bfloat16", no_split, repeat, with_transformers=tf))
         print(f"  {name}: done", flush=True)
     layers, experts = (8, 64) if args.quick else (60, 256)
     with torch.device("meta"):
         moe = SyntheticMoE(layers, experts)
     label = f"synthetic MoE {layers}x{experts}"
-    rows.append(bench_tree(label + " (no no-split)", moe, None, [], repeat))
-    rows.append(bench_tree(label + " (MoELayer no-split)", moe, None, ["MoELayer"], repeat))
+    tied = {"head.weight": "embed.weight"}
+    for suffix, no_split in ((" (no no-split)", []), (" (MoELayer no-split)", ["MoELayer"])):
+        rows.append(bench_tree(label + suffix, moe, None, no_split, repeat, tied, with_transformers=tf))
     print_table(rows)
     if not all(r["equal"] for r in rows):
         raise SystemExit("devicemap.compat disagreed with accelerate on some tree (see 'same map')")
