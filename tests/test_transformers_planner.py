@@ -23,6 +23,27 @@ pytestmark = pytest.mark.skipif(tp.unavailable_reason() is not None, reason=str(
 STRATEGIES = ["auto", "balanced", "balanced_low_0", "sequential"]
 
 
+@pytest.fixture(autouse=True)
+def transformers_own_planner():
+    """These tests are about transformers' own planner: devicemap's hooks (which ``DEVICEMAP=1`` may
+    have installed at start-up) are taken out for each test and put back after it."""
+    import devicemap.hooks as hooks
+
+    was = hooks.is_installed()
+    if was:
+        hooks.uninstall()
+    yield
+    if was:
+        hooks.install()
+
+
+def test_from_pretrained_calls_the_function_we_call():
+    import transformers.integrations.accelerate as ia
+    import transformers.modeling_utils as mu
+
+    assert mu._get_device_map is ia._get_device_map
+
+
 def _config(tied: bool):
     from transformers import LlamaConfig
 
