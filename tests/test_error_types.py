@@ -88,3 +88,18 @@ def test_the_cli_still_reports_a_rust_panic_as_a_bug_with_exit_3(capsys, monkeyp
     assert cli.main(["models"]) == 3
     err = capsys.readouterr().err
     assert "deliberate test panic" in err and "please report" in err
+
+
+def test_does_not_fit_says_what_is_short_as_numbers():
+    # Callers can act on the shortfall (e.g. raise a GPU's budget by missing_bytes) without parsing text.
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    layer = 256 * 256 * 4 + 256 * 4
+    with pytest.raises(devicemap.DoesNotFitError) as no_disk:
+        devicemap.plan(model, {0: 3 * layer, 1: 3 * layer})
+    assert no_disk.value.shortfall == "no_disk" and no_disk.value.device is None
+    assert no_disk.value.missing_bytes == 2 * layer  # the two layers no GPU holds
+    with pytest.raises(devicemap.DoesNotFitError) as staging:
+        devicemap.plan(model, {0: layer // 2, "cpu": 100 * layer})
+    assert staging.value.shortfall == "staging" and staging.value.device == 0
+    assert staging.value.missing_bytes == layer - layer // 2  # room to stage one layer
+    assert devicemap.DoesNotFitError("raised from Python").missing_bytes is None

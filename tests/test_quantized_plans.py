@@ -12,6 +12,7 @@ import transformers
 from transformers.quantizers.auto import AutoHfQuantizer
 
 import devicemap
+from devicemap.formatting import format_bytes
 from devicemap.planning import device_for
 
 BF16 = torch.bfloat16
@@ -147,7 +148,10 @@ def test_bitsandbytes_that_cannot_fit_the_gpus_is_refused_saying_why(llama):
         )
     message = str(err.value)
     assert "bitsandbytes refuses CPU/disk" in message and "llm_int8_enable_fp32_cpu_offload" in message
-    assert "'cpu'" in message
+    assert "'cpu'" in message and 'add "disk"' not in message  # no advice the quantizer would refuse
+    # how much the GPUs lack, in the message and as a number
+    assert err.value.shortfall == "no_disk" and err.value.missing_bytes > 0
+    assert format_bytes(err.value.missing_bytes) in message
 
 
 def test_torchao_may_offload_to_the_cpu_and_transformers_accepts_the_map(llama):

@@ -27,6 +27,13 @@ from ._core import (
     UnknownModuleError,
 )
 
+# A DoesNotFitError from the core carries what is short: ``shortfall`` (``"no_disk"``, ``"staging"``,
+# ``"pinned"``, ``"before_free_layers"``, ``"no_device"``), the short ``device`` (accelerate's key, or None)
+# and ``missing_bytes``. One raised from Python carries the sentence only: these class defaults say so.
+DoesNotFitError.shortfall = None
+DoesNotFitError.device = None
+DoesNotFitError.missing_bytes = None
+
 
 class OffloadFolderError(PlacementError):
     """An ``offload_dir`` devicemap cannot use safely (a file, unwritable, missing when required); the

@@ -351,6 +351,14 @@ def solve_tree(
         if offload is None or usable == memory:
             raise
         left_out = " and ".join(repr(k) for k in memory if k not in usable)
+        if err.missing_bytes is not None and err.shortfall == "no_disk":
+            refused = DoesNotFitError(
+                f"the quantized model does not fit on the GPUs given: {format_bytes(err.missing_bytes)} of its "
+                f"weights find no room there. {offload.reason}, so {left_out} in max_memory cannot be used; "
+                "give the GPUs that much more memory or add a GPU"
+            )
+            refused.shortfall, refused.missing_bytes = err.shortfall, err.missing_bytes
+            raise refused from None
         raise DoesNotFitError(
             f"{err}. Note: {offload.reason}, so {left_out} in max_memory could not be used; the quantized "
             "model must fit on the GPUs given"

@@ -166,6 +166,46 @@ pub enum Shortfall {
     },
 }
 
+impl Shortfall {
+    /// A stable name for the kind of shortfall (what front ends branch on, not the sentence).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Shortfall::NoDevice => "no_device",
+            Shortfall::Pinned { .. } => "pinned",
+            Shortfall::BeforeFreeLayers { .. } => "before_free_layers",
+            Shortfall::Staging { .. } => "staging",
+            Shortfall::NoDisk { .. } => "no_disk",
+        }
+    }
+
+    /// The device that is short, where one is.
+    pub fn device(&self) -> Option<Device> {
+        match self {
+            Shortfall::Pinned { device, .. }
+            | Shortfall::BeforeFreeLayers { device, .. }
+            | Shortfall::Staging { device, .. } => Some(*device),
+            Shortfall::NoDevice | Shortfall::NoDisk { .. } => None,
+        }
+    }
+
+    /// Bits missing: what the short device needs beyond its capacity, or the weights left without a device.
+    pub fn missing_bits(&self) -> Option<u64> {
+        match self {
+            Shortfall::NoDevice => None,
+            Shortfall::Pinned { needed, capacity, .. } | Shortfall::BeforeFreeLayers { needed, capacity, .. } => {
+                Some(needed.saturating_sub(*capacity))
+            }
+            Shortfall::Staging {
+                reserve,
+                base,
+                capacity,
+                ..
+            } => Some(base.saturating_add(*reserve).saturating_sub(*capacity)),
+            Shortfall::NoDisk { left, .. } => Some(*left),
+        }
+    }
+}
+
 impl std::fmt::Display for Shortfall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

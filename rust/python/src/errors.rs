@@ -1,6 +1,10 @@
 //! The one place where core errors (and panics) become Python exceptions.
 
+use devicemap_core::device::bits_to_bytes;
+use devicemap_core::error::Shortfall;
 use devicemap_core::PlacementError as CoreError;
+
+use crate::records::DeviceKey;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -93,11 +97,27 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::UnknownModule { .. } => UnknownModuleError::new_err(msg),
         CoreError::TiedPinConflict { .. } => TiedPinConflictError::new_err(msg),
         CoreError::PinConflict { .. } => PinConflictError::new_err(msg),
-        CoreError::DoesNotFit(_) => DoesNotFitError::new_err(msg),
+        CoreError::DoesNotFit(shortfall) => does_not_fit(msg, &shortfall),
         CoreError::InvalidTree(_) => InvalidTreeError::new_err(msg),
         CoreError::AccelerateFailure(_) => AccelerateCompatError::new_err(msg),
         CoreError::Checkpoint { .. } => CheckpointError::new_err(msg),
     }
+}
+
+/// `DoesNotFitError` carrying what is short as attributes (`shortfall`, `device`, `missing_bytes`), so
+/// callers can act on it without parsing the sentence.
+fn does_not_fit(msg: String, shortfall: &Shortfall) -> PyErr {
+    let err = DoesNotFitError::new_err(msg);
+    Python::attach(|py| {
+        let value = err.value(py);
+        let device = shortfall.device().map(DeviceKey::from);
+        let missing = shortfall.missing_bits().map(bits_to_bytes);
+        // Setting attributes on a fresh exception instance cannot fail short of memory exhaustion.
+        let _ = value.setattr("shortfall", shortfall.kind());
+        let _ = value.setattr("device", device);
+        let _ = value.setattr("missing_bytes", missing);
+    });
+    err
 }
 
 /// Run `work` without the GIL; a panic inside becomes `InternalError` instead of aborting Python.
