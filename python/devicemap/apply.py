@@ -21,6 +21,7 @@ import torch
 
 from . import _core
 from .arguments import check_flag, check_path
+from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
 from .offload_folder import (
@@ -253,6 +254,13 @@ def load_checkpoint(
     devicemap never deletes, renames or overwrites anything in ``offload_dir`` it did not create; it
     removes the staging folders of killed loads (see :mod:`devicemap.offload_folder`).
 
+    Checkpoints whose names transformers 5 converts while loading (per-expert MoE weights that a
+    Mixtral, Qwen2/3-MoE or DeepSeek-V3 module holds fused as ``experts.gate_up_proj``, and the like) are
+    converted with transformers' own tables for the model (see :mod:`devicemap.checkpoint_conversion`):
+    renamed tensors still stream in place from the checkpoint; tensors combined by a conversion go to
+    their planned device, or, planned on the disk, are written once to the ``devicemap-converted-<key>/``
+    folder (so they need ``offload_dir``).
+
     Everything that can be checked from the checkpoint's headers is checked before any tensor is read:
     tensors the model lacks or the checkpoint lacks (:class:`CheckpointError`), and an ``offload_dir``
     missing, a file, or not writable when conversions need it (:class:`OffloadFolderError`).
@@ -275,37 +283,52 @@ def load_checkpoint(
     folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
     tensors = _core.checkpoint_tensors(checkpoint)
     tie_groups = _tie_groups(model)
-    _check_names(model, checkpoint, tensors, tie_groups)
+    # Names transformers converts while loading (e.g. per-expert MoE weights into fused experts).
+    conversion = transformers_conversion(model, tensors)
+    _check_names(model, checkpoint, conversion.model_entries(tensors) if conversion else tensors, tie_groups)
+    source = conversion.renamed if conversion else {name: name for name, *_ in tensors}
+    direct = [
+        (source[key], stored, shape, file, key)
+        for key, stored, shape, file, _b, _e in tensors
+        if key in source
+    ]
+    fused = conversion.fused if conversion else []
 
-    placement = {name: device_for(name, device_map) for name, *_ in tensors}
-    cast = {name for name, stored, *_ in tensors if target is not None and _floating(stored)}
+    placement = {name: device_for(name, device_map) for name, *_ in direct}
+    cast = {name for name, stored, *_ in direct if target is not None and _floating(stored)}
     target_name = _safetensors_name(target) if target is not None else None
     converting = {
         name
-        for name, stored, *_ in tensors
+        for name, stored, *_ in direct
         if name in cast and placement[name] == "disk" and stored != target_name
     }
-    writer = _converted_weights(folder, checkpoint, tensors, target, converting)
+    fused_disk = {name for group in fused for name in group.targets if device_for(name, device_map) == "disk"}
+    if fused_disk:
+        writer: ConvertedWeights | None = converted_writer(
+            folder, checkpoint, tensors, target, converting | fused_disk, fused_disk
+        )
+    else:
+        writer = _converted_weights(folder, checkpoint, tensors, target, converting)
     ready = writer.complete() if writer is not None else None  # written by an earlier load: reuse
 
     index: dict[str, dict[str, str]] = {}
-    by_file: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, _stored, shape, file, _begin, _end in tensors:
-        by_file.setdefault(file, []).append((name, shape))
+    by_file: dict[str, list[tuple[str, str, list[int]]]] = {}
+    for name, _stored, shape, file, key in direct:
+        by_file.setdefault(file, []).append((name, key, shape))
     try:
         with tqdm(total=len(tensors), desc="Loading weights", disable=not progress, unit="tensor") as bar:
             for file, names in by_file.items():
                 batch: dict[str, torch.Tensor] = {}
                 with safe_open(file, framework="pt", device="cpu") as handle:
-                    for name, shape in names:
+                    for name, key, shape in names:
                         device = placement[name]
                         if device == "disk":
                             if name not in converting:
-                                index[name] = {"safetensors_file": file, "weight_name": name}
+                                index[name] = {"safetensors_file": file, "weight_name": key}
                             elif ready is not None:
                                 index[name] = {"safetensors_file": str(ready[name]), "weight_name": name}
                             else:
-                                batch[name] = handle.get_tensor(name).to(target)
+                                batch[name] = handle.get_tensor(key).to(target)
                             if name in cast:
                                 # The hooks cast streamed weights to the placeholder's dtype: make it the target.
                                 placeholder = torch.empty(shape, dtype=target, device="meta")
@@ -317,13 +340,37 @@ def load_checkpoint(
                                 model,
                                 name,
                                 _target(device),
-                                value=handle.get_tensor(name),
+                                value=handle.get_tensor(key),
                                 dtype=target if name in cast else None,
                             )
                         bar.update(1)
                 if batch:
                     assert writer is not None
                     writer.write(batch)
+            on_disk = set(ready or {}) & fused_disk
+            for group, values in convert_groups(fused, model, skip=on_disk):
+                batch = {}
+                for name in group.targets:
+                    device = device_for(name, device_map)
+                    meta = _model_tensor(model, name)
+                    cast_it = target is not None and meta.is_floating_point()
+                    if device != "disk":
+                        value, dtype_to = values[name], target if cast_it else None
+                        set_module_tensor_to_device(model, name, _target(device), value=value, dtype=dtype_to)
+                        continue
+                    if name in on_disk:
+                        assert ready is not None
+                        index[name] = {"safetensors_file": str(ready[name]), "weight_name": name}
+                    else:
+                        batch[name] = (values[name].to(target) if cast_it else values[name]).contiguous()
+                    if cast_it:
+                        # The hooks cast streamed weights to the placeholder's dtype: make it the target.
+                        placeholder = torch.empty(meta.shape, dtype=target, device="meta")
+                        set_module_tensor_to_device(model, name, "meta", value=placeholder, dtype=target)
+                if batch:
+                    assert writer is not None
+                    writer.write(batch)
+                bar.update(len(group.sources))
         if writer is not None and ready is None:
             for name, path in writer.commit().items():
                 index[name] = {"safetensors_file": str(path), "weight_name": name}
@@ -341,6 +388,14 @@ def load_checkpoint(
         offload_index=index or None,
         offload_buffers=offload_buffers,
     )
+
+
+def _model_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` of ``model`` (still on the meta device before loading)."""
+    owner, _, leaf = name.rpartition(".")
+    tensor = getattr(model.get_submodule(owner), leaf)
+    assert isinstance(tensor, torch.Tensor), name
+    return tensor
 
 
 def _floating(stored: str) -> bool:
@@ -397,8 +452,8 @@ def _check_names(
     if unexpected:
         raise CheckpointError(
             f"bad checkpoint {checkpoint}: {len(unexpected)} tensors the model does not have "
-            f"(e.g. {sorted(unexpected)[:3]}); load it into the model it was saved from (checkpoints whose names "
-            "transformers converts while loading, such as legacy MoE layouts, go through devicemap.from_pretrained)"
+            f"(e.g. {sorted(unexpected)[:3]}); load it into the model it was saved from (names transformers "
+            "renames or fuses while loading, such as per-expert MoE weights, are already converted with its tables)"
         )
     filled = set().union(*[group for group in tie_groups if group & present])
     missing = [
