@@ -149,15 +149,29 @@ def test_headers_safetensors_loads_are_planned(tmp_path, case):
 # --- item 11: tensor names that cannot be module paths ---------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["a..b", ".a", "a.", "", "w.x"], ids=["a..b", ".a", "a.", "empty", "nested"])
+@pytest.mark.parametrize("name", ["a..b", ".a", "a.", ""], ids=["a..b", ".a", "a.", "empty"])
 def test_names_no_module_can_hold_are_checkpoint_errors_naming_file_and_tensor(tmp_path, name):
-    # "w.x" nests under the tensor "w": a parameter cannot hold submodules.
     header = {"w": tensor(0, 16), name: tensor(16, 32)}
     path = tmp_path / "names.safetensors"
     write_raw(path, json.dumps(header).encode(), 32)
     with pytest.raises(devicemap.CheckpointError) as info:
         devicemap.plan_checkpoint(path, max_memory=CPU)
     assert "names.safetensors" in str(info.value) and json.dumps(name) in str(info.value)
+
+
+def test_a_tensor_nested_under_a_tensor_is_its_state_and_counts_with_it(tmp_path):
+    # bitsandbytes saves "proj.weight.absmax", "proj.weight.quant_map", ... beside "proj.weight": no module
+    # holds them; they load with the weight, so the weight's module carries their bytes.
+    header = {
+        "proj.weight": tensor(0, 16),
+        "proj.weight.absmax": tensor(16, 24, shape=(2,)),
+        "proj.weight.quant_state.bitsandbytes__nf4": tensor(24, 32, shape=(8,), dtype="U8"),
+        "proj.bias": tensor(32, 40, shape=(2,)),
+    }
+    path = tmp_path / "state.safetensors"
+    write_raw(path, json.dumps(header).encode(), 40)
+    tree = devicemap.checkpoint_tree(path)
+    assert tree.module_bytes("proj.weight") == 32 and tree.total_bytes == 40
 
 
 # --- item 10: index shards stay inside the checkpoint folder ---------------------------------------

@@ -258,7 +258,7 @@ def test_fp32_offload_to_cpu_and_disk_loads_the_offloaded_layers_unquantized_as_
     assert planned_bytes(plan)["cpu"] == real_cpu
 
 
-@pytest.mark.parametrize("kind", ["bnb-int8", "torchao-int8"])
+@pytest.mark.parametrize("kind", ["bnb-int8", "torchao-int8", "bnb-nf4", "bnb-nf4-double"])
 def test_a_pre_quantized_checkpoint_is_planned_from_headers_with_its_stored_bytes(llama, tmp_path, kind):
     # dtype=bf16 must not shrink the float32 scales the quantizer saved (they load as float32).
     path, _ = llama

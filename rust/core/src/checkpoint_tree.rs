@@ -111,6 +111,15 @@ fn resolve_ties(entries: &[TensorEntry], groups: &[Vec<String>]) -> Vec<Vec<Stri
         .collect()
 }
 
+/// The tensor a name is the quantization state of: bitsandbytes saves `proj.weight.absmax`,
+/// `proj.weight.quant_map`, `proj.weight.quant_state.bitsandbytes__nf4` beside `proj.weight`. No module
+/// holds such a name; its bytes load with (and are counted in) the tensor it nests under.
+fn state_holder<'a>(name: &'a str, tensors: &HashMap<&str, &TensorEntry>) -> Option<&'a str> {
+    name.match_indices('.')
+        .map(|(dot, _)| &name[..dot])
+        .find(|prefix| tensors.contains_key(prefix))
+}
+
 /// A tensor name that cannot be a module path, reported against the file that holds it.
 fn bad_name(file: &std::path::Path, reason: String) -> PlacementError {
     PlacementError::Checkpoint {
@@ -127,6 +136,7 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
     let mut nodes: Vec<Node> = vec![Node::default()];
     let mut child_of: HashMap<(usize, String), usize> = HashMap::with_capacity(entries.len() * 2);
     // `file` is the file holding the tensor, or the checkpoint itself for a tied name it lacks.
+    let present: HashMap<&str, &TensorEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut insert = |name: &str, file: &std::path::Path, tensor: (u64, usize), duplicate: bool| -> Result<()> {
         let mut at = 0;
         for part in name.split('.') {
@@ -168,7 +178,6 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
         Ok(())
     };
 
-    let present: HashMap<&str, &TensorEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut group_of: HashMap<&str, usize> = HashMap::new();
     for (g, group) in tie_groups.iter().enumerate() {
         for name in group {
@@ -176,18 +185,31 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
         }
     }
     let mut group_counted = vec![false; tie_groups.len()];
-    for e in entries {
+    let sized = |e: &TensorEntry| {
         let own = dtype_bits(&e.dtype).expect("validated when read");
         let bits = match options.dtype_bits {
             Some(target) if is_floating(&e.dtype) => own.min(target),
             _ => own,
         };
+        e.numel() * bits
+    };
+    let mut state_bits: HashMap<&str, u64> = HashMap::new();
+    for e in entries {
+        if let Some(holder) = state_holder(&e.name, &present) {
+            *state_bits.entry(holder).or_default() += sized(e);
+        }
+    }
+    for e in entries {
+        if state_holder(&e.name, &present).is_some() {
+            continue; // counted with its tensor
+        }
+        let bits = sized(e) + state_bits.get(e.name.as_str()).copied().unwrap_or(0);
         let group = group_of.get(e.name.as_str()).copied();
         let duplicate = group.is_some_and(|g| std::mem::replace(&mut group_counted[g], true));
         insert(
             &e.name,
             checkpoint.file_of(e),
-            (e.numel() * bits, group.unwrap_or(usize::MAX)),
+            (bits, group.unwrap_or(usize::MAX)),
             duplicate,
         )?;
     }
@@ -411,9 +433,20 @@ mod tests {
                 "{text}"
             );
         }
-        let entries = vec![entry("a", "F32", &[1]), entry("a.b", "F32", &[1])];
-        let err = tree_from_checkpoint(&checkpoint(entries), &CheckpointTreeOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("ckpt/model.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_tensor_nested_under_a_tensor_counts_with_it() {
+        // bitsandbytes' quantization state: "proj.weight.absmax" loads with "proj.weight"
+        let entries = vec![
+            entry("proj.weight", "U8", &[16]),
+            entry("proj.weight.absmax", "F32", &[2]),
+            entry("proj.bias", "F32", &[1]),
+        ];
+        let t = tree_from_checkpoint(&checkpoint(entries), &CheckpointTreeOptions::default()).unwrap();
+        assert_eq!(t.subtree_bits(t.find("proj.weight").unwrap()), (16 + 8) * 8);
+        assert!(t.find("proj.weight.absmax").is_none());
+        assert_eq!(t.subtree_bits(t.root()), (16 + 8 + 4) * 8);
     }
 
     #[test]

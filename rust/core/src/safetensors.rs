@@ -65,7 +65,9 @@ pub(crate) fn dtype_bits(dtype: &str) -> Option<u64> {
     Some(match dtype {
         "BOOL" => 1,
         "F4" => 4,
-        "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 8,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        // the FNUZ float8 variants (no negative zero; AMD's) load as torch.float8_e4m3fnuz / e5m2fnuz
+        "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
         "U16" | "I16" | "F16" | "BF16" => 16,
         "U32" | "I32" | "F32" => 32,
         "U64" | "I64" | "F64" | "C64" => 64,
@@ -523,6 +525,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("devicemap-st-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn reads_every_dtype_safetensors_writes() {
+        // safetensors' own dtype list: each is sized, none is "unknown dtype"
+        let dir = temp("dtypes");
+        for (dtype, bits) in [
+            ("F8_E4M3FNUZ", 8),
+            ("F8_E5M2FNUZ", 8),
+            ("F8_E8M0", 8),
+            ("F6_E2M3", 6),
+            ("F6_E3M2", 6),
+            ("F4", 4),
+            ("BOOL", 1),
+            ("C64", 64),
+        ] {
+            let bytes = if dtype == "BOOL" { 8 } else { 8 * bits / 8 };
+            let header = format!(r#"{{"a.w":{{"dtype":"{dtype}","shape":[8],"data_offsets":[0,{bytes}]}}}}"#);
+            let file = write(&dir, &format!("{dtype}.safetensors"), &header, bytes);
+            let entries = read_header(&file, 0).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+            assert_eq!(dtype_bits(&entries[0].dtype), Some(bits as u64), "{dtype}");
+        }
     }
 
     #[test]
