@@ -150,7 +150,7 @@ class Plan:
         devicemap plan (sequential)
         device  weights    runtime  reserve    capacity   use                          blocks
         0       16.25 KiB  0 B      16.25 KiB  40.00 KiB  81%  [████████░░░░░░░░····]  0
-        cpu     48.75 KiB  0 B      0 B        1.00 MiB   5%   [█···················]  1 .. 3 (3)
+        cpu     48.75 KiB  0 B      0 B        1.00 MiB   5%   [█···················]  1–3 (3)
         offloaded (3 blocks):
           1 -> cpu (16.25 KiB): did not fit on the GPUs after the blocks before it
         ...
