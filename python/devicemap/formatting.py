@@ -19,7 +19,7 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def span_label(blocks: Sequence[str], max_parts: int = 3) -> str:
+def span_label(blocks: Sequence[str], max_parts: int = 4) -> str:
     """Name the layers a device holds, in model order: consecutive numbered siblings become one range,
     other layers are named, and the count comes last. Only what is there is named, so a device holding the
     embedding, the head and one layer does not read as holding the whole model.
@@ -28,8 +28,8 @@ def span_label(blocks: Sequence[str], max_parts: int = 3) -> str:
     'model.embed_tokens, model.layers.0–2 (4)'
     >>> span_label(["model.embed_tokens", "model.norm", "lm_head"])
     'model.embed_tokens, model.norm, lm_head (3)'
-    >>> span_label(["a", "b", "c", "d", "e"])
-    'a, b, …, e (5)'
+    >>> span_label(["a", "b", "c", "d", "e", "f"])
+    'a, b, c, …, f (6)'
     >>> span_label(["lm_head"])
     'lm_head'
     """
