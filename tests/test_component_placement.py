@@ -1,13 +1,17 @@
 """Whole-component placement (diffusers pipeline ``device_map="balanced"``): exact against brute force, better
-than diffusers' greedy deal."""
+than diffusers' greedy deal, and reached from unchanged ``DiffusionPipeline.from_pretrained`` code."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import warnings
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,3 +161,145 @@ def test_bad_input() -> None:
         place_components({"unet": 10, "vae": 10}, {0: 10, CPU: 5})
     assert place_components({}, {0: 10}).assignment == {}
     assert place_components({"unet": 3}, {}).assignment == {"unet": CPU}
+
+
+def test_hook_falls_back_to_diffusers_with_one_warning() -> None:
+    from devicemap.hook_diffusers import make_assign_components
+
+    calls: list[tuple[Any, Any, str]] = []
+
+    def original(sizes: Any, memory: Any, device_mapping_strategy: str = "balanced") -> Any:
+        calls.append((sizes, memory, device_mapping_strategy))
+        return {"own": list(sizes)}
+
+    hooked = make_assign_components(original)
+    assert hooked({"unet": 5, "vae": 3}, {0: 6, 1: 6}) == {0: ["unet"], 1: ["vae"]}
+    assert not calls
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hooked({"unet": 5}, {0: 6, "disk": 100}) == {"own": ["unet"]}
+        assert hooked({"unet": 5}, {0: 6}, device_mapping_strategy="auto") == {"own": ["unet"]}
+    assert len(calls) == 2
+    assert [str(w.message) for w in caught if "devicemap" in str(w.message)]
+
+
+# A tiny Stable Diffusion pipeline saved locally: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer.
+
+
+@pytest.fixture(scope="module")
+def pipeline_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("sd")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    tokenizer = transformers.CLIPTokenizer(
+        str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path / "pipe")
+    return path / "pipe"
+
+
+def load_pipeline(
+    monkeypatch: pytest.MonkeyPatch, path: Path, max_memory: dict[Any, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """Unchanged ``DiffusionPipeline.from_pretrained(path, device_map="balanced", max_memory=...)``; each
+    component's device map is recorded and the component loaded on the CPU (there is no GPU here)."""
+    import diffusers
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    seen: dict[str, Any] = {}
+    load_sub_model: Any = pipeline_utils.load_sub_model
+
+    def on_cpu(*args: Any, device_map: Any = None, name: str = "", **kwargs: Any) -> Any:
+        seen[name] = device_map
+        return load_sub_model(*args, device_map=None, name=name, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline_utils, "load_sub_model", on_cpu)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            path, device_map="balanced", max_memory=dict(max_memory)
+        )
+    return pipe, seen
+
+
+def test_pipeline_balanced_uses_devicemap_after_install(
+    monkeypatch: pytest.MonkeyPatch, pipeline_path: Path
+) -> None:
+    from accelerate.utils import compute_module_sizes
+
+    own_pipe, _ = load_pipeline(monkeypatch, pipeline_path, {0: GiB, 1: GiB, CPU: GiB})
+    # Sized as diffusers sizes them (accelerate's compute_module_sizes at the pipeline dtype, fp32 here).
+    sizes = {
+        name: compute_module_sizes(getattr(own_pipe, name), dtype=torch.float32)[""]
+        for name in ("unet", "vae", "text_encoder")
+    }
+    big, middle, small = sorted(sizes.values(), reverse=True)
+    # GPU 0 holds the largest and the smallest exactly, GPU 1 the middle one and half the smallest: diffusers
+    # deals largest -> 0, middle -> 1, smallest -> 1 (no room) -> CPU; every component fits on the GPUs.
+    gpus = {0: big + small, 1: middle + small // 2}
+    budget: dict[Any, int] = {**gpus, CPU: GiB}
+
+    own, own_seen = load_pipeline(monkeypatch, pipeline_path, budget)
+    with dm_install.installed() as patched:
+        assert "diffusers.pipelines.pipeline_loading_utils._assign_components_to_devices" in patched
+        hooked, hooked_seen = load_pipeline(monkeypatch, pipeline_path, budget)
+    again, _ = load_pipeline(monkeypatch, pipeline_path, budget)
+
+    expected = place_components(sizes, {**gpus, CPU: None})
+    assert expected.cpu_bytes == 0
+    assert hooked.hf_device_map == expected.assignment
+    assert {name: hooked_seen[name] for name in sizes} == {
+        name: {"": d} for name, d in expected.assignment.items()
+    }
+    assert own.hf_device_map == diffusers_greedy(sizes, gpus)
+    assert loads_of(own.hf_device_map, sizes).get(CPU) == small
+    assert own.hf_device_map != hooked.hf_device_map
+    assert again.hf_device_map == own.hf_device_map
+    assert own_seen["text_encoder"] == {"": CPU}

@@ -6,14 +6,23 @@ keep_in_fp32_modules, hf_quantizer)`` (imported into ``diffusers.models.modeling
 replacement plans with devicemap: weights sized at ``torch_dtype``, ``keep_in_fp32_modules`` (matched as
 substrings of parameter names, as diffusers does) at fp32, no-split classes from the model.
 
-Pipeline-level ``device_map="balanced"`` (whole components spread over GPUs) is not hooked yet.
+Pipeline-level ``DiffusionPipeline.from_pretrained(path, device_map="balanced", max_memory=...)``: diffusers'
+``_get_final_device_map`` builds every component on the meta device, sizes each with accelerate's
+``compute_module_sizes`` at the component's dtype, keeps the GPU budgets (``max_memory`` without ``"cpu"``) and
+calls the module global ``_assign_components_to_devices(module_sizes, device_memory, strategy)``, which deals
+the components, largest first, to GPUs 0..n-1..0 and sends to the CPU any component the GPU whose turn it is
+cannot hold. The replacement keeps diffusers' sizes and budgets and places the whole components with
+:func:`devicemap.component_placement.place_components`: the fewest bytes on the CPU, then the smallest largest
+GPU load, exactly. As in diffusers the CPU takes what the GPUs cannot, whatever its budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+from .component_placement import CPU, place_components
 from .hook_common import Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
 
 
@@ -49,3 +58,58 @@ def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
 
     _determine_device_map.__wrapped__ = original  # type: ignore[attr-defined]
     return _determine_device_map
+
+
+def _component_inputs(
+    module_sizes: Any, device_memory: Any, strategy: Any
+) -> tuple[dict[str, int], dict[Any, int]]:
+    """diffusers' sizes and GPU budgets as :func:`place_components` takes them; :class:`Unrecognised` otherwise."""
+    if strategy != "balanced":
+        raise Unrecognised(f"pipeline device_map={strategy!r} is not a strategy devicemap places")
+    if not isinstance(module_sizes, dict) or not isinstance(device_memory, dict):
+        raise Unrecognised("the component sizes or device budgets are not dicts")
+    sizes: dict[str, int] = {}
+    for name, size in module_sizes.items():
+        if (
+            not isinstance(name, str)
+            or isinstance(size, bool)
+            or not isinstance(size, (int, float))
+            or size < 0
+        ):
+            raise Unrecognised(f"component {name!r} has a size devicemap does not know ({size!r})")
+        sizes[name] = math.ceil(size)
+    budgets: dict[Any, int] = {}
+    for device, budget in device_memory.items():
+        if device in (CPU, "disk") or isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise Unrecognised(f"device {device!r} among the GPU budgets")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
+            raise Unrecognised(f"device {device!r} has a budget devicemap does not know ({budget!r})")
+        budgets[device] = math.floor(budget)
+    return sizes, budgets
+
+
+def make_assign_components(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The replacement for diffusers' ``_assign_components_to_devices`` (pipeline ``device_map="balanced"``).
+
+    Returns diffusers' shape, ``{device: [component, ...]}`` (GPUs in the budgets' order, then ``"cpu"``),
+    every CPU component included (diffusers keeps only the last one under ``"cpu"``; the others load on the
+    CPU anyway since they have no entry).
+    """
+    from .hooks import warn_once
+
+    def _assign_components_to_devices(
+        module_sizes: Any, device_memory: Any, device_mapping_strategy: str = "balanced"
+    ) -> Any:
+        try:
+            sizes, budgets = _component_inputs(module_sizes, device_memory, device_mapping_strategy)
+        except Unrecognised as reason:
+            warn_once(f"diffusers pipeline device_map: {reason}")
+            return original(module_sizes, device_memory, device_mapping_strategy=device_mapping_strategy)
+        placed = place_components(sizes, {**budgets, CPU: None})
+        mapping: dict[Any, list[str]] = {}
+        for name, device in placed.assignment.items():
+            mapping.setdefault(device, []).append(name)
+        return {device: mapping[device] for device in [*budgets, CPU] if device in mapping}
+
+    _assign_components_to_devices.__wrapped__ = original  # type: ignore[attr-defined]
+    return _assign_components_to_devices

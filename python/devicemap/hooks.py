@@ -11,7 +11,8 @@
 - accelerate 1: ``load_checkpoint_and_dispatch`` (in ``accelerate`` and ``accelerate.big_modeling``);
 - PEFT: the re-plan ``PeftModel.from_pretrained`` / ``load_adapter`` run for a model with CPU/disk entries
   (``peft.peft_model.get_balanced_memory`` / ``infer_auto_device_map``);
-- diffusers: ``_determine_device_map`` (model ``from_pretrained`` and ``from_single_file``).
+- diffusers: ``_determine_device_map`` (model ``from_pretrained`` and ``from_single_file``) and, for
+  pipeline ``device_map="balanced"``, ``_assign_components_to_devices`` (whole components onto GPUs).
 
 Each function is replaced as a module attribute, which the library looks up at every call, so code that
 imported the library (even before :func:`install`) is reached; the one exception is a name copied out
@@ -137,6 +138,12 @@ def _patches() -> list[Patch]:
             "diffusers.loaders.single_file_model",
             "_determine_device_map",
             hook_diffusers.make_determine,
+        ),
+        Patch(
+            "diffusers",
+            "diffusers.pipelines.pipeline_loading_utils",
+            "_assign_components_to_devices",
+            hook_diffusers.make_assign_components,
         ),
     ]
 
