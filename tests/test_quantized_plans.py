@@ -267,3 +267,16 @@ def test_a_pre_quantized_checkpoint_is_planned_from_headers_with_its_stored_byte
     plan = devicemap.plan_checkpoint(tmp_path, {"cpu": "1GiB"}, dtype="bfloat16")
     real = real_bytes_per_device(model, {"": "cpu"})
     assert planned_bytes(plan) == real
+
+
+def test_from_pretrained_plans_a_pre_quantized_checkpoint_from_its_headers(llama, tmp_path):
+    # A checkpoint saved in 8-bit: the plan's bytes are the file's (scales included), it keeps the
+    # quantizer's offload rule, and the model loads with it.
+    path, _ = llama
+    quantized(path, QUANTIZERS["bnb-int8"]()).save_pretrained(tmp_path)
+    model = devicemap.from_pretrained(tmp_path, max_memory={"cpu": "1GiB"}, dtype=BF16)
+    plan = model.devicemap_plan
+    assert any("8bit" in type(m).__name__ for m in model.modules())
+    assert planned_bytes(plan) == real_bytes_per_device(model, plan.device_map)
+    with pytest.raises(devicemap.DoesNotFitError, match="bitsandbytes refuses CPU/disk"):
+        devicemap.plan_checkpoint(tmp_path, {0: "600KiB", "cpu": "1GiB"})

@@ -21,6 +21,7 @@ import torch
 
 from . import _core
 from .arguments import check_flag, check_path
+from .checkpoint import plan_checkpoint
 from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
@@ -512,9 +513,10 @@ def from_pretrained(
 
     The plan is made on a meta-device instance built from the folder's ``config.json`` (nothing
     allocated); it is kept on the returned model as ``model.devicemap_plan``. Any other keyword goes
-    to transformers; a ``quantization_config=`` keyword (or the one in a pre-quantized checkpoint's
-    ``config.json``) also sizes the plan, as :func:`devicemap.plan` does with it. Weights transformers re-saves for the disk go to a folder of this model's own
-    inside ``offload_dir`` (``devicemap-transformers-<pid>-<random>/``), removed with the model; an
+    to transformers; a ``quantization_config=`` keyword also sizes the plan, as :func:`devicemap.plan` does
+    with it, and a pre-quantized checkpoint (its ``config.json`` names one) is planned from its safetensors
+    headers, which hold the exact stored sizes, as :func:`devicemap.plan_checkpoint` does. Weights
+    transformers re-saves for the disk go to a folder of this model's own inside ``offload_dir`` (``devicemap-transformers-<pid>-<random>/``), removed with the model; an
     explicit ``offload_folder=`` keyword goes to transformers unchanged. Doing it yourself is two lines::
 
         plan = devicemap.plan(meta_model, max_memory=..., dtype="bfloat16")
@@ -536,17 +538,21 @@ def from_pretrained(
         meta = model_class.from_config(config)
     if hasattr(meta, "tie_weights"):
         meta.tie_weights()
-    # A quantizer given here, or the one a pre-quantized checkpoint names, sizes the weights.
-    quantization = kwargs.get("quantization_config") or getattr(config, "quantization_config", None)
-    result = plan(
-        meta,
-        max_memory=max_memory,
-        strategy=strategy,
-        dtype=dtype,
-        workload=workload,
-        pins=pins,
-        quantization_config=quantization,
-    )
+    if getattr(config, "quantization_config", None) is not None and "quantization_config" not in kwargs:
+        # Pre-quantized: the headers hold the exact stored sizes (packed weights, scales) and names.
+        result = plan_checkpoint(
+            path, max_memory=max_memory, strategy=strategy, dtype=dtype, workload=workload, pins=pins
+        )
+    else:  # a quantizer given here quantizes while loading: sized by devicemap.quantization
+        result = plan(
+            meta,
+            max_memory=max_memory,
+            strategy=strategy,
+            dtype=dtype,
+            workload=workload,
+            pins=pins,
+            quantization_config=kwargs.get("quantization_config"),
+        )
     if "disk" in result.device_map.values() and "offload_folder" not in kwargs:
         if folder is None:
             raise OffloadFolderError(

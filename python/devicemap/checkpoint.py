@@ -32,6 +32,7 @@ from .errors import CheckpointError, InvalidOptionError
 from .memory import MaxMemory, Size
 from .options import PlacementOptions, Strategy
 from .planning import Plan, solve_tree
+from .quantization import offload_rule
 from .tree import DtypeLike, ModuleTree, target_bits
 from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
 
@@ -199,7 +200,10 @@ def plan_checkpoint(
     config = dict(config) if config is not None else find_config(path) or {}
     tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
     runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
-    return solve_tree(tree, max_memory, options, runtime)
+    # A pre-quantized checkpoint keeps its quantizer's offload rule (bitsandbytes: no CPU/disk beside GPUs).
+    quantization = config.get("quantization_config")
+    rule = offload_rule(quantization, pre_quantized=True) if isinstance(quantization, Mapping) else None
+    return solve_tree(tree, max_memory, options, runtime, offload=rule)
 
 
 def _workload_memory(
