@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devicemap.component_placement as component_placement
-from devicemap import hooks as dm_install
+from devicemap import integrations as dm_install
 from devicemap.component_placement import CPU, place_components
 from devicemap.errors import DoesNotFitError, PlacementError
 
@@ -164,7 +164,7 @@ def test_bad_input() -> None:
 
 
 def test_hook_falls_back_to_diffusers_with_one_warning() -> None:
-    from devicemap.hook_diffusers import make_assign_components
+    from devicemap.integrations.diffusers import make_assign_components
 
     calls: list[tuple[Any, Any, str]] = []
 

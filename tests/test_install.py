@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import devicemap
-from devicemap import hooks as dm_install
+from devicemap import integrations as dm_install
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -274,7 +274,7 @@ def test_load_checkpoint_and_dispatch(
 
 
 def test_unrecognised_calls_fall_back_with_one_warning() -> None:
-    from devicemap import hook_transformers
+    from devicemap.integrations import transformers as hook_transformers
 
     calls: list[object] = []
 
@@ -305,7 +305,7 @@ def test_unrecognised_calls_fall_back_with_one_warning() -> None:
 
 
 def test_hooks_know_the_same_strategies_as_plan() -> None:
-    from devicemap import hook_common
+    from devicemap.integrations import common as hook_common
 
     assert set(hook_common.STRATEGY_NAMES) == set(devicemap.STRATEGIES)
 
@@ -399,14 +399,14 @@ def test_install_patches_libraries_imported_later(tmp_path: Path) -> None:
     lets DEVICEMAP=1 run at interpreter start-up), re-exports included; uninstall() restores all."""
     script = """
 import sys
-import devicemap.hooks as dm_install
+import devicemap.integrations as dm_install
 dm_install.install()
 assert "transformers" not in sys.modules and "accelerate" not in sys.modules, "install imported a library"
 import accelerate, accelerate.big_modeling as big_modeling
 import transformers.modeling_utils as modeling_utils
 hooked = big_modeling.load_checkpoint_and_dispatch
 assert hooked.__wrapped__ is not hooked and accelerate.load_checkpoint_and_dispatch is hooked
-assert modeling_utils._get_device_map.__module__ == "devicemap.hook_transformers"
+assert modeling_utils._get_device_map.__module__ == "devicemap.integrations.transformers"
 original = hooked.__wrapped__
 dm_install.uninstall()
 assert big_modeling.load_checkpoint_and_dispatch is original is accelerate.load_checkpoint_and_dispatch
@@ -445,7 +445,7 @@ def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> No
     )
     lines = done.stdout.split()
     assert lines[-2:] == (
-        ["True", "devicemap.hook_transformers"]
+        ["True", "devicemap.integrations.transformers"]
         if value
         else ["False", "transformers.integrations.accelerate"]
     ), done.stderr[-2000:]
@@ -460,7 +460,7 @@ def test_the_installed_package_ships_the_startup_file() -> None:
 
     script = "import sys, transformers.modeling_utils as m; print('devicemap' in sys.modules, m._get_device_map.__module__)"
     for value, expected in (
-        ("1", "True devicemap.hook_transformers"),
+        ("1", "True devicemap.integrations.transformers"),
         ("0", "False transformers.integrations.accelerate"),
     ):
         env = {**os.environ, "DEVICEMAP": value}

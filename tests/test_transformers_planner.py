@@ -27,7 +27,7 @@ STRATEGIES = ["auto", "balanced", "balanced_low_0", "sequential"]
 def transformers_own_planner():
     """These tests are about transformers' own planner: devicemap's hooks (which ``DEVICEMAP=1`` may
     have installed at start-up) are taken out for each test and put back after it."""
-    import devicemap.hooks as hooks
+    import devicemap.integrations as hooks
 
     was = hooks.is_installed()
     if was:

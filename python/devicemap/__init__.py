@@ -32,7 +32,7 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
-from .hooks import install, install_from_environment, installed, uninstall
+from .integrations import install, install_from_environment, installed, uninstall
 from .memory import available_memory, normalize_max_memory, parse_size
 from .options import STRATEGIES, Balance, Strategy
 from .planning import DeviceUsage, Offload, Plan, plan

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .hook_common import StrategyName, Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
+from .common import StrategyName, Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
 
 REQUEST_ATTRIBUTE = "_devicemap_request"
 """Set on a model planned through a hook: ``{"strategy": ..., "max_memory": ...}``, so a later re-plan
@@ -45,7 +45,7 @@ def plan_pretrained(model: Any, strategy: StrategyName, max_memory: Any, hf_quan
 
 def make_get_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``transformers.modeling_utils._get_device_map``."""
-    from .hooks import warn_once
+    from . import warn_once
 
     def _get_device_map(model: Any, device_map: Any, max_memory: Any, hf_quantizer: Any) -> Any:
         if not is_strategy(device_map):

@@ -1,6 +1,6 @@
 """Make the loaders people already call use devicemap's plans, without changing their code.
 
-    >>> import devicemap.hooks as dm_install
+    >>> import devicemap.integrations as dm_install
     >>> with dm_install.installed():  # doctest: +SKIP
     ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=...)
 
@@ -51,7 +51,7 @@ ENVIRONMENT_VARIABLE = "DEVICEMAP"
 
 STARTUP_LINE = (
     'import os; os.environ.get("DEVICEMAP", "").strip().lower() in ("1", "true", "yes", "on") and '
-    '__import__("devicemap.hooks", fromlist=["install"]).install_from_environment()'
+    '__import__("devicemap.integrations", fromlist=["install"]).install_from_environment()'
 )
 """The one line of ``devicemap_hooks.pth`` (run by ``site`` at every interpreter start): imports nothing but ``os``
 unless ``DEVICEMAP`` asks for the install, so code that never imports devicemap is reached at no cost to
@@ -107,43 +107,41 @@ def _supported() -> list[Support]:
 
 
 def _patches() -> list[Patch]:
-    from . import hook_accelerate, hook_diffusers, hook_peft, hook_transformers
+    from . import accelerate, diffusers, peft, transformers
 
     return [
         Patch(
             "transformers",
             "transformers.modeling_utils",
             "_get_device_map",
-            hook_transformers.make_get_device_map,
+            transformers.make_get_device_map,
         ),
         Patch(
             "accelerate",
             "accelerate.big_modeling",
             "load_checkpoint_and_dispatch",
-            hook_accelerate.make_load_and_dispatch,
+            accelerate.make_load_and_dispatch,
         ),
-        Patch(
-            "accelerate", "accelerate", "load_checkpoint_and_dispatch", hook_accelerate.make_load_and_dispatch
-        ),
-        Patch("peft", "peft.peft_model", "get_balanced_memory", hook_peft.make_get_balanced_memory),
-        Patch("peft", "peft.peft_model", "infer_auto_device_map", hook_peft.make_infer_auto_device_map),
+        Patch("accelerate", "accelerate", "load_checkpoint_and_dispatch", accelerate.make_load_and_dispatch),
+        Patch("peft", "peft.peft_model", "get_balanced_memory", peft.make_get_balanced_memory),
+        Patch("peft", "peft.peft_model", "infer_auto_device_map", peft.make_infer_auto_device_map),
         Patch(
             "diffusers",
             "diffusers.models.modeling_utils",
             "_determine_device_map",
-            hook_diffusers.make_determine,
+            diffusers.make_determine,
         ),
         Patch(
             "diffusers",
             "diffusers.loaders.single_file_model",
             "_determine_device_map",
-            hook_diffusers.make_determine,
+            diffusers.make_determine,
         ),
         Patch(
             "diffusers",
             "diffusers.pipelines.pipeline_loading_utils",
             "_assign_components_to_devices",
-            hook_diffusers.make_assign_components,
+            diffusers.make_assign_components,
         ),
     ]
 
@@ -234,7 +232,7 @@ def install() -> list[str]:
     imports them itself). Idempotent: a second call changes nothing. Returns the ``module.attribute``
     names patched so far.
 
-    >>> import devicemap.hooks as dm_install
+    >>> import devicemap.integrations as dm_install
     >>> patched = dm_install.install()  # doctest: +SKIP
     >>> "transformers.modeling_utils._get_device_map" in patched  # doctest: +SKIP
     True
@@ -301,7 +299,7 @@ def is_installed() -> bool:
 def installed() -> Iterator[list[str]]:
     """Use devicemap's plans inside the ``with`` block only; what was installed before stays installed.
 
-    >>> import devicemap.hooks as dm_install
+    >>> import devicemap.integrations as dm_install
     >>> with dm_install.installed() as patched:  # doctest: +SKIP
     ...     model = AutoModelForCausalLM.from_pretrained(path, device_map="balanced")
     """

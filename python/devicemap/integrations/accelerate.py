@@ -13,12 +13,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .hook_common import Unrecognised, is_strategy, plan_for_loader
+from .common import Unrecognised, is_strategy, plan_for_loader
 
 
 def make_load_and_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``accelerate.load_checkpoint_and_dispatch``."""
-    from .hooks import warn_once
+    from . import warn_once
 
     signature = inspect.signature(original)
 

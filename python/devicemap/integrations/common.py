@@ -7,14 +7,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 
-from .errors import InvalidOptionError
-from .planning import Plan, plan
+from ..errors import InvalidOptionError
+from ..planning import Plan, plan
 
 if TYPE_CHECKING:
     import torch
 
-    from .memory import MaxMemory
-    from .tree import DtypeLike
+    from ..memory import MaxMemory
+    from ..tree import DtypeLike
 
 
 class Unrecognised(Exception):

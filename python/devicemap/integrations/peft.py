@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .hook_common import StrategyName, Unrecognised, plan_for_loader
-from .hook_transformers import REQUEST_ATTRIBUTE
+from .common import StrategyName, Unrecognised, plan_for_loader
+from .transformers import REQUEST_ATTRIBUTE
 
 
 class BalancedRequest(dict):  # type: ignore[type-arg]
@@ -48,7 +48,7 @@ def _remembered_budget(model: Any) -> Any:
 
 def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``peft.peft_model.infer_auto_device_map``."""
-    from .hooks import warn_once
+    from . import warn_once
 
     def infer_auto_device_map(model: Any, max_memory: Any = None, *args: Any, **kwargs: Any) -> Any:
         if args or set(kwargs) - {"no_split_module_classes"}:

@@ -22,13 +22,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .component_placement import CPU, place_components
-from .hook_common import Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
+from ..component_placement import CPU, place_components
+from .common import Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
 
 
 def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for diffusers' ``_determine_device_map``."""
-    from .hooks import warn_once
+    from . import warn_once
 
     def _determine_device_map(
         model: Any,
@@ -95,7 +95,7 @@ def make_assign_components(original: Callable[..., Any]) -> Callable[..., Any]:
     every CPU component included (diffusers keeps only the last one under ``"cpu"``; the others load on the
     CPU anyway since they have no entry).
     """
-    from .hooks import warn_once
+    from . import warn_once
 
     def _assign_components_to_devices(
         module_sizes: Any, device_memory: Any, device_mapping_strategy: str = "balanced"
