@@ -120,6 +120,10 @@ class SolveResult:
     @property
     def assignments(self) -> list[tuple[str, _DeviceKey]]: ...
     @property
+    def execution_map(self) -> list[tuple[str, _DeviceKey]]:
+        """Every block and the device that computes it: its own GPU, or for an offloaded block the GPU
+        that stages it or "cpu"."""
+    @property
     def usage(self) -> list[DeviceUsageRecord]: ...
     @property
     def offloaded(self) -> list[OffloadRecord]: ...
@@ -136,6 +140,7 @@ def solve(
     compute: list[tuple[str, int]] = ...,
     balance: str = ...,  # "memory"; pyo3 cannot show a Rust String default
     gpu0_reserve_bits: int = 0,
+    execution_device: str | None = None,
 ) -> SolveResult: ...
 def infer_auto_device_map(
     tree: Tree,

@@ -91,6 +91,18 @@ pub enum PlacementError {
         block: String,
     },
 
+    /// An `execution_device` that is not a GPU of the spec, nor the CPU when the spec has one.
+    #[error(
+        "execution_device {device} is not a device that can execute offloaded blocks here; use one of {}",
+        devices(available)
+    )]
+    InvalidExecutionDevice {
+        /// The device given.
+        device: Device,
+        /// The devices that could be given: the spec's GPUs and its CPU.
+        available: Vec<Device>,
+    },
+
     /// The model does not fit on the given devices.
     #[error("the model does not fit: {0}")]
     DoesNotFit(Shortfall),
@@ -140,6 +152,8 @@ pub enum Shortfall {
     Staging {
         /// The execution device.
         device: Device,
+        /// The largest block it would stage, when one is known.
+        block: Option<String>,
         /// The staging room needed.
         reserve: u64,
         /// What the device holds besides.
@@ -148,6 +162,8 @@ pub enum Shortfall {
         capacity: u64,
         /// Weights and total room when, without disk, not even perfect packing could fit the model.
         total: Option<(u64, u64)>,
+        /// Why no other device can execute the block either (other GPUs, the CPU), when they were tried.
+        elsewhere: Option<String>,
     },
     /// Blocks are left over and there is no disk to take them.
     NoDisk {
@@ -238,15 +254,18 @@ impl std::fmt::Display for Shortfall {
             ),
             Shortfall::Staging {
                 device,
+                block,
                 reserve,
                 base,
                 capacity,
                 total,
+                elsewhere,
             } => {
+                let named = block.as_ref().map(|b| format!(" {b:?}")).unwrap_or_default();
                 write!(
                     f,
                     "{} executes the offloaded layers and needs {} free to stage them (the largest offloaded \
-                     block with the tied tensors it uses, plus their runtime memory and buffers) on top of {}, \
+                     block{named} with the tied tensors it uses, plus their runtime memory and buffers) on top of {}, \
                      but has {}: give it at least {} or offload less",
                     label(*device),
                     human(*reserve),
@@ -263,6 +282,9 @@ impl std::fmt::Display for Shortfall {
                         human(*room),
                         human(weights.saturating_sub(*room))
                     )?;
+                }
+                if let Some(why) = elsewhere {
+                    write!(f, "; no other GPU can stage it, and it cannot run on the CPU: {why}")?;
                 }
                 Ok(())
             }
@@ -325,6 +347,14 @@ fn module_hint(context: &str, suggestions: &[String]) -> String {
     } else {
         String::new()
     }
+}
+
+/// The devices as a list a user can copy ("0, 1 or cpu").
+fn devices(available: &[Device]) -> String {
+    if available.is_empty() {
+        return "none: the spec has no GPU and no CPU".into();
+    }
+    one_of(&available.iter().map(|d| d.to_string()).collect::<Vec<_>>())
 }
 
 /// `"a"`, `"a" or "b"`, `"a", "b" or "c"`: the accepted values as a sentence.

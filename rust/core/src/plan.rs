@@ -44,6 +44,9 @@ pub struct Plan {
     pub strategy: &'static str,
     /// Every block and its device, in model order.
     pub assignments: Vec<(NodeId, Device)>,
+    /// Every block and the device that computes it, in model order: its own device on a GPU; for an
+    /// offloaded block the GPU that stages it or the CPU (without GPUs, the CPU for every block).
+    pub execution: Vec<(NodeId, Device)>,
     /// The coarsest equivalent map, in model order.
     pub device_map: Vec<(NodeId, Device)>,
     /// One entry per device of the spec, in placement order.
@@ -87,6 +90,11 @@ impl Plan {
     /// The device of a block node (`None` for nodes that are not blocks).
     pub fn device_of(&self, node: NodeId) -> Option<Device> {
         self.assignments.iter().find(|(n, _)| *n == node).map(|(_, d)| *d)
+    }
+
+    /// The execution device of a block node (`None` for nodes that are not blocks).
+    pub fn execution_of(&self, node: NodeId) -> Option<Device> {
+        self.execution.iter().find(|(n, _)| *n == node).map(|(_, d)| *d)
     }
 
     /// Largest per-GPU load (weights + reserve) in bits.

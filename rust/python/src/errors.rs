@@ -92,6 +92,7 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::InvalidSize { .. } => InvalidSizeError::new_err(msg),
         CoreError::UnknownDevice { .. } => UnknownDeviceError::new_err(msg),
         CoreError::DuplicateDevice { .. } => DuplicateDeviceError::new_err(msg),
+        CoreError::InvalidExecutionDevice { .. } => UnknownDeviceError::new_err(msg),
         CoreError::UnboundedDevice { .. } => InvalidSizeError::new_err(msg),
         CoreError::InvalidOption { .. } => InvalidOptionError::new_err(msg),
         CoreError::UnknownModule { .. } => UnknownModuleError::new_err(msg),

@@ -152,12 +152,13 @@ fn named_values(tree: &ModuleTree, values: Vec<(String, u64)>, what: &str) -> Re
 
 /// Solve a placement. Devices are (key, capacity in bits) pairs; keys as accelerate's max_memory keys.
 /// `runtime` and `compute` attach values to module names (bits of KV cache/logits; compute cost).
+/// `execution_device` (a device key) forces where offloaded blocks execute: a GPU, or "cpu".
 /// Returns a `SolveResult` of named records in bytes, devices as accelerate's keys (int GPU index or str).
 #[pyfunction]
 #[pyo3(signature = (
     tree, devices, strategy, no_split_module_classes, pins, offload_buffers,
     runtime = Vec::new(), activation_bits = 0, compute = Vec::new(), balance = "memory".to_string(),
-    gpu0_reserve_bits = 0
+    gpu0_reserve_bits = 0, execution_device = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn solve(
@@ -173,6 +174,7 @@ fn solve(
     compute: Vec<(String, u64)>,
     balance: String,
     gpu0_reserve_bits: u64,
+    execution_device: Option<String>,
 ) -> PyResult<SolveResult> {
     let t = Arc::clone(&tree.inner);
     guarded(py, move || {
@@ -182,6 +184,7 @@ fn solve(
             .map(|(n, d)| Ok((n, Device::parse(&d)?)))
             .collect::<Result<Vec<_>, CoreError>>()?;
         let balance = Balance::parse(&balance)?;
+        let execution_device = execution_device.as_deref().map(Device::parse).transpose()?;
         let options = SolveOptions {
             strategy: Strategy::parse(&strategy)?,
             no_split_module_classes,
@@ -192,6 +195,7 @@ fn solve(
             compute: named_values(&t, compute, "compute costs")?,
             balance,
             gpu0_reserve_bits,
+            execution_device,
         };
         let plan = devicemap_core::solve(&t, &spec, &options)?;
         Ok(SolveResult::new(&t, &plan))

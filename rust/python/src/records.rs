@@ -65,6 +65,8 @@ pub struct SolveResult {
     strategy: &'static str,
     device_map: Vec<(String, DeviceKey)>,
     assignments: Vec<(String, DeviceKey)>,
+    /// Every block and the device that computes it (the GPU staging an offloaded block, or "cpu").
+    execution_map: Vec<(String, DeviceKey)>,
     usage: Vec<DeviceUsageRecord>,
     offloaded: Vec<OffloadRecord>,
 }
@@ -147,6 +149,7 @@ impl SolveResult {
             strategy: plan.strategy,
             device_map: named_devices(tree, &plan.device_map),
             assignments: named_devices(tree, &plan.assignments),
+            execution_map: named_devices(tree, &plan.execution),
             usage: plan.usage.iter().map(|u| usage_record(tree, u)).collect(),
             offloaded: plan.offloaded.iter().map(|o| offload_record(tree, o)).collect(),
         }

@@ -7,12 +7,14 @@
 //!
 //! Memory on a GPU is weights + runtime memory (KV cache and logits attached to blocks, and one
 //! activation buffer per computing device). An offloaded block's weights go to CPU/disk, but it runs on
-//! the execution device (GPU 0), so its runtime memory and the staging room land there.
+//! its execution device (the GPU that stages it, GPU 0 unless it cannot, or the CPU: see [`execution`]),
+//! so its runtime memory and the staging room land there.
 
 pub mod accelerate_budget;
 pub mod accelerate_compat;
 mod balanced;
 mod chain;
+pub mod execution;
 mod low_zero;
 mod offload;
 mod reasons;
@@ -156,6 +158,9 @@ pub struct SolveOptions {
     pub balance: Balance,
     /// Bits kept free on GPU 0 on top of everything else (e.g. for generate's outputs).
     pub gpu0_reserve_bits: u64,
+    /// Where offloaded blocks execute, if forced: a GPU of the spec (it stages them) or the CPU (every
+    /// offloaded block computes on the CPU). `None`: the planner chooses (see [`execution`]).
+    pub execution_device: Option<Device>,
 }
 
 /// Place `tree` on the devices of `spec`: the plan, or why the model does not fit.
@@ -163,5 +168,7 @@ pub fn solve(tree: &ModuleTree, spec: &DeviceSpec, options: &SolveOptions) -> Re
     solver::Solver::new(tree, spec, options)?.solve()
 }
 
+#[cfg(test)]
+mod execution_tests;
 #[cfg(test)]
 mod tests;

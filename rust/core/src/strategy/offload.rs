@@ -1,16 +1,27 @@
 //! How much of the chain stays on the GPUs once the staging reserve is accounted for.
 //!
-//! Offloaded blocks run on the execution device (the first GPU), which must keep room for the largest
-//! of them (with the tied tensors it uses: accelerate's hooks stage one block at a time, so a tied unit
-//! of many layers needs room for one of its layers, not for all), for their runtime memory (KV cache: it
-//! lives where the layer runs) and, when buffers are not offloaded, for their buffers. The reserve is
-//! only taken when something is offloaded. It grows as fewer units stay, so the answer is a fixed
-//! point: start with no reserve, place the longest prefix, reserve for what is left, repeat. The
-//! prefixes only shrink and every feasible prefix stays at or below each of them, so it stops at the
-//! longest feasible one.
+//! Offloaded blocks run on an execution device; the one that stages them (a GPU chosen by
+//! [`super::execution`], GPU 0 unless it cannot) must keep room for the largest of them (with the tied
+//! tensors it uses: accelerate's hooks stage one block at a time, so a tied unit of many layers needs
+//! room for one of its layers, not for all), for their runtime memory (KV cache: it lives where the layer
+//! runs) and, when buffers are not offloaded, for their buffers. Blocks whose staged size is above the
+//! staging limit run on the CPU instead and need no GPU room. The reserve is only taken when something
+//! is staged. It grows as fewer units stay, so the answer is a fixed point: start with no reserve, place
+//! the longest prefix, reserve for what is left, repeat. The prefixes only shrink and every feasible
+//! prefix stays at or below each of them, so it stops at the longest feasible one.
 
 use super::chain::{Chain, Lane};
+use super::execution::Staging;
 use super::ties::{longest_prefix, Units};
+
+/// A unit pinned to CPU or disk (executed elsewhere): what it stages and what stays with its executor.
+#[derive(Debug, Clone, Copy)]
+pub struct PinnedUnit {
+    /// Most of it staged at once.
+    pub staged: u64,
+    /// Memory that stays on the execution device (runtime, maybe buffers).
+    pub stays: u64,
+}
 
 /// The chain and what is offloaded regardless (pinned to CPU/disk).
 pub struct OffloadInput<'a> {
@@ -22,28 +33,30 @@ pub struct OffloadInput<'a> {
     pub staged: &'a [u64],
     /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers).
     pub stays: &'a [u64],
-    pub pinned_offloaded_max: u64,
-    pub pinned_offloaded_stays: u64,
-    pub any_pinned_offloaded: bool,
+    /// Units pinned to CPU or disk.
+    pub pinned: &'a [PinnedUnit],
+    /// Which offloaded units the staging GPU stages.
+    pub staging: Staging,
 }
 
 impl OffloadInput<'_> {
-    /// Reserve needed on the execution device when the chain from `k` on is offloaded.
+    /// Reserve needed on the staging GPU when the chain from `k` on is offloaded.
     pub fn reserve(&self, k: usize) -> u64 {
-        if k == self.staged.len() && !self.any_pinned_offloaded {
+        if self.staging.gpu.is_none() {
             return 0;
         }
-        let largest = self.staged[k..]
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(0)
-            .max(self.pinned_offloaded_max);
-        largest + self.stays[k..].iter().sum::<u64>() + self.pinned_offloaded_stays
+        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays[j]));
+        let pinned = self.pinned.iter().map(|p| (p.staged, p.stays));
+        let mut staged = free.chain(pinned).filter(|(s, _)| self.staging.stages(*s)).peekable();
+        if staged.peek().is_none() {
+            return 0;
+        }
+        let (largest, stays) = staged.fold((0u64, 0u64), |(m, s), (a, b)| (m.max(a), s.saturating_add(b)));
+        largest.saturating_add(stays)
     }
 }
 
-/// The longest prefix that fits on `lanes` (lane 0 is the execution device), and its reserve.
+/// The longest prefix that fits on `lanes` with the reserve on the staging lane, and that reserve.
 pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
     if lanes.is_empty() {
         return (0, input.reserve(0));
@@ -52,9 +65,10 @@ pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
         chain: Chain::by_memory(input.footprint),
         is_group: input.is_group,
     };
+    let stage = input.staging.gpu.unwrap_or(0);
     let fit = |reserve: u64| {
         let mut with_reserve = lanes.to_vec();
-        with_reserve[0].base = with_reserve[0].base.saturating_add(reserve);
+        with_reserve[stage].base = with_reserve[stage].base.saturating_add(reserve);
         longest_prefix(units, &with_reserve)
     };
     let mut k = input.staged.len();

@@ -25,6 +25,7 @@ pub(super) fn no_staging_room(
     spec: &DeviceSpec,
     total_weights: u64,
     device: Device,
+    block: Option<String>,
     lane: &Lane,
     reserve: u64,
 ) -> PlacementError {
@@ -36,10 +37,12 @@ pub(super) fn no_staging_room(
     let beyond_all = !spec.contains(Device::Disk) && total_weights > room;
     PlacementError::DoesNotFit(Shortfall::Staging {
         device,
+        block,
         reserve,
         base: lane.base,
         capacity: lane.capacity,
         total: beyond_all.then_some((total_weights, room)),
+        elsewhere: None,
     })
 }
 

@@ -1,23 +1,26 @@
 //! The solve pipeline, one method per step: collect blocks and units ([`Solver::new`]), book the pins
-//! ([`Solver::pin`]), lay the free chain over the GPUs ([`Solver::fill_gpus`]) or, without GPUs, over
-//! the CPU ([`Solver::fill_cpu_only`]), check that the rest has somewhere to go
-//! ([`Solver::check_leftover`]) and assemble the [`Plan`] ([`Solver::finish`]).
+//! ([`Solver::pin`]), choose where offloaded blocks execute ([`Solver::choose_execution`], the rule is in
+//! [`super::execution`]) by laying the free chain over the GPUs for each candidate
+//! ([`Solver::fill_gpus`]) or, without GPUs, over the CPU ([`Solver::fill_cpu_only`]), check that the
+//! rest has somewhere to go ([`Solver::check_leftover`]) and assemble the [`Plan`] ([`Solver::finish`]).
 
 use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, Block};
 use crate::clean::clean_device_map;
 use crate::constraints::{build_units, Unit};
-use crate::device::{Device, DeviceSpec};
+use crate::device::{human, label, Device, DeviceSpec};
 use crate::error::{PlacementError, Result, Shortfall};
 use crate::plan::{DeviceUsage, Offload, Plan};
 use crate::tree::ModuleTree;
 
 use super::chain::{self, Chain, Lane};
-use super::offload::{split_point, OffloadInput};
+use super::execution::{self, Forced, Outcome, Staging};
+use super::offload::{split_point, OffloadInput, PinnedUnit};
 use super::reasons::{self, CpuFull};
 use super::ties::{self, Units};
 use super::{Balance, ResolvedStrategy, SolveOptions};
 
 /// Per-device accumulators while solving, indexed like the spec's devices.
+#[derive(Clone)]
 struct Ledger {
     devices: Vec<Device>,
     pinned: Vec<u64>,
@@ -61,16 +64,6 @@ impl Ledger {
     }
 }
 
-/// What units pinned to CPU or disk (executed elsewhere) need on the execution device.
-#[derive(Default)]
-struct PinnedOffload {
-    /// The largest staged size among them.
-    max_staged: u64,
-    /// What stays on the execution device for them (runtime memory, maybe buffers).
-    stays: u64,
-    any: bool,
-}
-
 /// The free (unpinned) units in chain order, as the columns the layout algorithms read.
 struct FreeChain {
     weights: Vec<u64>,
@@ -82,6 +75,9 @@ struct FreeChain {
     cost: Vec<u64>,
     /// What stays on the execution device when the unit is offloaded.
     stays: Vec<u64>,
+    /// Runtime memory and buffers of each unit.
+    runtime: Vec<u64>,
+    buffers: Vec<u64>,
 }
 
 /// Where the free units went so far.
@@ -90,6 +86,30 @@ struct Placement {
     /// Units before `next` are placed; the rest go to disk.
     next: usize,
     cpu_full: Option<CpuFull>,
+}
+
+/// One candidate execution choice laid out: the ledger with its reserves, and where the units went.
+struct Attempt {
+    ledger: Ledger,
+    placement: Placement,
+    cpu_executed_bits: u64,
+}
+
+impl Outcome for Attempt {
+    fn on_gpus(&self) -> usize {
+        self.placement.device_of_unit.iter().filter(|d| d.is_gpu_like()).count()
+    }
+
+    fn cpu_executed_bits(&self) -> u64 {
+        self.cpu_executed_bits
+    }
+}
+
+/// The execution choice a plan was made with.
+#[derive(Debug, Clone, Copy)]
+struct Chosen {
+    staging: Staging,
+    forced: bool,
 }
 
 /// One solve: the inputs, what was derived from them, and the per-device ledger.
@@ -108,7 +128,8 @@ pub(super) struct Solver<'a> {
     /// device, and a block on it is not offloaded).
     computing: Vec<Device>,
     ledger: Ledger,
-    pinned_offload: PinnedOffload,
+    /// Indices (into `units`) of the units pinned to CPU or disk, which execute elsewhere.
+    pinned_offload: Vec<usize>,
     total_weights: u64,
 }
 
@@ -142,21 +163,55 @@ impl<'a> Solver<'a> {
             gpus,
             computing,
             ledger: Ledger::new(spec),
-            pinned_offload: PinnedOffload::default(),
+            pinned_offload: Vec::new(),
         })
     }
 
     /// Solve: each step in order.
     pub(super) fn solve(mut self) -> Result<Plan> {
+        let forced = self.forced()?;
         self.pin()?;
         let free = self.free_chain();
-        let placement = if self.gpus.is_empty() {
-            self.fill_cpu_only(&free)?
-        } else {
-            self.fill_gpus(&free)?
+        if self.gpus.is_empty() {
+            let placement = self.fill_cpu_only(&free)?;
+            self.check_leftover(&free, &placement, &self.ledger)?;
+            return Ok(self.finish(placement, None));
+        }
+        let (staging, attempt) = self.choose_execution(&free, forced)?;
+        self.ledger = attempt.ledger;
+        let chosen = Chosen {
+            staging,
+            forced: forced.is_some(),
         };
-        self.check_leftover(&free, &placement)?;
-        Ok(self.finish(placement))
+        Ok(self.finish(attempt.placement, Some(chosen)))
+    }
+
+    /// The execution device the options force, checked against the spec.
+    fn forced(&self) -> Result<Option<Forced>> {
+        let Some(device) = self.options.execution_device else {
+            return Ok(None);
+        };
+        let gpus: Vec<Device> = self.gpus.iter().map(|g| g.0).collect();
+        let forced = execution::forced(device, &gpus, self.spec.contains(Device::Cpu))?;
+        // Without GPUs the CPU executes everything anyway.
+        Ok((!gpus.is_empty()).then_some(forced))
+    }
+
+    /// Where offloaded units execute: the rule of [`execution`], each candidate laid out in full.
+    fn choose_execution(&self, free: &FreeChain, forced: Option<Forced>) -> Result<(Staging, Attempt)> {
+        let limits: Vec<u64> = free
+            .staged
+            .iter()
+            .copied()
+            .chain(self.pinned_offload.iter().map(|&u| self.units[u].staged_bits))
+            .collect();
+        execution::choose(
+            self.gpus.len(),
+            self.spec.contains(Device::Cpu),
+            forced,
+            &limits,
+            |staging| self.fill_gpus(free, staging),
+        )
     }
 
     /// Memory a unit leaves on its execution device when it is offloaded.
@@ -175,8 +230,8 @@ impl<'a> Solver<'a> {
     /// Book pinned units, activations and GPU 0's explicit reserve on their devices; fail if pins alone
     /// overflow a device or a GPU is full before any free unit.
     fn pin(&mut self) -> Result<()> {
-        let mut off = PinnedOffload::default();
-        for u in &self.units {
+        let mut off = Vec::new();
+        for (index, u) in self.units.iter().enumerate() {
             let Some(d) = u.pinned else { continue };
             let i = self.ledger.index(d);
             self.ledger.pinned[i] += u.bits;
@@ -184,9 +239,7 @@ impl<'a> Solver<'a> {
             if self.computing.contains(&d) {
                 self.ledger.runtime[i] += u.runtime_bits;
             } else {
-                off.any = true;
-                off.max_staged = off.max_staged.max(u.staged_bits);
-                off.stays += self.stays(u);
+                off.push(index);
             }
         }
         self.pinned_offload = off;
@@ -234,46 +287,58 @@ impl<'a> Solver<'a> {
                 Balance::Compute => self.free_units().map(|u| u.compute).collect(),
             },
             stays: self.free_units().map(|u| self.stays(u)).collect(),
+            runtime: self.free_units().map(|u| u.runtime_bits).collect(),
+            buffers: self.free_units().map(|u| u.buffer_bits).collect(),
             footprint,
         }
     }
 
-    fn offload_input<'f>(&self, free: &'f FreeChain) -> OffloadInput<'f> {
+    fn pinned_units(&self) -> Vec<PinnedUnit> {
+        self.pinned_offload
+            .iter()
+            .map(|&u| PinnedUnit {
+                staged: self.units[u].staged_bits,
+                stays: self.stays(&self.units[u]),
+            })
+            .collect()
+    }
+
+    fn offload_input<'f>(&self, free: &'f FreeChain, pinned: &'f [PinnedUnit], staging: Staging) -> OffloadInput<'f> {
         OffloadInput {
             footprint: &free.footprint,
             is_group: &free.is_group,
             staged: &free.staged,
             stays: &free.stays,
-            pinned_offloaded_max: self.pinned_offload.max_staged,
-            pinned_offloaded_stays: self.pinned_offload.stays,
-            any_pinned_offloaded: self.pinned_offload.any,
+            pinned,
+            staging,
         }
     }
 
-    /// Reserve `reserve` on `device` to stage offloaded blocks, or fail if it has no room for it.
-    fn reserve_staging(&mut self, device: Device, lane: &Lane, reserve: u64) -> Result<()> {
-        if lane.base.saturating_add(reserve) > lane.capacity {
-            return Err(reasons::no_staging_room(
-                self.spec,
-                self.total_weights,
-                device,
-                lane,
-                reserve,
-            ));
-        }
-        let i = self.ledger.index(device);
-        self.ledger.reserve[i] += reserve;
-        Ok(())
+    /// The first block of the largest unit from free unit `k` on (and the pinned offloaded units) that
+    /// `runs` selects: the block a staging shortfall is about.
+    fn largest_offloaded(&self, free: &FreeChain, k: usize, runs: impl Fn(u64) -> bool) -> Option<String> {
+        let free_units: Vec<&Unit> = self.free_units().collect();
+        let pinned = self.pinned_offload.iter().map(|&u| &self.units[u]);
+        let unit = free_units[k.min(free.staged.len())..]
+            .iter()
+            .copied()
+            .chain(pinned)
+            .filter(|u| runs(u.staged_bits))
+            .max_by_key(|u| u.staged_bits)?;
+        Some(self.tree.name(self.blocks[unit.blocks[0]].node).to_string())
     }
 
-    /// Choose how many free units stay on the GPUs (keeping staging room on GPU 0 if anything is
-    /// offloaded), lay them out with the strategy, then offload the rest to the CPU.
-    fn fill_gpus(&mut self, free: &FreeChain) -> Result<Placement> {
+    /// Lay out one execution choice: how many free units stay on the GPUs (keeping staging room on the
+    /// staging GPU if it stages anything), the strategy's layout of them, then the rest on the CPU
+    /// (with what CPU-executed units need there) and the disk.
+    fn fill_gpus(&self, free: &FreeChain, staging: Staging) -> Result<Attempt> {
+        let mut ledger = self.ledger.clone();
         let gpu_lanes = self.gpu_lanes();
+        let pinned = self.pinned_units();
         // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error later.
         let can_offload = self.spec.contains(Device::Cpu) || self.spec.contains(Device::Disk);
         let (k, r) = if can_offload {
-            split_point(&self.offload_input(free), &gpu_lanes)
+            split_point(&self.offload_input(free, &pinned, staging), &gpu_lanes)
         } else {
             let units = Units {
                 chain: Chain::by_memory(&free.footprint),
@@ -281,8 +346,27 @@ impl<'a> Solver<'a> {
             };
             (ties::longest_prefix(units, &gpu_lanes), 0)
         };
-        self.reserve_staging(self.gpus[0].0, &gpu_lanes[0], r)?;
-        let lanes = self.gpu_lanes();
+        if let Some(g) = staging.gpu {
+            let (device, lane) = (self.gpus[g].0, &gpu_lanes[g]);
+            if lane.base.saturating_add(r) > lane.capacity {
+                let block = self.largest_offloaded(free, k, |s| staging.stages(s));
+                return Err(reasons::no_staging_room(
+                    self.spec,
+                    self.total_weights,
+                    device,
+                    block,
+                    lane,
+                    r,
+                ));
+            }
+            let i = ledger.index(device);
+            ledger.reserve[i] += r;
+        }
+        let lanes: Vec<Lane> = self
+            .gpus
+            .iter()
+            .map(|(d, cap)| ledger.lane(*d, *cap, self.options.balance))
+            .collect();
         let lane_of = self.lay_out_prefix(free, k, &lanes);
         let mut device_of_unit = vec![Device::Disk; free.weights.len()];
         for (unit, &l) in lane_of.iter().enumerate() {
@@ -293,8 +377,19 @@ impl<'a> Solver<'a> {
             next: lane_of.len(),
             cpu_full: None,
         };
-        self.offload_to_cpu(free, &mut placement);
-        Ok(placement)
+        self.offload_to_cpu(free, &mut placement, &mut ledger, staging)?;
+        self.check_leftover(free, &placement, &ledger)?;
+        let pinned_on_cpu = self.pinned_offload.iter().map(|&u| &self.units[u]);
+        let cpu_executed_bits = (placement.next.min(lane_of.len())..free.weights.len())
+            .filter(|&j| !staging.stages(free.staged[j]))
+            .map(|j| free.weights[j])
+            .chain(pinned_on_cpu.filter(|u| !staging.stages(u.staged_bits)).map(|u| u.bits))
+            .sum();
+        Ok(Attempt {
+            ledger,
+            placement,
+            cpu_executed_bits,
+        })
     }
 
     /// The GPU lane of each of the first `k` free units under the strategy.
@@ -317,26 +412,88 @@ impl<'a> Solver<'a> {
         })
     }
 
-    /// Put the units after the GPU prefix on the CPU in order while they fit (weights only: their
-    /// runtime memory is on the execution device).
-    fn offload_to_cpu(&self, free: &FreeChain, placement: &mut Placement) {
-        let Some(cap) = self.cpu_capacity() else { return };
+    /// Put the units after the GPU prefix on the CPU in order while they fit (weights only: the runtime
+    /// memory of staged units is on the staging GPU). Units that execute on the CPU (not staged) keep
+    /// their runtime memory and an activation buffer there, and those that land on disk also need room
+    /// to be loaded and their kept buffers: like the GPU reserve, a fixed point (more room kept, fewer
+    /// units on the CPU, more on disk to load).
+    fn offload_to_cpu(
+        &self,
+        free: &FreeChain,
+        placement: &mut Placement,
+        ledger: &mut Ledger,
+        staging: Staging,
+    ) -> Result<()> {
+        let Some(cap) = self.cpu_capacity() else { return Ok(()) };
         let next = placement.next;
-        let base = self.ledger.pinned[self.ledger.index(Device::Cpu)];
-        let cpu = Lane::memory(base, cap);
-        let take = chain::placed(&chain::greedy(
-            Chain::by_memory(&free.weights[next..]),
-            &[cpu],
-            u64::MAX,
-        ));
+        let n = free.weights.len();
+        let runs_here = |j: &usize| !staging.stages(free.staged[*j]);
+        let kept = |buffers: u64| if self.options.offload_buffers { 0 } else { buffers };
+        let pinned: Vec<&Unit> = self
+            .pinned_offload
+            .iter()
+            .map(|&u| &self.units[u])
+            .filter(|u| !staging.stages(u.staged_bits))
+            .collect();
+        let any = (next..n).any(|j| runs_here(&j)) || !pinned.is_empty();
+        let runtime: u64 = if any { self.options.activation_bits } else { 0 }
+            + (next..n).filter(runs_here).map(|j| free.runtime[j]).sum::<u64>()
+            + pinned.iter().map(|u| u.runtime_bits).sum::<u64>();
+        let on_disk = pinned
+            .iter()
+            .filter(|u| u.pinned == Some(Device::Disk))
+            .map(|u| (u.staged_bits, kept(u.buffer_bits)));
+        let load_room = |first_disk: usize| -> u64 {
+            let mut loaded = (first_disk..n)
+                .filter(runs_here)
+                .map(|j| (free.staged[j], kept(free.buffers[j])))
+                .chain(on_disk.clone())
+                .peekable();
+            if loaded.peek().is_none() {
+                return 0;
+            }
+            let (largest, buffers) = loaded.fold((0u64, 0u64), |(m, s), (a, b)| (m.max(a), s + b));
+            largest + buffers
+        };
+        let cpu = ledger.index(Device::Cpu);
+        let base = ledger.pinned[cpu];
+        let mut first_disk = n;
+        let (take, room) = loop {
+            let room = load_room(first_disk);
+            let need = base.saturating_add(runtime).saturating_add(room);
+            if need > cap {
+                let block = self.largest_offloaded(free, next, |s| !staging.stages(s));
+                return Err(PlacementError::DoesNotFit(Shortfall::Staging {
+                    device: Device::Cpu,
+                    block,
+                    reserve: runtime + room,
+                    base,
+                    capacity: cap,
+                    total: None,
+                    elsewhere: None,
+                }));
+            }
+            let take = chain::placed(&chain::greedy(
+                Chain::by_memory(&free.weights[next..]),
+                &[Lane::memory(need, cap)],
+                u64::MAX,
+            ));
+            if next + take >= first_disk {
+                break (take, room);
+            }
+            first_disk = next + take;
+        };
+        ledger.runtime[cpu] += runtime;
+        ledger.reserve[cpu] += room;
         placement.device_of_unit[next..next + take].fill(Device::Cpu);
         placement.next += take;
         let used: u64 = free.weights[next..next + take].iter().sum();
-        placement.cpu_full = (placement.next < free.weights.len()).then(|| CpuFull {
+        placement.cpu_full = (placement.next < n).then(|| CpuFull {
             first: placement.next,
-            room: cap.saturating_sub(base + used),
-            reserve: 0,
+            room: cap.saturating_sub(base + runtime + room + used),
+            reserve: runtime + room,
         });
+        Ok(())
     }
 
     /// Without GPUs the CPU executes: it takes the longest prefix that leaves room to stage the rest.
@@ -350,8 +507,21 @@ impl<'a> Solver<'a> {
             return Ok(placement);
         };
         let cpu = self.lane(Device::Cpu, cap);
-        let (k, r) = split_point(&self.offload_input(free), &[cpu]);
-        self.reserve_staging(Device::Cpu, &cpu, r)?;
+        let pinned = self.pinned_units();
+        let (k, r) = split_point(&self.offload_input(free, &pinned, Staging::FIRST_GPU), &[cpu]);
+        if cpu.base.saturating_add(r) > cpu.capacity {
+            let block = self.largest_offloaded(free, k, |_| true);
+            return Err(reasons::no_staging_room(
+                self.spec,
+                self.total_weights,
+                Device::Cpu,
+                block,
+                &cpu,
+                r,
+            ));
+        }
+        let i = self.ledger.index(Device::Cpu);
+        self.ledger.reserve[i] += r;
         placement.device_of_unit[..k].fill(Device::Cpu);
         placement.next = k;
         let used: u64 = free.footprint[..k].iter().sum();
@@ -369,7 +539,7 @@ impl<'a> Solver<'a> {
     }
 
     /// Units left after the GPUs and the CPU need a disk.
-    fn check_leftover(&self, free: &FreeChain, placement: &Placement) -> Result<()> {
+    fn check_leftover(&self, free: &FreeChain, placement: &Placement, ledger: &Ledger) -> Result<()> {
         let next = placement.next;
         if next >= free.weights.len() || self.spec.contains(Device::Disk) {
             return Ok(());
@@ -381,12 +551,11 @@ impl<'a> Solver<'a> {
             units: free.weights.len() - next,
             first: self.tree.name(self.blocks[first].node).to_string(),
             capacities: self.spec.devices().to_vec(),
-            staging: self
-                .ledger
+            staging: ledger
                 .devices
                 .iter()
                 .copied()
-                .zip(self.ledger.reserve.iter().copied())
+                .zip(ledger.reserve.iter().copied())
                 .filter(|(_, r)| *r > 0)
                 .collect(),
         }))
@@ -402,8 +571,40 @@ impl<'a> Solver<'a> {
         }
     }
 
-    /// Each block's device and, off the GPUs, why it is there.
-    fn block_devices(&self, placement: Placement) -> (Vec<Device>, Vec<Option<String>>) {
+    /// Where a unit stored on `device` executes under `chosen` (without GPUs: the CPU).
+    fn execution_of(&self, device: Device, staged: u64, chosen: Option<Chosen>) -> Device {
+        match chosen {
+            _ if device.is_gpu_like() => device,
+            None => Device::Cpu,
+            Some(Chosen { staging, .. }) => match staging.gpu {
+                Some(g) if staging.stages(staged) => self.gpus[g].0,
+                _ => Device::Cpu,
+            },
+        }
+    }
+
+    /// What an offloaded unit's reason adds about where it runs, when that is not the usual GPU 0
+    /// staging (plans staged there keep their sentences).
+    fn execution_note(&self, execution: Device, staged: u64, chosen: Option<Chosen>) -> Option<String> {
+        let chosen = chosen?;
+        if chosen.staging == Staging::FIRST_GPU && !chosen.forced {
+            return None;
+        }
+        Some(match execution {
+            Device::Cpu if chosen.forced && chosen.staging == Staging::CPU => {
+                "; runs on the CPU (execution_device)".to_string()
+            }
+            Device::Cpu => format!("; runs on the CPU: no GPU can stage its {}", human(staged)),
+            gpu => format!("; runs on {}", label(gpu)),
+        })
+    }
+
+    /// Each block's device, its execution device and, off the GPUs, why it is there.
+    fn block_devices(
+        &self,
+        placement: Placement,
+        chosen: Option<Chosen>,
+    ) -> (Vec<Device>, Vec<Device>, Vec<Option<String>>) {
         let has_gpu = !self.gpus.is_empty();
         let free: Vec<&Unit> = self.free_units().collect();
         let why_disk = reasons::disk_reasons(
@@ -415,6 +616,7 @@ impl<'a> Solver<'a> {
             has_gpu,
         );
         let mut block_device = vec![Device::Disk; self.blocks.len()];
+        let mut block_execution = vec![Device::Cpu; self.blocks.len()];
         let mut why: Vec<Option<String>> = vec![None; self.blocks.len()];
         let mut free_devices = placement.device_of_unit.into_iter().zip(why_disk);
         for unit in &self.units {
@@ -427,9 +629,11 @@ impl<'a> Solver<'a> {
                 }
                 None => free_devices.next().expect("one device per free unit"),
             };
+            let execution = self.execution_of(device, unit.staged_bits, chosen);
             let leader = unit.blocks[0];
             for &b in &unit.blocks {
                 block_device[b] = device;
+                block_execution[b] = execution;
                 if b != leader && why[b].is_none() {
                     why[b] = Some(format!("tied to {:?}", self.tree.name(self.blocks[leader].node)));
                 }
@@ -437,14 +641,23 @@ impl<'a> Solver<'a> {
             if why[leader].is_none() && !device.is_gpu_like() {
                 why[leader] = Some(reasons::placement_reason(device, has_gpu, why_unit));
             }
+            if self.is_offloaded(device) {
+                if let Some(note) = self.execution_note(execution, unit.staged_bits, chosen) {
+                    for &b in &unit.blocks {
+                        if let Some(w) = why[b].as_mut() {
+                            w.push_str(&note);
+                        }
+                    }
+                }
+            }
         }
-        (block_device, why)
+        (block_device, block_execution, why)
     }
 
     /// Assemble the plan: per-device usage, assignments, offloads with reasons, the clean device map.
-    fn finish(self, placement: Placement) -> Plan {
+    fn finish(self, placement: Placement, chosen: Option<Chosen>) -> Plan {
         let has_gpu = !self.gpus.is_empty();
-        let (block_device, why) = self.block_devices(placement);
+        let (block_device, block_execution, why) = self.block_devices(placement, chosen);
         let mut usage: Vec<DeviceUsage> = self
             .spec
             .devices()
@@ -464,25 +677,41 @@ impl<'a> Solver<'a> {
                 blocks: Vec::new(),
             })
             .collect();
+        // With GPUs, a CPU that executes offloaded blocks needs an activation buffer and their runtime memory.
+        if has_gpu && block_execution.contains(&Device::Cpu) {
+            if let Some(cpu) = usage.iter_mut().find(|u| u.device == Device::Cpu) {
+                cpu.runtime_bits += self.options.activation_bits;
+            }
+        }
         let mut offloaded = Vec::new();
         let mut assignments = Vec::with_capacity(self.blocks.len());
+        let mut execution = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let device = block_device[i];
+            let runs_on = block_execution[i];
             let offload = self.is_offloaded(device);
             assignments.push((block.node, device));
-            let u = usage.iter_mut().find(|u| u.device == device).expect("device in spec");
-            // Buffers of offloaded blocks live on the execution device; they are counted in its reserve.
-            let kept = if offload && !self.options.offload_buffers {
+            execution.push((block.node, runs_on));
+            // Buffers of blocks executed elsewhere live on their execution device, counted in its reserve.
+            let kept = if offload && !self.options.offload_buffers && runs_on != device {
                 block.buffer_bits
             } else {
                 0
             };
+            let u = usage.iter_mut().find(|u| u.device == device).expect("device in spec");
             u.weight_bits += block.bits - kept;
             u.compute += self.compute[i];
             u.blocks.push(block.node);
             if !offload {
                 u.runtime_bits += self.runtime[i];
             } else {
+                if has_gpu && runs_on == Device::Cpu {
+                    let cpu = usage
+                        .iter_mut()
+                        .find(|u| u.device == Device::Cpu)
+                        .expect("CPU executes");
+                    cpu.runtime_bits += self.runtime[i];
+                }
                 let fallback = if device == Device::Disk {
                     "did not fit on the CPU"
                 } else {
@@ -500,6 +729,7 @@ impl<'a> Solver<'a> {
         Plan {
             strategy: self.strategy.name(),
             assignments,
+            execution,
             device_map,
             usage,
             offloaded,
