@@ -257,6 +257,7 @@ INPUT_KEYS = {
     "gpu0_reserve": (int, type(None)),
     "offload_buffers": bool,
     "quant": (str, type(None)),
+    "execution_device": (int, str, type(None)),
 }
 
 
@@ -277,7 +278,15 @@ def test_plan_json_schema(capsys):
         capsys, "plan", SMALL, "--gpus", "1x1GiB", "--cpu", "1GiB", "--disk", "--batch", "2"
     )
     assert_shape(
-        printed, {"inputs": dict, "strategy": str, "device_map": dict, "devices": list, "offloaded": list}
+        printed,
+        {
+            "inputs": dict,
+            "strategy": str,
+            "device_map": dict,
+            "devices": list,
+            "offloaded": list,
+            "execution_map": dict,
+        },
     )
     assert_inputs(printed["inputs"])
     assert printed["inputs"]["devices"][-1] == {"device": "disk", "capacity": None}
@@ -291,6 +300,7 @@ def test_plan_json_schema(capsys):
     for offload in printed["offloaded"]:
         assert_shape(offload, {"name": str, "device": DEVICE_KEY, "bytes": int, "reason": (str, dict)})
     assert all(isinstance(v, DEVICE_KEY) for v in printed["device_map"].values())
+    assert all(isinstance(v, DEVICE_KEY) for v in printed["execution_map"].values())
 
 
 def test_compare_json_schema(capsys):

@@ -35,8 +35,8 @@ from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
-from .memory import DeviceKey, parse_size
-from .options import STRATEGIES
+from .memory import DeviceKey, device_key, parse_size
+from .options import STRATEGIES, PlacementOptions
 from .planning import Plan, plan
 from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is a floating dtype, else the config's dtype, else bfloat16",
     )
     p.add_argument("--balance", default="memory", choices=("memory", "compute"))
+    p.add_argument(
+        "--execution-device",
+        metavar="DEVICE",
+        help="where layers stored on the CPU or disk compute: a GPU (e.g. 1 or cuda:1; it keeps the room to "
+        "stage them) or cpu; default: GPU 0 when it has room, else the GPU keeping the most layers on the "
+        "GPUs, else the CPU for layers no GPU can stage",
+    )
     add_placement_options(p)
     add_no_split(p)
     add_json(p, "the plan, its inputs and every device's bytes")
@@ -275,6 +282,10 @@ def run_plan(args: argparse.Namespace) -> int:
     picture = cli_inputs.picture_path(args.out) if args.out is not None else None
     saved = cli_inputs.output_file("--save", args.save, "device_map.json") if args.save is not None else None
     quant = cli_inputs.quantization(args.quant)
+    execution_device = args.execution_device
+    if execution_device is not None:
+        # Checked before the model is sized: a wrong key is named at once.
+        execution_device = PlacementOptions.parse(execution_device=execution_device).execution_device
     no_split: list[str] | None = None
     if source.kind == "checkpoint":
         needs_modules = [
@@ -283,6 +294,7 @@ def run_plan(args: argparse.Namespace) -> int:
                 ("--balance compute", args.balance != "memory"),
                 ("--no-split", args.no_split),
                 ("--quant", args.quant),
+                ("--execution-device", args.execution_device),
             )
             if given
         ]
@@ -311,6 +323,7 @@ def run_plan(args: argparse.Namespace) -> int:
             workload=workload,
             balance=args.balance,
             quantization_config=quant,
+            execution_device=execution_device,
             **placement,
         )
         no_split = no_split if no_split is not None else model_no_split(model)
@@ -329,6 +342,7 @@ def run_plan(args: argparse.Namespace) -> int:
             no_split=no_split,
             no_split_given=bool(args.no_split),
             quant=args.quant,
+            execution_device=None if execution_device is None else device_key(execution_device),
             **placement,
         )
         print(json.dumps(cli_json.plan_json(result, inputs), indent=2))

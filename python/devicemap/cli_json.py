@@ -6,11 +6,12 @@ Sizes are integer bytes; devices are an int GPU index or a string (``"cpu"``, ``
     inputs   {model, source ("catalog" | "config" | "checkpoint"), devices: [{device, capacity}],
               strategy (as asked), dtype, kv_dtype, workload: {batch_size, seq_len, kv_dtype} | null,
               pins: {module: device}, no_split: {classes: [str], source ("--no-split" | "model")} | null,
-              gpu0_reserve, offload_buffers}
+              gpu0_reserve, offload_buffers, quant, execution_device (plan's --execution-device)}
 
 ``plan``:    inputs, strategy (as resolved), device_map (accelerate's format, what ``--save`` writes),
              devices: [{device, capacity, weights, runtime, reserve, used, blocks: [str]}],
-             offloaded: [{name, device, bytes, reason}]
+             offloaded: [{name, device, bytes, reason}],
+             execution_map: {block: device that computes it (its GPU, the GPU staging it, or "cpu")}
 ``compare``: inputs, sides: [{method, devices: [{device, bytes}], offloaded: [str], peak_over_mean
              (largest GPU / mean GPU bytes; null without GPU bytes), min_gpu_memory, seconds}]
 ``export``:  inputs, target, text (what the command prints without --json), values (the numbers in the
@@ -44,6 +45,7 @@ def inputs_json(
     gpu0_reserve: int | None = None,
     offload_buffers: bool = False,
     quant: str | None = None,
+    execution_device: DeviceKey | None = None,
 ) -> dict[str, Any]:
     """The inputs as the command understood them (sizes in bytes, dtype aliases resolved)."""
     return {
@@ -67,6 +69,7 @@ def inputs_json(
         "gpu0_reserve": gpu0_reserve,
         "offload_buffers": offload_buffers,
         "quant": quant,
+        "execution_device": execution_device,
     }
 
 
@@ -92,6 +95,7 @@ def plan_json(result: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
             {"name": o.name, "device": o.device, "bytes": o.bytes, "reason": _plain(o.reason)}
             for o in result.offloaded
         ],
+        "execution_map": result.execution_map,
     }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .arguments import check_choice, check_class_names, check_flag, check_mapping
-from .errors import InvalidSizeError, UnknownModuleError
+from .errors import InvalidSizeError, UnknownDeviceError, UnknownModuleError
 from .memory import Size, bytes_to_bits, device_key, parse_size
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
@@ -37,6 +37,9 @@ class PlacementOptions:
     offload_buffers: bool = False
     balance: Balance = "memory"
     gpu0_reserve_bits: int = 0
+    execution_device: str | None = None
+    """Where offloaded blocks execute, as the core spells the key (``"1"``, ``"cpu"``); ``None``: the
+    planner chooses (GPU 0 stages them when it can)."""
 
     @classmethod
     def parse(
@@ -48,6 +51,7 @@ class PlacementOptions:
         offload_buffers: object = False,
         balance: object = "memory",
         gpu0_reserve: Size | None = None,
+        execution_device: object = None,
     ) -> PlacementOptions:
         """Check every option as a user passed it; raise a devicemap error naming the first wrong one."""
         checked_strategy = check_choice("strategy", strategy, STRATEGIES)
@@ -65,6 +69,15 @@ class PlacementOptions:
                 reserve_bits = bytes_to_bits(parse_size(gpu0_reserve))
             except InvalidSizeError as err:
                 raise InvalidSizeError(f"gpu0_reserve: {err}") from None
+        executor = None
+        if execution_device is not None:
+            key = device_key(execution_device)
+            if key == "disk":
+                raise UnknownDeviceError(
+                    f"execution_device {execution_device!r} cannot execute offloaded blocks: use a GPU index "
+                    "(0, 1, ...), an accelerator device such as 'cuda:1', or 'cpu'"
+                )
+            executor = str(key)
         return cls(
             strategy=checked_strategy,
             no_split_module_classes=None if classes is None else tuple(classes),
@@ -72,6 +85,7 @@ class PlacementOptions:
             offload_buffers=check_flag("offload_buffers", offload_buffers),
             balance=checked_balance,
             gpu0_reserve_bits=reserve_bits,
+            execution_device=executor,
         )
 
     def classes_for(self, tree_classes: Iterable[str]) -> list[str]:

@@ -114,6 +114,7 @@ class Plan:
         usage: list[DeviceUsage],
         offloaded: list[Offload],
         tree: ModuleTree | None = None,
+        execution_map: dict[str, DeviceKey] | None = None,
     ):
         self.strategy = strategy
         self.tree = tree
@@ -123,6 +124,18 @@ class Plan:
         """Every block (the finest placed piece) and its device, in model order."""
         self.usage = usage
         self.offloaded = offloaded
+        if execution_map is None:
+            # Without the core's answer: blocks on a GPU run there, offloaded ones on the first GPU.
+            gpus = [u.device for u in usage if u.device not in ("cpu", "disk")]
+            stager: DeviceKey = gpus[0] if gpus else "cpu"
+            execution_map = {
+                name: device if device not in ("cpu", "disk") else stager
+                for name, device in assignments.items()
+            }
+        self.execution_map = execution_map
+        """Every block and the device that computes it, in model order: its own GPU; for a block on the
+        CPU or disk, the GPU that stages it (GPU 0 unless it has no room: see ``plan()``) or ``"cpu"``.
+        ``device_map`` stays accelerate's format; hooks read this for the execution devices."""
 
     @property
     def device_bytes(self) -> dict[DeviceKey, int]:
@@ -221,6 +234,7 @@ def plan(
     gpu0_reserve: Size | None = None,
     untie: bool = False,
     quantization_config: Any = None,
+    execution_device: DeviceKey | None = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -244,6 +258,11 @@ def plan(
         balance: ``"memory"`` (default) or ``"compute"``: what ``balanced`` strategies equalise. Compute
             is FLOPs per token (2 x parameters used per token; only routed experts' share for MoE).
         gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
+        execution_device: where blocks on the CPU or disk execute: a GPU (``1``, ``"cuda:1"``: it keeps
+            the room to stage them) or ``"cpu"`` (they compute on the CPU, no GPU room kept). ``None``
+            (default): GPU 0 stages them when it has room (the plan accelerate would make); else the GPU
+            keeping the most layers on the GPUs; else the blocks no GPU can stage (e.g. an embedding
+            larger than any GPU) run on the CPU. ``plan.execution_map`` says where every block runs.
         untie: count a shared parameter once per user instead of keeping its users together (for
             pipeline stages, where each stage holds its own copy).
         quantization_config: the quantizer the model will load with (a transformers
@@ -272,6 +291,7 @@ def plan(
         offload_buffers=offload_buffers,
         balance=balance,
         gpu0_reserve=gpu0_reserve,
+        execution_device=execution_device,
     )
     check_flag("untie", untie)
     if workload is not None and not isinstance(workload, Workload):
@@ -386,6 +406,7 @@ def _solve(
         compute,
         options.balance,
         options.gpu0_reserve_bits,
+        options.execution_device,
     )
     # The core hands back bytes (rounded once, in Rust) and devices as accelerate's keys.
     return Plan(
@@ -408,4 +429,5 @@ def _solve(
             Offload(name=o.name, device=o.device, bytes=o.bytes, reason=o.reason) for o in result.offloaded
         ],
         tree=tree,
+        execution_map=dict(result.execution_map),
     )

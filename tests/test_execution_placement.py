@@ -1,0 +1,171 @@
+"""Where each block executes (issue 13, item 1): ``plan.execution_map`` and ``execution_device=``.
+
+Blocks on a GPU run there; a block stored on the CPU or disk is staged on a GPU chosen by the planner
+(GPU 0 when it has room, as before), or runs on the CPU when no GPU can stage it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.utils import check_device_map, infer_auto_device_map
+
+import devicemap
+from devicemap.cli import main
+
+
+def stack(n: int, width: int = 256) -> torch.nn.Sequential:
+    with torch.device("meta"):
+        return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n)])
+
+
+LAYER = 256 * 256 * 4 + 256 * 4  # bytes of one Linear(256, 256) in float32
+
+
+def big_vocab_llama():
+    """A Llama whose untied embedding and head (32000 x 64, 8 MB each) are larger than any GPU below."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def runs_on(plan: devicemap.Plan, prefix: str) -> set:
+    return {d for name, d in plan.execution_map.items() if name == prefix or name.startswith(prefix + ".")}
+
+
+def test_an_embedding_larger_than_any_gpu_gets_a_plan_that_runs_it_on_the_cpu():
+    model = big_vocab_llama()
+    memory = {0: "4MB", 1: "4MB", "cpu": "1GiB"}
+    # Before: DoesNotFitError ("0 executes the offloaded layers and needs 8.19 MB free to stage them");
+    # accelerate returns a map for the same input.
+    assert infer_auto_device_map(
+        model, max_memory=dict(memory), no_split_module_classes=model._no_split_modules
+    )
+    plan = devicemap.plan(model, memory)
+    check_device_map(model, plan.device_map)
+    assert set(plan.execution_map) == set(plan.assignments)
+    assert runs_on(plan, "model.embed_tokens") == {"cpu"}
+    assert runs_on(plan, "lm_head") == {"cpu"}
+    # The decoder layers are small enough to stage: GPU 0 does, and keeps room for one of them (and the
+    # rotary embedding's buffers, which stay on the GPU running it), not for the 8 MB embedding.
+    assert runs_on(plan, "model.layers") == {0}
+    layer_bytes = plan.block_bytes("model.layers.0")
+    assert set(plan.reserve_bytes) == {0}
+    assert layer_bytes <= plan.reserve_bytes[0] < layer_bytes + 1024
+    reasons = {o.name: o.reason for o in plan.offloaded}
+    assert "runs on the CPU: no GPU can stage its" in reasons["model.embed_tokens"]
+    assert "runs on GPU 0" in reasons["model.layers.0"]
+    assert "runs on the CPU" in plan.explain()
+
+    # Pinning the embedding to the CPU keeps the layers on the GPUs; the head still runs on the CPU.
+    pinned = devicemap.plan(model, memory, pins={"model.embed_tokens": "cpu"})
+    check_device_map(model, pinned.device_map)
+    assert {pinned.device_map[k] for k in pinned.device_map if k.startswith("model.layers")} <= {0, 1}
+    assert runs_on(pinned, "model.embed_tokens") == {"cpu"}
+    assert runs_on(pinned, "lm_head") == {"cpu"}
+    assert not any(pinned.reserve_bytes.values())
+
+
+def test_a_small_gpu0_leaves_the_staging_reserve_to_gpu1():
+    model = stack(8)
+    memory = {0: LAYER // 2, 1: 6 * LAYER, "cpu": "1GiB"}  # GPU 0 cannot stage a layer
+    plan = devicemap.plan(model, memory)
+    check_device_map(model, plan.device_map)
+    usage = {u.device: u for u in plan.usage}
+    assert usage[0].reserve == 0
+    assert usage[1].reserve == LAYER
+    assert [plan.device_map[str(i)] for i in range(8)] == [1] * 5 + ["cpu"] * 3
+    assert {plan.execution_map[str(i)] for i in range(5, 8)} == {1}
+    assert all(o.reason.endswith("; runs on GPU 1") for o in plan.offloaded)
+    for u in plan.usage:
+        assert u.capacity is None or u.used <= u.capacity
+
+
+def test_execution_device_forces_where_offloaded_blocks_run():
+    model = stack(8)
+    memory = {0: 3 * LAYER + 64, 1: 3 * LAYER + 64, "cpu": "1GiB"}
+    default = devicemap.plan(model, memory)
+    assert default.reserve_bytes == {0: LAYER}
+    offloaded = [o.name for o in default.offloaded]
+    assert offloaded and {default.execution_map[n] for n in offloaded} == {0}
+
+    for key in (1, "cuda:1", "1"):
+        on_1 = devicemap.plan(model, memory, execution_device=key)
+        assert on_1.reserve_bytes == {1: LAYER}
+        assert {on_1.execution_map[o.name] for o in on_1.offloaded} == {1}
+
+    on_cpu = devicemap.plan(model, memory, execution_device="cpu")
+    assert on_cpu.reserve_bytes == {}
+    assert {on_cpu.execution_map[o.name] for o in on_cpu.offloaded} == {"cpu"}
+    # Without a staging reserve, one more layer stays on the GPUs.
+    assert len(on_cpu.offloaded) == len(default.offloaded) - 1
+    assert all("runs on the CPU" in o.reason for o in on_cpu.offloaded)
+    # GPU-resident blocks always run where they are.
+    for name, device in on_cpu.assignments.items():
+        if device not in ("cpu", "disk"):
+            assert on_cpu.execution_map[name] == device
+
+    with pytest.raises(devicemap.UnknownDeviceError, match="execution_device 5 is not a device"):
+        devicemap.plan(model, memory, execution_device=5)
+    with pytest.raises(devicemap.UnknownDeviceError, match="cannot execute offloaded blocks"):
+        devicemap.plan(model, memory, execution_device="disk")
+
+
+# Device maps the solver made before execution devices existed (devicemap at 9ab958c), on inputs where
+# GPU 0 can stage: they must not change, and every offloaded block runs on GPU 0.
+UNCHANGED = [
+    (8, {0: 3 * LAYER + 64, 1: 3 * LAYER + 64, "cpu": "1GiB"}, "auto", "OLD_0"),
+    (8, {0: 4 * LAYER, "cpu": 2 * LAYER, "disk": 0}, "auto", "OLD_1"),
+    (6, {0: 2 * LAYER, 1: 2 * LAYER, 2: 2 * LAYER, "cpu": "1GiB"}, "balanced_low_0", "OLD_2"),
+    (8, {0: 2 * LAYER, 1: 5 * LAYER, "cpu": "1GiB"}, "sequential", "OLD_3"),
+]
+
+
+OLD = {
+    "OLD_0": ({"0": 0, "1": 0, "2": 1, "3": 1, "4": 1, "5": "cpu", "6": "cpu", "7": "cpu"}, {0: LAYER}),
+    "OLD_1": (
+        {"0": 0, "1": 0, "2": 0, "3": "cpu", "4": "cpu", "5": "disk", "6": "disk", "7": "disk"},
+        {0: LAYER},
+    ),
+    "OLD_2": ({"0": 0, "1": 0, "2": 1, "3": 1, "4": 2, "5": 2}, {}),
+    "OLD_3": ({"0": 0, "1": 1, "2": 1, "3": 1, "4": 1, "5": 1, "6": "cpu", "7": "cpu"}, {0: LAYER}),
+}
+
+
+@pytest.mark.parametrize("layers, memory, strategy, expected", UNCHANGED)
+def test_plans_that_worked_before_are_unchanged(layers, memory, strategy, expected):
+    model = stack(layers)
+    plan = devicemap.plan(model, memory, strategy=strategy)
+    device_map, reserve = OLD[expected]
+    assert plan.device_map == device_map
+    assert plan.reserve_bytes == reserve
+    first_gpu = next(u.device for u in plan.usage if u.device not in ("cpu", "disk"))
+    for name, device in plan.assignments.items():
+        assert plan.execution_map[name] == (first_gpu if device in ("cpu", "disk") else device)
+    assert not any("runs on" in o.reason for o in plan.offloaded)
+    assert (
+        devicemap.plan(model, memory, strategy=strategy, execution_device=first_gpu).device_map == device_map
+    )
+
+
+def test_plan_json_lists_the_execution_map(capsys):
+    args = ["plan", "llama-3.2-1b", "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16"]
+    code = main([*args, "--execution-device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    printed = json.loads(captured.out)
+    assert printed["inputs"]["execution_device"] == "cpu"
+    offloaded = {o["name"] for o in printed["offloaded"]}
+    assert offloaded and all(printed["execution_map"][n] == "cpu" for n in offloaded)
