@@ -8,7 +8,8 @@ hooks do, or on the CPU when the plan uses no GPU). Per block and phase (``b`` b
 
 - **weights read**: the block's weights (and, in decode, its KV cache of ``s`` positions; in prefill the
   KV cache it writes) read from the execution device's memory at its achievable bandwidth. Routed experts
-  of a mixture-of-experts layer count only the share ``1 - (1 - k/E)^T`` that ``T`` tokens touch;
+  of a mixture-of-experts layer count only the share ``1 - (1 - k/E)^T`` that ``T`` tokens touch, an
+  embedding table (not tied to the output head) only the ``T`` rows looked up;
 - **compute**: ``T x 2 x parameters used per token`` (:func:`devicemap.compute.flops_per_token`) plus
   attention scores over the context (``4 x heads x head_dim`` FLOPs per query-key pair; causal prefill
   pairs ``s(s+1)/2``), at the device's achievable FLOP/s for the compute dtype;
@@ -72,6 +73,10 @@ class BlockCost:
     """Bytes of routed experts inside the block (a token reads only ``expert_share`` of them)."""
     expert_share: float = 1.0
     """Experts per token / experts (``k/E``)."""
+    lookup_bytes: int = 0
+    """Bytes of embedding tables inside the block: a token reads one row of each, not the table."""
+    lookup_rows: int = 1
+    """Rows of those tables (a pass of ``T`` tokens reads at most ``min(T, rows)`` of them)."""
 
     def __repr__(self) -> str:  # the doctest above shows the leading fields only
         shown = ", ".join(
@@ -260,6 +265,8 @@ def _phase(
             read_rate, flop_rate = hw.host.read_rate(bits), hw.host.flop_rate(bits)
         touched = 1.0 - (1.0 - block.expert_share) ** tokens if block.expert_bytes else 1.0
         read_bytes = block.weight_bytes - block.expert_bytes * (1.0 - touched)
+        if block.lookup_bytes:
+            read_bytes -= block.lookup_bytes * (1.0 - min(1.0, tokens / max(1, block.lookup_rows)))
         # KV cache: decode reads s cached positions per sequence; prefill writes s of them.
         read_bytes += batch * seq_len * block.kv_bytes_per_token
         # Query-key pairs: a causal prefill's query i sees i keys; a decoded token sees all s.
@@ -401,6 +408,8 @@ def _compute_bits(model: torch.nn.Module, plan: Plan, dtype: Any) -> int:
 
 def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: Any = None) -> list[BlockCost]:
     """The :class:`BlockCost` of every block of ``plan`` (in ``plan.assignments`` order) for ``model``."""
+    import torch
+
     from .compute import _expert_share, _is_routed_experts, flops_per_token
     from .model_config import config_count, config_value, text_config
     from .workload import compute_dtype, decoder_layers
@@ -440,13 +449,22 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
                     attention[block] += 4.0 * int(heads) * head_dim
                     kv[block] += kv_bytes
     experts = dict.fromkeys(assignments, 0)
+    lookups = dict.fromkeys(assignments, 0)
+    rows = dict.fromkeys(assignments, 1)
     count, share = _expert_share(config)
-    if count and plan.tree is not None:
-        for name, module in model.named_modules():
-            if _is_routed_experts(name.rsplit(".", 1)[-1], module, count):
-                block = _covering(name, assignments)
-                if block is not None:
-                    experts[block] += plan.tree.module_bytes(name)
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    head_weight = getattr(head, "weight", None)
+    for name, module in model.named_modules():
+        block = _covering(name, assignments)
+        if block is None or plan.tree is None:
+            continue
+        if count and _is_routed_experts(name.rsplit(".", 1)[-1], module, count):
+            experts[block] += plan.tree.module_bytes(name)
+        elif isinstance(module, torch.nn.Embedding) and module.weight is not head_weight:
+            # a tied table is also the output head's matrix, which reads all of it
+            lookups[block] += plan.tree.module_bytes(name)
+            rows[block] = max(rows[block], module.num_embeddings)
     return [
         BlockCost(
             name=name,
@@ -458,6 +476,8 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
             kv_bytes_per_token=kv[name],
             expert_bytes=min(experts[name], plan.block_bytes(name)),
             expert_share=share if experts[name] else 1.0,
+            lookup_bytes=min(lookups[name], plan.block_bytes(name)),
+            lookup_rows=rows[name],
         )
         for name, storage in assignments.items()
     ]
