@@ -341,3 +341,19 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn without_disk_the_cpu_keeps_no_loading_room_and_the_refusal_says_what_does_not_fit() {
+    let t = lm(50, 8, 100, 50); // 900 bytes
+    let s = spec(&[(Device::Gpu(0), Some(60)), (Device::Cpu, Some(300))]);
+    let msg = solve(&t, &s, &sequential()).unwrap_err().to_string();
+    assert!(
+        msg.contains("GPU 0 executes the offloaded layers and needs 100 B"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("it cannot run on the CPU: ") && msg.contains("fit on no device"),
+        "{msg}"
+    );
+    assert!(!msg.contains("cpu executes"), "{msg}");
+}

@@ -443,7 +443,11 @@ impl<'a> Solver<'a> {
             .iter()
             .filter(|u| u.pinned == Some(Device::Disk))
             .map(|u| (u.staged_bits, kept(u.buffer_bits)));
+        let has_disk = self.spec.contains(Device::Disk);
         let load_room = |first_disk: usize| -> u64 {
+            if !has_disk {
+                return 0; // nothing lands on disk: what the CPU cannot hold is refused by check_leftover
+            }
             let mut loaded = (first_disk..n)
                 .filter(runs_here)
                 .map(|j| (free.staged[j], kept(free.buffers[j])))
