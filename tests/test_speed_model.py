@@ -217,8 +217,11 @@ def test_plan_offloaded_blocks_run_on_gpu_0_unless_the_plan_says_otherwise() -> 
     plan = devicemap.plan(model, max_memory={0: "5MiB", 1: "3MiB", "cpu": "1GiB"}, dtype="bfloat16")
     offloaded = [name for name, device in plan.assignments.items() if device == "cpu"]
     assert offloaded
-    if getattr(plan, "execution_map", None) is None:
+    given = getattr(plan, "execution_map", None)
+    if given is None:
         assert all(execution_devices(plan)[name] == 0 for name in offloaded)
+    else:
+        assert execution_devices(plan) == given
     e = estimate(plan, devicemap.Workload(seq_len=1), hardware(gpus=2), model, dtype="bfloat16")
     assert e.dominant == "weights moved"
     moved = sum(d.weights_moved for d in e.decode.devices)
@@ -396,3 +399,18 @@ def test_cpu_terms_predict_a_measured_cpu_forward() -> None:
     print("\n" + report)
     for _, _, pred, meas in results:
         assert 1 / TOLERANCE <= meas / pred <= TOLERANCE, report
+
+
+def test_plan_executing_offloaded_blocks_on_the_cpu_moves_activations_not_weights() -> None:
+    model = linear_stack(layers=4, width=1024)
+    max_memory = {0: "5MiB", "cpu": "1GiB"}
+    plan = devicemap.plan(model, max_memory=max_memory, dtype="bfloat16", execution_device="cpu")
+    wl = devicemap.Workload(seq_len=1)
+    e = estimate(plan, wl, hardware(latency=1e-5), model, dtype="bfloat16")
+    devices = {d.device: d for d in e.decode.devices}
+    assert set(devices) == {0, "cpu"}
+    assert sum(d.weights_moved for d in devices.values()) == 0
+    assert devices["cpu"].activations_moved == pytest.approx(1e-5)  # no config: hidden size unknown
+    staged = devicemap.plan(model, max_memory=max_memory, dtype="bfloat16")
+    streamed = estimate(staged, wl, hardware(), model, dtype="bfloat16")
+    assert streamed.decode.seconds > e.decode.seconds

@@ -267,7 +267,12 @@ class Hardware:
             [
                 "host",
                 h.name,
-                f"mem {_num(h.memory_bandwidth / _GB)} GB/s x{h.memory_efficiency:g}",
+                f"mem {_num(h.memory_bandwidth / _GB)} GB/s x{h.memory_efficiency:g}"
+                + (
+                    ""
+                    if h.memory_bandwidth_bf16 is None
+                    else f" (bf16 {_num(h.memory_bandwidth_bf16 / _GB)})"
+                ),
                 f"bf16 {_flops(h.flops_bf16)} x{h.compute_efficiency:g}",
                 f"fp32 {_flops(h.flops_fp32)}",
                 f"disk {_num(h.disk_read / _GB)} GB/s",
