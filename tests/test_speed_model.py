@@ -418,3 +418,13 @@ def test_plan_executing_offloaded_blocks_on_the_cpu_moves_activations_not_weight
     staged = devicemap.plan(model, max_memory=max_memory, dtype="bfloat16")
     streamed = estimate(staged, wl, hardware(), model, dtype="bfloat16")
     assert streamed.decode.seconds > e.decode.seconds
+
+
+def test_compute_width_follows_the_planned_dtype() -> None:
+    model = linear_stack(layers=2, width=1024)  # float32 on the meta device
+    wl = devicemap.Workload(seq_len=4096)
+    as_bf16 = devicemap.plan(model, max_memory={0: "1GiB"}, dtype="bfloat16")
+    as_fp32 = devicemap.plan(model, max_memory={0: "1GiB"})
+    flops = 4096 * 2 * 2 * 1024 * 1024
+    assert estimate(as_bf16, wl, hardware(), model).prefill.seconds == pytest.approx(flops / 100e12)
+    assert estimate(as_fp32, wl, hardware(), model).prefill.seconds == pytest.approx(flops / 10e12)

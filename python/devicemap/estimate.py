@@ -397,12 +397,21 @@ def _model_of(model_or_config: Any) -> torch.nn.Module:
 
 
 def _compute_bits(model: torch.nn.Module, plan: Plan, dtype: Any) -> int:
+    """Bits of the compute dtype: ``dtype``'s; else the width the plan sized the weights at (a model built
+    in float32 on the meta device and planned with ``dtype="bfloat16"`` computes in 16 bits), which is
+    the model's own floating dtype unless ``plan(dtype=...)`` said otherwise."""
     from .tree import dtype_bits, to_dtype
     from .workload import compute_dtype
 
-    if dtype is None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    resolved = compute_dtype(dtype)
+    if dtype is not None:
+        resolved = compute_dtype(dtype)
+        return dtype_bits(to_dtype(resolved)) if resolved is not None else 16
+    params = sum(p.numel() for p in model.parameters())
+    if params and plan.tree is not None:
+        planned = sum(plan.block_bytes(name) for name in plan.assignments)
+        return 32 if planned / params > 3.0 else 16  # 4 bytes per parameter: float32; else 16 bits or less
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    resolved = compute_dtype(floating)
     return dtype_bits(to_dtype(resolved)) if resolved is not None else 16
 
 
@@ -501,7 +510,8 @@ def estimate(
         model_or_config: the model the plan was made for (meta device is fine) or its transformers config
             (the model is then built on the meta device). Its config gives attention, KV cache and hidden
             sizes; its parameters give FLOPs per token.
-        dtype: compute dtype (default: the model's floating dtype): float32 uses fp32 FLOP/s.
+        dtype: compute dtype; default: the width the plan sized the weights at (float32 when ~4 bytes per
+            parameter, else 16 bits: quantized weights compute in 16 bits). float32 uses fp32 FLOP/s.
 
     Example:
         >>> import torch, devicemap
@@ -519,8 +529,10 @@ def estimate(
     if workload is None:
         workload = Workload()
     model = _model_of(model_or_config)
-    blocks = block_costs(plan, model, workload, dtype)
     bits = _compute_bits(model, plan, dtype)
+    if dtype is None:
+        dtype = "float32" if bits >= 32 else "bfloat16"
+    blocks = block_costs(plan, model, workload, dtype)
     hidden_bytes = 0.0
     config = getattr(model, "config", None)
     if config is not None:
