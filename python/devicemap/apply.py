@@ -24,6 +24,7 @@ from .arguments import check_flag, check_path
 from .checkpoint import plan_checkpoint
 from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
+from .execution_hooks import attach_execution_hooks
 from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
 from .offload_folder import (
     ConvertedWeights,
@@ -119,11 +120,15 @@ def _check_present(device_map: Mapping[str, Any]) -> None:
 
 
 def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
-    """The device that executes offloaded layers: GPU 0 of the plan (where devicemap reserved the staging
-    room), else the lowest GPU in the map, else the CPU."""
+    """The device that executes offloaded layers when one device runs them all: the plan's stager (GPU 0
+    unless the planner chose another), else the lowest GPU in the map, else the CPU."""
     gpus: list[int] = []
     if isinstance(plan_or_map, Plan):
-        gpus = [u.device for u in plan_or_map.usage if isinstance(u.device, int)]
+        stagers = _offloaded_executors(plan_or_map)
+        if len(stagers) == 1 and isinstance(next(iter(stagers)), int):
+            gpus = [next(iter(stagers))]
+        else:
+            gpus = [u.device for u in plan_or_map.usage if isinstance(u.device, int)]
     gpus = gpus or sorted(
         d
         for d in dict(plan_or_map.device_map if isinstance(plan_or_map, Plan) else plan_or_map).values()
@@ -133,6 +138,33 @@ def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
         return "cpu"
     stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
     return stand_ins[0] if stand_ins else min(gpus)
+
+
+def _offloaded_executors(plan: Plan) -> set[Any]:
+    """The devices that run the plan's CPU- and disk-stored blocks."""
+    return {plan.execution_map[b] for b, d in plan.assignments.items() if d in ("cpu", "disk")}
+
+
+def _per_block_execution(
+    plan_or_map: PlanLike, device_map: Mapping[str, Any], rehearse: bool
+) -> dict[str, Any] | None:
+    """Every block's execution device when accelerate's single ``main_device`` cannot express the plan
+    (offloaded blocks run on the CPU, or on several GPUs), else None. In a rehearsal, GPUs are the
+    stand-in CPU device, as in ``device_map``."""
+    if not isinstance(plan_or_map, Plan):
+        return None
+    executors = _offloaded_executors(plan_or_map)
+    has_gpu = any(isinstance(d, int) for d in plan_or_map.assignments.values()) or any(
+        isinstance(d, int) for d in executors
+    )
+    if len(executors) <= 1 and (not has_gpu or "cpu" not in executors):
+        return None
+    stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
+    stand_in = stand_ins[0] if stand_ins else RehearsalDevice()
+    return {
+        block: stand_in if rehearse and (isinstance(d, int) or d == "mps") else d
+        for block, d in plan_or_map.execution_map.items()
+    }
 
 
 def dispatch(
@@ -177,6 +209,18 @@ def dispatch(
         # accelerate writes index.json and one file per weight straight into the folder it is given:
         # give it one of devicemap's own, so a user's files and other models' weights are never touched.
         folder = session_folder(folder, "dispatch")
+    per_block = None if main_device is not None else _per_block_execution(plan, device_map, rehearse)
+    if per_block is not None:  # some offloaded blocks run on the CPU, or on different GPUs
+        return owned_by_result(
+            folder,
+            lambda: attach_execution_hooks(
+                model,
+                _without_disk_root(model, device_map),
+                per_block,
+                offload_dir=str(folder) if folder is not None else None,
+                offload_buffers=offload_buffers,
+            ),
+        )
     return owned_by_result(
         folder,
         lambda: dispatch_model(
@@ -382,6 +426,11 @@ def load_checkpoint(
     _retie(model, tie_groups, index)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # type: ignore[operator]  # torch types Module.__getattr__ as Tensor | Module
+    per_block = _per_block_execution(plan, device_map, rehearse)
+    if per_block is not None:  # some offloaded blocks run on the CPU, or on different GPUs
+        return attach_execution_hooks(
+            model, device_map, per_block, offload_index=index or None, offload_buffers=offload_buffers
+        )
     return dispatch_model(
         model,
         device_map=device_map,
