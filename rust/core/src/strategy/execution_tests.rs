@@ -356,4 +356,6 @@ fn without_disk_the_cpu_keeps_no_loading_room_and_the_refusal_says_what_does_not
         "{msg}"
     );
     assert!(!msg.contains("cpu executes"), "{msg}");
+    // Every layer is as large: the first of them is named.
+    assert!(msg.contains(r#"the largest offloaded block "layers.0""#), "{msg}");
 }

@@ -324,7 +324,11 @@ impl<'a> Solver<'a> {
             .copied()
             .chain(pinned)
             .filter(|u| runs(u.staged_bits))
-            .max_by_key(|u| u.staged_bits)?;
+            // The first of the largest: the block a reader meets first in model order.
+            .fold(None, |best: Option<&Unit>, u| match best {
+                Some(b) if b.staged_bits >= u.staged_bits => Some(b),
+                _ => Some(u),
+            })?;
         Some(self.tree.name(self.blocks[unit.blocks[0]].node).to_string())
     }
 
