@@ -98,8 +98,8 @@ def test_does_not_fit_says_what_is_short_as_numbers():
         devicemap.plan(model, {0: 3 * layer, 1: 3 * layer})
     assert no_disk.value.shortfall == "no_disk" and no_disk.value.device is None
     assert no_disk.value.missing_bytes == 2 * layer  # the two layers no GPU holds
-    with pytest.raises(devicemap.DoesNotFitError) as staging:
-        devicemap.plan(model, {0: layer // 2, "cpu": 100 * layer})
+    with pytest.raises(devicemap.DoesNotFitError) as staging:  # no CPU to run what GPU 0 cannot stage
+        devicemap.plan(model, {0: layer // 2, "disk": 0})
     assert staging.value.shortfall == "staging" and staging.value.device == 0
     assert staging.value.missing_bytes == layer - layer // 2  # room to stage one layer
     assert devicemap.DoesNotFitError("raised from Python").missing_bytes is None

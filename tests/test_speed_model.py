@@ -428,3 +428,13 @@ def test_compute_width_follows_the_planned_dtype() -> None:
     flops = 4096 * 2 * 2 * 1024 * 1024
     assert estimate(as_bf16, wl, hardware(), model).prefill.seconds == pytest.approx(flops / 100e12)
     assert estimate(as_fp32, wl, hardware(), model).prefill.seconds == pytest.approx(flops / 10e12)
+
+
+def test_plan_estimate_is_the_estimate_of_the_plan() -> None:
+    model = linear_stack(layers=4, width=1024)
+    plan = devicemap.plan(model, max_memory={0: "10MiB", "cpu": "1GiB"}, dtype="bfloat16")
+    workload = devicemap.Workload(seq_len=128)
+    via_method = plan.estimate(workload, hardware(), model, dtype="bfloat16")
+    direct = estimate(plan, workload, hardware(), model, dtype="bfloat16")
+    assert via_method.decode.seconds == direct.decode.seconds > 0
+    assert via_method.prefill.seconds == direct.prefill.seconds

@@ -32,6 +32,8 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
+from .estimate import Estimate
+from .hardware import GPU, Hardware, Host, measure_host
 from .integrations import install, install_from_environment, installed, uninstall
 from .memory import available_memory, normalize_max_memory, parse_size
 from .options import STRATEGIES, Balance, Strategy
@@ -48,6 +50,10 @@ __all__ = [
     "DeviceUsage",
     "DoesNotFitError",
     "DuplicateDeviceError",
+    "Estimate",
+    "GPU",
+    "Hardware",
+    "Host",
     "InternalError",
     "InvalidOptionError",
     "InvalidSizeError",
@@ -74,6 +80,7 @@ __all__ = [
     "install",
     "installed",
     "load_checkpoint",
+    "measure_host",
     "plan_checkpoint",
     "compat",
     "normalize_max_memory",

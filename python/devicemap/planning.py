@@ -32,6 +32,9 @@ from .workload import runtime_memory as workload_runtime
 if TYPE_CHECKING:
     import torch
 
+    from .estimate import Estimate
+    from .hardware import Hardware
+
 
 def covering_key(name: str, device_map: Mapping[str, object]) -> str:
     """The key of ``device_map`` that places ``name``: itself or its closest mapped ancestor.
@@ -169,6 +172,20 @@ class Plan:
         ...
         """
         return self.table(limit=None)
+
+    def estimate(
+        self,
+        workload: Workload | None,
+        hardware: Hardware,
+        model_or_config: Any,
+        *,
+        dtype: DtypeLike | None = None,
+    ) -> Estimate:
+        """Predicted time of one prefill of ``workload.seq_len`` tokens and of one decoded token on
+        ``hardware``, per device and in total, and what dominates (see :mod:`devicemap.estimate`)."""
+        from .estimate import estimate
+
+        return estimate(self, workload, hardware, model_or_config, dtype=dtype)
 
     def block_bytes(self, name: str) -> int:
         """Bytes of one placed block (needs the plan's tree)."""
