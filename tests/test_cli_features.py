@@ -343,3 +343,41 @@ def test_saved_files_get_the_usual_permissions(capsys, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+# ----- --hardware: predicted speed of the plan -------------------------------------------------------
+
+
+def test_hardware_prints_the_plans_estimate(capsys, small_model):
+    from devicemap.hardware import Hardware
+
+    args = ("plan", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16", "--seq-len", "512")
+    printed = command_json(capsys, *args, "--hardware", "rtx-4090,server-ddr5-8ch")
+    estimate = printed["estimate"]
+    assert estimate["hardware"] == {"gpus": ["rtx-4090"], "host": "server-ddr5-8ch"}
+    expected = devicemap.plan(
+        small_model,
+        max_memory={0: "1GiB", "cpu": "8GiB"},
+        dtype="bfloat16",
+        workload=devicemap.Workload(batch_size=1, seq_len=512, kv_dtype="bfloat16"),
+    ).estimate(
+        devicemap.Workload(batch_size=1, seq_len=512, kv_dtype="bfloat16"),
+        Hardware.preset("rtx-4090", gpus=1, host="server-ddr5-8ch"),
+        small_model,
+        dtype="bfloat16",
+    )
+    assert estimate["decode"]["seconds"] == pytest.approx(expected.decode.seconds)
+    assert estimate["tokens_per_second"] == pytest.approx(expected.tokens_per_second)
+    assert estimate["decode"]["dominant"] == "weights moved"  # offloaded layers streamed over PCIe
+    # running the offloaded layers on the CPU moves activations instead of weights: faster decode
+    on_cpu = command_json(
+        capsys, *args, "--hardware", "rtx-4090,server-ddr5-8ch", "--execution-device", "cpu"
+    )
+    assert on_cpu["estimate"]["tokens_per_second"] > estimate["tokens_per_second"]
+    text = cli.main([*args, "--hardware", "rtx-4090"])
+    assert text == 0 and "tokens/s" in capsys.readouterr().out
+
+
+def test_an_unknown_hardware_preset_is_refused_naming_the_known_ones(capsys):
+    line = refused(capsys, "plan", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--hardware", "h900")
+    assert "h900" in line and "rtx-4090" in line

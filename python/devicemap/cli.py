@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement_options(p)
     add_no_split(p)
     add_json(p, "the plan, its inputs and every device's bytes")
+    p.add_argument(
+        "--hardware",
+        metavar="GPU[,HOST]",
+        help="predict prefill and decode time of the plan on this hardware: a GPU preset for every GPU of the "
+        "spec (h100-sxm, a100-80gb-sxm, l40s, rtx-4090, ...) and a host preset (desktop-ddr5, server-ddr5-12ch, "
+        "...) or 'measure' for this machine; uses --batch/--seq-len (default batch 1, 2048 tokens)",
+    )
     p.add_argument("--out", help="write a picture of the plan: a .svg or .html file")
     p.add_argument(
         "--save",
@@ -327,6 +334,14 @@ def run_plan(args: argparse.Namespace) -> int:
             **placement,
         )
         no_split = no_split if no_split is not None else model_no_split(model)
+    speed = None
+    if args.hardware is not None:
+        gpus = sum(1 for key in memory if isinstance(key, int))
+        machine = cli_inputs.hardware(args.hardware, gpus)
+        described = model if source.kind != "checkpoint" else source.config
+        if described is None:
+            raise InvalidOptionError("--hardware needs the model's config.json beside the checkpoint")
+        speed = result.estimate(workload, machine, described, dtype=dtype)
     if args.json:
         # The CLI builds its Workload with a dtype name (cli_inputs.kv_dtype), never a torch.dtype.
         kv_dtype = workload.kv_dtype if workload is not None else None
@@ -345,9 +360,14 @@ def run_plan(args: argparse.Namespace) -> int:
             execution_device=None if execution_device is None else device_key(execution_device),
             **placement,
         )
-        print(json.dumps(cli_json.plan_json(result, inputs), indent=2))
+        printed = cli_json.plan_json(result, inputs)
+        if speed is not None:
+            printed["estimate"] = cli_json.estimate_json(speed)
+        print(json.dumps(printed, indent=2))
     else:
         print(result)
+        if speed is not None:
+            print(speed)
     if picture is not None:
         write_picture(result, picture, f"{args.model}")
         if not args.json:

@@ -233,6 +233,20 @@ def quantization(text: str | None) -> Any:
     return TorchAoConfig(getattr(ao, preset["torchao"])())
 
 
+# ----- hardware --------------------------------------------------------------------------------------
+
+
+def hardware(text: str, gpus: int) -> Any:
+    """``--hardware GPU[,HOST]``: a GPU preset for each of the spec's ``gpus`` GPUs and a host preset, or
+    ``measure`` for this machine's host (default: desktop-ddr5) -> a :class:`devicemap.Hardware`."""
+    from .hardware import Hardware
+
+    gpu, _, host = (part.strip() for part in text.partition(","))
+    if host == "measure":
+        return Hardware.measure_host(gpu or None, gpus=gpus, quick=True)
+    return Hardware.preset(gpu or None, gpus=gpus, host=host or "desktop-ddr5")
+
+
 # ----- dtypes and counts -----------------------------------------------------------------------------
 
 

@@ -155,3 +155,35 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def estimate_json(speed: Any) -> dict[str, Any]:
+    """``plan --hardware ... --json``: predicted seconds per phase, per device and term, and decode tokens/s."""
+
+    def phase(p: Any) -> dict[str, Any]:
+        return {
+            "seconds": p.seconds,
+            "tokens": p.tokens,
+            "dominant": p.dominant,
+            "bottlenecks": dict(p.bottlenecks),
+            "devices": [
+                {
+                    "device": d.device,
+                    "blocks": d.blocks,
+                    "weights_read": d.weights_read,
+                    "compute": d.compute,
+                    "weights_moved": d.weights_moved,
+                    "disk_read": d.disk_read,
+                    "activations_moved": d.activations_moved,
+                    "total": d.total,
+                }
+                for d in p.devices
+            ],
+        }
+
+    return {
+        "hardware": {"gpus": [g.name for g in speed.hardware.gpus], "host": speed.hardware.host.name},
+        "prefill": phase(speed.prefill),
+        "decode": phase(speed.decode),
+        "tokens_per_second": speed.tokens_per_second,
+    }
