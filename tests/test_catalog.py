@@ -29,6 +29,7 @@ EXPECTED = [
     ("falcon-7b", 6.8e9, 7.0e9),
     ("opt-6.7b", 6.6e9, 6.7e9),
     ("t5-large", 0.73e9, 0.75e9),
+    ("deepseek-v2-lite", 15.6e9, 15.8e9),
 ]
 
 

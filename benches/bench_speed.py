@@ -1,0 +1,105 @@
+"""Predicted decode speed of plans: accelerate's placement against devicemap's, on the same hardware.
+
+    .venv/bin/python benches/bench_speed.py            # the scenarios below
+    .venv/bin/python benches/bench_speed.py --quick    # the first two
+
+Nothing runs on a GPU: each plan is costed by devicemap's speed model (``devicemap.estimate``: weights
+read, weights streamed to the GPU for offloaded layers, compute, activations moved; presets with their
+datasheet sources in ``devicemap/hardware.py``). For every scenario (a catalog model in bfloat16 on a
+device spec, batch 1 with a 2048-token KV cache) it prints the predicted decode tokens/s of
+
+- accelerate: what transformers does for ``device_map="auto"`` (get_balanced_memory + infer_auto_device_map);
+  offloaded layers run on GPU 0, their weights streamed over PCIe every token;
+- devicemap memory: ``devicemap.plan`` (most weights on the GPUs; offloaded layers staged on a GPU);
+- devicemap CPU-run: ``devicemap.plan(..., execution_device="cpu")``: offloaded layers stay in CPU memory and
+  run there (only activations cross PCIe), which is what llama.cpp users do with ``--n-cpu-moe``;
+
+and the assumptions (GPU and host presets). These are predictions: ``benches/gpu_check.py`` measures real
+runs next to the estimates on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import devicemap
+from devicemap import catalog
+from devicemap.compare import accelerate_device_map
+from devicemap.hardware import Hardware
+
+GIB = 2**30
+WORKLOAD = devicemap.Workload(batch_size=1, seq_len=2048, kv_dtype="bfloat16")
+
+# (model, GPU preset, GPUs, GPU memory GiB, host preset, CPU memory GiB)
+SCENARIOS = [
+    ("mixtral-8x7b", "rtx-4090", 1, 24, "desktop-ddr5", 128),
+    ("qwen3-30b-a3b", "rtx-4090", 1, 24, "desktop-ddr5", 64),
+    ("llama-3-70b", "rtx-4090", 2, 24, "desktop-ddr5", 128),
+    ("deepseek-v2-lite", "t4", 1, 16, "desktop-ddr4", 32),
+    ("llama-3-8b", "rtx-3090", 1, 8, "desktop-ddr5", 32),
+    ("mixtral-8x22b", "a100-80gb-sxm", 2, 80, "server-ddr5-12ch", 512),
+]
+
+
+def as_plan(model, device_map: dict) -> devicemap.Plan:
+    """accelerate's placement as a devicemap Plan (every key pinned where accelerate put it, on roomy
+    devices), so the same speed model costs it; offloaded layers run on GPU 0, as accelerate runs them."""
+    gpus = {d for d in device_map.values() if isinstance(d, int)}
+    roomy = {**{g: 2**50 for g in gpus}, "cpu": 2**50, "disk": 0}
+    return devicemap.plan(model, roomy, dtype="bfloat16", pins=device_map, workload=WORKLOAD)
+
+
+def scenario(name: str, gpu: str, gpus: int, gpu_gib: int, host: str, cpu_gib: int) -> dict:
+    model = catalog.build_meta_model(name)
+    memory = {**{i: gpu_gib * GIB for i in range(gpus)}, "cpu": cpu_gib * GIB}
+    hardware = Hardware.preset(gpu, gpus=gpus, host=host)
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    accelerate_map = accelerate_device_map(model, memory, "auto", no_split, "bfloat16")
+    plans = {
+        "accelerate": as_plan(model, accelerate_map),
+        "devicemap memory": devicemap.plan(model, memory, dtype="bfloat16", workload=WORKLOAD),
+        "devicemap CPU-run": devicemap.plan(
+            model, memory, dtype="bfloat16", workload=WORKLOAD, execution_device="cpu"
+        ),
+    }
+    row: dict = {"model": name, "hardware": f"{gpus} x {gpu} ({gpu_gib} GiB), {host} ({cpu_gib} GiB)"}
+    for label, plan in plans.items():
+        estimate = plan.estimate(WORKLOAD, hardware, model, dtype="bfloat16")
+        on_gpus = sum(u.weights for u in plan.usage if isinstance(u.device, int))
+        row[label] = (estimate.tokens_per_second, on_gpus / GIB, estimate.dominant)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the first two scenarios only")
+    args = parser.parse_args()
+    rows = [scenario(*s) for s in (SCENARIOS[:2] if args.quick else SCENARIOS)]
+    labels = ("accelerate", "devicemap memory", "devicemap CPU-run")
+    print(
+        "| model | hardware | "
+        + " | ".join(f"{label} tok/s (GiB on GPUs)" for label in labels)
+        + " | best vs accelerate | accelerate bound by |"
+    )
+    print("|---|---|" + "---:|" * len(labels) + "---:|---|")
+    for row in rows:
+        cells = [f"{row[label][0]:.2f} ({row[label][1]:.1f})" for label in labels]
+        best = max(row[label][0] for label in labels[1:])
+        print(
+            f"| {row['model']} | {row['hardware']} | "
+            + " | ".join(cells)
+            + f" | {best / row['accelerate'][0]:.1f}x | {row['accelerate'][2]} |"
+        )
+    print(f"\nWorkload: batch {WORKLOAD.batch_size}, {WORKLOAD.seq_len}-token KV cache, bfloat16 weights.")
+    for name in sorted({s[1] for s in SCENARIOS}):
+        g = Hardware.preset(name).gpus[0]
+        print(
+            f"{name}: {g.memory_bandwidth / 1e9:.0f} GB/s, H2D {g.host_to_device / 1e9:.1f} GB/s ({g.source})"
+        )
+    for name in sorted({s[4] for s in SCENARIOS}):
+        h = Hardware.preset(None, host=name).host
+        print(f"{name}: {h.memory_bandwidth / 1e9:.0f} GB/s memory ({h.source})")
+
+
+if __name__ == "__main__":
+    main()
