@@ -115,3 +115,53 @@ def test_a_key_covering_blocks_that_run_on_different_devices_is_split():
     assert runs_on == {"model.a": 0, "model.b": "cpu", "model.c": "cpu", "lm_head": 0}
     # one execution device per key: kept as is
     assert by_execution({"model": "cpu"}, {"model.a": 0, "model.b": 0})[0] == {"model": "cpu"}
+
+
+LAYER = 64 * 64 * 4 + 64 * 4  # bytes of one Linear(64, 64) in float32
+
+
+def stack() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).eval()
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [{0: LAYER + 64, "cpu": "1MiB"}, {0: LAYER // 2, 1: LAYER + 64, "cpu": "1MiB"}],
+    ids=["gpu0-stages", "gpu1-stages"],
+)
+def test_every_block_on_the_cpu_is_still_staged_on_the_planned_gpu(memory):
+    # accelerate's dispatch_model attaches no hooks to a map whose only device is the CPU: it moved the
+    # model there and every block ran on the CPU instead of the GPU the plan stages it on.
+    plan = devicemap.plan(stack(), memory)
+    assert plan.device_map == {"": "cpu"} and len(set(plan.execution_map.values())) == 1
+    assert "cpu" not in plan.execution_map.values()
+    x = torch.ones(2, 64)
+    expected = stack()(x)
+    model = devicemap.dispatch(stack(), plan, rehearse=True)
+    check_hooks_follow_the_plan(model, plan)
+    assert all(layer._hf_hook.offload for layer in model)  # streamed from CPU memory, as planned
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected)
+
+
+def test_load_checkpoint_stages_a_cpu_only_map_on_the_gpu(saved):
+    folder, expected = saved
+    plan = devicemap.plan(meta_model(), {0: "8.5MB", "cpu": "1GiB"})
+    assert set(plan.device_map.values()) == {"cpu"} and set(plan.execution_map.values()) == {0}
+    model = devicemap.load_checkpoint(meta_model(), folder, plan, rehearse=True, progress=False)
+    check_hooks_follow_the_plan(model, plan)
+    with torch.no_grad():
+        assert torch.allclose(model(INPUT).logits, expected, atol=1e-5)
+
+
+def test_rehearsing_a_plan_that_offloads_every_block_to_one_gpu_runs_on_the_stand_in(tmp_path):
+    # No GPU key in the map, one GPU stages everything: the hooks executed on "cuda:0" in a rehearsal.
+    plan = devicemap.plan(stack(), {0: LAYER + 64, "cpu": LAYER + 64, "disk": 0})
+    assert 0 not in plan.device_map.values() and set(plan.execution_map.values()) == {0}
+    x = torch.ones(2, 64)
+    expected = stack()(x)
+    model = devicemap.dispatch(stack(), plan, rehearse=True, offload_dir=tmp_path)
+    assert all(isinstance(layer._hf_hook.execution_device, RehearsalDevice) for layer in model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected)

@@ -119,9 +119,10 @@ def _check_present(device_map: Mapping[str, Any]) -> None:
             )
 
 
-def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
+def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any], rehearse: bool = False) -> Any:
     """The device that executes offloaded layers when one device runs them all: the plan's stager (GPU 0
-    unless the planner chose another), else the lowest GPU in the map, else the CPU."""
+    unless the planner chose another), else the lowest GPU in the map, else the CPU. In a rehearsal a
+    GPU is the stand-in CPU device, also when the map itself names no GPU (every block offloaded)."""
     gpus: list[int] = []
     if isinstance(plan_or_map, Plan):
         stagers = _offloaded_executors(plan_or_map)
@@ -137,7 +138,9 @@ def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any]) -> Any:
     if not gpus:
         return "cpu"
     stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
-    return stand_ins[0] if stand_ins else min(gpus)
+    if stand_ins:
+        return stand_ins[0]
+    return RehearsalDevice() if rehearse else min(gpus)
 
 
 def _offloaded_executors(plan: Plan) -> set[Any]:
@@ -157,7 +160,11 @@ def _per_block_execution(
     has_gpu = any(isinstance(d, int) for d in plan_or_map.assignments.values()) or any(
         isinstance(d, int) for d in executors
     )
-    if len(executors) <= 1 and (not has_gpu or "cpu" not in executors):
+    # accelerate's dispatch_model attaches no hooks when every weight is on the CPU (it only moves the
+    # model there): blocks the plan stages on a GPU need their own hooks then.
+    all_on_cpu = all(type(d) is str and d == "cpu" for d in device_map.values())
+    staged = any(isinstance(d, int) or d == "mps" for d in plan_or_map.execution_map.values())
+    if len(executors) <= 1 and (not has_gpu or "cpu" not in executors) and not (all_on_cpu and staged):
         return None
     stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
     stand_in = stand_ins[0] if stand_ins else RehearsalDevice()
@@ -226,7 +233,7 @@ def dispatch(
         lambda: dispatch_model(
             model,
             device_map=_without_disk_root(model, device_map),
-            main_device=main_device if main_device is not None else _main_device(plan, device_map),
+            main_device=main_device if main_device is not None else _main_device(plan, device_map, rehearse),
             offload_dir=str(folder) if folder is not None else None,
             offload_buffers=offload_buffers,
         ),
@@ -434,7 +441,7 @@ def load_checkpoint(
     return dispatch_model(
         model,
         device_map=device_map,
-        main_device=_main_device(plan, device_map),
+        main_device=_main_device(plan, device_map, rehearse),
         offload_index=index or None,
         offload_buffers=offload_buffers,
     )

@@ -69,7 +69,6 @@ def attach_execution_hooks(
     from accelerate.hooks import attach_align_device_hook_on_blocks
     from accelerate.utils import (
         OffloadedWeightsLoader,
-        extract_submodules_state_dict,
         find_tied_parameters,
         offload_state_dict,
         retie_parameters,
@@ -83,13 +82,11 @@ def attach_execution_hooks(
     }
     streamed_from_cpu = [key for key, stored in refined.items() if stored == "cpu" and offload[key]]
     on_disk = [key for key, stored in refined.items() if stored == "disk"]
-    state_dict = (
-        extract_submodules_state_dict(model.state_dict(), streamed_from_cpu) if streamed_from_cpu else None
-    )
+    state_dict = _tensors_under(model.state_dict(), streamed_from_cpu) if streamed_from_cpu else None
     if on_disk and offload_index is None:
         if offload_dir is None:
             raise ValueError("disk-stored blocks need an offload folder")  # callers check this first
-        offload_state_dict(offload_dir, extract_submodules_state_dict(model.state_dict(), on_disk))
+        offload_state_dict(offload_dir, _tensors_under(model.state_dict(), on_disk))
     weights_map = None
     if state_dict is not None or on_disk:
         weights_map = OffloadedWeightsLoader(
@@ -117,6 +114,16 @@ def attach_execution_hooks(
     retie_parameters(model, tied)
     model.hf_device_map = dict(device_map)  # type: ignore[assignment]
     return model
+
+
+def _tensors_under(state_dict: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The entries of ``state_dict`` inside any of ``keys`` (accelerate's ``extract_submodules_state_dict``
+    finds nothing for the root key ``""``, which a plan storing every block on one device has)."""
+    return {
+        name: tensor
+        for name, tensor in state_dict.items()
+        if any(key == "" or name == key or name.startswith(key + ".") for key in keys)
+    }
 
 
 def _is_cpu(device: Any) -> bool:
