@@ -258,32 +258,10 @@ def _phase(
     previous: ExecutionDevice | None = None
     for block in blocks:
         device = block.execution
-        if isinstance(device, int):
-            gpu = hw.gpu(device)
-            read_rate, flop_rate = gpu.read_rate(bits), gpu.flop_rate(bits)
-        else:
-            read_rate, flop_rate = hw.host.read_rate(bits), hw.host.flop_rate(bits)
-        touched = 1.0 - (1.0 - block.expert_share) ** tokens if block.expert_bytes else 1.0
-        read_bytes = block.weight_bytes - block.expert_bytes * (1.0 - touched)
-        if block.lookup_bytes:
-            read_bytes -= block.lookup_bytes * (1.0 - min(1.0, tokens / max(1, block.lookup_rows)))
-        # KV cache: decode reads s cached positions per sequence; prefill writes s of them.
-        read_bytes += batch * seq_len * block.kv_bytes_per_token
-        # Query-key pairs: a causal prefill's query i sees i keys; a decoded token sees all s.
-        pairs = batch * seq_len * (seq_len + 1) / 2 if phase == "prefill" else batch * seq_len
-        flops = tokens * block.flops_per_token + pairs * block.attention_flops
-        read = read_bytes / read_rate
-        compute = flops / flop_rate
-        moved = disk = activations = 0.0
-        if block.storage != device:
-            if block.storage == "disk":
-                disk = block.weight_bytes / hw.host.disk_read
-            link = _link(hw, block.storage, device)
-            if link is not None:
-                moved = block.weight_bytes / link
+        read, compute, moved, disk = _block_terms(block, hw, phase, batch, seq_len, tokens, bits)
+        activations = 0.0
         if previous is not None and previous != device:
-            link = _link(hw, previous, device)
-            activations = hw.link_latency + (tokens * hidden_bytes / link if link else 0.0)
+            activations = activation_time(hw, previous, device, tokens * hidden_bytes)
         previous = device
         terms = per_device.setdefault(device, dict.fromkeys((*TERMS, "total", "blocks"), 0.0))
         for name, value in (
@@ -315,6 +293,71 @@ def _phase(
     )
     ranked = tuple(sorted(bottleneck.items(), key=lambda item: -item[1]))
     return PhaseEstimate(phase, tokens, sum(d.total for d in devices), devices, ranked)
+
+
+def _block_terms(
+    block: BlockCost, hw: Hardware, phase: Phase, batch: int, seq_len: int, tokens: int, bits: int
+) -> tuple[float, float, float, float]:
+    """Seconds of one block's weights read, compute, weights moved and disk read in a phase."""
+    device = block.execution
+    if isinstance(device, int):
+        gpu = hw.gpu(device)
+        read_rate, flop_rate = gpu.read_rate(bits), gpu.flop_rate(bits)
+    else:
+        read_rate, flop_rate = hw.host.read_rate(bits), hw.host.flop_rate(bits)
+    touched = 1.0 - (1.0 - block.expert_share) ** tokens if block.expert_bytes else 1.0
+    read_bytes = block.weight_bytes - block.expert_bytes * (1.0 - touched)
+    if block.lookup_bytes:
+        read_bytes -= block.lookup_bytes * (1.0 - min(1.0, tokens / max(1, block.lookup_rows)))
+    # KV cache: decode reads s cached positions per sequence; prefill writes s of them.
+    read_bytes += batch * seq_len * block.kv_bytes_per_token
+    # Query-key pairs: a causal prefill's query i sees i keys; a decoded token sees all s.
+    pairs = batch * seq_len * (seq_len + 1) / 2 if phase == "prefill" else batch * seq_len
+    flops = tokens * block.flops_per_token + pairs * block.attention_flops
+    moved = disk = 0.0
+    if block.storage != device:
+        if block.storage == "disk":
+            disk = block.weight_bytes / hw.host.disk_read
+        link = _link(hw, block.storage, device)
+        if link is not None:
+            moved = block.weight_bytes / link
+    return read_bytes / read_rate, flops / flop_rate, moved, disk
+
+
+def block_time(
+    block: BlockCost,
+    workload: Workload,
+    hardware: Hardware,
+    *,
+    phase: Phase = "decode",
+    dtype_bits: int = 16,
+) -> float:
+    """Seconds one block adds to a phase where it is stored and executed (``max(weights read, compute)``
+    + weights moved + disk read), activation moves aside (:func:`activation_time`): the per-block term
+    :func:`estimate_blocks` sums, for planners comparing where a block could live.
+
+    >>> from devicemap.hardware import Hardware
+    >>> hw = Hardware.preset("a100-80gb-sxm")
+    >>> block = BlockCost("model", storage=0, execution=0, weight_bytes=14 * 10**9, flops_per_token=14e9)
+    >>> w = Workload(batch_size=1, seq_len=1)
+    >>> block_time(block, w, hw) == estimate_blocks([block], w, hw).decode.seconds
+    True
+    """
+    b, s = workload.batch_size, workload.seq_len
+    tokens = b if phase == "decode" else b * s
+    read, compute, moved, disk = _block_terms(block, hardware, phase, b, s, tokens, dtype_bits)
+    return max(read, compute) + moved + disk
+
+
+def activation_time(
+    hardware: Hardware, previous: ExecutionDevice, device: ExecutionDevice, activation_bytes: float
+) -> float:
+    """Seconds to hand ``activation_bytes`` of hidden states from a block executed on ``previous`` to one
+    on ``device`` (0 on the same device): the link's latency plus the bytes over the slower host link."""
+    if previous == device:
+        return 0.0
+    link = _link(hardware, previous, device)
+    return hardware.link_latency + (activation_bytes / link if link else 0.0)
 
 
 def _device_order(device: ExecutionDevice) -> tuple[int, int]:
@@ -528,6 +571,15 @@ def estimate(
     """
     if workload is None:
         workload = Workload()
+    blocks, hidden_bytes, bits = model_block_costs(plan, workload, model_or_config, dtype=dtype)
+    return estimate_blocks(blocks, workload, hardware, hidden_bytes_per_token=hidden_bytes, dtype_bits=bits)
+
+
+def model_block_costs(
+    plan: Plan, workload: Workload, model_or_config: Any, *, dtype: Any = None
+) -> tuple[list[BlockCost], float, int]:
+    """What :func:`estimate` feeds :func:`estimate_blocks`: the plan's :class:`BlockCost` list, the bytes
+    of one token's hidden state crossing a device boundary, and the compute width in bits."""
     model = _model_of(model_or_config)
     bits = _compute_bits(model, plan, dtype)
     if dtype is None:
@@ -541,4 +593,4 @@ def estimate(
         hidden = config_value(text_config(config), "hidden_size", "d_model", "n_embd")
         if hidden:
             hidden_bytes = float(hidden) * bits / 8
-    return estimate_blocks(blocks, workload, hardware, hidden_bytes_per_token=hidden_bytes, dtype_bits=bits)
+    return blocks, hidden_bytes, bits
