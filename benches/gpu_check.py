@@ -117,6 +117,9 @@ class Setup:
     checkpoint: Path
     offload_dir: Path
     rehearse: bool
+    hardware: Any = None
+    """What ``objective="speed"`` predicts decode time on (the hardware of the estimates)."""
+    workload: Any = None
 
 
 @dataclass
@@ -133,7 +136,10 @@ def _devicemap_plan(**options: Any) -> Callable[[Setup], Any]:
     def make(setup: Setup) -> Any:
         import devicemap
 
-        return devicemap.plan(setup.meta_model, max_memory=setup.max_memory, dtype=setup.dtype, **options)
+        given = dict(options)
+        if given.get("objective") == "speed":  # it plans for the hardware the estimates use
+            given.update(hardware=setup.hardware, workload=setup.workload)
+        return devicemap.plan(setup.meta_model, max_memory=setup.max_memory, dtype=setup.dtype, **given)
 
     return make
 
@@ -475,9 +481,19 @@ def main(argv: list[str] | None = None) -> int:
         per_gpu = int(total * args.gpu_fraction / gpus)
         max_memory: dict[Any, int] = dict.fromkeys(range(gpus), per_gpu)
         max_memory["cpu"] = 4 * total
-        setup = Setup(config, meta_model, max_memory, dtype, work / "ckpt", work / "offload", args.rehearse)
         hardware, hardware_line = hardware_for(args, gpus, work)
         workload = devicemap.Workload(batch_size=1, seq_len=seq_len)
+        setup = Setup(
+            config,
+            meta_model,
+            max_memory,
+            dtype,
+            work / "ckpt",
+            work / "offload",
+            args.rehearse,
+            hardware,
+            workload,
+        )
 
         print(
             f"gpu_check: Llama-style {size} model ({_bytes(total)} in {args.dtype}), {gpus} GPU(s) of "

@@ -20,9 +20,12 @@ Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 """``auto`` (one GPU: sequential; several: balanced), ``balanced``, ``balanced_low_0``, ``sequential``."""
 Balance = Literal["memory", "compute"]
 """What balanced strategies equalise: bytes, or FLOPs per token."""
+Objective = Literal["memory", "speed"]
+"""What ``plan()`` optimises: the memory plan of ``strategy``, or the least predicted decode time."""
 
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 BALANCES: tuple[Balance, ...] = get_args(Balance)
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class PlacementOptions:
     execution_device: str | None = None
     """Where offloaded blocks execute, as the core spells the key (``"1"``, ``"cpu"``); ``None``: the
     planner chooses (GPU 0 stages them when it can)."""
+    objective: Objective = "memory"
 
     @classmethod
     def parse(
@@ -52,10 +56,12 @@ class PlacementOptions:
         balance: object = "memory",
         gpu0_reserve: Size | None = None,
         execution_device: object = None,
+        objective: object = "memory",
     ) -> PlacementOptions:
         """Check every option as a user passed it; raise a devicemap error naming the first wrong one."""
         checked_strategy = check_choice("strategy", strategy, STRATEGIES)
         checked_balance = check_choice("balance", balance, BALANCES)
+        checked_objective = check_choice("objective", objective, OBJECTIVES)
         classes = check_class_names("no_split_module_classes", no_split_module_classes)
         pin_map = check_mapping("pins", pins, "{'lm_head': 0}") or {}
         pin_list: list[tuple[str, str]] = []
@@ -86,6 +92,7 @@ class PlacementOptions:
             balance=checked_balance,
             gpu0_reserve_bits=reserve_bits,
             execution_device=executor,
+            objective=checked_objective,
         )
 
     def classes_for(self, tree_classes: Iterable[str]) -> list[str]:

@@ -23,7 +23,7 @@ from .memory import (
     bytes_to_bits,
     normalize_max_memory,
 )
-from .options import Balance, PlacementOptions, Strategy
+from .options import Balance, Objective, PlacementOptions, Strategy
 from .quantization import OffloadRule
 from .tree import DtypeLike, ModuleTree, target_bits
 from .workload import RuntimeMemory, Workload, check_runtime_bits
@@ -252,6 +252,8 @@ def plan(
     untie: bool = False,
     quantization_config: Any = None,
     execution_device: DeviceKey | None = None,
+    objective: Objective = "memory",
+    hardware: Hardware | None = None,
 ) -> Plan:
     """Decide where each module of a model lives.
 
@@ -287,6 +289,15 @@ def plan(
             stores it, quantization state included, and its offload rule is kept (bitsandbytes refuses
             CPU/disk beside GPUs unless ``llm_int8_enable_fp32_cpu_offload``: the plan then uses the GPUs
             only, or raises :class:`DoesNotFitError`).
+        objective: ``"memory"`` (default: the plan of ``strategy``) or ``"speed"``: the placement with the
+            least predicted time of one decoded token (``workload`` or ``Workload()``) on ``hardware``,
+            within memory. Blocks are resident on a GPU or stored and run on the CPU (experts of
+            mixture-of-experts layers are blocks of their own, so attention can stay on a GPU while the
+            experts run on the CPU); an exact dynamic program over the block chain chooses
+            (:mod:`devicemap.speed_objective`), compared with the staging plans of the memory objective.
+            Needs the model (not a ModuleTree) and ``hardware``; takes no pins or quantization_config.
+        hardware: a :class:`devicemap.Hardware` (``objective="speed"`` only): GPU ``i`` of
+            ``max_memory`` is ``hardware.gpus[i]``.
 
     Raises:
         DoesNotFitError: the model does not fit (the message says how much and where).
@@ -309,8 +320,13 @@ def plan(
         balance=balance,
         gpu0_reserve=gpu0_reserve,
         execution_device=execution_device,
+        objective=objective,
     )
     check_flag("untie", untie)
+    if hardware is not None and options.objective != "speed":
+        raise InvalidOptionError(
+            "hardware= is used by objective='speed'; for the memory plan use plan.estimate()"
+        )
     if workload is not None and not isinstance(workload, Workload):
         raise InvalidOptionError(
             f"workload must be a devicemap.Workload such as Workload(batch_size=1, seq_len=4096), got {workload!r}"
@@ -348,6 +364,20 @@ def plan(
         if model is None:
             raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
         compute = flops_per_token(model)
+    if options.objective == "speed":
+        if model is None:
+            raise InvalidOptionError(
+                "objective='speed' needs the model itself (its config), not a ModuleTree"
+            )
+        if quantization_config is not None:
+            raise InvalidOptionError(
+                "objective='speed' does not plan quantized models yet; use objective='memory'"
+            )
+        from .speed_objective import plan_for_speed
+
+        return plan_for_speed(
+            model, tree, max_memory, options, runtime, workload or Workload(), hardware, dtype
+        )
     if quantization_config is not None and model is not None:
         from .quantized_planning import plan_quantized  # it builds on solve_tree below
 

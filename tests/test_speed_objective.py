@@ -1,0 +1,147 @@
+"""plan(..., objective="speed"): the exact program equals brute force on small chains, and on a small
+mixture-of-experts model it keeps attention on the GPU and runs the routed experts on the CPU."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from accelerate.utils import check_device_map
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import devicemap
+from devicemap.errors import InvalidOptionError
+from devicemap.hardware import Hardware
+from devicemap.speed_objective import Chain, ChainBlock, Mode, evaluate, solve_chain
+
+transformers = pytest.importorskip("transformers")
+
+HARDWARE = Hardware.preset("rtx-4090", host="desktop-ddr5")
+
+
+def brute_force(chain: Chain) -> float | None:
+    """The least :func:`evaluate` over every assignment of blocks to modes."""
+    modes: list[Mode] = [*range(len(chain.gpu_capacity)), "cpu", "disk"]
+    values = [evaluate(chain, list(choice)) for choice in itertools.product(modes, repeat=len(chain.blocks))]
+    feasible = [v for v in values if v is not None]
+    return min(feasible) if feasible else None
+
+
+@st.composite
+def chains(draw: st.DrawFn) -> Chain:
+    gpus = draw(st.integers(1, 2))
+    disk = draw(st.booleans())
+    blocks = []
+    for i in range(draw(st.integers(1, 7 if gpus == 1 else 6))):
+        cost: dict[Mode, float] = {g: float(draw(st.integers(1, 20))) for g in range(gpus)}
+        cost["cpu"] = float(draw(st.integers(1, 60)))
+        if disk:
+            cost["disk"] = cost["cpu"] + draw(st.integers(0, 40))
+        blocks.append(ChainBlock(f"b{i}", draw(st.integers(1, 30)), draw(st.integers(0, 5)), cost))
+    penalty = {
+        pair: float(draw(st.integers(0, 9))) for pair in itertools.product([*range(gpus), "cpu"], repeat=2)
+    }
+    return Chain(
+        blocks=tuple(blocks),
+        gpu_capacity=tuple(draw(st.integers(0, 80)) for _ in range(gpus)),
+        cpu_capacity=draw(st.one_of(st.none(), st.integers(0, 120))),
+        activation=draw(st.integers(0, 6)),
+        switch=lambda a, b: penalty[(a, b)],
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(chains())
+def test_the_program_equals_brute_force_on_small_chains(chain: Chain) -> None:
+    expected = brute_force(chain)
+    found = solve_chain(chain, unit=1)
+    if expected is None:
+        assert found is None
+        return
+    assert found is not None
+    seconds, modes = found
+    assert seconds == pytest.approx(expected)
+    assert evaluate(chain, modes) == pytest.approx(seconds)  # the placement returned reaches it
+
+
+def test_coarse_units_only_ever_return_placements_that_fit() -> None:
+    blocks = tuple(ChainBlock(f"b{i}", 10, 0, {0: 1.0, "cpu": 5.0}) for i in range(4))
+    chain = Chain(blocks, gpu_capacity=(35,), cpu_capacity=None)
+    assert solve_chain(chain, unit=1) == (3 * 1.0 + 5.0, [0, 0, 0, "cpu"])
+    seconds, modes = solve_chain(chain, unit=4) or (0.0, [])  # 3 units a block, 8 on the GPU
+    assert modes.count(0) == 2 and evaluate(chain, modes) == seconds
+
+
+def small_moe(**overrides: object) -> torch.nn.Module:
+    config = transformers.Qwen3MoeConfig(
+        **{
+            "hidden_size": 1024,
+            "intermediate_size": 2048,
+            "moe_intermediate_size": 2048,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "vocab_size": 1000,
+            **overrides,
+        }
+    )
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def test_speed_keeps_attention_on_the_gpu_and_runs_experts_on_the_cpu() -> None:
+    with torch.device("meta"):
+        model = small_moe().to(torch.bfloat16)
+    memory = {0: "40MiB", "cpu": "1GiB"}  # attention of all layers fits; no layer's experts (48 MiB) do
+    speed = devicemap.plan(model, memory, objective="speed", hardware=HARDWARE)
+    fast = speed.estimate(None, HARDWARE, model)
+    slow = devicemap.plan(model, memory).estimate(None, HARDWARE, model)
+    check_device_map(model, speed.device_map)
+    for layer in range(4):
+        assert speed.execution_map[f"model.layers.{layer}.self_attn"] == 0
+        assert speed.device_map[f"model.layers.{layer}.mlp.experts"] == "cpu"
+        assert speed.execution_map[f"model.layers.{layer}.mlp.experts"] == "cpu"
+    assert fast.tokens_per_second / slow.tokens_per_second > 1
+    assert speed.usage[0].used <= 40 * 2**20
+
+
+def test_speed_rehearsal_gives_the_unsplit_logits() -> None:
+    torch.manual_seed(0)
+    model = small_moe(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    ).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    experts = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    plan = devicemap.plan(
+        model, {0: total - experts // 2, "cpu": 4 * total}, objective="speed", hardware=HARDWARE
+    )
+    assert "cpu" in plan.execution_map.values() and 0 in plan.execution_map.values()
+    check_device_map(model, plan.device_map)
+    with torch.no_grad():
+        got = devicemap.dispatch(model, plan, rehearse=True)(ids).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_speed_needs_hardware_and_a_model() -> None:
+    with torch.device("meta"):
+        model = small_moe()
+    with pytest.raises(InvalidOptionError, match="hardware"):
+        devicemap.plan(model, {0: "1GiB", "cpu": "1GiB"}, objective="speed")
+    with pytest.raises(InvalidOptionError, match="objective"):
+        devicemap.plan(model, {0: "1GiB", "cpu": "1GiB"}, objective="fast")  # type: ignore[arg-type]
+    tree = devicemap.ModuleTree.from_module(model)
+    with pytest.raises(InvalidOptionError, match="ModuleTree"):
+        devicemap.plan(tree, {0: "1GiB", "cpu": "1GiB"}, objective="speed", hardware=HARDWARE)
