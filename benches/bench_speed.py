@@ -12,7 +12,10 @@ device spec, batch 1 with a 2048-token KV cache) it prints the predicted decode 
   offloaded layers run on GPU 0, their weights streamed over PCIe every token;
 - devicemap memory: ``devicemap.plan`` (most weights on the GPUs; offloaded layers staged on a GPU);
 - devicemap CPU-run: ``devicemap.plan(..., execution_device="cpu")``: offloaded layers stay in CPU memory and
-  run there (only activations cross PCIe), which is what llama.cpp users do with ``--n-cpu-moe``;
+  run there (only activations cross PCIe);
+- devicemap speed: ``devicemap.plan(..., objective="speed", hardware=...)``: per block, resident on a GPU or
+  stored and run on the CPU, chosen for the least predicted decode time (MoE experts become blocks of their own,
+  so attention stays on the GPU while experts run on the CPU, as llama.cpp users do with ``--n-cpu-moe``);
 
 and the assumptions (GPU and host presets). These are predictions: ``benches/gpu_check.py`` measures real
 runs next to the estimates on a CUDA machine.
@@ -61,6 +64,9 @@ def scenario(name: str, gpu: str, gpus: int, gpu_gib: int, host: str, cpu_gib: i
         "devicemap CPU-run": devicemap.plan(
             model, memory, dtype="bfloat16", workload=WORKLOAD, execution_device="cpu"
         ),
+        "devicemap speed": devicemap.plan(
+            model, memory, dtype="bfloat16", workload=WORKLOAD, objective="speed", hardware=hardware
+        ),
     }
     row: dict = {"model": name, "hardware": f"{gpus} x {gpu} ({gpu_gib} GiB), {host} ({cpu_gib} GiB)"}
     for label, plan in plans.items():
@@ -75,7 +81,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the first two scenarios only")
     args = parser.parse_args()
     rows = [scenario(*s) for s in (SCENARIOS[:2] if args.quick else SCENARIOS)]
-    labels = ("accelerate", "devicemap memory", "devicemap CPU-run")
+    labels = ("accelerate", "devicemap memory", "devicemap CPU-run", "devicemap speed")
     print(
         "| model | hardware | "
         + " | ".join(f"{label} tok/s (GiB on GPUs)" for label in labels)
