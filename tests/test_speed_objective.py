@@ -4,6 +4,7 @@ mixture-of-experts model it keeps attention on the GPU and runs the routed exper
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -145,3 +146,19 @@ def test_speed_needs_hardware_and_a_model() -> None:
     tree = devicemap.ModuleTree.from_module(model)
     with pytest.raises(InvalidOptionError, match="ModuleTree"):
         devicemap.plan(tree, {0: "1GiB", "cpu": "1GiB"}, objective="speed", hardware=HARDWARE)
+
+
+def test_cli_plans_for_speed_and_names_the_missing_hardware(capsys: pytest.CaptureFixture[str]) -> None:
+    from devicemap import cli
+
+    args = ["plan", "qwen3-30b-a3b", "--max-memory", "0=24GiB,cpu=128GiB", "--dtype", "bf16"]
+    assert cli.main([*args, "--objective", "speed"]) == 2
+    assert "--hardware" in capsys.readouterr().err
+    tokens = {}
+    for objective in ("memory", "speed"):
+        code = cli.main([*args, "--objective", objective, "--hardware", "rtx-4090,desktop-ddr5", "--json"])
+        printed = json.loads(capsys.readouterr().out)
+        assert code == 0
+        tokens[objective] = printed["estimate"]["tokens_per_second"]
+    assert printed["strategy"] == "speed"
+    assert tokens["speed"] > 10 * tokens["memory"]  # 23.6 vs 0.7 tokens/s: experts run on the CPU

@@ -36,7 +36,7 @@ from .compare import accelerate_device_map, compare
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
 from .memory import DeviceKey, device_key, parse_size
-from .options import STRATEGIES, PlacementOptions
+from .options import OBJECTIVES, STRATEGIES, PlacementOptions
 from .planning import Plan, plan
 from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree
@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where layers stored on the CPU or disk compute: a GPU (e.g. 1 or cuda:1; it keeps the room to "
         "stage them) or cpu; default: GPU 0 when it has room, else the GPU keeping the most layers on the "
         "GPUs, else the CPU for layers no GPU can stage",
+    )
+    p.add_argument(
+        "--objective",
+        default="memory",
+        choices=OBJECTIVES,
+        help="memory (default: the plan of --strategy) or speed: the placement with the least predicted decode "
+        "time on --hardware (needed) within memory, e.g. MoE experts stored and run on the CPU",
     )
     add_placement_options(p)
     add_no_split(p)
@@ -293,6 +300,14 @@ def run_plan(args: argparse.Namespace) -> int:
     if execution_device is not None:
         # Checked before the model is sized: a wrong key is named at once.
         execution_device = PlacementOptions.parse(execution_device=execution_device).execution_device
+    machine = None
+    if args.hardware is not None:
+        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
+    elif args.objective == "speed":
+        raise InvalidOptionError(
+            "--objective speed predicts decode time on some hardware: add --hardware GPU[,HOST] "
+            "(e.g. --hardware rtx-4090,desktop-ddr5)"
+        )
     no_split: list[str] | None = None
     if source.kind == "checkpoint":
         needs_modules = [
@@ -302,6 +317,7 @@ def run_plan(args: argparse.Namespace) -> int:
                 ("--no-split", args.no_split),
                 ("--quant", args.quant),
                 ("--execution-device", args.execution_device),
+                ("--objective speed", args.objective == "speed"),
             )
             if given
         ]
@@ -331,13 +347,13 @@ def run_plan(args: argparse.Namespace) -> int:
             balance=args.balance,
             quantization_config=quant,
             execution_device=execution_device,
+            objective=args.objective,
+            hardware=machine if args.objective == "speed" else None,
             **placement,
         )
         no_split = no_split if no_split is not None else model_no_split(model)
     speed = None
-    if args.hardware is not None:
-        gpus = sum(1 for key in memory if isinstance(key, int))
-        machine = cli_inputs.hardware(args.hardware, gpus)
+    if machine is not None:
         described = model if source.kind != "checkpoint" else source.config
         if described is None:
             raise InvalidOptionError("--hardware needs the model's config.json beside the checkpoint")
