@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="print the split for another engine")
     add_model_and_devices(e)
     e.add_argument("--to", required=True, choices=TARGETS, help="target engine")
+    e.add_argument(
+        "--objective",
+        default="memory",
+        choices=OBJECTIVES,
+        help="memory (default) or speed (needs --hardware): with speed, MoE experts the plan keeps and runs "
+        "on the CPU become llama.cpp's --n-cpu-moe / -ot flags",
+    )
+    e.add_argument("--hardware", metavar="GPU[,HOST]", help="the hardware --objective speed plans for")
     add_placement_options(e)
     add_no_split(e)
     add_json(e, "the target, the exported text and its numbers")
@@ -447,6 +455,11 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     source, model, memory, dtype, no_split = model_memory_dtype(args, "export")
     placement = placement_from_args(args, memory)
+    machine = None
+    if args.hardware is not None:
+        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
+    elif args.objective == "speed":
+        raise InvalidOptionError("--objective speed plans for some hardware: add --hardware GPU[,HOST]")
     result = plan(
         model,
         max_memory=memory,
@@ -454,6 +467,8 @@ def run_export(args: argparse.Namespace) -> int:
         no_split_module_classes=no_split,
         dtype=dtype,
         quantization_config=cli_inputs.quantization(args.quant),
+        objective=args.objective,
+        hardware=machine if args.objective == "speed" else None,
         **placement,
     )
     text = export(result, model, args.to)

@@ -30,7 +30,38 @@ def layer_devices(plan: Plan, model: torch.nn.Module) -> list[tuple[str, DeviceK
     layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
     if not layers:
         raise PlacementError(f"cannot find the decoder layers of {type(model).__name__} to export a split")
-    return [(name, device_for(name, plan.device_map)) for name in layers]
+    return [(name, _layer_device(name, plan.device_map)) for name in layers]
+
+
+def _keys_inside(name: str, device_map: dict[str, DeviceKey]) -> list[str]:
+    return [key for key in device_map if key.startswith(name + ".")]
+
+
+def _is_expert_key(key: str) -> bool:
+    """A routed-experts block (the speed objective opens MoE layers so experts are blocks of their own)."""
+    parts = key.split(".")
+    return any("expert" in p.lower() and "shared" not in p.lower() for p in parts)
+
+
+def _layer_device(name: str, device_map: dict[str, DeviceKey]) -> DeviceKey:
+    """Where a decoder layer runs: its own entry, or, for a layer split into parts (attention and routed
+    experts apart), the device of its parts other than the routed experts."""
+    inside = _keys_inside(name, device_map)
+    if not inside:
+        return device_for(name, device_map)
+    dense = [key for key in inside if not _is_expert_key(key)] or inside
+    return device_map[dense[0]]
+
+
+def cpu_expert_layers(plan: Plan, model: torch.nn.Module) -> list[int]:
+    """Indices of the decoder layers whose routed experts the plan keeps off the GPUs."""
+    layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
+    found = []
+    for index, name in enumerate(layers):
+        experts = [key for key in _keys_inside(name, plan.device_map) if _is_expert_key(key)]
+        if experts and all(not isinstance(plan.device_map[key], int) for key in experts):
+            found.append(index)
+    return found
 
 
 def _no_config(model: torch.nn.Module) -> object:
@@ -48,6 +79,12 @@ def gpu_stages(
             stages[device].append(name)
         else:
             offloaded.append(name)
+    if not allow_offload and cpu_expert_layers(plan, model):
+        raise PlacementError(
+            f"the plan keeps the routed experts of {len(cpu_expert_layers(plan, model))} layers on the CPU "
+            "(objective='speed'); pipeline engines need every layer whole on a GPU: export to llama.cpp "
+            "(--n-cpu-moe / -ot), or plan with objective='memory'"
+        )
     if offloaded and not allow_offload:
         raise PlacementError(
             f"the plan keeps {len(offloaded)} decoder layers off the GPUs (from {offloaded[0]}); pipeline "
@@ -84,7 +121,10 @@ def to_vllm(plan: Plan, model: torch.nn.Module) -> str:
 
 
 def to_llama_cpp(plan: Plan, model: torch.nn.Module) -> str:
-    """llama.cpp flags: layers on GPUs (``--n-gpu-layers``) and their proportions (``--tensor-split``).
+    """llama.cpp flags: layers on GPUs (``--n-gpu-layers``), their proportions (``--tensor-split``), and
+    routed experts kept and run on the CPU while the rest of their layer is on a GPU (what
+    ``objective="speed"`` chooses for MoE models): ``--n-cpu-moe N`` when they are the first N layers'
+    experts, else an ``-ot`` override naming the layers (llama.cpp's ``blk.N.ffn_*_exps`` tensors).
 
     llama.cpp keeps the *first* layers on the CPU when only part fits; the counts carry over."""
     stages = gpu_stages(plan, model, allow_offload=True)
@@ -92,6 +132,11 @@ def to_llama_cpp(plan: Plan, model: torch.nn.Module) -> str:
     flags = f"--n-gpu-layers {sum(counts)}"
     if len(counts) > 1:
         flags += f" --split-mode layer --tensor-split {','.join(map(str, counts))}"
+    on_cpu = cpu_expert_layers(plan, model)
+    if on_cpu and on_cpu == list(range(len(on_cpu))):
+        flags += f" --n-cpu-moe {len(on_cpu)}"
+    elif on_cpu:
+        flags += f' -ot "blk\\.({"|".join(map(str, on_cpu))})\\.ffn_.*_exps\\.=CPU"'
     return flags
 
 

@@ -1,0 +1,67 @@
+"""Exports of speed plans: routed experts the plan keeps and runs on the CPU, with the rest of their layer on a
+GPU, become llama.cpp's ``--n-cpu-moe N`` (the first N layers' experts) or an ``-ot`` override naming the layers;
+pipeline engines, which need whole layers on GPUs, refuse such a plan saying why."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import devicemap
+from devicemap import catalog, cli
+from devicemap.export import cpu_expert_layers, export
+from devicemap.hardware import Hardware
+
+HARDWARE = Hardware.preset("rtx-4090", gpus=1, host="desktop-ddr5")
+
+
+def speed_plan(name: str, gpu_gib: int, cpu_gib: int):
+    model = catalog.build_meta_model(name)
+    memory = {0: f"{gpu_gib}GiB", "cpu": f"{cpu_gib}GiB"}
+    return model, devicemap.plan(model, memory, dtype="bfloat16", objective="speed", hardware=HARDWARE)
+
+
+@pytest.mark.parametrize(("name", "gpu", "cpu"), [("mixtral-8x7b", 24, 128), ("qwen3-30b-a3b", 24, 64)])
+def test_llama_cpp_flags_name_exactly_the_layers_whose_experts_run_on_the_cpu(name, gpu, cpu):
+    model, plan = speed_plan(name, gpu, cpu)
+    on_cpu = cpu_expert_layers(plan, model)
+    assert on_cpu, "a model larger than the GPU keeps some experts on the CPU"
+    for index in on_cpu:  # their experts are stored on the CPU and run there
+        experts = [k for k in plan.execution_map if k.startswith(f"model.layers.{index}.") and "expert" in k]
+        assert experts and all(plan.execution_map[k] == "cpu" for k in experts)
+    flags = export(plan, model, "llama.cpp")
+    layers = model.config.num_hidden_layers
+    assert f"--n-gpu-layers {layers}" in flags  # attention and norms of every layer stay on the GPU
+    moe = re.search(r"--n-cpu-moe (\d+)", flags)
+    override = re.search(r'-ot "blk\\\.\(([\d|]+)\)\\\.ffn_\.\*_exps\\\.=CPU"', flags)
+    named = list(range(int(moe.group(1)))) if moe else [int(i) for i in override.group(1).split("|")]
+    assert named == on_cpu
+
+
+def test_pipeline_engines_refuse_a_plan_with_experts_on_the_cpu():
+    model, plan = speed_plan("mixtral-8x7b", 24, 128)
+    with pytest.raises(devicemap.PlacementError, match="routed experts .* on the CPU.*llama.cpp"):
+        export(plan, model, "vllm")
+
+
+def test_the_command_exports_a_speed_plan(capsys):
+    args = [
+        "export",
+        "mixtral-8x7b",
+        "--gpus",
+        "1x24GiB",
+        "--cpu",
+        "128GiB",
+        "--dtype",
+        "bf16",
+        "--to",
+        "llama.cpp",
+    ]
+    assert cli.main([*args, "--objective", "speed", "--hardware", "rtx-4090"]) == 0
+    assert "--n-cpu-moe" in capsys.readouterr().out
+    assert cli.main(args) == 0  # the memory plan streams whole layers: no expert override
+    memory_flags = capsys.readouterr().out
+    assert "--n-cpu-moe" not in memory_flags and "-ot" not in memory_flags
+    assert cli.main([*args, "--objective", "speed"]) == 2
+    assert "--hardware" in capsys.readouterr().err
