@@ -27,7 +27,7 @@ import argparse
 
 import devicemap
 from devicemap import catalog
-from devicemap.compare import accelerate_device_map
+from devicemap.compare import accelerate_device_map, plan_of_map
 from devicemap.hardware import Hardware
 
 GIB = 2**30
@@ -44,14 +44,6 @@ SCENARIOS = [
 ]
 
 
-def as_plan(model, device_map: dict) -> devicemap.Plan:
-    """accelerate's placement as a devicemap Plan (every key pinned where accelerate put it, on roomy
-    devices), so the same speed model costs it; offloaded layers run on GPU 0, as accelerate runs them."""
-    gpus = {d for d in device_map.values() if isinstance(d, int)}
-    roomy = {**{g: 2**50 for g in gpus}, "cpu": 2**50, "disk": 0}
-    return devicemap.plan(model, roomy, dtype="bfloat16", pins=device_map, workload=WORKLOAD)
-
-
 def scenario(name: str, gpu: str, gpus: int, gpu_gib: int, host: str, cpu_gib: int) -> dict:
     model = catalog.build_meta_model(name)
     memory = {**{i: gpu_gib * GIB for i in range(gpus)}, "cpu": cpu_gib * GIB}
@@ -59,7 +51,7 @@ def scenario(name: str, gpu: str, gpus: int, gpu_gib: int, host: str, cpu_gib: i
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     accelerate_map = accelerate_device_map(model, memory, "auto", no_split, "bfloat16")
     plans = {
-        "accelerate": as_plan(model, accelerate_map),
+        "accelerate": plan_of_map(model, accelerate_map, "bfloat16"),
         "devicemap memory": devicemap.plan(model, memory, dtype="bfloat16", workload=WORKLOAD),
         "devicemap CPU-run": devicemap.plan(
             model, memory, dtype="bfloat16", workload=WORKLOAD, execution_device="cpu"

@@ -381,3 +381,30 @@ def test_hardware_prints_the_plans_estimate(capsys, small_model):
 def test_an_unknown_hardware_preset_is_refused_naming_the_known_ones(capsys):
     line = refused(capsys, "plan", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--hardware", "h900")
     assert "h900" in line and "rtx-4090" in line
+
+
+def test_compare_predicts_both_placements_speed_on_the_same_hardware(capsys, small_model):
+    from devicemap.compare import plan_of_map
+    from devicemap.hardware import Hardware
+
+    args = ("compare", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16")
+    printed = command_json(capsys, *args, "--hardware", "rtx-4090")
+    speeds = [side["predicted_decode_tokens_per_second"] for side in printed["sides"]]
+    machine = Hardware.preset("rtx-4090", gpus=1)
+    for side, speed in zip(printed["sides"], speeds, strict=True):
+        device_map = devicemap.plan(small_model, {0: "1GiB", "cpu": "8GiB"}, dtype="bfloat16").device_map
+        if side["method"].startswith("accelerate"):
+            from devicemap.compare import accelerate_device_map
+
+            device_map = accelerate_device_map(
+                small_model,
+                {0: 2**30, "cpu": 8 * 2**30},
+                "balanced",
+                small_model._no_split_modules,
+                "bfloat16",
+            )
+        costed = plan_of_map(small_model, device_map, "bfloat16").estimate(
+            devicemap.Workload(), machine, small_model, dtype="bfloat16"
+        )
+        assert speed == pytest.approx(costed.tokens_per_second)
+    assert "predicted_decode_tokens_per_second" not in command_json(capsys, *args)["sides"][0]

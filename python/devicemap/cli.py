@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import __version__, cli_inputs, cli_json
 from .checkpoint import plan_checkpoint
-from .compare import accelerate_device_map, compare
+from .compare import accelerate_device_map, compare, plan_of_map
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
 from .memory import DeviceKey, device_key, parse_size
@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c = sub.add_parser("compare", help="devicemap and accelerate side by side on the same inputs")
     add_model_and_devices(c)
+    c.add_argument(
+        "--hardware",
+        metavar="GPU[,HOST]",
+        help="also predict each placement's decode tokens/s on this hardware (batch 1, 2048 tokens)",
+    )
     add_no_split(c)
     add_json(c, "both sides")
     e = sub.add_parser("export", help="print the split for another engine")
@@ -428,10 +433,22 @@ def shared_inputs_json(args, source, model, memory, dtype, no_split, **placement
 
 def run_compare(args: argparse.Namespace) -> int:
     source, model, memory, dtype, no_split = model_memory_dtype(args, "compare")
+    machine = None
+    if args.hardware is not None:
+        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
     sides = compare(model, memory, strategy=args.strategy, dtype=dtype, no_split_module_classes=no_split)
+    speeds: list[float] = []
+    if machine is not None:  # both placements costed by the same speed model on the same hardware
+        workload = Workload()
+        for side in sides:
+            costed = plan_of_map(model, side.device_map, dtype)
+            speeds.append(costed.estimate(workload, machine, model, dtype=dtype).tokens_per_second)
     if args.json:
         inputs = shared_inputs_json(args, source, model, memory, dtype, no_split)
-        print(json.dumps(cli_json.compare_json(sides, inputs), indent=2))
+        printed = cli_json.compare_json(sides, inputs)
+        for side, speed in zip(printed["sides"], speeds, strict=False):
+            side["predicted_decode_tokens_per_second"] = speed
+        print(json.dumps(printed, indent=2))
         return 0
     devices = list(dict.fromkeys(d for side in sides for d in side.device_bytes))
     rows = [("", *(side.method for side in sides))]
@@ -446,6 +463,8 @@ def run_compare(args: argparse.Namespace) -> int:
         )
     )
     rows.append(("time (sizes + placement)", *(f"{side.seconds * 1e3:.1f} ms" for side in sides)))
+    if speeds:
+        rows.append((f"decode on {args.hardware} (predicted)", *(f"{s:.2f} tokens/s" for s in speeds)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import DoesNotFitError
 from .memory import DeviceKey, MaxMemory, normalize_max_memory
 from .options import Strategy
-from .planning import plan
+from .planning import Plan, plan
 from .tree import DtypeLike, ModuleTree
 
 MIB = 2**20
@@ -28,6 +28,8 @@ class Side:
     seconds: float
     min_gpu_memory: int | None
     """Smallest equal per-GPU memory with nothing on CPU/disk (to 1 MiB), None without GPUs."""
+    device_map: dict[str, DeviceKey] = field(default_factory=dict)
+    """The placement itself (accelerate's format)."""
 
     @property
     def peak_over_mean(self) -> float:
@@ -64,6 +66,16 @@ def min_equal_gpu_memory(place: Placer, low: int, high: int) -> int:
         else:
             low = mid
     return high
+
+
+def plan_of_map(model: torch.nn.Module, device_map: Mapping[str, DeviceKey], dtype: DtypeLike | None) -> Plan:
+    """A device map made elsewhere (accelerate's) as a devicemap :class:`Plan`, so the speed model can cost
+    it: every key pinned where the map puts it, on devices with room to spare; offloaded blocks run on the
+    map's first GPU, as accelerate's ``dispatch_model`` runs them."""
+    gpus = sorted({d for d in device_map.values() if isinstance(d, int)})
+    roomy: dict[DeviceKey, int] = {**{g: 2**50 for g in gpus}, "cpu": 2**50, "disk": 0}
+    execution = gpus[0] if gpus else "cpu"
+    return plan(model, roomy, dtype=dtype, pins=dict(device_map), execution_device=execution)
 
 
 def compare(
@@ -119,6 +131,7 @@ def compare(
             [o.name for o in mine.offloaded],
             mine_seconds,
             min_equal_gpu_memory(ours, max(low, 0), high) if gpus else None,
+            dict(mine.device_map),
         ),
         Side(
             f"accelerate {acc_strategy}",
@@ -126,5 +139,6 @@ def compare(
             [n for n, d in other.items() if not isinstance(d, int)],
             other_seconds,
             min_equal_gpu_memory(theirs, max(low, 0), high) if gpus else None,
+            dict(other),
         ),
     )
