@@ -18,6 +18,11 @@ of the blocks resident on it plus one activation buffer if it runs anything (``g
 off GPU 0); the CPU holds the weights of CPU-stored blocks, the runtime memory of every block it runs and
 one activation buffer if it runs anything; disk is unbounded.
 
+A block stored on disk is read into RAM to run, so the CPU also keeps room for the largest disk-stored
+block (as the core reserves it); that term is a maximum, so the program runs once per bound ``R`` on it
+(each distinct block size, and no disk) with disk allowed only for blocks up to ``R`` and ``R`` taken off
+the CPU, and the best run wins.
+
 **Exact dynamic program.** GPUs are filled in order: the GPU-resident blocks form contiguous runs in model
 order on GPUs of increasing index (CPU-run blocks may sit anywhere between them), which is what the core
 places. Scanning blocks in model order, a state is ``(current GPU, units used on it, units used on the
@@ -46,12 +51,12 @@ anything is offloaded, so the result is a normal :class:`~devicemap.Plan` (``dev
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import DoesNotFitError, InvalidOptionError
+from .errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError
 from .estimate import ExecutionDevice, activation_time, block_time, model_block_costs
 from .formatting import format_bytes
 
@@ -69,7 +74,9 @@ Mode = int | Literal["cpu", "disk"]
 """Where a block lives in the program: GPU ``i`` (stored and run there), ``"cpu"`` (stored and run on the
 CPU) or ``"disk"`` (stored on disk, run on the CPU)."""
 UNITS = 2048
-"""At most this many units per device in :func:`plan`'s program (``u = ceil(largest capacity / UNITS)``)."""
+"""At most this many units per GPU in :func:`plan`'s program (``u = ceil(largest GPU capacity / UNITS)``)."""
+CPU_UNITS = 256
+"""At most this many units of CPU memory (only tracked when the CPU cannot hold every block)."""
 
 
 def execution_of(mode: Mode) -> ExecutionDevice:
@@ -135,6 +142,8 @@ def evaluate(chain: Chain, modes: Sequence[Mode]) -> float | None:
         if previous is not None and previous != device:
             seconds += chain.switch(previous, device)
         previous = device
+    # A block stored on disk is read into RAM to run on the CPU: room for the largest of them.
+    cpu_used += max((b.weight for b, m in zip(chain.blocks, modes, strict=True) if m == "disk"), default=0)
     if any(used > cap for used, cap in zip(gpu_used, chain.gpu_capacity, strict=True)):
         return None
     if chain.cpu_capacity is not None and cpu_used > chain.cpu_capacity:
@@ -146,27 +155,50 @@ def _units(size: int, unit: int) -> int:
     return -(-size // unit)
 
 
-def solve_chain(chain: Chain, unit: int = 1) -> tuple[float, list[Mode]] | None:
+def solve_chain(chain: Chain, unit: int = 1, cpu_unit: int | None = None) -> tuple[float, list[Mode]] | None:
     """The least decode time over all placements :func:`evaluate` accepts, and one placement reaching it
-    (``None``: nothing fits). Exact with ``unit=1``; with larger units see the module docstring."""
-    if unit < 1:
-        raise InvalidOptionError(f"unit must be a positive number of bytes, got {unit!r}")
-    caps = [cap // unit for cap in chain.gpu_capacity]
-    act = _units(chain.activation, unit)
+    (``None``: nothing fits). Bytes are counted exactly; states whose GPU bytes fall in the same ``unit``
+    (CPU bytes in the same ``cpu_unit``, default ``unit``) are merged, keeping the fastest. Exact with
+    ``unit=1``; with larger units see the module docstring."""
+    cpu_unit = unit if cpu_unit is None else cpu_unit
+    if unit < 1 or cpu_unit < 1:
+        raise InvalidOptionError(f"units must be positive numbers of bytes, got {unit!r} and {cpu_unit!r}")
+    if chain.cpu_capacity is None or not any("disk" in b.cost for b in chain.blocks):
+        return _program(chain, unit, cpu_unit)
+    # The CPU keeps room to read the largest disk-stored block (a max, not a sum): try each bound on it.
+    best: tuple[float, list[Mode]] | None = None
+    for bound in sorted({0, *(b.weight for b in chain.blocks if "disk" in b.cost)}):
+        blocks = tuple(
+            b
+            if "disk" not in b.cost or (bound and b.weight <= bound)
+            else replace(b, cost={m: c for m, c in b.cost.items() if m != "disk"})
+            for b in chain.blocks
+        )
+        if chain.cpu_capacity < bound or any(not b.cost for b in blocks):
+            continue
+        found = _program(
+            replace(chain, blocks=blocks, cpu_capacity=chain.cpu_capacity - bound), unit, cpu_unit
+        )
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+    return best
+
+
+def _program(chain: Chain, unit: int, cpu_unit: int) -> tuple[float, list[Mode]] | None:
+    """The dynamic program of :func:`solve_chain` with disk blocks needing no CPU room to be read."""
+    caps = chain.gpu_capacity
+    act = chain.activation
     total_cpu = chain.activation + sum(b.weight + b.runtime for b in chain.blocks)
     track_cpu = chain.cpu_capacity is not None and total_cpu > chain.cpu_capacity
-    cpu_cap = chain.cpu_capacity // unit if chain.cpu_capacity is not None else 0
-    # key: (gpu, gpu units, cpu units, last ran on cpu, cpu runs) -> (seconds, path as a linked list)
-    Key = tuple[int, int, int, bool, bool]
-    Path = tuple[Mode, Any] | None
-    states: dict[Key, tuple[float, Path]] = {(-1, 0, 0, False, False): (0.0, None)}
+    cpu_cap = chain.cpu_capacity if chain.cpu_capacity is not None else 0
+    # key: (gpu, GPU bytes // unit, CPU bytes // cpu_unit, last ran on cpu, cpu runs)
+    # value: (seconds, GPU bytes, CPU bytes, path as a linked list)
+    states: dict[Any, tuple[float, int, int, Any]] = {(-1, 0, 0, False, False): (0.0, 0, 0, None)}
     first = True
     for block in chain.blocks:
-        size = _units(block.weight + block.runtime, unit)
-        runtime = _units(block.runtime, unit)
-        following: dict[Key, tuple[float, Path]] = {}
-
-        for (gpu, used, cpu, last_cpu, cpu_runs), (seconds, path) in states.items():
+        size = block.weight + block.runtime
+        following: dict[Any, tuple[float, int, int, Any]] = {}
+        for (gpu, _, _, last_cpu, cpu_runs), (seconds, used, cpu, path) in states.items():
             last: ExecutionDevice | None = None if first else ("cpu" if last_cpu else gpu)
             for mode, cost in block.cost.items():
                 device = execution_of(mode)
@@ -177,19 +209,21 @@ def solve_chain(chain: Chain, unit: int = 1) -> tuple[float, list[Mode]] | None:
                     new_used = used + size if mode == gpu else act + size
                     if new_used > caps[mode]:
                         continue
-                    _offer(following, (mode, new_used, cpu, False, cpu_runs), seconds + step, (mode, path))
+                    key = (mode, new_used // unit, cpu // cpu_unit, False, cpu_runs)
+                    _offer(following, key, (seconds + step, new_used, cpu, (mode, path)))
                 else:
                     new_cpu = cpu
                     if track_cpu:
-                        new_cpu += (0 if cpu_runs else act) + (size if mode == "cpu" else runtime)
+                        new_cpu += (0 if cpu_runs else act) + (size if mode == "cpu" else block.runtime)
                         if new_cpu > cpu_cap:
                             continue
-                    _offer(following, (gpu, used, new_cpu, True, True), seconds + step, (mode, path))
+                    key = (gpu, used // unit, new_cpu // cpu_unit, True, True)
+                    _offer(following, key, (seconds + step, used, new_cpu, (mode, path)))
         states = _prune(following)
         first = False
         if not states:
             return None
-    seconds, path = min(states.values(), key=lambda state: state[0])
+    seconds, _, _, path = min(states.values(), key=lambda state: state[:3])
     modes: list[Mode] = []
     while path is not None:
         modes.append(path[0])
@@ -198,23 +232,26 @@ def solve_chain(chain: Chain, unit: int = 1) -> tuple[float, list[Mode]] | None:
     return seconds, modes
 
 
-def _offer(states: dict[Any, tuple[float, Any]], key: Any, seconds: float, path: Any) -> None:
-    """Keep the faster of a state already reached and a new way to reach it."""
+def _offer(
+    states: dict[Any, tuple[float, int, int, Any]], key: Any, value: tuple[float, int, int, Any]
+) -> None:
+    """Keep the better of a state already reached and a new one: faster, then fewer GPU and CPU bytes."""
     held = states.get(key)
-    if held is None or seconds < held[0]:
-        states[key] = (seconds, path)
+    if held is None or value[:3] < held[:3]:
+        states[key] = value
 
 
-def _prune(states: dict[Any, tuple[float, Any]]) -> dict[Any, tuple[float, Any]]:
-    """Drop states another state of the same key (GPU units aside) beats with no more units and no more time."""
-    groups: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
-    for key in states:
-        gpu, used, cpu, last_cpu, cpu_runs = key
-        groups.setdefault((gpu, cpu, last_cpu, cpu_runs), []).append((used, key))
-    kept: dict[Any, tuple[float, Any]] = {}
+def _prune(states: dict[Any, tuple[float, int, int, Any]]) -> dict[Any, tuple[float, int, int, Any]]:
+    """Drop states another state of the same key (GPU bytes aside) beats with no more GPU bytes and no more
+    time (CPU bytes are equal within a key when ``cpu_unit`` is 1, else within one unit)."""
+    groups: dict[tuple[Any, ...], list[tuple[int, int, Any]]] = {}
+    for key, (_, used, cpu, _) in states.items():
+        gpu, _, cpu_bucket, last_cpu, cpu_runs = key
+        groups.setdefault((gpu, cpu_bucket, last_cpu, cpu_runs), []).append((used, cpu, key))
+    kept: dict[Any, tuple[float, int, int, Any]] = {}
     for members in groups.values():
-        best = math.inf
-        for _, key in sorted(members):
+        best = float("inf")
+        for _, _, key in sorted(members):  # fewer GPU bytes first: keep only strictly faster ones after
             seconds = states[key][0]
             if seconds < best:
                 best = seconds
@@ -269,6 +306,20 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
                 if name not in _CONTAINERS and name not in result and name not in added:
                     added.append(name)
     return [c for c in result if c not in added] + added
+
+
+def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
+    """Blocks sharing a tied tensor with an earlier block (not pinned: the core places them with it)."""
+    from .estimate import _covering
+
+    index = dict.fromkeys(blocks, True)
+    followers: set[str] = set()
+    for group in tree.tied_groups:
+        users = sorted(
+            {b for b in (_covering(name, index) for name in group) if b is not None}, key=blocks.index
+        )
+        followers.update(users[1:])
+    return followers
 
 
 def _runtime_per_block(blocks: Sequence[str], runtime: RuntimeMemory) -> dict[str, int]:
@@ -357,20 +408,24 @@ def plan_for_speed(
         switch=lambda a, b: activation_time(hardware, a, b, tokens * hidden_bytes),
     )
     if unit is None:
-        finite = [*gpu_caps, *([int(cpu_cap)] if cpu_cap is not None else [])]
-        unit = max(1, -(-max(finite, default=1) // UNITS))
-    found = solve_chain(chain, unit)
+        unit = max(1, -(-max(gpu_caps, default=1) // UNITS))
+    cpu_unit = max(1, -(-int(cpu_cap or 1) // CPU_UNITS))
+    found = solve_chain(chain, unit, cpu_unit)
     candidates: list[Plan] = []
     if found is not None:
         _, chosen = found
         pins: dict[str, DeviceKey] = {name: mode for name, mode in zip(names, chosen, strict=True)}
+        for later in _tied_followers(tree, names):
+            pins.pop(later, None)  # the core keeps tied blocks with the first one pinned
         offloaded = any(not isinstance(m, int) for m in chosen)
         realised = replace(
             speed_options,
             pins=tuple((name, str(device)) for name, device in pins.items()),
             execution_device="cpu" if offloaded and gpus else None,
         )
-        candidates.append(_solve(tree, memory, realised, runtime, []))
+        # If the core counts memory the program does not (e.g. a tied tensor), the plans below remain.
+        with contextlib.suppress(DoesNotFitError, TiedPinConflictError):
+            candidates.append(_solve(tree, memory, realised, runtime, []))
     # Staged plans are outside the program: the core's memory plans with each GPU staging, and its own choice.
     for stager in [None, *gpus]:
         try:
