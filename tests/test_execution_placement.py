@@ -58,15 +58,12 @@ def test_an_embedding_larger_than_any_gpu_gets_a_plan_that_runs_it_on_the_cpu():
     assert set(plan.execution_map) == set(plan.assignments)
     assert runs_on(plan, "model.embed_tokens") == {"cpu"}
     assert runs_on(plan, "lm_head") == {"cpu"}
-    # The decoder layers are small enough to stage: GPU 0 does, and keeps room for one of them (and the
-    # rotary embedding's buffers, which stay on the GPU running it), not for the 8 MB embedding.
-    assert runs_on(plan, "model.layers") == {0}
-    layer_bytes = plan.block_bytes("model.layers.0")
-    assert set(plan.reserve_bytes) == {0}
-    assert layer_bytes <= plan.reserve_bytes[0] < layer_bytes + 1024
+    # The embedding and head can never be on a GPU, so they are planned off the GPUs first: the decoder
+    # layers after the embedding then stay on the GPUs instead of following it off (as a plain chain would).
+    assert {plan.device_map[k] for k in plan.device_map if k.startswith("model.layers")} <= {0, 1}
     reasons = {o.name: o.reason for o in plan.offloaded}
+    assert "larger than every GPU" in reasons["model.embed_tokens"]
     assert "runs on the CPU: no GPU can stage its" in reasons["model.embed_tokens"]
-    assert "runs on GPU 0" in reasons["model.layers.0"]
     assert "runs on the CPU" in plan.explain()
 
     # Pinning the embedding to the CPU keeps the layers on the GPUs; the head still runs on the CPU.
@@ -76,6 +73,7 @@ def test_an_embedding_larger_than_any_gpu_gets_a_plan_that_runs_it_on_the_cpu():
     assert runs_on(pinned, "model.embed_tokens") == {"cpu"}
     assert runs_on(pinned, "lm_head") == {"cpu"}
     assert not any(pinned.reserve_bytes.values())
+    assert pinned.device_map == plan.device_map  # what devicemap now does by itself
 
 
 def test_a_small_gpu0_leaves_the_staging_reserve_to_gpu1():
@@ -169,3 +167,20 @@ def test_plan_json_lists_the_execution_map(capsys):
     assert printed["inputs"]["execution_device"] == "cpu"
     offloaded = {o["name"] for o in printed["offloaded"]}
     assert offloaded and all(printed["execution_map"][n] == "cpu" for n in offloaded)
+
+
+def test_a_block_no_gpu_can_hold_does_not_drag_the_layers_after_it_off_the_gpus():
+    # gemma-2-9b's 1.7 GiB embedding is larger than each 1.5 GiB GPU: before, the GPUs held nothing (the
+    # chain from the embedding on went to the CPU); the embedding alone is now planned off the GPUs.
+    from devicemap import catalog
+
+    model = catalog.build_meta_model("gemma-2-9b")
+    memory = {0: "1.5GiB", 1: "1.5GiB", 2: "1.5GiB", 3: "1.5GiB", "cpu": "64GiB"}
+    plan = devicemap.plan(model, memory, dtype="bfloat16")
+    on_gpus = sum(u.weights for u in plan.usage if isinstance(u.device, int))
+    assert on_gpus > 4 * 1.4 * 2**30
+    assert plan.assignments["model.embed_tokens"] == "cpu"
+    assert "larger than every GPU" in {o.name: o.reason for o in plan.offloaded}["model.embed_tokens"]
+    # a user's pin of the embedding to a GPU is kept (and refused there), never overridden
+    with pytest.raises(devicemap.DoesNotFitError):
+        devicemap.plan(model, memory, dtype="bfloat16", pins={"model.embed_tokens": 0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -413,7 +414,7 @@ def solve_tree(
             f"{offload.reason if offload else ''}, and max_memory names no GPU; give it one"
         )
     try:
-        return _solve(tree, usable, options, runtime, compute or [])
+        return _solve_past_oversized_blocks(tree, usable, options, runtime, compute or [])
     except DoesNotFitError as err:
         if offload is None or usable == memory:
             raise
@@ -430,6 +431,80 @@ def solve_tree(
             f"{err}. Note: {offload.reason}, so {left_out} in max_memory could not be used; the quantized "
             "model must fit on the GPUs given"
         ) from None
+
+
+def _solve_past_oversized_blocks(
+    tree: ModuleTree,
+    memory: Mapping[DeviceKey, int | None],
+    options: PlacementOptions,
+    runtime: RuntimeMemory,
+    compute: list[tuple[str, int]],
+) -> Plan:
+    """The plan, or a better one when some block is larger than every GPU.
+
+    The GPUs hold a run of blocks from the start of the chain, so a block no GPU can hold (a
+    big-vocabulary embedding, first in the model) would send every block after it off the GPUs too. Such
+    a block can never be on a GPU anyway: planned again with it pinned to the CPU (or disk), the blocks after
+    it may fill the GPUs. The second plan is kept only when it puts more bytes on the GPUs (or the first
+    was refused).
+    """
+    refusal: DoesNotFitError | None = None
+    try:
+        first: Plan | None = _solve(tree, memory, options, runtime, compute)
+    except DoesNotFitError as err:
+        first, refusal = None, err
+    largest_gpu = max((cap or 0 for key, cap in memory.items() if isinstance(key, int)), default=None)
+    home = "cpu" if "cpu" in memory else "disk" if "disk" in memory else None
+    if largest_gpu is None or home is None:
+        if first is None:
+            raise refusal  # type: ignore[misc]
+        return first
+    pinned = {name for name, _ in options.pins}
+    try:
+        # the blocks as the core cuts them (from a plan with unbounded GPUs when the first was refused)
+        blocks = (
+            first.assignments
+            if first is not None
+            else _solve(
+                tree,
+                {k: (2**50 if isinstance(k, int) else v) for k, v in memory.items()},
+                options,
+                runtime,
+                compute,
+            ).assignments
+        )
+        oversized = [b for b in blocks if not _touches(b, pinned) and tree.module_bytes(b) > largest_gpu]
+        if not oversized:
+            raise LookupError
+        moved = dataclasses.replace(options, pins=(*options.pins, *((b, home) for b in oversized)))
+        second = _solve(tree, memory, moved, runtime, compute)
+    except (PlacementError, LookupError):
+        if first is None:
+            raise refusal from None  # type: ignore[misc]
+        return first
+    if first is not None and _gpu_bytes(second) <= _gpu_bytes(first):
+        return first
+    # Say why: the user pinned nothing there.
+    why = {b: f"larger than every GPU ({format_bytes(tree.module_bytes(b))})" for b in oversized}
+    second.offloaded = [
+        dataclasses.replace(o, reason=o.reason.replace(f"pinned to {home}", why[o.name], 1))
+        if o.name in why
+        else o
+        for o in second.offloaded
+    ]
+    return second
+
+
+def _touches(block: str, pinned: set[str]) -> bool:
+    """Whether a user's pin covers ``block``, lies inside it, or is it (those stay as the user said)."""
+    return any(
+        block == p or p == "" or block.startswith(p + ".") or block == "" or p.startswith(block + ".")
+        for p in pinned
+    )
+
+
+def _gpu_bytes(plan: Plan) -> int:
+    return sum(u.weights for u in plan.usage if isinstance(u.device, int))
 
 
 def _solve(
