@@ -165,3 +165,21 @@ def test_rehearsing_a_plan_that_offloads_every_block_to_one_gpu_runs_on_the_stan
     assert all(isinstance(layer._hf_hook.execution_device, RehearsalDevice) for layer in model)
     with torch.no_grad():
         assert torch.allclose(model(x), expected)
+
+
+def test_from_pretrained_follows_the_plans_execution_devices(saved, tmp_path):
+    # transformers' loader runs every offloaded layer on one device; devicemap.from_pretrained loads through
+    # load_checkpoint when the plan says otherwise (here: rehearsed, the embedding and head run on the CPU).
+    folder, expected = saved
+    model = devicemap.from_pretrained(
+        folder, max_memory={0: "4MB", 1: "4MB", "cpu": "1GiB"}, rehearse=True, offload_dir=tmp_path
+    )
+    plan = model.devicemap_plan
+    assert plan.execution_map["model.embed_tokens"] == "cpu"
+    check_hooks_follow_the_plan(model, plan)
+    with torch.no_grad():
+        assert torch.allclose(model(INPUT).logits, expected, atol=1e-5)
+    with pytest.raises(devicemap.InvalidOptionError, match="attn_implementation"):
+        devicemap.from_pretrained(
+            folder, max_memory={"cpu": "1GiB"}, rehearse=True, attn_implementation="eager"
+        )

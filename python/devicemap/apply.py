@@ -13,6 +13,7 @@ to end before renting GPUs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -563,6 +564,7 @@ def from_pretrained(
     dtype: DtypeLike | None = None,
     offload_dir: str | Path | None = None,
     pins: Mapping[str, object] | None = None,
+    rehearse: bool = False,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Plan with devicemap, then load through transformers' ``from_pretrained(device_map=...)``.
@@ -572,8 +574,14 @@ def from_pretrained(
     to transformers; a ``quantization_config=`` keyword also sizes the plan, as :func:`devicemap.plan` does
     with it, and a pre-quantized checkpoint (its ``config.json`` names one) is planned from its safetensors
     headers, which hold the exact stored sizes, as :func:`devicemap.plan_checkpoint` does. Weights
-    transformers re-saves for the disk go to a folder of this model's own inside ``offload_dir`` (``devicemap-transformers-<pid>-<random>/``), removed with the model; an
-    explicit ``offload_folder=`` keyword goes to transformers unchanged. Doing it yourself is two lines::
+    transformers re-saves for the disk go to a folder of this model's own inside ``offload_dir``
+    (``devicemap-transformers-<pid>-<random>/``), removed with the model; an explicit ``offload_folder=``
+    keyword goes to transformers unchanged.
+
+    transformers runs every offloaded layer on one device. When the plan runs some on the CPU (or stages
+    them on another GPU), or with ``rehearse=True`` (the CPU plays the GPUs), the weights are loaded by
+    :func:`load_checkpoint` instead, which attaches hooks with each block's execution device; that path
+    takes no other transformers keyword (quantizers included). Doing it yourself is two lines::
 
         plan = devicemap.plan(meta_model, max_memory=..., dtype="bfloat16")
         model = AutoModelForCausalLM.from_pretrained(path, device_map=plan.device_map, dtype=torch.bfloat16)
@@ -608,6 +616,35 @@ def from_pretrained(
             workload=workload,
             pins=pins,
             quantization_config=kwargs.get("quantization_config"),
+        )
+    check_flag("rehearse", rehearse)
+    quantized = "quantization_config" in kwargs or getattr(config, "quantization_config", None) is not None
+    per_block = _per_block_execution(result, result.device_map, rehearse=False) is not None
+    if rehearse or (per_block and not quantized and not set(kwargs) - {"dtype"}):
+        if quantized or set(kwargs) - {"dtype"}:
+            raise InvalidOptionError(
+                f"rehearse=True loads through devicemap.load_checkpoint, which takes no transformers keywords "
+                f"({', '.join(sorted(kwargs))}); drop them or rehearse without them"
+            )
+        with init_empty_weights():  # weights on meta; buffers (e.g. rotary tables) computed for real
+            empty = model_class.from_config(config)
+        loaded: Any = load_checkpoint(
+            empty,
+            path,
+            result,
+            offload_dir=offload_dir,
+            dtype=dtype or kwargs.get("dtype"),
+            rehearse=rehearse,
+        )
+        loaded.devicemap_plan = result
+        return loaded
+    if per_block:
+        warnings.warn(
+            "the plan runs some offloaded layers on the CPU or another GPU, but transformers' loader runs them "
+            f"all on one device (kept for the keywords {', '.join(sorted(kwargs))}); load with "
+            "devicemap.load_checkpoint to follow the plan",
+            UserWarning,
+            stacklevel=2,
         )
     if "disk" in result.device_map.values() and "offload_folder" not in kwargs:
         if folder is None:
