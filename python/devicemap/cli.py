@@ -29,6 +29,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from . import __version__, cli_inputs, cli_json
 from .checkpoint import plan_checkpoint
@@ -278,6 +279,18 @@ def write_atomically(path: Path, text: str, what: str) -> None:
             os.unlink(temporary)
 
 
+def hardware_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) -> Any:
+    """``--hardware GPU[,HOST]`` for the spec's GPUs (None when absent); ``--objective speed`` needs it."""
+    if args.hardware is not None:
+        return cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
+    if getattr(args, "objective", "memory") == "speed":
+        raise InvalidOptionError(
+            "--objective speed predicts decode time on some hardware: add --hardware GPU[,HOST] "
+            "(e.g. --hardware rtx-4090,desktop-ddr5)"
+        )
+    return None
+
+
 def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) -> dict:
     """--pin, --gpu0-reserve and --offload-buffers as the library's keyword arguments."""
     reserve = None
@@ -313,14 +326,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if execution_device is not None:
         # Checked before the model is sized: a wrong key is named at once.
         execution_device = PlacementOptions.parse(execution_device=execution_device).execution_device
-    machine = None
-    if args.hardware is not None:
-        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
-    elif args.objective == "speed":
-        raise InvalidOptionError(
-            "--objective speed predicts decode time on some hardware: add --hardware GPU[,HOST] "
-            "(e.g. --hardware rtx-4090,desktop-ddr5)"
-        )
+    machine = hardware_from_args(args, memory)
     no_split: list[str] | None = None
     if source.kind == "checkpoint":
         needs_modules = [
@@ -433,9 +439,7 @@ def shared_inputs_json(args, source, model, memory, dtype, no_split, **placement
 
 def run_compare(args: argparse.Namespace) -> int:
     source, model, memory, dtype, no_split = model_memory_dtype(args, "compare")
-    machine = None
-    if args.hardware is not None:
-        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
+    machine = hardware_from_args(args, memory)
     sides = compare(model, memory, strategy=args.strategy, dtype=dtype, no_split_module_classes=no_split)
     speeds: list[float] = []
     if machine is not None:  # both placements costed by the same speed model on the same hardware
@@ -474,11 +478,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     source, model, memory, dtype, no_split = model_memory_dtype(args, "export")
     placement = placement_from_args(args, memory)
-    machine = None
-    if args.hardware is not None:
-        machine = cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
-    elif args.objective == "speed":
-        raise InvalidOptionError("--objective speed plans for some hardware: add --hardware GPU[,HOST]")
+    machine = hardware_from_args(args, memory)
     result = plan(
         model,
         max_memory=memory,
