@@ -7,32 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import devicemap
 from devicemap.apply import RehearsalDevice
 from devicemap.execution_hooks import by_execution
+from tiny_models import big_vocab_llama_config
 
 INPUT = torch.tensor([[1, 5, 9, 31999, 7]])
-
-
-def config() -> LlamaConfig:
-    # untied 32000 x 64 embedding and head: 8 MB each, larger than any GPU below
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config()).eval()
+    model = LlamaForCausalLM(big_vocab_llama_config()).eval()
     folder = tmp_path_factory.mktemp("llama")
     model.save_pretrained(folder)
     with torch.no_grad():
@@ -44,7 +32,7 @@ def meta_model() -> LlamaForCausalLM:
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # weights on meta; buffers (rotary inv_freq) computed on the CPU
-        return LlamaForCausalLM(config()).eval()
+        return LlamaForCausalLM(big_vocab_llama_config()).eval()
 
 
 def hook_device(module: torch.nn.Module):

@@ -14,6 +14,7 @@ from accelerate.utils import check_device_map, infer_auto_device_map
 
 import devicemap
 from devicemap.cli import main
+from tiny_models import big_vocab_llama_config
 
 
 def stack(n: int, width: int = 256) -> torch.nn.Sequential:
@@ -26,17 +27,9 @@ LAYER = 256 * 256 * 4 + 256 * 4  # bytes of one Linear(256, 256) in float32
 
 def big_vocab_llama():
     """A Llama whose untied embedding and head (32000 x 64, 8 MB each) are larger than any GPU below."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = big_vocab_llama_config()
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 

@@ -20,32 +20,12 @@ from devicemap.quantization import (  # noqa: E402
     quantized_sizer,
     storage_bits,
 )
-
-BF16 = torch.bfloat16
-
-
-def _llama_config():
-    # intermediate 688: 688*256/64 = 2752 absmax blocks, not a multiple of 256 (double-quant rounds up)
-    return transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-    )
+from tiny_models import BF16, saved_bf16_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    """A tiny Llama saved in bfloat16, and the same model on the meta device as from_pretrained builds it."""
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(_llama_config()).to(BF16).save_pretrained(path)
-    with torch.device("meta"):
-        meta = transformers.AutoModelForCausalLM.from_config(_llama_config(), dtype=BF16)
-    return path, meta
+    return saved_bf16_llama(tmp_path_factory, layers=2)
 
 
 def _group(name: str) -> str:

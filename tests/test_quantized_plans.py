@@ -14,31 +14,14 @@ from transformers.quantizers.auto import AutoHfQuantizer
 import devicemap
 from devicemap.formatting import format_bytes
 from devicemap.planning import device_for
+from tiny_models import BF16, saved_bf16_llama
 
-BF16 = torch.bfloat16
 ROOMY = {0: "3MiB", 1: "3MiB", "cpu": "1GiB"}
-
-
-def llama_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-    )
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(llama_config()).to(BF16).save_pretrained(path)
-    with torch.device("meta"):
-        meta = transformers.AutoModelForCausalLM.from_config(llama_config(), dtype=BF16)
-    return path, meta
+    return saved_bf16_llama(tmp_path_factory, layers=4)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

@@ -1,0 +1,46 @@
+"""Small transformers models shared by several test files (random weights, no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+BF16 = torch.bfloat16
+
+
+def quantizable_llama_config(layers: int) -> transformers.LlamaConfig:
+    """A Llama whose Linear layers bitsandbytes and torchao quantize on the CPU. Intermediate 688: 688 * 256 /
+    64 = 2752 absmax blocks, not a multiple of 256 (double quantization rounds up)."""
+    return transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    )
+
+
+def saved_bf16_llama(tmp_path_factory, layers: int):
+    """That Llama saved in bfloat16, and the same model on the meta device as from_pretrained builds it."""
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(quantizable_llama_config(layers)).to(BF16).save_pretrained(path)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(quantizable_llama_config(layers), dtype=BF16)
+    return path, meta
+
+
+def big_vocab_llama_config() -> transformers.LlamaConfig:
+    """A Llama whose untied embedding and head (32000 x 64, 8 MB each in float32) are larger than the small
+    GPUs the execution tests give it."""
+    return transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
