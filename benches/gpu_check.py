@@ -159,18 +159,12 @@ def _devicemap_load(setup: Setup, plan: Any) -> torch.nn.Module:
 
 
 def _accelerate_plan(setup: Setup) -> Any:
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    """What transformers does for device_map="auto", as a devicemap Plan the speed model can cost (offloaded
+    layers run on the map's first GPU, as accelerate's dispatch runs them)."""
+    from devicemap.compare import accelerate_device_map, plan_of_map
 
-    balanced = get_balanced_memory(
-        setup.meta_model,
-        max_memory=dict(setup.max_memory),
-        no_split_module_classes=NO_SPLIT,
-        dtype=setup.dtype,
-    )
-    device_map = infer_auto_device_map(
-        setup.meta_model, max_memory=balanced, no_split_module_classes=NO_SPLIT, dtype=setup.dtype
-    )
-    return plan_from_device_map(device_map, setup)
+    device_map = accelerate_device_map(setup.meta_model, setup.max_memory, "balanced", NO_SPLIT, setup.dtype)
+    return plan_of_map(setup.meta_model, device_map, setup.dtype)
 
 
 def _accelerate_load(setup: Setup, plan: Any) -> torch.nn.Module:
@@ -191,51 +185,12 @@ def _accelerate_load(setup: Setup, plan: Any) -> torch.nn.Module:
     )
 
 
-def _speed_objective() -> str | None:
-    import devicemap
-
-    if "objective" in inspect.signature(devicemap.plan).parameters:
-        return None
-    return "devicemap.plan() has no objective= parameter yet"
-
-
 VARIANTS: list[Variant] = [
     Variant("accelerate", _accelerate_plan, _accelerate_load),
     Variant("devicemap memory", _devicemap_plan(), _devicemap_load),
     Variant("devicemap execution_device=cpu", _devicemap_plan(execution_device="cpu"), _devicemap_load),
-    Variant("devicemap speed", _devicemap_plan(objective="speed"), _devicemap_load, _speed_objective),
+    Variant("devicemap speed", _devicemap_plan(objective="speed"), _devicemap_load),
 ]
-
-
-def plan_from_device_map(device_map: dict[str, Any], setup: Setup) -> Any:
-    """accelerate's map as a devicemap Plan: blocks = the map's keys, sized by devicemap's tree, offloaded
-    blocks executed on the first GPU (what accelerate's dispatch does)."""
-    from devicemap import ModuleTree
-    from devicemap.planning import DeviceUsage, Plan
-
-    tree = ModuleTree.from_module(setup.meta_model, dtype=setup.dtype)
-    weights: dict[Any, int] = dict.fromkeys(setup.max_memory, 0)  # every device offered, even left empty
-    blocks: dict[Any, list[str]] = {d: [] for d in setup.max_memory}
-    for name, device in device_map.items():
-        weights[device] = weights.get(device, 0) + tree.module_bytes(name)
-        blocks.setdefault(device, []).append(name)
-    order = sorted(weights, key=lambda d: (not isinstance(d, int), d if isinstance(d, int) else 0, str(d)))
-    usage = [
-        DeviceUsage(
-            device=d,
-            capacity=setup.max_memory.get(d),
-            weights=weights[d],
-            runtime=0,
-            reserve=0,
-            compute=0,
-            blocks=tuple(blocks[d]),
-        )
-        for d in order
-    ]
-    gpus = [d for d in device_map.values() if isinstance(d, int)]
-    main = gpus[0] if gpus else "cpu"  # dispatch_model's main_device: the map's first GPU
-    runs = {name: d if isinstance(d, int) else main for name, d in device_map.items()}
-    return Plan("accelerate", dict(device_map), dict(device_map), usage, [], tree=tree, execution_map=runs)
 
 
 # ---------------------------------------------------------------------------------------------------------

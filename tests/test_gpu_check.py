@@ -1,12 +1,9 @@
 """benches/gpu_check.py: a clear skip without CUDA GPUs, and the whole flow in a CPU rehearsal."""
 
-import inspect
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import devicemap
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benches" / "gpu_check.py"
 SKIP_LINE = (
@@ -50,9 +47,7 @@ def test_rehearsal_loads_every_variant_and_prints_the_table():
         if line.startswith("| ") and not line.startswith("| variant |")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
-    has_speed = "objective" in inspect.signature(devicemap.plan).parameters
-    expected = VARIANTS if has_speed else VARIANTS[:-1]
-    assert list(rows) == expected, result.stdout
+    assert list(rows) == VARIANTS, result.stdout
     for name, cells in rows.items():
         assert len(cells) == len(columns), cells
         assert cells[columns.index("logits ok")].startswith("yes"), (name, cells)
@@ -61,5 +56,3 @@ def test_rehearsal_loads_every_variant_and_prints_the_table():
     assert "cpu" in rows["accelerate"][1] and "GPU 0" in rows["accelerate"][1]  # something is offloaded
     assert rows["accelerate"][2] == "GPU 0"  # accelerate streams offloaded layers to GPU 0
     assert rows["devicemap execution_device=cpu"][2] == "cpu"
-    if not has_speed:
-        assert "devicemap speed: skipped" in result.stdout
