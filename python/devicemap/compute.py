@@ -12,7 +12,7 @@ import torch
 from .model_config import config_value, text_config
 
 
-def _expert_share(config: Any | None) -> tuple[int, float]:
+def expert_share(config: Any | None) -> tuple[int, float]:
     if config is None:
         return 0, 1.0
     c = text_config(config)
@@ -23,7 +23,7 @@ def _expert_share(config: Any | None) -> tuple[int, float]:
     return int(experts), min(1.0, float(active) / float(experts))
 
 
-def _is_routed_experts(local_name: str, module: torch.nn.Module, experts: int) -> bool:
+def is_routed_experts(local_name: str, module: torch.nn.Module, experts: int) -> bool:
     """The routed experts of an MoE layer: a list of ``experts`` modules, or a fused ``*Experts`` module,
     held under a name mentioning experts (shared experts always run and are not scaled)."""
     if "expert" not in local_name.lower() or "shared" in local_name.lower():
@@ -37,7 +37,7 @@ def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
     """``[(module name, FLOPs per token)]`` for every module holding parameters directly. A module
     registered under several names counts once, under its first (as ``named_modules`` lists it), so
     shared and cyclic module graphs are walked in linear time."""
-    experts, share = _expert_share(getattr(model, "config", None))
+    experts, share = expert_share(getattr(model, "config", None))
     result: list[tuple[str, int]] = []
     stack: list[tuple[str, torch.nn.Module, float]] = [("", model, 1.0)]
     visited: set[int] = set()
@@ -46,7 +46,7 @@ def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
         if id(module) in visited:
             continue
         visited.add(id(module))
-        if experts and _is_routed_experts(name.rsplit(".", 1)[-1], module, experts):
+        if experts and is_routed_experts(name.rsplit(".", 1)[-1], module, experts):
             scale *= share
         params = [p for p in module._parameters.values() if p is not None]
         if params and not isinstance(module, torch.nn.Embedding):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InvalidOptionError
 from .hardware import Hardware
+from .planning import closest_key
 from .workload import Workload
 
 if TYPE_CHECKING:
@@ -402,17 +403,6 @@ def _execution_key(device: Any, name: str) -> ExecutionDevice:
     raise InvalidOptionError(f"block {name!r} executes on {device!r}; expected a GPU index or 'cpu'")
 
 
-def _covering(name: str, blocks: Mapping[str, object]) -> str | None:
-    """The block holding module ``name`` (itself or its closest ancestor), walking up the dotted path."""
-    probe = name
-    while True:
-        if probe in blocks:
-            return probe
-        if not probe:
-            return None
-        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
-
-
 def _model_of(model_or_config: Any) -> torch.nn.Module:
     import torch
 
@@ -462,7 +452,7 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
     """The :class:`BlockCost` of every block of ``plan`` (in ``plan.assignments`` order) for ``model``."""
     import torch
 
-    from .compute import _expert_share, _is_routed_experts, flops_per_token
+    from .compute import expert_share, flops_per_token, is_routed_experts
     from .model_config import config_count, config_value, text_config
     from .workload import compute_dtype, decoder_layers
 
@@ -471,7 +461,7 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
     flops = dict.fromkeys(assignments, 0.0)
     matched = 0
     for name, value in flops_per_token(model):
-        block = _covering(name, assignments)
+        block = closest_key(name, assignments)
         if block is not None:
             flops[block] += value
             matched += 1
@@ -493,7 +483,7 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
             per_token = Workload(batch_size=1, seq_len=1, kv_dtype=workload.kv_dtype)
             kv_bytes = per_token.kv_cache_bytes_per_layer(config, compute_dtype(dtype))
             for layer in decoder_layers(model, config):
-                block = _covering(layer, assignments) or next(
+                block = closest_key(layer, assignments) or next(
                     (n for n in assignments if n.startswith(layer + ".") and "attn" in n),
                     next((n for n in assignments if n.startswith(layer + ".")), None),
                 )
@@ -503,15 +493,15 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
     experts = dict.fromkeys(assignments, 0)
     lookups = dict.fromkeys(assignments, 0)
     rows = dict.fromkeys(assignments, 1)
-    count, share = _expert_share(config)
+    count, share = expert_share(config)
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     head_weight = getattr(head, "weight", None)
     for name, module in model.named_modules():
-        block = _covering(name, assignments)
+        block = closest_key(name, assignments)
         if block is None or plan.tree is None:
             continue
-        if count and _is_routed_experts(name.rsplit(".", 1)[-1], module, count):
+        if count and is_routed_experts(name.rsplit(".", 1)[-1], module, count):
             experts[block] += plan.tree.module_bytes(name)
         elif isinstance(module, torch.nn.Embedding) and module.weight is not head_weight:
             # a tied table is also the output head's matrix, which reads all of it

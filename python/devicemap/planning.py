@@ -37,18 +37,28 @@ if TYPE_CHECKING:
     from .hardware import Hardware
 
 
+def closest_key(name: str, keys: Mapping[str, object]) -> str | None:
+    """``name`` itself or its closest ancestor among ``keys`` (``""`` is the root), walking up the dotted
+    path; None when none is there.
+
+    >>> closest_key("model.layers.3.mlp.weight", {"model.layers": 0, "model.layers.3": 1, "lm_head": 1})
+    'model.layers.3'
+    """
+    probe = name
+    while probe not in keys:
+        if not probe:
+            return None
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+    return probe
+
+
 def covering_key(name: str, device_map: Mapping[str, object]) -> str:
     """The key of ``device_map`` that places ``name``: itself or its closest mapped ancestor.
 
     >>> covering_key("model.layers.3.mlp.weight", {"model.layers": 0, "model.layers.3": 1, "lm_head": 1})
     'model.layers.3'
     """
-    best: str | None = None
-    for key in device_map:
-        if (key == "" or key == name or name.startswith(key + ".")) and (
-            best is None or len(key) > len(best)
-        ):
-            best = key
+    best = closest_key(name, device_map)
     if best is None:
         raise PlacementError(f"the device map gives no device for {name!r}; use the map made for this model")
     return best
@@ -450,7 +460,7 @@ def _solve_past_oversized_blocks(
     """
     refusal: DoesNotFitError | None = None
     try:
-        first: Plan | None = _solve(tree, memory, options, runtime, compute)
+        first: Plan | None = solve_once(tree, memory, options, runtime, compute)
     except DoesNotFitError as err:
         first, refusal = None, err
     largest_gpu = max((cap or 0 for key, cap in memory.items() if isinstance(key, int)), default=None)
@@ -465,7 +475,7 @@ def _solve_past_oversized_blocks(
         blocks = (
             first.assignments
             if first is not None
-            else _solve(
+            else solve_once(
                 tree,
                 {k: (2**50 if isinstance(k, int) else v) for k, v in memory.items()},
                 options,
@@ -477,7 +487,7 @@ def _solve_past_oversized_blocks(
         if not oversized:
             raise LookupError
         moved = dataclasses.replace(options, pins=(*options.pins, *((b, home) for b in oversized)))
-        second = _solve(tree, memory, moved, runtime, compute)
+        second = solve_once(tree, memory, moved, runtime, compute)
     except (PlacementError, LookupError):
         if first is None:
             raise refusal from None  # type: ignore[misc]
@@ -507,13 +517,15 @@ def _gpu_bytes(plan: Plan) -> int:
     return sum(u.weights for u in plan.usage if isinstance(u.device, int))
 
 
-def _solve(
+def solve_once(
     tree: ModuleTree,
     memory: Mapping[DeviceKey, int | None],
     options: PlacementOptions,
     runtime: RuntimeMemory,
     compute: list[tuple[str, int]],
 ) -> Plan:
+    """One call into the core with checked options and canonical devices, as it is (no second attempt
+    around blocks larger than every GPU, no quantizer rule): the building block of the planners."""
     devices: list[tuple[str, int | None]] = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
     check_runtime_bits(runtime.per_module, runtime.activation_bits)
     result = _core.solve(

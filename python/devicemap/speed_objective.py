@@ -271,11 +271,11 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
     model each decoder layer is opened so its routed experts are a block of their own (module docstring)."""
     import torch
 
-    from .compute import _expert_share, _is_routed_experts
+    from .compute import expert_share, is_routed_experts
     from .workload import decoder_layers
 
     config = getattr(model, "config", None)
-    count, _ = _expert_share(config)
+    count, _ = expert_share(config)
     if not count or config is None:
         return list(classes)
     modules = dict(model.named_modules())
@@ -288,7 +288,7 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
         holder = None
         for child_name, child in layer.named_children():
             if any(
-                _is_routed_experts(sub.rsplit(".", 1)[-1] if sub else child_name, module, count)
+                is_routed_experts(sub.rsplit(".", 1)[-1] if sub else child_name, module, count)
                 for sub, module in child.named_modules()
             ):
                 holder = child_name
@@ -300,7 +300,7 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
             parts = list(child.named_children()) if child_name == holder else [(child_name, child)]
             for part_name, part in parts:
                 keep = part
-                if isinstance(part, torch.nn.ModuleList) and _is_routed_experts(part_name, part, count):
+                if isinstance(part, torch.nn.ModuleList) and is_routed_experts(part_name, part, count):
                     keep = part[0]  # a list of experts: each expert is a block
                 name = type(keep).__name__
                 if name not in _CONTAINERS and name not in result and name not in added:
@@ -310,13 +310,13 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
 
 def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
     """Blocks sharing a tied tensor with an earlier block (not pinned: the core places them with it)."""
-    from .estimate import _covering
+    from .planning import closest_key
 
     index = dict.fromkeys(blocks, True)
     followers: set[str] = set()
     for group in tree.tied_groups:
         users = sorted(
-            {b for b in (_covering(name, index) for name in group) if b is not None}, key=blocks.index
+            {b for b in (closest_key(name, index) for name in group) if b is not None}, key=blocks.index
         )
         followers.update(users[1:])
     return followers
@@ -325,12 +325,12 @@ def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
 def _runtime_per_block(blocks: Sequence[str], runtime: RuntimeMemory) -> dict[str, int]:
     """Runtime bytes of each block: a value on a module inside a block goes to it, one on a split module
     to the first block under it (as the core attaches them)."""
-    from .estimate import _covering
+    from .planning import closest_key
 
     per_block = dict.fromkeys(blocks, 0)
     index = dict.fromkeys(blocks, True)
     for name, bits in runtime.per_module:
-        block = _covering(name, index)
+        block = closest_key(name, index)
         if block is None:
             block = next((b for b in blocks if b.startswith(name + ".")), None)
         if block is not None:
@@ -353,7 +353,7 @@ def plan_for_speed(
     (default: the largest capacity / :data:`UNITS`)."""
     from .hardware import Hardware as HardwareType
     from .memory import normalize_max_memory
-    from .planning import _solve
+    from .planning import solve_once
 
     if not isinstance(hardware, HardwareType):
         raise InvalidOptionError(
@@ -378,7 +378,7 @@ def plan_for_speed(
         strategy="sequential",
     )
     # The blocks as the core cuts them: any plan lists them all; one with everything on the CPU is cheap.
-    probe = _solve(tree, {"cpu": 1 << 56}, replace(speed_options, execution_device=None), runtime, [])
+    probe = solve_once(tree, {"cpu": 1 << 56}, replace(speed_options, execution_device=None), runtime, [])
     names = list(probe.assignments)
     costs, hidden_bytes, bits = model_block_costs(probe, workload, model, dtype=dtype)
     runtime_bytes = _runtime_per_block(names, runtime)
@@ -425,12 +425,12 @@ def plan_for_speed(
         )
         # If the core counts memory the program does not (e.g. a tied tensor), the plans below remain.
         with contextlib.suppress(DoesNotFitError, TiedPinConflictError):
-            candidates.append(_solve(tree, memory, realised, runtime, []))
+            candidates.append(solve_once(tree, memory, realised, runtime, []))
     # Staged plans are outside the program: the core's memory plans with each GPU staging, and its own choice.
     for stager in [None, *gpus]:
         try:
             candidates.append(
-                _solve(
+                solve_once(
                     tree,
                     memory,
                     replace(options, execution_device=None if stager is None else str(stager)),
