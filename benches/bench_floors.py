@@ -3,6 +3,7 @@
     .venv/bin/python benches/bench_floors.py            # full run (~5-10 minutes on 2 cores)
     .venv/bin/python benches/bench_floors.py --quick    # up to 100k modules (~1 minute)
     .venv/bin/python benches/bench_floors.py --quick --smoke   # tiny sizes, every section (< 30 s)
+    .venv/bin/python benches/bench_floors.py --only headers --only memory   # some sections only
 
 The measurements of issue 14, each best-of-N wall clock in one process (the memory section excepted):
 
@@ -380,6 +381,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sizes up to 100k modules, fewer repeats")
     parser.add_argument("--smoke", action="store_true", help="with --quick: tiny sizes (the test's run)")
+    parser.add_argument(
+        "--only",
+        choices=["headers", "export", "solve", "memory"],
+        action="append",
+        help="run these sections only (repeatable; solve implies the export it needs)",
+    )
     parser.add_argument("--memory-worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--modules", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -400,15 +407,20 @@ def main() -> None:
         + (f"\n  no transformers-5 column: {skip}" if skip else ""),
         flush=True,
     )
-    bench_headers(headers, header_repeat)
-    start = time.perf_counter()
-    models = {n: build_model(n) for n in sizes}
-    print(f"\n(built {len(models)} meta models in {time.perf_counter() - start:.1f} s)", flush=True)
-    trees = bench_export(models, tf)
-    bench_solve(models, trees)
-    del models, trees
-    gc.collect()
-    bench_memory(sizes[-1], tf)
+    only = set(args.only or ["headers", "export", "solve", "memory"])
+    if "headers" in only:
+        bench_headers(headers, header_repeat)
+    if only & {"export", "solve"}:
+        start = time.perf_counter()
+        models = {n: build_model(n) for n in sizes}
+        print(f"\n(built {len(models)} meta models in {time.perf_counter() - start:.1f} s)", flush=True)
+        trees = bench_export(models, tf)
+        if "solve" in only:
+            bench_solve(models, trees)
+        del models, trees
+        gc.collect()
+    if "memory" in only:
+        bench_memory(sizes[-1], tf)
     print(
         "\nTargets (issue 14): header planning ≤ 1.2x the pure-Python header read; export ≤ 1.5x the raw "
         "dict walk; leaf-only solve < 100 ms at 1M modules; peak planning memory ≤ accelerate's."
