@@ -7,9 +7,12 @@
 //! names matching a pattern), and tied weights (missing tied names are added so the map covers them).
 
 use crate::error::{PlacementError, Result};
+use crate::natural_order::sibling_cmp;
 use crate::safetensors::{dtype_bits, is_floating, Checkpoint, TensorEntry};
 use crate::tree::{ModuleTree, NodeKind, TreeColumns};
+use foldhash::{HashMap as FoldMap, HashMapExt};
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 /// The class given to block modules; pass it as a no-split class when planning.
 pub const BLOCK_CLASS: &str = "CheckpointBlock";
@@ -30,79 +33,202 @@ pub struct CheckpointTreeOptions {
     pub dtype_bits: Option<u64>,
 }
 
-#[derive(Default)]
-struct Node {
-    children: Vec<(String, usize)>,
-    tensor: Option<(u64, usize)>, // (bits, tie group or usize::MAX)
+/// No tie group.
+const UNTIED: usize = usize::MAX;
+
+/// A name component of the checkpoint, as a node of the module tree being rebuilt.
+///
+/// Every dotted prefix of every tensor name (and of added tied names) gets a node; only the ones a
+/// placed tensor runs through are `placed` and become part of the tree. The others are the paths of
+/// quantization states, which load with the tensor they nest under.
+struct Node<'a> {
+    /// The component (the local name in the tree).
+    name: &'a str,
+    parent: u32,
+    /// Placed children, in the order tensors were placed (the order [`layer_lists`] walks).
+    children: Vec<u32>,
+    /// (bits, tie group or [`UNTIED`]) of the tensor placed here.
+    tensor: Option<(u64, usize)>,
     duplicate: bool,
+    /// A tensor of the checkpoint has this full name (placed or not).
+    named: bool,
+    placed: bool,
+    /// Bits of the quantization states held by the tensor of this name.
+    state_bits: u64,
 }
 
-/// Where a sibling goes in definition order: embeddings, containers, norms, heads.
-fn rank(name: &str) -> (u8, u64) {
-    if let Ok(n) = name.parse::<u64>() {
-        return (2, n);
+impl<'a> Node<'a> {
+    fn new(name: &'a str, parent: u32) -> Self {
+        Node {
+            name,
+            parent,
+            children: Vec::new(),
+            tensor: None,
+            duplicate: false,
+            named: false,
+            placed: false,
+            state_bits: 0,
+        }
     }
-    let lower = name.to_ascii_lowercase();
-    let r = if lower.contains("embed") || ["wte", "wpe", "shared", "word_embeddings"].contains(&lower.as_str()) {
-        0
-    } else if lower == "encoder" {
-        1
-    } else if lower.contains("norm") || lower.starts_with("ln_f") {
-        3
-    } else if ["lm_head", "head", "output", "classifier", "score"].contains(&lower.as_str()) {
-        4
-    } else {
-        2
-    };
-    (r, 0)
 }
 
-/// Name order within a rank: digit runs compare as numbers ("layer2" before "layer10").
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn chunks(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        let bytes = s.as_bytes();
-        for i in 1..=bytes.len() {
-            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
-                start = i;
+/// The name components of a checkpoint as a trie of [`Node`]s, names borrowed from the checkpoint.
+struct Trie<'a> {
+    nodes: Vec<Node<'a>>,
+    // foldhash: several times faster than SipHash on these short keys, and still seeded per process.
+    child_of: FoldMap<(u32, &'a str), u32>,
+    /// The node path of the last name looked up: consecutive names share most of their prefix.
+    last_path: Vec<u32>,
+}
+
+impl<'a> Trie<'a> {
+    fn with_capacity(names: usize) -> Self {
+        // About two new components per tensor name: its leaf and a module above it.
+        let mut nodes = Vec::with_capacity(names * 5 / 2);
+        nodes.push(Node::new("", 0));
+        Trie {
+            nodes,
+            child_of: FoldMap::with_capacity(names * 5 / 2),
+            last_path: Vec::new(),
+        }
+    }
+
+    /// The node of a dotted name, created with its prefixes when missing.
+    fn node_of(&mut self, name: &'a str) -> u32 {
+        let mut at = 0u32;
+        let mut depth = 0;
+        let mut shared = true;
+        for part in name.split('.') {
+            let known = self.last_path.get(depth).copied();
+            at = match known {
+                Some(node) if shared && self.nodes[node as usize].name == part => node,
+                _ => {
+                    shared = false;
+                    self.last_path.truncate(depth);
+                    let node = self.child(at, part);
+                    self.last_path.push(node);
+                    node
+                }
+            };
+            depth += 1;
+        }
+        self.last_path.truncate(depth);
+        at
+    }
+
+    fn child(&mut self, parent: u32, part: &'a str) -> u32 {
+        let next = self.nodes.len() as u32;
+        let node = *self.child_of.entry((parent, part)).or_insert(next);
+        if node == next {
+            self.nodes.push(Node::new(part, parent));
+        }
+        node
+    }
+
+    /// The node of a name some tensor of the checkpoint has.
+    fn named(&self, name: &str) -> Option<u32> {
+        let mut at = 0u32;
+        for part in name.split('.') {
+            at = *self.child_of.get(&(at, part))?;
+        }
+        self.nodes[at as usize].named.then_some(at)
+    }
+
+    /// The tensor a name is the quantization state of: bitsandbytes saves `proj.weight.absmax`,
+    /// `proj.weight.quant_map`, `proj.weight.quant_state.bitsandbytes__nf4` beside `proj.weight`. No
+    /// module holds such a name; its bytes load with (and are counted in) the shortest tensor name it
+    /// nests under.
+    fn state_holder(&self, node: u32) -> Option<u32> {
+        let mut holder = None;
+        let mut at = self.nodes[node as usize].parent;
+        while at != 0 {
+            if self.nodes[at as usize].named {
+                holder = Some(at);
             }
+            at = self.nodes[at as usize].parent;
         }
-        out
+        holder
     }
-    let (x, y) = (chunks(a), chunks(b));
-    for ((dx, cx), (dy, cy)) in x.iter().zip(&y) {
-        let order = if *dx && *dy {
-            cx.len().cmp(&cy.len()).then_with(|| cx.cmp(cy)) // same digits, no overflow on long runs
-        } else {
-            cx.cmp(cy)
-        };
-        if order != std::cmp::Ordering::Equal {
-            return order;
+
+    /// Place a tensor at `leaf`: its path becomes modules of the tree. `path` is scratch space.
+    fn place(
+        &mut self,
+        leaf: u32,
+        full_name: &str,
+        file: &Path,
+        tensor: (u64, usize),
+        duplicate: bool,
+        path: &mut Vec<u32>,
+    ) -> Result<()> {
+        path.clear();
+        let mut at = leaf;
+        while at != 0 {
+            path.push(at);
+            at = self.nodes[at as usize].parent;
         }
+        let mut parent = 0u32;
+        for &node in path.iter().rev() {
+            if self.nodes[node as usize].name.is_empty() {
+                return Err(bad_name(
+                    file,
+                    format!(
+                        "tensor name {full_name:?} has an empty component (\"a..b\", \".a\", \"a.\" or \"\"), so \
+                         it names no module; rename the tensor in the checkpoint"
+                    ),
+                ));
+            }
+            if self.nodes[parent as usize].tensor.is_some() {
+                return Err(bad_name(
+                    file,
+                    format!("tensor {full_name:?} nests under another tensor, which no module can hold"),
+                ));
+            }
+            if !std::mem::replace(&mut self.nodes[node as usize].placed, true) {
+                self.nodes[parent as usize].children.push(node);
+            }
+            parent = node;
+        }
+        let leaf_node = &mut self.nodes[leaf as usize];
+        if leaf_node.tensor.is_some() || !leaf_node.children.is_empty() {
+            return Err(bad_name(
+                file,
+                format!("tensor {full_name:?} is also the name of a module (other tensors nest under it)"),
+            ));
+        }
+        leaf_node.tensor = Some(tensor);
+        leaf_node.duplicate = duplicate;
+        Ok(())
     }
-    x.len().cmp(&y.len())
 }
 
+/// A dotted module name matches a glob whose `*` stands for one name component.
 fn matches(pattern: &str, name: &str) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
-    let n: Vec<&str> = name.split('.').collect();
-    p.len() == n.len() && p.iter().zip(&n).all(|(a, b)| *a == "*" || a == b)
+    let (mut p, mut n) = (pattern.split('.'), name.split('.'));
+    loop {
+        match (p.next(), n.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a == "*" || a == b => {}
+            _ => return false,
+        }
+    }
 }
 
-/// Resolve `*suffix` names of tie groups against the checkpoint's tensor names.
+/// Resolve `*suffix` names of tie groups against the checkpoint's tensor names: the first name in
+/// name order ending with the suffix.
 fn resolve_ties(entries: &[TensorEntry], groups: &[Vec<String>]) -> Vec<Vec<String>> {
-    let mut sorted: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-    sorted.sort_unstable();
     groups
         .iter()
         .map(|group| {
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = HashSet::new();
             group
                 .iter()
                 .filter_map(|name| match name.strip_prefix('*') {
-                    Some(suffix) => sorted.iter().find(|n| n.ends_with(suffix)).map(|n| n.to_string()),
+                    Some(suffix) => entries
+                        .iter()
+                        .map(|e| e.name.as_str())
+                        .filter(|n| n.ends_with(suffix))
+                        .min()
+                        .map(str::to_string),
                     None => Some(name.clone()),
                 })
                 .filter(|n| seen.insert(n.clone()))
@@ -111,17 +237,8 @@ fn resolve_ties(entries: &[TensorEntry], groups: &[Vec<String>]) -> Vec<Vec<Stri
         .collect()
 }
 
-/// The tensor a name is the quantization state of: bitsandbytes saves `proj.weight.absmax`,
-/// `proj.weight.quant_map`, `proj.weight.quant_state.bitsandbytes__nf4` beside `proj.weight`. No module
-/// holds such a name; its bytes load with (and are counted in) the tensor it nests under.
-fn state_holder<'a>(name: &'a str, tensors: &HashMap<&str, &TensorEntry>) -> Option<&'a str> {
-    name.match_indices('.')
-        .map(|(dot, _)| &name[..dot])
-        .find(|prefix| tensors.contains_key(prefix))
-}
-
 /// A tensor name that cannot be a module path, reported against the file that holds it.
-fn bad_name(file: &std::path::Path, reason: String) -> PlacementError {
+fn bad_name(file: &Path, reason: String) -> PlacementError {
     PlacementError::Checkpoint {
         path: file.display().to_string(),
         reason,
@@ -133,51 +250,11 @@ fn bad_name(file: &std::path::Path, reason: String) -> PlacementError {
 pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
     let entries = &checkpoint.entries[..];
     let tie_groups = resolve_ties(entries, &options.tie_groups);
-    let mut nodes: Vec<Node> = vec![Node::default()];
-    let mut child_of: HashMap<(usize, String), usize> = HashMap::with_capacity(entries.len() * 2);
-    // `file` is the file holding the tensor, or the checkpoint itself for a tied name it lacks.
-    let present: HashMap<&str, &TensorEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
-    let mut insert = |name: &str, file: &std::path::Path, tensor: (u64, usize), duplicate: bool| -> Result<()> {
-        let mut at = 0;
-        for part in name.split('.') {
-            if part.is_empty() {
-                return Err(bad_name(
-                    file,
-                    format!(
-                        "tensor name {name:?} has an empty component (\"a..b\", \".a\", \"a.\" or \"\"), so it \
-                         names no module; rename the tensor in the checkpoint"
-                    ),
-                ));
-            }
-            if nodes[at].tensor.is_some() {
-                return Err(bad_name(
-                    file,
-                    format!("tensor {name:?} nests under another tensor, which no module can hold"),
-                ));
-            }
-            let key = (at, part.to_string());
-            at = match child_of.get(&key) {
-                Some(i) => *i,
-                None => {
-                    nodes.push(Node::default());
-                    let i = nodes.len() - 1;
-                    nodes[at].children.push((part.to_string(), i));
-                    child_of.insert(key, i);
-                    i
-                }
-            };
-        }
-        if nodes[at].tensor.is_some() || !nodes[at].children.is_empty() {
-            return Err(bad_name(
-                file,
-                format!("tensor {name:?} is also the name of a module (other tensors nest under it)"),
-            ));
-        }
-        nodes[at].tensor = Some(tensor);
-        nodes[at].duplicate = duplicate;
-        Ok(())
-    };
-
+    let mut trie = Trie::with_capacity(entries.len());
+    let leaves: Vec<u32> = entries.iter().map(|e| trie.node_of(&e.name)).collect();
+    for &leaf in &leaves {
+        trie.nodes[leaf as usize].named = true;
+    }
     let mut group_of: HashMap<&str, usize> = HashMap::new();
     for (g, group) in tie_groups.iter().enumerate() {
         for name in group {
@@ -193,35 +270,39 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
         };
         e.numel() * bits
     };
-    let mut state_bits: HashMap<&str, u64> = HashMap::new();
-    for e in entries {
-        if let Some(holder) = state_holder(&e.name, &present) {
-            *state_bits.entry(holder).or_default() += sized(e);
+    let holders: Vec<Option<u32>> = leaves.iter().map(|&leaf| trie.state_holder(leaf)).collect();
+    for (e, holder) in entries.iter().zip(&holders) {
+        if let Some(holder) = holder {
+            trie.nodes[*holder as usize].state_bits += sized(e);
         }
     }
-    for e in entries {
-        if state_holder(&e.name, &present).is_some() {
+    let mut path = Vec::new();
+    for ((e, &leaf), holder) in entries.iter().zip(&leaves).zip(&holders) {
+        if holder.is_some() {
             continue; // counted with its tensor
         }
-        let bits = sized(e) + state_bits.get(e.name.as_str()).copied().unwrap_or(0);
-        let group = group_of.get(e.name.as_str()).copied();
+        let bits = sized(e) + trie.nodes[leaf as usize].state_bits;
+        let group = if group_of.is_empty() {
+            None
+        } else {
+            group_of.get(e.name.as_str()).copied()
+        };
         let duplicate = group.is_some_and(|g| std::mem::replace(&mut group_counted[g], true));
-        insert(
-            &e.name,
-            checkpoint.file_of(e),
-            (bits, group.unwrap_or(usize::MAX)),
-            duplicate,
-        )?;
+        let tensor = (bits, group.unwrap_or(UNTIED));
+        trie.place(leaf, &e.name, checkpoint.file_of(e), tensor, duplicate, &mut path)?;
     }
     for (g, group) in tie_groups.iter().enumerate() {
-        if !group.iter().any(|n| present.contains_key(n.as_str())) {
+        if !group.iter().any(|n| trie.named(n).is_some()) {
             continue; // none of it is in this checkpoint
         }
-        for name in group.iter().filter(|n| !present.contains_key(n.as_str())) {
-            insert(name, &checkpoint.path, (0, g), true)?;
+        for name in group {
+            if trie.named(name).is_none() {
+                let leaf = trie.node_of(name);
+                trie.place(leaf, name, &checkpoint.path, (0, g), true, &mut path)?;
+            }
         }
     }
-    emit(&nodes, options)
+    emit(trie.nodes, options)
 }
 
 /// The modules whose children are the model's numbered layers, each kept whole as a block.
@@ -233,28 +314,26 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
 /// extra layers past `num_hidden_layers`, such as DeepSeek-V3's multi-token-prediction layer 61. When
 /// none is that long (a truncated checkpoint, a single shard, layers shared ALBERT-style), the longest
 /// outermost list is taken. Without config counts, no list is guessed (block patterns still apply).
-fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<usize> {
+fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<u32> {
     let Some(&fewest) = counts.iter().min() else {
         return HashSet::new();
     };
-    let mut outermost: Vec<(usize, u64)> = Vec::new(); // (node, entries), in a fixed walk order
-    let mut stack = vec![0];
+    let is_module = |c: &u32| nodes[*c as usize].tensor.is_none();
+    let mut outermost: Vec<(u32, u64)> = Vec::new(); // (node, entries), in a fixed walk order
+    let mut stack = vec![0u32];
     while let Some(node) = stack.pop() {
-        let modules: Vec<&(String, usize)> = nodes[node]
-            .children
-            .iter()
-            .filter(|(_, c)| nodes[*c].tensor.is_none())
-            .collect();
-        let numbered = !modules.is_empty()
-            && modules.len() == nodes[node].children.len()
-            && modules.iter().all(|(name, _)| name.parse::<u64>().is_ok());
+        let children = &nodes[node as usize].children;
+        let numbered = !children.is_empty()
+            && children
+                .iter()
+                .all(|c| is_module(c) && nodes[*c as usize].name.parse::<u64>().is_ok());
         if numbered {
-            outermost.push((node, modules.len() as u64));
+            outermost.push((node, children.len() as u64));
         } else {
-            stack.extend(modules.iter().rev().map(|(_, c)| *c));
+            stack.extend(children.iter().rev().filter(|c| is_module(c)));
         }
     }
-    let long_enough: HashSet<usize> = outermost
+    let long_enough: HashSet<u32> = outermost
         .iter()
         .filter(|(_, entries)| *entries >= fewest)
         .map(|(node, _)| *node)
@@ -268,54 +347,71 @@ fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<usize> {
 }
 
 /// Pre-order columns: each module, its tensors, then its child modules (siblings in definition order).
-fn emit(nodes: &[Node], options: &CheckpointTreeOptions) -> Result<ModuleTree> {
-    let layer_lists = layer_lists(nodes, &options.layer_counts);
+fn emit(mut nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+    let layer_lists = layer_lists(&nodes, &options.layer_counts);
+    for i in 0..nodes.len() {
+        if nodes[i].children.len() > 1 {
+            let mut children = std::mem::take(&mut nodes[i].children);
+            children.sort_by(|&a, &b| sibling_cmp(nodes[a as usize].name, nodes[b as usize].name));
+            nodes[i].children = children;
+        }
+    }
+    let rows = nodes.iter().filter(|n| n.placed).count() + 1;
     let mut c = TreeColumns {
+        names: Vec::with_capacity(rows),
+        parents: Vec::with_capacity(rows),
+        kinds: Vec::with_capacity(rows),
+        classes: Vec::with_capacity(rows),
         class_names: vec!["Module".into(), BLOCK_CLASS.into(), "Parameter".into()],
-        ..Default::default()
+        bits: Vec::with_capacity(rows),
+        duplicate: Vec::with_capacity(rows),
+        tie: Vec::with_capacity(rows),
     };
     // Tie groups actually used, numbered densely in the order first met.
     let mut tie_ids: HashMap<usize, i64> = HashMap::new();
-    // (node, parent row, local name, full name, is a block)
-    let mut stack: Vec<(usize, i64, String, String, bool)> = vec![(0, -1, String::new(), String::new(), false)];
-    while let Some((node, parent, local, full, is_block)) = stack.pop() {
+    // Full names are only needed to match block patterns.
+    let named_blocks = !options.block_patterns.is_empty();
+    // (node, parent row, full name when needed, is a block)
+    let mut stack: Vec<(u32, i64, String, bool)> = vec![(0, -1, String::new(), false)];
+    while let Some((node, parent, full, is_block)) = stack.pop() {
         let index = c.names.len() as i64;
-        c.names.push(local);
+        c.names.push(nodes[node as usize].name.to_string());
         c.parents.push(parent);
         c.kinds.push(NodeKind::Module as u8);
         c.classes.push(u32::from(is_block));
         c.bits.push(0);
         c.duplicate.push(false);
         c.tie.push(-1);
-        let mut children: Vec<&(String, usize)> = nodes[node].children.iter().collect();
-        children.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| natural_cmp(&a.0, &b.0)));
-        let layer_list = layer_lists.contains(&node);
-        for (name, child) in &children {
-            if let Some((bits, group)) = nodes[*child].tensor {
-                let tie = if group == usize::MAX {
+        let children = &nodes[node as usize].children;
+        for &child in children {
+            let child = &nodes[child as usize];
+            if let Some((bits, group)) = child.tensor {
+                let tie = if group == UNTIED {
                     -1
                 } else {
                     let next = tie_ids.len() as i64;
                     *tie_ids.entry(group).or_insert(next)
                 };
-                c.names.push(name.clone());
+                c.names.push(child.name.to_string());
                 c.parents.push(index);
                 c.kinds.push(NodeKind::Parameter as u8);
                 c.classes.push(2);
                 c.bits.push(bits);
-                c.duplicate.push(nodes[*child].duplicate);
+                c.duplicate.push(child.duplicate);
                 c.tie.push(tie);
             }
         }
-        for (name, child) in children.iter().rev() {
-            if nodes[*child].tensor.is_none() {
-                let child_full = if full.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{full}.{name}")
+        let layer_list = layer_lists.contains(&node);
+        for &child in children.iter().rev() {
+            let name = nodes[child as usize].name;
+            if nodes[child as usize].tensor.is_none() {
+                let child_full = match (named_blocks, full.is_empty()) {
+                    (false, _) => String::new(),
+                    (true, true) => name.to_string(),
+                    (true, false) => format!("{full}.{name}"),
                 };
                 let block = layer_list || options.block_patterns.iter().any(|p| matches(p, &child_full));
-                stack.push((*child, index, name.clone(), child_full, block));
+                stack.push((child, index, child_full, block));
             }
         }
     }
@@ -504,13 +600,6 @@ mod tests {
         assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
         assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
         assert!(matches("a.*.c", "a.7.c") && !matches("a.*", "a.7.c"));
-    }
-
-    #[test]
-    fn numbered_names_sort_naturally() {
-        let mut names = vec!["layer10", "layer2", "layer1", "block_b", "block_a"];
-        names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(names, vec!["block_a", "block_b", "layer1", "layer2", "layer10"]);
     }
 
     #[test]

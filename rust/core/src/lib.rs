@@ -12,6 +12,8 @@ mod clean;
 mod constraints;
 pub mod device;
 pub mod error;
+mod header_json;
+mod natural_order;
 pub mod plan;
 pub mod safetensors;
 pub mod strategy;

@@ -8,11 +8,15 @@
 //! shards must lie inside the index's folder (subfolders allowed) and hold what the index says.
 
 use crate::error::{PlacementError, Result};
+use crate::header_json;
+use foldhash::{HashMap as FoldMap, HashMapExt};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Largest header accepted (the safetensors format's own limit).
 pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -137,18 +141,49 @@ pub(crate) fn read_header(path: &Path, file: usize) -> Result<Vec<TensorEntry>> 
     handle
         .read_exact(&mut header)
         .map_err(|e| bad(path, format!("cannot read the header: {e}")))?;
-    if let Err(e) = std::str::from_utf8(&header) {
+    let data_len = length - 8 - header_len;
+    match typed_entries(path, file, &header, data_len) {
+        Some(entries) => entries,
+        None => reference_entries(path, file, &header, data_len),
+    }
+}
+
+/// The fast path: a typed, borrowing parse of a well-formed header, then the same checks on each
+/// tensor (in name order, as the reference reader meets them) and on the tiling. `None` when the
+/// header is not plain enough for it: the reference reader then accepts it or names the fault.
+fn typed_entries(path: &Path, file: usize, header: &[u8], data_len: u64) -> Option<Result<Vec<TensorEntry>>> {
+    let text = std::str::from_utf8(header).ok()?;
+    let mut tensors = header_json::parse_header(text)?;
+    // The reference reader walks a name-ordered map; a repeated name is its to judge.
+    tensors.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    if tensors.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+        return None;
+    }
+    let entries = tensors
+        .into_iter()
+        .map(|(name, raw)| {
+            let offsets = raw.data_offsets;
+            checked_entry(path, file, &name.0, &raw.dtype.0, raw.shape, offsets, data_len)
+        })
+        .collect::<Result<Vec<_>>>()
+        .and_then(|entries| check_tiling(path, &entries, data_len).map(|()| entries));
+    Some(entries)
+}
+
+/// The reference reader: a generic JSON tree, every fault named. It decides every header the typed
+/// path declines, so both accept exactly the same files.
+fn reference_entries(path: &Path, file: usize, header: &[u8], data_len: u64) -> Result<Vec<TensorEntry>> {
+    if let Err(e) = std::str::from_utf8(header) {
         return Err(bad(
             path,
             format!("the header is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
         ));
     }
-    let json: Value = serde_json::from_slice(&header).map_err(|e| bad(path, format!("malformed JSON header: {e}")))?;
+    let json: Value = serde_json::from_slice(header).map_err(|e| bad(path, format!("malformed JSON header: {e}")))?;
     let object = json
         .as_object()
         .ok_or_else(|| bad(path, "the header is not a JSON object"))?;
-    check_duplicate_keys(path, &header, object)?;
-    let data_len = length - 8 - header_len;
+    check_duplicate_keys(path, header, object)?;
     let mut entries = Vec::with_capacity(object.len());
     for (name, value) in object {
         if name == "__metadata__" {
@@ -321,6 +356,23 @@ fn parse_entry(path: &Path, file: usize, name: &str, value: &Value, data_len: u6
     let [begin, end] = offsets[..] else {
         return Err(bad(path, format!("tensor {name:?}: data_offsets must be [begin, end]")));
     };
+    checked_entry(path, file, name, dtype, shape, [begin, end], data_len)
+}
+
+/// The checks on one tensor's fields once they have the right JSON types: a known dtype, offsets
+/// inside the data section, and a byte size matching the shape.
+fn checked_entry(
+    path: &Path,
+    file: usize,
+    name: &str,
+    dtype: &str,
+    shape: Vec<u64>,
+    [begin, end]: [u64; 2],
+    data_len: u64,
+) -> Result<TensorEntry> {
+    if dtype_bits(dtype).is_none() {
+        return Err(bad(path, format!("tensor {name:?} has unknown dtype {dtype:?}")));
+    }
     if begin > end || end > data_len {
         return Err(bad(
             path,
@@ -362,16 +414,18 @@ fn parse_entry(path: &Path, file: usize, name: &str, value: &Value, data_len: u6
     })
 }
 
-/// An index's tensor name -> position of its shard in the list of files read.
-pub(crate) type WeightMap = BTreeMap<String, usize>;
+/// An index's (tensor name, position of its shard in the list of files read) pairs, names borrowed
+/// from the index text. A name listed twice counts with its last shard, as in a JSON object.
+pub(crate) type WeightMap<'a> = Vec<(Cow<'a, str>, usize)>;
 
 /// The checkpoint files to read for `path` (a `.safetensors` file, a `model.safetensors.index.json`,
-/// or a folder holding either) and, for an index, which of them holds each tensor.
-pub(crate) fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
+/// or a folder holding either) and, for an index, which of them holds each tensor. An index is read
+/// into `index_text`, which the weight map borrows from.
+pub(crate) fn resolve<'a>(path: &Path, index_text: &'a mut Vec<u8>) -> Result<(Vec<PathBuf>, Option<WeightMap<'a>>)> {
     if path.is_dir() {
         let index = path.join("model.safetensors.index.json");
         if index.exists() {
-            return resolve(&index);
+            return resolve(&index, index_text);
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| bad(path, format!("cannot list: {e}")))?
@@ -388,7 +442,12 @@ pub(crate) fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> 
         return Ok((files, None));
     }
     if path.extension().is_some_and(|x| x == "json") {
-        return resolve_index(path);
+        *index_text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+        let text: &'a [u8] = index_text;
+        return match typed_index(path, text) {
+            Some(resolved) => Ok(resolved),
+            None => reference_index(path, text),
+        };
     }
     if !path.is_file() {
         return Err(bad(path, "no such file or folder"));
@@ -396,9 +455,62 @@ pub(crate) fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> 
     Ok((vec![path.to_path_buf()], None))
 }
 
-fn resolve_index(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
-    let text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
-    let json: Value = serde_json::from_slice(&text).map_err(|e| bad(path, format!("malformed index JSON: {e}")))?;
+/// The fast path for an index: its weight map parsed typed and borrowed, each distinct shard name
+/// checked once. `None` for anything out of the ordinary (bad JSON, a shard name refused or
+/// missing): the reference reader names the fault.
+fn typed_index<'a>(path: &Path, text: &'a [u8]) -> Option<(Vec<PathBuf>, Option<WeightMap<'a>>)> {
+    let pairs = header_json::parse_index(std::str::from_utf8(text).ok()?)?;
+    // Each distinct shard name once (tensors of one shard are usually listed together).
+    let mut slot_of_name: HashMap<&str, usize> = HashMap::new();
+    let mut inside: Vec<PathBuf> = Vec::new();
+    let mut slots: Vec<usize> = Vec::with_capacity(pairs.len());
+    let mut last: Option<(&str, usize)> = None;
+    for (tensor, shard) in &pairs {
+        let shard: &str = &shard.0;
+        let slot = match last {
+            Some((name, slot)) if name == shard => slot,
+            _ => match slot_of_name.get(shard) {
+                Some(&slot) => slot,
+                None => {
+                    inside.push(shard_inside_folder(path, &tensor.0, shard).ok()?);
+                    slot_of_name.insert(shard, inside.len() - 1);
+                    inside.len() - 1
+                }
+            },
+        };
+        last = Some((shard, slot));
+        slots.push(slot);
+    }
+    // Files in path order, so "a.safetensors" and "./a.safetensors" are one file.
+    let mut order: Vec<usize> = (0..inside.len()).collect();
+    order.sort_by(|&x, &y| inside[x].cmp(&inside[y]));
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let mut position = vec![0usize; inside.len()];
+    let mut files: Vec<PathBuf> = Vec::with_capacity(inside.len());
+    for &slot in &order {
+        if files.last().is_some_and(|f| *f == folder.join(&inside[slot])) {
+            position[slot] = files.len() - 1;
+            continue;
+        }
+        let file = folder.join(&inside[slot]);
+        if !file.is_file() {
+            return None;
+        }
+        position[slot] = files.len();
+        files.push(file);
+    }
+    drop(slot_of_name);
+    let weight_map = pairs
+        .into_iter()
+        .zip(slots)
+        .map(|((tensor, _), slot)| (tensor.0, position[slot]))
+        .collect();
+    Some((files, Some(weight_map)))
+}
+
+/// The reference index reader: a generic JSON tree, every fault named.
+fn reference_index<'a>(path: &Path, text: &[u8]) -> Result<(Vec<PathBuf>, Option<WeightMap<'a>>)> {
+    let json: Value = serde_json::from_slice(text).map_err(|e| bad(path, format!("malformed index JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(Value::as_object)
@@ -427,7 +539,7 @@ fn resolve_index(path: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
     }
     let weight_map = shard_of
         .iter()
-        .map(|(tensor, inside)| ((*tensor).clone(), position[inside.as_path()]))
+        .map(|(tensor, inside)| (Cow::Owned((*tensor).clone()), position[inside.as_path()]))
         .collect();
     Ok((files, Some(weight_map)))
 }
@@ -468,12 +580,10 @@ fn shard_inside_folder(index: &Path, tensor: &str, shard: &str) -> Result<PathBu
 /// Every tensor of a checkpoint (headers only), checked against the index when there is one. The
 /// one reader behind both planning and loading, so both accept the same files.
 pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
-    let (files, weight_map) = resolve(path)?;
-    let mut entries = Vec::new();
-    for (i, file) in files.iter().enumerate() {
-        entries.extend(read_header(file, i)?);
-    }
-    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+    let mut index_text = Vec::new();
+    let (files, weight_map) = resolve(path, &mut index_text)?;
+    let entries = read_headers(&files)?;
+    let mut seen: FoldMap<&str, usize> = FoldMap::with_capacity(entries.len());
     for e in &entries {
         if let Some(other) = seen.insert(&e.name, e.file) {
             return Err(bad(
@@ -488,17 +598,7 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         }
     }
     if let Some(map) = weight_map {
-        for (tensor, &shard) in &map {
-            if seen.get(tensor.as_str()) != Some(&shard) {
-                return Err(bad(
-                    path,
-                    format!(
-                        "tensor {tensor:?} listed in the index is not in shard {:?}",
-                        files[shard].display()
-                    ),
-                ));
-            }
-        }
+        check_index(path, &files, &map, &seen)?;
     }
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -507,9 +607,74 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// Every tensor the index lists is in the shard it names. When one is not, the first such name (in
+/// name order, a repeated name counting with its last shard) is reported.
+fn check_index(path: &Path, files: &[PathBuf], map: &WeightMap<'_>, seen: &FoldMap<&str, usize>) -> Result<()> {
+    if map.iter().all(|(tensor, shard)| seen.get(&**tensor) == Some(shard)) {
+        return Ok(());
+    }
+    let last_wins: BTreeMap<&str, usize> = map.iter().map(|(tensor, shard)| (&**tensor, *shard)).collect();
+    for (tensor, &shard) in &last_wins {
+        if seen.get(tensor) != Some(&shard) {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor {tensor:?} listed in the index is not in shard {:?}",
+                    files[shard].display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The headers of every file, in file order. Files are read and parsed on up to one thread per core
+/// (each header is independent); the first failing file in order is the one reported.
+fn read_headers(files: &[PathBuf]) -> Result<Vec<TensorEntry>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(files.len());
+    let mut per_file: Vec<Option<Result<Vec<TensorEntry>>>> = (0..files.len()).map(|_| None).collect();
+    if workers <= 1 {
+        for (i, file) in files.iter().enumerate() {
+            per_file[i] = Some(read_header(file, i));
+        }
+    } else {
+        let next = AtomicUsize::new(0);
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(file) = files.get(i) else { break done };
+                done.push((i, read_header(file, i)));
+            }
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+            for handle in handles {
+                // A worker's panic is re-raised here, where the binding's guard catches it.
+                let done = handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                for (i, result) in done {
+                    per_file[i] = Some(result);
+                }
+            }
+        });
+    }
+    let mut entries = Vec::new();
+    for result in per_file {
+        let file_entries = result.expect("every file is read by one worker")?;
+        if entries.is_empty() {
+            entries.reserve(file_entries.len() * files.len());
+        }
+        entries.extend(file_entries);
+    }
+    Ok(entries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::io::Write;
 
     fn write(dir: &Path, name: &str, header: &str, data: usize) -> PathBuf {
@@ -556,6 +721,8 @@ mod tests {
         let entries = read_header(&write(&dir, "ok.safetensors", ok, 16), 0).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].numel(), 4);
+        // A plain header is decided by the typed path alone.
+        assert!(matches!(typed_entries(Path::new("ok"), 0, ok.as_bytes(), 16), Some(Ok(e)) if e == entries));
         let cases = [
             (
                 r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}"#,
@@ -630,6 +797,54 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("larger than the file"));
+    }
+
+    /// One header member as JSON text: mostly valid tensors, sometimes each kind of fault.
+    fn member() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just("a".to_string()),
+            Just("b.w".to_string()),
+            Just("c\\\"q".to_string()),
+            Just("\\u0064".to_string()),
+            Just("__metadata__".to_string()),
+        ];
+        let dtype = prop_oneof![
+            Just("\"F32\""),
+            Just("\"U8\""),
+            Just("\"BOOL\""),
+            Just("\"Q7\""),
+            Just("3")
+        ];
+        let int = prop_oneof![4 => (0u64..6).prop_map(|n| n.to_string()), 1 => Just("-1".to_string()), 1 => Just("2.0".to_string())];
+        let ints = proptest::collection::vec(int, 0..3).prop_map(|v| format!("[{}]", v.join(",")));
+        let metadata = prop_oneof![Just("null"), Just("{\"k\":\"v\"}"), Just("{\"k\":1}"), Just("[]")];
+        (name, dtype, ints.clone(), ints, metadata, 0u8..8).prop_map(|(name, dtype, shape, offsets, metadata, form)| {
+            let value = match (name.as_str(), form) {
+                ("__metadata__", _) => metadata.to_string(),
+                (_, 0) => "7".to_string(),
+                (_, 1) => format!("{{\"dtype\":{dtype},\"shape\":{shape}}}"),
+                (_, 2) => format!("{{\"shape\":{shape},\"data_offsets\":{offsets},\"dtype\":{dtype},\"x\":[{{}}]}}"),
+                _ => format!("{{\"dtype\":{dtype},\"shape\":{shape},\"data_offsets\":{offsets}}}"),
+            };
+            format!("\"{name}\":{value}")
+        })
+    }
+
+    proptest::proptest! {
+        /// The typed path never accepts what the reference reader refuses, and gives the same tensors or
+        /// the same error whenever it decides.
+        #[test]
+        fn typed_path_agrees_with_the_reference_reader(
+            members in proptest::collection::vec(member(), 0..5),
+            data_len in 0u64..24,
+        ) {
+            let header = format!("{{{}}}", members.join(","));
+            let path = Path::new("x.safetensors");
+            let reference = reference_entries(path, 0, header.as_bytes(), data_len).map_err(|e| e.to_string());
+            if let Some(typed) = typed_entries(path, 0, header.as_bytes(), data_len) {
+                proptest::prop_assert_eq!(typed.map_err(|e| e.to_string()), reference, "{}", header);
+            }
+        }
     }
 
     #[test]
