@@ -35,6 +35,10 @@ pub struct CheckpointTreeOptions {
 
 /// No tie group.
 const UNTIED: usize = usize::MAX;
+/// No node (the end of a trie sibling list).
+const NONE: u32 = u32::MAX;
+/// Children a lookup scans (newest first) before it asks the map; wider nodes are in the map.
+const SCANNED: u32 = 8;
 
 /// A name component of the checkpoint, as a node of the module tree being rebuilt.
 ///
@@ -45,8 +49,15 @@ struct Node<'a> {
     /// The component (the local name in the tree).
     name: &'a str,
     parent: u32,
-    /// Placed children, in the order tensors were placed (the order [`layer_lists`] walks).
-    children: Vec<u32>,
+    /// Placed children as a list in the order tensors were placed (the order [`layer_lists`] walks):
+    /// the first and last child, the next sibling ([`NONE`]: none). Links, not a Vec per node.
+    first_placed: u32,
+    last_placed: u32,
+    next_placed: u32,
+    /// Trie links: the newest child, the previous sibling, how many children ([`NONE`]: none).
+    last_child: u32,
+    prev_sibling: u32,
+    child_count: u32,
     /// (bits, tie group or [`UNTIED`]) of the tensor placed here.
     tensor: Option<(u64, usize)>,
     duplicate: bool,
@@ -62,7 +73,12 @@ impl<'a> Node<'a> {
         Node {
             name,
             parent,
-            children: Vec::new(),
+            first_placed: NONE,
+            last_placed: NONE,
+            next_placed: NONE,
+            last_child: NONE,
+            prev_sibling: NONE,
+            child_count: 0,
             tensor: None,
             duplicate: false,
             named: false,
@@ -75,8 +91,10 @@ impl<'a> Node<'a> {
 /// The name components of a checkpoint as a trie of [`Node`]s, names borrowed from the checkpoint.
 struct Trie<'a> {
     nodes: Vec<Node<'a>>,
-    // foldhash: several times faster than SipHash on these short keys, and still seeded per process.
-    child_of: FoldMap<(u32, &'a str), u32>,
+    /// The children of nodes with more than [`SCANNED`] children: name lookups there would scan long
+    /// sibling lists. Narrow nodes (most: a module and its `weight`) never touch the map, whose random
+    /// accesses miss the cache. foldhash: several times faster than SipHash here, still seeded per process.
+    wide_children: FoldMap<(u32, &'a str), u32>,
     /// The node path of the last name looked up: consecutive names share most of their prefix.
     last_path: Vec<u32>,
 }
@@ -85,10 +103,10 @@ impl<'a> Trie<'a> {
     fn with_capacity(names: usize) -> Self {
         // About two new components per tensor name: its leaf and a module above it.
         let mut nodes = Vec::with_capacity(names * 5 / 2);
-        nodes.push(Node::new("", 0));
+        nodes.push(Node::new("", NONE));
         Trie {
             nodes,
-            child_of: FoldMap::with_capacity(names * 5 / 2),
+            wide_children: FoldMap::new(),
             last_path: Vec::new(),
         }
     }
@@ -117,19 +135,52 @@ impl<'a> Trie<'a> {
     }
 
     fn child(&mut self, parent: u32, part: &'a str) -> u32 {
-        let next = self.nodes.len() as u32;
-        let node = *self.child_of.entry((parent, part)).or_insert(next);
-        if node == next {
-            self.nodes.push(Node::new(part, parent));
+        if let Some(node) = self.find_child(parent, part) {
+            return node;
+        }
+        let node = self.nodes.len() as u32;
+        let mut created = Node::new(part, parent);
+        let above = &mut self.nodes[parent as usize];
+        created.prev_sibling = std::mem::replace(&mut above.last_child, node);
+        above.child_count += 1;
+        let count = above.child_count;
+        self.nodes.push(created);
+        if count == SCANNED + 1 {
+            // Just became wide: every child goes into the map.
+            let mut sibling = node;
+            while sibling != NONE {
+                let name = self.nodes[sibling as usize].name;
+                self.wide_children.insert((parent, name), sibling);
+                sibling = self.nodes[sibling as usize].prev_sibling;
+            }
+        } else if count > SCANNED + 1 {
+            self.wide_children.insert((parent, part), node);
         }
         node
+    }
+
+    fn find_child(&self, parent: u32, part: &str) -> Option<u32> {
+        let mut sibling = self.nodes[parent as usize].last_child;
+        for _ in 0..SCANNED {
+            if sibling == NONE {
+                return None;
+            }
+            if self.nodes[sibling as usize].name == part {
+                return Some(sibling);
+            }
+            sibling = self.nodes[sibling as usize].prev_sibling;
+        }
+        if sibling == NONE {
+            return None;
+        }
+        self.wide_children.get(&(parent, part)).copied()
     }
 
     /// The node of a name some tensor of the checkpoint has.
     fn named(&self, name: &str) -> Option<u32> {
         let mut at = 0u32;
         for part in name.split('.') {
-            at = *self.child_of.get(&(at, part))?;
+            at = self.find_child(at, part)?;
         }
         self.nodes[at as usize].named.then_some(at)
     }
@@ -184,12 +235,17 @@ impl<'a> Trie<'a> {
                 ));
             }
             if !std::mem::replace(&mut self.nodes[node as usize].placed, true) {
-                self.nodes[parent as usize].children.push(node);
+                let last = std::mem::replace(&mut self.nodes[parent as usize].last_placed, node);
+                if last == NONE {
+                    self.nodes[parent as usize].first_placed = node;
+                } else {
+                    self.nodes[last as usize].next_placed = node;
+                }
             }
             parent = node;
         }
         let leaf_node = &mut self.nodes[leaf as usize];
-        if leaf_node.tensor.is_some() || !leaf_node.children.is_empty() {
+        if leaf_node.tensor.is_some() || leaf_node.first_placed != NONE {
             return Err(bad_name(
                 file,
                 format!("tensor {full_name:?} is also the name of a module (other tensors nest under it)"),
@@ -198,6 +254,16 @@ impl<'a> Trie<'a> {
         leaf_node.tensor = Some(tensor);
         leaf_node.duplicate = duplicate;
         Ok(())
+    }
+}
+
+/// The placed children of `node`, in placement order, into `out` (cleared first).
+fn placed_children(nodes: &[Node], node: u32, out: &mut Vec<u32>) {
+    out.clear();
+    let mut child = nodes[node as usize].first_placed;
+    while child != NONE {
+        out.push(child);
+        child = nodes[child as usize].next_placed;
     }
 }
 
@@ -321,8 +387,9 @@ fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<u32> {
     let is_module = |c: &u32| nodes[*c as usize].tensor.is_none();
     let mut outermost: Vec<(u32, u64)> = Vec::new(); // (node, entries), in a fixed walk order
     let mut stack = vec![0u32];
+    let mut children = Vec::new();
     while let Some(node) = stack.pop() {
-        let children = &nodes[node as usize].children;
+        placed_children(nodes, node, &mut children);
         let numbered = !children.is_empty()
             && children
                 .iter()
@@ -347,15 +414,9 @@ fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<u32> {
 }
 
 /// Pre-order columns: each module, its tensors, then its child modules (siblings in definition order).
-fn emit(mut nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
+fn emit(nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
     let layer_lists = layer_lists(&nodes, &options.layer_counts);
-    for i in 0..nodes.len() {
-        if nodes[i].children.len() > 1 {
-            let mut children = std::mem::take(&mut nodes[i].children);
-            children.sort_by(|&a, &b| sibling_cmp(nodes[a as usize].name, nodes[b as usize].name));
-            nodes[i].children = children;
-        }
-    }
+    let mut children = Vec::new();
     let rows = nodes.iter().filter(|n| n.placed).count() + 1;
     let mut c = TreeColumns {
         names: Vec::with_capacity(rows),
@@ -382,8 +443,9 @@ fn emit(mut nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleT
         c.bits.push(0);
         c.duplicate.push(false);
         c.tie.push(-1);
-        let children = &nodes[node as usize].children;
-        for &child in children {
+        placed_children(&nodes, node, &mut children);
+        children.sort_by(|&a, &b| sibling_cmp(nodes[a as usize].name, nodes[b as usize].name));
+        for &child in &children {
             let child = &nodes[child as usize];
             if let Some((bits, group)) = child.tensor {
                 let tie = if group == UNTIED {
