@@ -499,6 +499,7 @@ fn emit(nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn entry(name: &str, dtype: &str, shape: &[u64]) -> TensorEntry {
         TensorEntry {
@@ -662,6 +663,105 @@ mod tests {
         assert_eq!(t.subtree_bits(0), (16 + 2) * 32);
         assert_eq!(t.class_name(t.find("decoder.block.0").unwrap()), BLOCK_CLASS);
         assert!(matches("a.*.c", "a.7.c") && !matches("a.*", "a.7.c"));
+    }
+
+    /// A node as a plan sees it: name, parent, kind, class, own bits, subtree bits, duplicate.
+    type NodeFacts = (String, Option<u32>, u8, String, u64, u64, bool);
+
+    /// Everything a plan can see of a tree, node by node.
+    fn fingerprint(t: &ModuleTree) -> Vec<NodeFacts> {
+        (0..t.len() as u32)
+            .map(|i| {
+                let (name, parent, kind) = (t.name(i).to_string(), t.parent(i), t.kind(i) as u8);
+                (
+                    name,
+                    parent,
+                    kind,
+                    t.class_name(i).to_string(),
+                    t.own_bits(i),
+                    t.subtree_bits(i),
+                    t.is_duplicate(i),
+                )
+            })
+            .collect()
+    }
+
+    /// A built tree's facts and tie groups, or the error message.
+    type Outcome = std::result::Result<(Vec<NodeFacts>, Vec<Vec<u32>>), String>;
+
+    fn outcome(result: Result<ModuleTree>) -> Outcome {
+        result
+            .map(|t| (fingerprint(&t), t.tie_groups().to_vec()))
+            .map_err(|e| e.to_string())
+    }
+
+    fn random_entry() -> impl Strategy<Value = TensorEntry> {
+        let part = prop_oneof![
+            4 => Just("model"), 4 => Just("layers"), 4 => Just("0"), 3 => Just("1"), 2 => Just("10"), 2 => Just("2"),
+            2 => Just("embed_tokens"), 2 => Just("Norm"), 2 => Just("lm_head"), 5 => Just("weight"),
+            2 => Just("absmax"), 2 => Just("experts"), 1 => Just("w1"), 1 => Just(""),
+        ];
+        let name = proptest::collection::vec(part, 1..6).prop_map(|parts| parts.join("."));
+        let dtype = prop_oneof![Just("F32"), Just("BF16"), Just("U8"), Just("BOOL"), Just("F8_E4M3")];
+        (name, dtype, proptest::collection::vec(1u64..5, 0..3), 0usize..2).prop_map(|(name, dtype, shape, file)| {
+            TensorEntry {
+                name,
+                dtype: dtype.into(),
+                shape,
+                begin: 0,
+                end: 0,
+                file,
+            }
+        })
+    }
+
+    fn random_options() -> impl Strategy<Value = CheckpointTreeOptions> {
+        let tie_name = prop_oneof![
+            Just("*weight".to_string()),
+            Just("*embed_tokens.weight".to_string()),
+            Just("lm_head.weight".to_string()),
+            Just("model.embed_tokens.weight".to_string()),
+            Just("lm_head.0.weight".to_string()),
+        ];
+        let groups = proptest::collection::vec(proptest::collection::vec(tie_name, 1..4), 0..3);
+        let patterns = proptest::collection::vec(
+            prop_oneof![Just("model.layers.*".to_string()), Just("*.0".to_string())],
+            0..2,
+        );
+        let counts = proptest::collection::vec(0u64..4, 0..3);
+        (
+            patterns,
+            counts,
+            groups,
+            proptest::option::of(prop_oneof![Just(8u64), Just(16u64)]),
+        )
+            .prop_map(
+                |(block_patterns, layer_counts, tie_groups, dtype_bits)| CheckpointTreeOptions {
+                    block_patterns,
+                    layer_counts,
+                    tie_groups,
+                    dtype_bits,
+                },
+            )
+    }
+
+    proptest! {
+        /// The trie builder gives the same tree (names, order, sizes, classes, ties) or the same error
+        /// as the builder before it, on random names: nested states, empty components, numbered lists,
+        /// repeats, ties with and without `*suffix` names.
+        #[test]
+        fn builds_the_same_tree_as_the_reference_builder(
+            entries in proptest::collection::vec(random_entry(), 0..14),
+            options in random_options(),
+        ) {
+            let checkpoint = Checkpoint {
+                path: "ckpt".into(),
+                files: vec!["ckpt/a.safetensors".into(), "ckpt/b.safetensors".into()],
+                entries,
+            };
+            let expected = outcome(crate::checkpoint_reference::tree_from_checkpoint(&checkpoint, &options));
+            prop_assert_eq!(outcome(tree_from_checkpoint(&checkpoint, &options)), expected);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 mod blocks;
+#[cfg(test)]
+mod checkpoint_reference;
 pub mod checkpoint_tree;
 mod clean;
 mod constraints;

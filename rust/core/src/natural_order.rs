@@ -94,54 +94,8 @@ impl<'a> Iterator for Runs<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint_reference::{natural_cmp as reference_natural_cmp, rank as reference_rank};
     use proptest::prelude::*;
-
-    /// The allocating reference this module replaces.
-    fn reference_rank(name: &str) -> (u8, u64) {
-        if let Ok(n) = name.parse::<u64>() {
-            return (2, n);
-        }
-        let lower = name.to_ascii_lowercase();
-        let r = if lower.contains("embed") || ["wte", "wpe", "shared", "word_embeddings"].contains(&lower.as_str()) {
-            0
-        } else if lower == "encoder" {
-            1
-        } else if lower.contains("norm") || lower.starts_with("ln_f") {
-            3
-        } else if ["lm_head", "head", "output", "classifier", "score"].contains(&lower.as_str()) {
-            4
-        } else {
-            2
-        };
-        (r, 0)
-    }
-
-    fn reference_natural_cmp(a: &str, b: &str) -> Ordering {
-        fn chunks(s: &str) -> Vec<(bool, &str)> {
-            let mut out = Vec::new();
-            let mut start = 0;
-            let bytes = s.as_bytes();
-            for i in 1..=bytes.len() {
-                if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                    out.push((bytes[start].is_ascii_digit(), &s[start..i]));
-                    start = i;
-                }
-            }
-            out
-        }
-        let (x, y) = (chunks(a), chunks(b));
-        for ((dx, cx), (dy, cy)) in x.iter().zip(&y) {
-            let order = if *dx && *dy {
-                cx.len().cmp(&cy.len()).then_with(|| cx.cmp(cy))
-            } else {
-                cx.cmp(cy)
-            };
-            if order != Ordering::Equal {
-                return order;
-            }
-        }
-        x.len().cmp(&y.len())
-    }
 
     #[test]
     fn numbered_names_sort_naturally_and_groups_follow_the_model() {
