@@ -1,10 +1,10 @@
 //! devicemap._core: thin PyO3 wrappers over devicemap-core. Convert arguments, release the GIL around
 //! the work, map errors (see errors.rs). No placement logic lives here.
 
+mod checkpoint;
 mod errors;
 mod records;
 
-use devicemap_core::checkpoint_tree::CheckpointTreeOptions;
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
 use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
 use devicemap_core::strategy::Balance;
@@ -261,59 +261,6 @@ fn balanced_budget(
     })
 }
 
-/// A size tree from a safetensors checkpoint's headers (a file, an index, or a folder); no tensor data
-/// is read. Block modules get the class `CheckpointBlock`.
-#[pyfunction]
-#[pyo3(signature = (path, block_patterns, layer_counts, tie_groups, dtype_bits = None))]
-fn tree_from_checkpoint(
-    py: Python<'_>,
-    path: std::path::PathBuf,
-    block_patterns: Vec<String>,
-    layer_counts: Vec<u64>,
-    tie_groups: Vec<Vec<String>>,
-    dtype_bits: Option<u64>,
-) -> PyResult<Tree> {
-    let tree = guarded(py, move || {
-        let checkpoint = devicemap_core::safetensors::read_checkpoint(&path)?;
-        let options = CheckpointTreeOptions {
-            block_patterns,
-            layer_counts,
-            tie_groups,
-            dtype_bits,
-        };
-        devicemap_core::checkpoint_tree::tree_from_checkpoint(&checkpoint, &options)
-    })?;
-    Ok(Tree { inner: Arc::new(tree) })
-}
-
-/// Tensors of a checkpoint's headers: (name, dtype, shape, file path, begin, end) with data offsets.
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-fn checkpoint_tensors(
-    py: Python<'_>,
-    path: std::path::PathBuf,
-) -> PyResult<Vec<(String, String, Vec<u64>, String, u64, u64)>> {
-    guarded(py, move || {
-        // The same reader as planning: a file plan_checkpoint refuses is refused here too.
-        let checkpoint = devicemap_core::safetensors::read_checkpoint(&path)?;
-        let files = checkpoint.files;
-        Ok(checkpoint
-            .entries
-            .into_iter()
-            .map(|e| {
-                (
-                    e.name,
-                    e.dtype,
-                    e.shape,
-                    files[e.file].display().to_string(),
-                    e.begin,
-                    e.end,
-                )
-            })
-            .collect())
-    })
-}
-
 /// Parse "20GiB"-style sizes strictly; returns bytes.
 #[pyfunction]
 fn parse_size(py: Python<'_>, text: String) -> PyResult<u64> {
@@ -336,8 +283,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(infer_auto_device_map, m)?)?;
     m.add_function(wrap_pyfunction!(balanced_budget, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
-    m.add_function(wrap_pyfunction!(tree_from_checkpoint, m)?)?;
-    m.add_function(wrap_pyfunction!(checkpoint_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::tree_from_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     errors::register(m)?;
     // Node kind codes of the `kinds` column (the core's NodeKind discriminants, defined once there).
