@@ -7,7 +7,7 @@
 //! names matching a pattern), and tied weights (missing tied names are added so the map covers them).
 
 use crate::error::{PlacementError, Result};
-use crate::natural_order::sibling_cmp;
+use crate::natural_order::{natural_cmp, rank};
 use crate::safetensors::{dtype_bits, is_floating, Checkpoint, TensorEntry};
 use crate::tree::{ModuleTree, NodeKind, TreeColumns};
 use foldhash::{HashMap as FoldMap, HashMapExt};
@@ -417,6 +417,7 @@ fn layer_lists(nodes: &[Node], counts: &[u64]) -> HashSet<u32> {
 fn emit(nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree> {
     let layer_lists = layer_lists(&nodes, &options.layer_counts);
     let mut children = Vec::new();
+    let mut ranked = Vec::new();
     let rows = nodes.iter().filter(|n| n.placed).count() + 1;
     let mut c = TreeColumns {
         names: Vec::with_capacity(rows),
@@ -444,7 +445,17 @@ fn emit(nodes: Vec<Node>, options: &CheckpointTreeOptions) -> Result<ModuleTree>
         c.duplicate.push(false);
         c.tie.push(-1);
         placed_children(&nodes, node, &mut children);
-        children.sort_by(|&a, &b| sibling_cmp(nodes[a as usize].name, nodes[b as usize].name));
+        if children.len() > 1 {
+            // Each sibling's rank once, not once per comparison.
+            ranked.clear();
+            ranked.extend(children.iter().map(|&c| (rank(nodes[c as usize].name), c)));
+            ranked.sort_by(|(ra, a), (rb, b)| {
+                ra.cmp(rb)
+                    .then_with(|| natural_cmp(nodes[*a as usize].name, nodes[*b as usize].name))
+            });
+            children.clear();
+            children.extend(ranked.iter().map(|&(_, c)| c));
+        }
         for &child in &children {
             let child = &nodes[child as usize];
             if let Some((bits, group)) = child.tensor {

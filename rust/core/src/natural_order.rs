@@ -28,11 +28,6 @@ pub(crate) fn rank(name: &str) -> (u8, u64) {
     (group, 0)
 }
 
-/// Sibling order: by [`rank`], then [`natural_cmp`].
-pub(crate) fn sibling_cmp(a: &str, b: &str) -> Ordering {
-    rank(a).cmp(&rank(b)).then_with(|| natural_cmp(a, b))
-}
-
 fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
@@ -111,7 +106,7 @@ mod tests {
             "10",
             "9",
         ];
-        siblings.sort_by(|a, b| sibling_cmp(a, b));
+        siblings.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| natural_cmp(a, b)));
         assert_eq!(
             siblings,
             vec![
