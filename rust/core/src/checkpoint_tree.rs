@@ -95,8 +95,10 @@ struct Trie<'a> {
     /// sibling lists. Narrow nodes (most: a module and its `weight`) never touch the map, whose random
     /// accesses miss the cache. foldhash: several times faster than SipHash here, still seeded per process.
     wide_children: FoldMap<(u32, &'a str), u32>,
-    /// The node path of the last name looked up: consecutive names share most of their prefix.
-    last_path: Vec<u32>,
+    /// The last name looked up, and its node path with the byte offset where each component ends:
+    /// consecutive names share most of their prefix.
+    last_name: &'a str,
+    last_path: Vec<(u32, usize)>,
 }
 
 impl<'a> Trie<'a> {
@@ -107,30 +109,44 @@ impl<'a> Trie<'a> {
         Trie {
             nodes,
             wide_children: FoldMap::new(),
+            last_name: "",
             last_path: Vec::new(),
         }
     }
 
     /// The node of a dotted name, created with its prefixes when missing.
+    ///
+    /// The components it shares with the previous name are found with one byte comparison of the two
+    /// names (sorted names share most of their prefix), not one string comparison per component.
     fn node_of(&mut self, name: &'a str) -> u32 {
-        let mut at = 0u32;
-        let mut depth = 0;
-        let mut shared = true;
-        for part in name.split('.') {
-            let known = self.last_path.get(depth).copied();
-            at = match known {
-                Some(node) if shared && self.nodes[node as usize].name == part => node,
-                _ => {
-                    shared = false;
-                    self.last_path.truncate(depth);
-                    let node = self.child(at, part);
-                    self.last_path.push(node);
-                    node
-                }
-            };
-            depth += 1;
+        let common = name
+            .bytes()
+            .zip(self.last_name.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(name.len().min(self.last_name.len()));
+        // A component of the last name is shared when both names hold it and then end or go on with '.'.
+        let ends_here = |end: usize| name.len() == end || name.as_bytes()[end] == b'.';
+        let shared = self
+            .last_path
+            .iter()
+            .take_while(|(_, end)| {
+                *end < common || (*end == common && self.last_name.len() == common && ends_here(common))
+            })
+            .count();
+        self.last_path.truncate(shared);
+        let (mut at, mut start) = match self.last_path.last() {
+            Some(&(node, end)) => (node, end + 1),
+            None => (0, 0),
+        };
+        if start <= name.len() {
+            for part in name[start..].split('.') {
+                at = self.child(at, part);
+                start += part.len();
+                self.last_path.push((at, start));
+                start += 1;
+            }
         }
-        self.last_path.truncate(depth);
+        self.last_name = name;
         at
     }
 
