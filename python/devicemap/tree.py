@@ -8,6 +8,7 @@ models, so a 400B-parameter model can be planned on a laptop.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
@@ -184,13 +185,21 @@ class ModuleTree:
         sizer = _Sizer(dtype, special_dtypes, loaded)
         # The walk (in the binding: it reads every module's dicts and fills the tree's columns, see
         # _core.ModuleWalk for the rules) asks Python only per dtype, or per tensor when names decide.
-        walk = _core.ModuleWalk(
-            model,
-            sizer.element_bits,
-            sizer.bits if sizer.needs_names else None,
-            untie=untie,
-            like_named_children=accelerate_tie_order,
-        )
+        # The walk's temporaries (bound methods, ints) would start cyclic collections that rescan the
+        # model's millions of objects for nothing (~10% of the walk on 100k-module models).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            walk = _core.ModuleWalk(
+                model,
+                sizer.element_bits,
+                sizer.bits if sizer.needs_names else None,
+                untie=untie,
+                like_named_children=accelerate_tie_order,
+            )
+        finally:
+            if collecting:
+                gc.enable()
         groups = walk.parameter_groups()
         if accelerate_tie_order and len(groups) > 1:
             members = [n for g in groups for n in g]

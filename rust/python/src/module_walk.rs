@@ -10,6 +10,7 @@
 //! such a copy contributes its own tensors only; a module that is its own ancestor is never re-entered.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use devicemap_core::{Columns, ModuleTree, NameList, NodeKind};
 use pyo3::exceptions::{PyOverflowError, PyTypeError};
@@ -36,6 +37,35 @@ struct Pending<'py> {
     name: Bound<'py, PyString>,
     mode: Mode,
 }
+
+/// Hashes an object's address (its `id()`) with one multiplication: the walk looks up a few addresses
+/// per node, and SipHash's DoS resistance buys nothing for keys Python allocated.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, address: usize) {
+        // Objects are 16-byte aligned: the low bits carry nothing; the high bits of the product mix
+        // every input bit, and hashbrown takes its bucket from the top 7 and the low bits.
+        self.0 = ((address as u64) >> 4)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(32);
+    }
+}
+
+/// Maps keyed by object addresses.
+type AddressMap<V> = HashMap<usize, V, BuildHasherDefault<AddressHasher>>;
+type AddressSet = HashSet<usize, BuildHasherDefault<AddressHasher>>;
 
 /// The root's parent in the walk's own bookkeeping (the columns say -1).
 const NO_PARENT: u32 = u32::MAX;
@@ -70,38 +100,40 @@ struct Walker<'py> {
     duplicate: Vec<bool>,
     /// id() of the module at each node (0 for tensors): the cycle and copy checks compare it.
     module_key: Vec<usize>,
-    first_node: HashMap<usize, u32>,
-    param_first: HashMap<usize, u32>,
-    buffer_first: HashMap<usize, u32>,
+    first_node: AddressMap<u32>,
+    param_first: AddressMap<u32>,
+    buffer_first: AddressMap<u32>,
     param_repeats: Vec<(u32, u32)>,
     buffer_repeats: Vec<(u32, u32)>,
-    type_ids: HashMap<usize, u32>,
+    type_ids: AddressMap<u32>,
     types: Vec<Py<PyType>>,
     class_ids: HashMap<String, u32>,
     class_names: Vec<String>,
-    per_dtype: HashMap<usize, u64>,
+    per_dtype: AddressMap<u128>,
     total_bits: u128,
 }
 
-/// An int from Python as u64, saturating (the caller's 2^64 check then refuses the model).
-fn saturating_u64(value: &Bound<'_, PyAny>) -> PyResult<u64> {
-    match value.extract::<u64>() {
+/// An int from Python as u128, saturating (the caller's 2^64 check then refuses the model).
+fn saturating_u128(value: &Bound<'_, PyAny>) -> PyResult<u128> {
+    match value.extract::<u128>() {
         Ok(v) => Ok(v),
-        Err(e) if e.is_instance_of::<PyOverflowError>(value.py()) => Ok(u64::MAX),
+        Err(e) if e.is_instance_of::<PyOverflowError>(value.py()) => Ok(u128::MAX),
         Err(e) => Err(e),
     }
 }
 
 impl<'py> Walker<'py> {
-    fn push_row(&mut self, name: &str, parent: u32, kind: NodeKind, class: u32, bits: u64, duplicate: bool) {
+    /// Add a node; `bits` wider than the core's 64 bits only count towards `total_bits` (which the
+    /// caller checks before building).
+    fn push_row(&mut self, name: &str, parent: u32, kind: NodeKind, class: u32, bits: u128, duplicate: bool) {
         self.names.push(name);
         self.parents.push(parent);
         self.kinds.push(kind as u8);
         self.classes.push(class);
-        self.bits.push(bits);
+        self.bits.push(u64::try_from(bits).unwrap_or(u64::MAX));
         self.duplicate.push(duplicate);
         self.module_key.push(0);
-        self.total_bits = self.total_bits.saturating_add(u128::from(bits));
+        self.total_bits = self.total_bits.saturating_add(bits);
     }
 
     /// The class id of a Python type; accelerate compares class *names*, so two classes with one name
@@ -135,23 +167,23 @@ impl<'py> Walker<'py> {
     }
 
     /// Bits of one tensor under the caller's rules.
-    fn tensor_bits(&mut self, parent: u32, local: &str, tensor: &Bound<'py, PyAny>) -> PyResult<u64> {
+    fn tensor_bits(&mut self, parent: u32, local: &str, tensor: &Bound<'py, PyAny>) -> PyResult<u128> {
         if let Some(named) = &self.named_bits {
             let name = self.full_name(parent, local);
-            return saturating_u64(&named.call1((name, tensor))?);
+            return saturating_u128(&named.call1((name, tensor))?);
         }
         let dtype = tensor.getattr(intern!(self.py, "dtype"))?;
         let key = dtype.as_ptr() as usize;
         let per = match self.per_dtype.get(&key) {
             Some(&per) => per,
             None => {
-                let per = saturating_u64(&self.element_bits.call1((&dtype,))?)?;
+                let per = saturating_u128(&self.element_bits.call1((&dtype,))?)?;
                 // dtypes are interned singletons, alive as long as torch: their ids stay valid keys.
                 self.per_dtype.insert(key, per);
                 per
             }
         };
-        let numel = saturating_u64(&tensor.call_method0(intern!(self.py, "numel"))?)?;
+        let numel = saturating_u128(&tensor.call_method0(intern!(self.py, "numel"))?)?;
         Ok(numel.saturating_mul(per))
     }
 
@@ -175,7 +207,7 @@ impl<'py> Walker<'py> {
             mode: Mode::First,
         }];
         let mut seen_here: Vec<usize> = Vec::new();
-        let mut seen_children: HashSet<usize> = HashSet::new();
+        let mut seen_children = AddressSet::default();
         let mut found: Vec<Pending<'py>> = Vec::new();
         while let Some(Pending {
             module,
@@ -382,16 +414,16 @@ impl ModuleWalk {
             bits: Vec::new(),
             duplicate: Vec::new(),
             module_key: Vec::new(),
-            first_node: HashMap::new(),
-            param_first: HashMap::new(),
-            buffer_first: HashMap::new(),
+            first_node: AddressMap::default(),
+            param_first: AddressMap::default(),
+            buffer_first: AddressMap::default(),
             param_repeats: Vec::new(),
             buffer_repeats: Vec::new(),
-            type_ids: HashMap::new(),
+            type_ids: AddressMap::default(),
             types: Vec::new(),
             class_ids: HashMap::new(),
             class_names: Vec::new(),
-            per_dtype: HashMap::new(),
+            per_dtype: AddressMap::default(),
             total_bits: 0,
         };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walker.run(model.clone())));
