@@ -74,3 +74,15 @@ def test_a_walk_builds_one_tree():
         walk.build([])
     with pytest.raises(TypeError, match="already built"):
         walk.parameter_nodes()
+
+
+def test_untie_keeps_a_parameter_held_twice_by_one_module_as_one():
+    shared = torch.nn.Parameter(torch.zeros(4))
+    model = torch.nn.Sequential(torch.nn.Module(), torch.nn.Module())
+    for holder in model:
+        holder.register_parameter("w", shared)
+        holder.register_parameter("w_alias", shared)
+    tree = devicemap.ModuleTree.from_module(model, untie=True)
+    assert tree.total_bytes == 2 * 16  # one copy per module, the alias counted with its first name
+    assert tree.tied_groups == [["0.w", "0.w_alias"], ["1.w", "1.w_alias"]]
+    assert devicemap.ModuleTree.from_module(model).tied_groups == [["0.w", "0.w_alias", "1.w", "1.w_alias"]]

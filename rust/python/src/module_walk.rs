@@ -4,10 +4,14 @@
 //! the walk asks `element_bits(dtype)` once per dtype, or `named_bits(full_name, tensor)` per tensor when
 //! sizes depend on names (special dtypes, quantizers).
 //!
-//! It lists nodes exactly as `devicemap.tree` documents: pre-order (a module, its parameters, its
-//! buffers, then its child modules); a module met again under another parent is listed there too with
-//! its tensors as tied aliases, copying only the edges of its first walk, and a module met again inside
-//! such a copy contributes its own tensors only; a module that is its own ancestor is never re-entered.
+//! Nodes come as torch's `named_parameters` / `named_buffers` / `named_children` list them: pre-order, a
+//! module, its parameters, its buffers, then its child modules' subtrees. Module graphs need not be
+//! trees. A module met again under another parent (T5's `encoder.embed_tokens` is `shared`) is listed
+//! there too, as accelerate and `state_dict` list it, with its tensors as tied aliases; but only the
+//! subtree of its first walk is copied there (through the edges it was first reached by), and a module
+//! met again inside such a copy contributes its own tensors only. Naive re-walking is exponential for
+//! nested sharing; this is at most one copy per extra edge. A module that is its own ancestor (a cycle)
+//! is never entered again, as in `named_modules`.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -270,9 +274,8 @@ impl<'py> Walker<'py> {
                         self.push_row(local, node, kind, class, 0, true);
                         continue;
                     }
-                    if !own_storage {
-                        self.param_first.insert(key, index);
-                    }
+                    // Under untie the latest first name wins, so an alias finds its own module's.
+                    self.param_first.insert(key, index);
                     let size = self.tensor_bits(node, local, &param)?;
                     self.push_row(local, node, kind, class, size, false);
                 }
