@@ -6,10 +6,8 @@
 //! first name in definition order, exactly as `torch.nn.Module.named_parameters()` deduplicates.
 
 use crate::error::{PlacementError, Result};
-use std::collections::hash_map::Entry;
+#[cfg(test)]
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::OnceLock;
 
 /// A node's position in the tree's pre-order (the root is 0).
 pub type NodeId = u32;
@@ -200,51 +198,6 @@ pub struct ModuleTree {
     counted: Vec<bool>,
     holds_tensors: Vec<bool>,
     tie_groups: Vec<Vec<NodeId>>,
-    /// Name -> node, built on first lookup (most solves never look a name up).
-    index: OnceLock<NameIndex>,
-}
-
-/// Name lookup without a second copy of every name: node ids by the name's hash; the rare name whose
-/// hash another name already has is kept in full.
-#[derive(Debug, Clone, Default)]
-struct NameIndex {
-    by_hash: HashMap<u64, NodeId>,
-    collided: HashMap<String, NodeId>,
-}
-
-fn name_hash(name: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    h.finish()
-}
-
-impl NameIndex {
-    fn new(names: &NameList) -> NameIndex {
-        let mut index = NameIndex {
-            by_hash: HashMap::with_capacity(names.len()),
-            collided: HashMap::new(),
-        };
-        for i in 0..names.len() {
-            let name = names.get(i);
-            match index.by_hash.entry(name_hash(name)) {
-                Entry::Vacant(slot) => {
-                    slot.insert(i as NodeId);
-                }
-                Entry::Occupied(_) => {
-                    index.collided.insert(name.to_string(), i as NodeId);
-                }
-            }
-        }
-        index
-    }
-
-    fn find(&self, names: &NameList, name: &str) -> Option<NodeId> {
-        match self.by_hash.get(&name_hash(name)) {
-            Some(&id) if names.get(id as usize) == name => Some(id),
-            Some(_) => self.collided.get(name).copied(),
-            None => None,
-        }
-    }
 }
 
 /// The error for malformed columns.
@@ -521,7 +474,6 @@ impl ModuleTree {
             counted: sizes.counted,
             holds_tensors: sizes.holds_tensors,
             tie_groups,
-            index: OnceLock::new(),
         })
     }
 
@@ -645,11 +597,35 @@ impl ModuleTree {
         &self.tie_groups
     }
 
-    /// The node with this full name.
+    /// The node with this full name, found by descending from the root one dotted part at a time
+    /// (no name index to build or keep: a lookup costs the depth times the siblings compared).
     pub fn find(&self, name: &str) -> Option<NodeId> {
-        self.index
-            .get_or_init(|| NameIndex::new(&self.names))
-            .find(&self.names, name)
+        if name.is_empty() {
+            return Some(self.root());
+        }
+        name.split('.')
+            .try_fold(self.root(), |node, part| self.child_named(node, part))
+    }
+
+    /// The child of `parent` whose local name is `local`.
+    fn child_named(&self, parent: NodeId, local: &str) -> Option<NodeId> {
+        let children = self.children(parent);
+        // A ModuleList's k-th child is usually named "k": try it before comparing every sibling.
+        if let Some(&guess) = local.parse::<usize>().ok().and_then(|k| children.get(k)) {
+            if self.local_name(guess) == local {
+                return Some(guess);
+            }
+        }
+        children.iter().copied().find(|&c| self.local_name(c) == local)
+    }
+
+    /// The last dotted part of the node's name (its attribute name in its parent).
+    fn local_name(&self, id: NodeId) -> &str {
+        let full = self.name(id);
+        match self.parent(id) {
+            Some(p) if p != self.root() => &full[self.name(p).len() + 1..],
+            _ => full,
+        }
     }
 
     /// Ancestors of `id` from the root's child down to the parent (the root itself excluded).
@@ -876,6 +852,35 @@ mod tests {
         c.kinds[1] = 1;
         c.names[1] = "a.b".into();
         assert!(ModuleTree::from_columns(c).is_err());
+    }
+
+    #[test]
+    fn every_name_finds_its_node_and_nothing_else_matches() {
+        let mut b = TreeBuilder::new("Net");
+        // Numbered children out of order, a tensor named like a position, a dict-style child.
+        let list = b.module(0, "layers", "ModuleList");
+        for i in [2, 0, 1] {
+            let l = b.module(list, &i.to_string(), "Block");
+            b.param(l, "0", 1);
+            b.module(l, "1", "Linear");
+        }
+        b.module(0, "head", "Linear");
+        let t = b.build().unwrap();
+        for id in 0..t.len() as NodeId {
+            assert_eq!(t.find(t.name(id)), Some(id), "{:?}", t.name(id));
+        }
+        for missing in [
+            "layers.3",
+            "layers.0.2",
+            "layers..0",
+            "layers.0.",
+            ".layers",
+            "head.weight",
+            "+1",
+            "layers.+1",
+        ] {
+            assert_eq!(t.find(missing), None, "{missing:?}");
+        }
     }
 
     #[test]
