@@ -1,10 +1,12 @@
 """Typing for the Rust extension (devicemap._core). Use the public API in `devicemap` instead."""
 
+from collections.abc import Callable
 from os import PathLike
-from typing import Final, TypeAlias, final
+from typing import Any, Final, TypeAlias, final
 
 __all__ = [
     "Tree",
+    "ModuleWalk",
     "SolveResult",
     "DeviceUsageRecord",
     "OffloadRecord",
@@ -76,6 +78,27 @@ class Tree:
     def tie_groups(self) -> list[list[str]]: ...
     def suggest(self, name: str) -> list[str]: ...
     def modules_of_class(self, class_name: str) -> list[str]: ...
+
+@final
+class ModuleWalk:
+    """One export walk over a torch module graph (see ``devicemap.tree.ModuleTree.from_module``)."""
+
+    def __new__(
+        cls,
+        model: object,
+        element_bits: Callable[[Any], int],
+        named_bits: Callable[[str, Any], int] | None = None,
+        untie: bool = False,
+        like_named_children: bool = False,
+    ) -> ModuleWalk: ...
+    def parameter_groups(self) -> list[list[int]]: ...
+    def buffer_groups(self) -> list[list[int]]: ...
+    def parameter_nodes(self) -> list[int]: ...
+    def full_names(self, nodes: list[int]) -> list[str]: ...
+    @property
+    def total_bits(self) -> int: ...
+    def types(self) -> list[type]: ...
+    def build(self, tie_groups: list[list[int]]) -> Tree: ...
 
 @final
 class DeviceUsageRecord:

@@ -101,196 +101,17 @@ class _Sizer:
             decided = self.loaded.bits(name, tensor)
             if decided is not None:
                 return decided
-        per = self.cache.get(tensor.dtype)
+        return tensor.numel() * self.element_bits(tensor.dtype)
+
+    def element_bits(self, dtype: torch.dtype) -> int:
+        """Bits per element of a tensor of ``dtype`` that no name rule decides."""
+        per = self.cache.get(dtype)
         if per is None:
-            own = dtype_bits(tensor.dtype)
-            keeps_width = str(tensor.dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
+            own = dtype_bits(dtype)
+            keeps_width = str(dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
             per = own if self.target is None or keeps_width else min(self.target, own)
-            self.cache[tensor.dtype] = per
-        return tensor.numel() * per
-
-
-# How a module is walked: its first time (everything), a copy of its first walk under another parent,
-# or its own tensors only (a module met again inside a copy).
-_FIRST, _COPY, _OWN = 0, 1, 2
-
-
-class _Walk:
-    """One pre-order pass over a module tree: a module, its parameters, its buffers, then its child
-    modules' subtrees, as torch's ``named_parameters`` / ``named_buffers`` / ``named_children`` list them.
-    Full dotted names are only built when needed (special dtypes, tie ordering).
-
-    Module graphs need not be trees. A module met again under another parent (T5's
-    ``encoder.embed_tokens`` is ``shared``) is listed there too, as accelerate and ``state_dict`` list it,
-    with its tensors as tied aliases; but only the subtree of its first walk is copied there (through the
-    edges it was first reached by), and a module met again inside such a copy contributes its own tensors
-    only. Naive re-walking is exponential for nested sharing; this is at most one copy per extra edge. A
-    module that is its own ancestor (a cycle) is never entered again, as in ``named_modules``.
-    """
-
-    def __init__(self, sizer: _Sizer, untie: bool = False, like_named_children: bool = False):
-        self.sizer = sizer
-        self.untie = untie
-        # accelerate walks named_children(), which lists a module held twice by one parent once; state_dict
-        # lists both names, and a device map must cover both (so only accelerate's port skips the repeat).
-        self.like_named_children = like_named_children
-        self.names: list[str] = []
-        self.parents: list[int] = []
-        self.kinds: list[int] = []
-        self.classes: list[int] = []
-        self.bits: list[int] = []
-        self.duplicate: list[bool] = []
-        self.class_ids: dict[str, int] = {}
-        self.param_nodes: dict[int, list[int]] = {}  # id(parameter) -> its nodes, first name first
-        self.buffer_nodes: dict[int, list[int]] = {}  # id(buffer) -> its nodes, first name first
-        # every parameter node, in named_parameters(remove_duplicate=False) order
-        self.param_order: list[int] = []
-        self.type_ids: dict[type, int] = {}
-
-    def full_names(self) -> list[str]:
-        full = [""] * len(self.names)
-        for i in range(1, len(self.names)):
-            parent = self.parents[i]
-            full[i] = f"{full[parent]}.{self.names[i]}" if parent else self.names[i]
-        return full
-
-    def run(self, model: torch.nn.Module) -> None:
-        # One tuple per node (name, parent, kind, class, bits, duplicate), transposed at the end: the
-        # walk is pure Python, so every attribute lookup and call per node counts on 100k-node trees.
-        # Module rows carry id(module) as a 7th field (for the cycle and copy checks); zip() keeps the
-        # six columns every row has, so it is dropped there for free.
-        rows: list[tuple] = []
-        add = rows.append
-        param_nodes, param_order = self.param_nodes, self.param_order
-        class_of, sizer, untie = self.class_of_type, self.sizer, self.untie
-        type_id = self.type_ids.get
-        named, tensor_bits = sizer.needs_names, sizer.bits
-        bits_per = sizer.cache.get  # bits per element by dtype, once sizer.bits has seen the dtype
-        buffer_nodes = self.buffer_nodes
-        first_row: dict[int, int] = {}  # id(module) -> the row of its first walk
-        stack: list[tuple[torch.nn.Module, int, str, int]] = [(model, -1, "", _FIRST)]
-        pop, push = stack.pop, stack.extend
-        while stack:
-            module, parent, local, mode = pop()
-            node = len(rows)
-            key = id(module)
-            if mode == _FIRST and key not in first_row:
-                first_row[key] = node
-            else:
-                if self._is_ancestor(rows, parent, key):
-                    continue  # a cycle: torch's named_modules never re-enters it either
-                if mode == _FIRST:
-                    mode = _COPY
-            cls = type(module)
-            cid = type_id(cls, -1)
-            add((local, parent, MODULE, cid if cid >= 0 else class_of(cls), 0, False, key))
-            params = module._parameters
-            if params:
-                seen_here: set[int] = set()
-                for name, param in params.items():
-                    if param is None:
-                        continue
-                    key = id(param)
-                    index = len(rows)
-                    # A parameter held twice by one module: torch lists the second name only when asked
-                    # for duplicates, so it is an alias (tied, counted once, never placed on its own).
-                    kind = PARAMETER_ALIAS if key in seen_here else PARAMETER
-                    seen_here.add(key)
-                    param_order.append(index)
-                    if untie and kind == PARAMETER:
-                        key = index  # every name is its own storage (aliases inside one module stay one)
-                    param_cls = type(param)
-                    cid = type_id(param_cls, -1)
-                    if cid < 0:
-                        cid = class_of(param_cls)
-                    nodes = param_nodes.get(key)
-                    if nodes is not None:
-                        nodes.append(index)
-                        add((name, node, kind, cid, 0, True))
-                        continue
-                    param_nodes[key] = [index]
-                    per = None if named else bits_per(param.dtype)
-                    if per is not None:
-                        size = param.numel() * per
-                    else:
-                        size = tensor_bits(self._full_name(rows, node, name) if named else name, param)
-                    add((name, node, kind, cid, size, False))
-            buffers = module._buffers
-            if buffers:
-                non_persistent = module._non_persistent_buffers_set
-                for name, buf in buffers.items():
-                    if buf is None:
-                        continue
-                    kind = NON_PERSISTENT_BUFFER if name in non_persistent else BUFFER
-                    holders = buffer_nodes.get(id(buf))
-                    if holders is not None:
-                        holders.append(len(rows))
-                        add((name, node, kind, class_of(type(buf)), 0, True))
-                    else:
-                        buffer_nodes[id(buf)] = [len(rows)]
-                        size = tensor_bits(self._full_name(rows, node, name) if named else name, buf)
-                        add((name, node, kind, class_of(type(buf)), size, False))
-            children = module._modules
-            if children and mode != _OWN:
-                if mode == _FIRST and len(children) == 1:
-                    ((name, child),) = children.items()
-                    if child is not None:
-                        push(((child, node, name, _FIRST),))
-                    continue
-                seen_children: set[int] = set()
-                skip_repeats = self.like_named_children
-                found = []
-                for name, child in children.items():
-                    if child is None or (skip_repeats and id(child) in seen_children):
-                        continue
-                    seen_children.add(id(child))
-                    if mode == _COPY:
-                        # Inside a copy, only the edges of the first walk are followed again.
-                        first = first_row.get(id(child))
-                        tree_edge = (
-                            first is not None and rows[first][0] == name and rows[rows[first][1]][6] == key
-                        )
-                        child_mode = _COPY if tree_edge else _OWN
-                    else:
-                        child_mode = _FIRST
-                    found.append((child, node, name, child_mode))
-                found.reverse()
-                push(found)
-        columns = list(zip(*rows, strict=False))[:6]  # (a tree of modules only still has the 7th column)
-        self.names, self.parents, self.kinds, self.classes, self.bits, self.duplicate = (
-            list(c) for c in columns
-        )
-
-    def class_of_type(self, cls: type) -> int:
-        found = self.type_ids.get(cls)
-        if found is None:
-            found = self.type_ids[cls] = self.class_id_by_name(cls.__name__)
-        return found
-
-    def class_id_by_name(self, name: str) -> int:
-        # accelerate compares class *names*, so two classes with one name share an id.
-        found = self.class_ids.get(name)
-        if found is None:
-            found = self.class_ids[name] = len(self.class_ids)
-        return found
-
-    @staticmethod
-    def _is_ancestor(rows: list[tuple], row: int, key: int) -> bool:
-        """Whether the module ``key`` is the module at ``row`` or one of its ancestors."""
-        while row >= 0:
-            if rows[row][6] == key:
-                return True
-            row = rows[row][1]
-        return False
-
-    @staticmethod
-    def _full_name(rows: list[tuple], parent: int, local: str) -> str:
-        """Full dotted name of a tensor ``local`` of the module at row ``parent``."""
-        parts = [local]
-        while parent > 0:
-            parts.append(rows[parent][0])
-            parent = rows[parent][1]
-        return ".".join(reversed(parts))
+            self.cache[dtype] = per
+        return per
 
 
 class ModuleTree:
@@ -362,50 +183,44 @@ class ModuleTree:
             if loaded.method is None and not loaded.fp32_names:
                 loaded = None  # nothing to decide: keep the fast walk that builds no names
         sizer = _Sizer(dtype, special_dtypes, loaded)
-        walk = _Walk(sizer, untie=untie, like_named_children=accelerate_tie_order)
-        # The walk allocates a tuple per node and frees nothing: the cyclic collector would only rescan
-        # the growing heap again and again (a large share of the time on 100k-node trees).
+        # The walk (in the binding: it reads every module's dicts and fills the tree's columns, see
+        # _core.ModuleWalk for the rules) asks Python only per dtype, or per tensor when names decide.
+        # The walk's temporaries (bound methods, ints) would start cyclic collections that rescan the
+        # model's millions of objects for nothing (~10% of the walk on 100k-module models).
         collecting = gc.isenabled()
         gc.disable()
         try:
-            walk.run(model)
+            walk = _core.ModuleWalk(
+                model,
+                sizer.element_bits,
+                sizer.bits if sizer.needs_names else None,
+                untie=untie,
+                like_named_children=accelerate_tie_order,
+            )
         finally:
             if collecting:
                 gc.enable()
-        names, parents, kinds, classes, bits, duplicate = (
-            walk.names,
-            walk.parents,
-            walk.kinds,
-            walk.classes,
-            walk.bits,
-            walk.duplicate,
-        )
-        class_ids = walk.class_ids
-        tie = [-1] * len(names)
-        groups = [nodes for nodes in walk.param_nodes.values() if len(nodes) > 1]
+        groups = walk.parameter_groups()
         if accelerate_tie_order and len(groups) > 1:
-            full_names = walk.full_names()
-            param_names = [full_names[i] for i in walk.param_order]
-            groups = _accelerate_group_order(groups, full_names, param_names)
+            members = [n for g in groups for n in g]
+            param_nodes = walk.parameter_nodes()
+            full_names = dict(zip(members, walk.full_names(members), strict=True))
+            groups = _accelerate_group_order(groups, full_names, walk.full_names(param_nodes))
         if not accelerate_tie_order and not untie:
             # A buffer held by several modules (a shared module's) stays with its first holder, so every
             # name state_dict lists is placed; accelerate ties parameters only, so its port does not.
-            groups += [nodes for nodes in walk.buffer_nodes.values() if len(nodes) > 1]
-        for number, nodes in enumerate(groups):
-            for n in nodes:
-                tie[n] = number
-
-        if sum(bits) > 2**64 - 1:  # the core counts bits in 64-bit integers
+            groups += walk.buffer_groups()
+        if walk.total_bits > 2**64 - 1:  # the core counts bits in 64-bit integers
             from .errors import InvalidSizeError
 
             raise InvalidSizeError(
-                f"{type(model).__name__} holds {sum(bits) // 8} bytes of weights, more than the 2 EiB devicemap "
-                "can plan with; check the model's shapes"
+                f"{type(model).__name__} holds {walk.total_bits // 8} bytes of weights, more than the 2 EiB "
+                "devicemap can plan with; check the model's shapes"
             )
-        core = _core.Tree(names, parents, kinds, classes, list(class_ids), bits, duplicate, tie)
+        core = walk.build(groups)
         no_split = getattr(model, "_no_split_modules", None) or []
         tree = cls(core, no_split_module_classes=[str(c) for c in no_split])
-        tree.module_types = frozenset(walk.type_ids)
+        tree.module_types = frozenset(walk.types())
         return tree
 
     # -- queries -------------------------------------------------------------------------------
@@ -449,7 +264,7 @@ class ModuleTree:
 
 
 def _accelerate_group_order(
-    groups: list[list[int]], full_names: list[str], param_names: list[str]
+    groups: list[list[int]], full_names: Mapping[int, str], param_names: list[str]
 ) -> list[list[int]]:
     """Order tie groups as accelerate's ``find_tied_parameters`` does in this process.
 

@@ -25,4 +25,4 @@ pub use device::{parse_size, Device, DeviceSpec};
 pub use error::{PlacementError, Result};
 pub use plan::Plan;
 pub use strategy::{solve, SolveOptions, Strategy};
-pub use tree::{ModuleTree, NodeKind, TreeColumns};
+pub use tree::{Columns, LocalNames, ModuleTree, NameList, NodeKind, TreeColumns};

@@ -6,8 +6,8 @@
 //! first name in definition order, exactly as `torch.nn.Module.named_parameters()` deduplicates.
 
 use crate::error::{PlacementError, Result};
+#[cfg(test)]
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 /// A node's position in the tree's pre-order (the root is 0).
 pub type NodeId = u32;
@@ -62,11 +62,106 @@ impl NodeKind {
     }
 }
 
-/// Column-wise description of a tree, as exported from torch (one entry per node, pre-order).
+/// Names stored back to back in one buffer: no allocation per name, 8 bytes of bookkeeping each.
 #[derive(Debug, Clone, Default)]
-pub struct TreeColumns {
+pub struct NameList {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl NameList {
+    /// An empty list with room for `names` names of `bytes` bytes in all.
+    pub fn with_capacity(names: usize, bytes: usize) -> NameList {
+        NameList {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(names),
+        }
+    }
+
+    /// Append a name.
+    pub fn push(&mut self, name: &str) {
+        self.text.push_str(name);
+        self.ends.push(self.text.len());
+    }
+
+    /// Append `prefix.name` (or `name` alone when `prefix` is "") where `prefix` is the name at `at`:
+    /// a full dotted name built from its parent's without a temporary string.
+    fn push_dotted(&mut self, at: usize, name: &str) {
+        let (start, end) = self.bounds(at);
+        if start < end {
+            // SAFETY: `start..end` spans one whole name pushed as a `&str`, so the bytes appended are
+            // valid UTF-8, and so is the ASCII dot after them.
+            unsafe {
+                let bytes = self.text.as_mut_vec();
+                bytes.extend_from_within(start..end);
+                bytes.push(b'.');
+            }
+        }
+        self.push(name);
+    }
+
+    fn bounds(&self, i: usize) -> (usize, usize) {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        (start, self.ends[i])
+    }
+
+    /// The `i`-th name.
+    pub fn get(&self, i: usize) -> &str {
+        let (start, end) = self.bounds(i);
+        &self.text[start..end]
+    }
+
+    /// Number of names.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether the list holds no name.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes of all names together.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+/// Where a tree's local names come from: one `String` each, or a [`NameList`].
+pub trait LocalNames {
+    /// Number of names.
+    fn count(&self) -> usize;
+    /// The `i`-th name.
+    fn local(&self, i: usize) -> &str;
+}
+
+impl LocalNames for Vec<String> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn local(&self, i: usize) -> &str {
+        &self[i]
+    }
+}
+
+impl LocalNames for NameList {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn local(&self, i: usize) -> &str {
+        self.get(i)
+    }
+}
+
+/// Column-wise description of a tree with one `String` per local name (see [`Columns`]).
+pub type TreeColumns = Columns<Vec<String>>;
+
+/// Column-wise description of a tree, as exported from torch (one entry per node, pre-order); the
+/// local names are a `Vec<String>` ([`TreeColumns`]) or a [`NameList`] (a native walk's).
+#[derive(Debug, Clone, Default)]
+pub struct Columns<N> {
     /// Local (attribute) names; the root's is "".
-    pub names: Vec<String>,
+    pub names: N,
     /// Parent index, -1 for the root (index 0).
     pub parents: Vec<i64>,
     /// [`NodeKind`] codes (`NodeKind::Module as u8`, ...).
@@ -87,7 +182,7 @@ pub struct TreeColumns {
 /// A validated tree: full names, parents, subtree ranges and sizes, tie groups.
 #[derive(Debug, Clone)]
 pub struct ModuleTree {
-    names: Vec<String>,
+    names: NameList,
     parent: Vec<u32>,
     kind: Vec<NodeKind>,
     class: Vec<u32>,
@@ -95,13 +190,14 @@ pub struct ModuleTree {
     own_bits: Vec<u64>,
     duplicate: Vec<bool>,
     end: Vec<u32>,
-    children: Vec<Vec<NodeId>>,
+    /// Children of node `i` are `child_list[child_start[i]..child_start[i + 1]]` (one allocation in
+    /// all rather than one per module).
+    child_start: Vec<u32>,
+    child_list: Vec<NodeId>,
     subtree_bits: Vec<u64>,
     counted: Vec<bool>,
     holds_tensors: Vec<bool>,
     tie_groups: Vec<Vec<NodeId>>,
-    /// Name -> node, built on first lookup (most solves never look a name up).
-    index: OnceLock<HashMap<String, NodeId>>,
 }
 
 /// The error for malformed columns.
@@ -111,10 +207,17 @@ fn bad<T>(msg: String) -> Result<T> {
 
 /// Full names, parents, subtree ends and children, from the parent column.
 struct Links {
-    names: Vec<String>,
+    names: NameList,
     parent: Vec<u32>,
     end: Vec<u32>,
-    children: Vec<Vec<NodeId>>,
+    child_start: Vec<u32>,
+    child_list: Vec<NodeId>,
+}
+
+impl Links {
+    fn children(&self, id: usize) -> &[NodeId] {
+        &self.child_list[self.child_start[id] as usize..self.child_start[id + 1] as usize]
+    }
 }
 
 /// Per-node sizes, summed bottom-up.
@@ -126,8 +229,8 @@ struct Sizes {
 }
 
 /// Every column has one entry per node, and there is a root; returns the node count.
-fn check_lengths(c: &TreeColumns) -> Result<usize> {
-    let n = c.names.len();
+fn check_lengths<N: LocalNames>(c: &Columns<N>) -> Result<usize> {
+    let n = c.names.count();
     if n == 0 {
         return bad("the tree has no root".into());
     }
@@ -150,7 +253,7 @@ fn check_lengths(c: &TreeColumns) -> Result<usize> {
 }
 
 /// Decode the kind codes; node 0 must be the root module, and every class index must exist.
-fn read_kinds(c: &TreeColumns) -> Result<Vec<NodeKind>> {
+fn read_kinds<N: LocalNames>(c: &Columns<N>) -> Result<Vec<NodeKind>> {
     let mut kind = Vec::with_capacity(c.kinds.len());
     for (i, &code) in c.kinds.iter().enumerate() {
         match NodeKind::from_u8(code) {
@@ -174,21 +277,26 @@ fn read_kinds(c: &TreeColumns) -> Result<Vec<NodeKind>> {
 
 /// Check pre-order with an ancestor stack (parents before children, each subtree contiguous, only
 /// modules as parents, dot-free local names) and build full names, subtree ends and children.
-fn link_parents(c: &TreeColumns, kind: &[NodeKind]) -> Result<Links> {
-    let n = c.names.len();
-    let mut names = Vec::with_capacity(n);
+fn link_parents<N: LocalNames>(c: &Columns<N>, kind: &[NodeKind]) -> Result<Links> {
+    let n = c.names.count();
+    let mut text = 0;
+    for i in 0..n {
+        text += c.names.local(i).len();
+    }
+    // Full names are about three local names long on model trees; this only sizes the first buffer.
+    let mut names = NameList::with_capacity(n, text * 3);
     let mut parent = vec![NO_PARENT; n];
     let mut end = vec![0u32; n];
-    let mut children: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    let mut child_count = vec![0u32; n + 1];
     let mut stack: Vec<usize> = vec![0];
-    names.push(String::new());
+    names.push("");
     #[allow(clippy::needless_range_loop)] // i is a node id used across several columns
     for i in 1..n {
         let p = c.parents[i];
+        let local = c.names.local(i);
         if p < 0 || p as usize >= i {
             return bad(format!(
-                "node {i} ({:?}) has parent {p}; parents must come before children",
-                c.names[i]
+                "node {i} ({local:?}) has parent {p}; parents must come before children"
             ));
         }
         let p = p as usize;
@@ -200,43 +308,51 @@ fn link_parents(c: &TreeColumns, kind: &[NodeKind]) -> Result<Links> {
             stack.pop();
         }
         if stack.is_empty() {
-            return bad(format!(
-                "node {i} ({:?}) is not in pre-order under its parent {p}",
-                c.names[i]
-            ));
+            return bad(format!("node {i} ({local:?}) is not in pre-order under its parent {p}"));
         }
         if kind[p].is_tensor() {
-            return bad(format!("node {i} has a tensor ({:?}) as parent", names[p]));
+            return bad(format!("node {i} has a tensor ({:?}) as parent", names.get(p)));
         }
-        let local = &c.names[i];
         if local.is_empty() || local.contains('.') {
             return bad(format!(
                 "node {i} has local name {local:?}; names must be non-empty and dot-free"
             ));
         }
-        names.push(if p == 0 {
-            local.clone()
-        } else {
-            format!("{}.{}", names[p], local)
-        });
+        names.push_dotted(p, local);
         parent[i] = p as u32;
-        children[p].push(i as u32);
+        child_count[p] += 1;
         stack.push(i);
     }
     for top in stack {
         end[top] = n as u32;
     }
+    // Children grouped by parent, each group in node order (definition order).
+    let mut child_start = child_count;
+    let mut total = 0u32;
+    for slot in child_start.iter_mut() {
+        let count = *slot;
+        *slot = total;
+        total += count;
+    }
+    let mut fill = child_start.clone();
+    let mut child_list = vec![0 as NodeId; total as usize];
+    for (i, &p) in parent.iter().enumerate().skip(1) {
+        let at = &mut fill[p as usize];
+        child_list[*at as usize] = i as NodeId;
+        *at += 1;
+    }
     Ok(Links {
         names,
         parent,
         end,
-        children,
+        child_start,
+        child_list,
     })
 }
 
 /// Sum tensor sizes bottom-up, each storage once (duplicates add nothing); modules carry no bits of
 /// their own and aliases must be marked duplicate.
-fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes> {
+fn sum_sizes<N: LocalNames>(c: &Columns<N>, kind: &[NodeKind], links: &Links) -> Result<Sizes> {
     let n = kind.len();
     let mut own_bits = vec![0u64; n];
     let mut subtree_bits = vec![0u64; n];
@@ -245,7 +361,10 @@ fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes>
     for i in (0..n).rev() {
         holds_tensors[i] |= kind[i].is_tensor();
         if kind[i] == NodeKind::ParameterAlias && !c.duplicate[i] {
-            return bad(format!("parameter alias {:?} must be marked duplicate", links.names[i]));
+            return bad(format!(
+                "parameter alias {:?} must be marked duplicate",
+                links.names.get(i)
+            ));
         }
         if kind[i].is_tensor() && !c.duplicate[i] {
             own_bits[i] = c.bits[i];
@@ -253,7 +372,8 @@ fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes>
         } else if !kind[i].is_tensor() && c.bits[i] != 0 {
             return bad(format!(
                 "module {:?} has bits {}; module sizes come from their tensors",
-                links.names[i], c.bits[i]
+                links.names.get(i),
+                c.bits[i]
             ));
         }
         subtree_bits[i] = subtree_bits[i].saturating_add(own_bits[i]);
@@ -273,7 +393,7 @@ fn sum_sizes(c: &TreeColumns, kind: &[NodeKind], links: &Links) -> Result<Sizes>
 }
 
 /// The tie groups' members (sorted by name); only tensors are tied, and every group needs two.
-fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<Vec<Vec<NodeId>>> {
+fn tie_groups<N: LocalNames>(c: &Columns<N>, kind: &[NodeKind], names: &NameList) -> Result<Vec<Vec<NodeId>>> {
     let n = kind.len();
     let mut groups: Vec<Vec<NodeId>> = Vec::new();
     for (i, t) in c.tie.iter().enumerate() {
@@ -282,11 +402,11 @@ fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<Ve
         }
         // Parameters shared by several modules, or buffers of a module registered under several parents.
         if !kind[i].is_tensor() {
-            return bad(format!("node {:?} is tied but is not a tensor", names[i]));
+            return bad(format!("node {:?} is tied but is not a tensor", names.get(i)));
         }
         let t = *t as usize;
         if t > n {
-            return bad(format!("tie group {t} of {:?} is out of range", names[i]));
+            return bad(format!("tie group {t} of {:?} is out of range", names.get(i)));
         }
         if groups.len() <= t {
             groups.resize(t + 1, Vec::new());
@@ -300,31 +420,39 @@ fn tie_groups(c: &TreeColumns, kind: &[NodeKind], names: &[String]) -> Result<Ve
                 members.len()
             ));
         }
-        members.sort_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+        members.sort_by(|a, b| names.get(*a as usize).cmp(names.get(*b as usize)));
     }
     Ok(groups)
 }
 
-/// Full names are unique exactly when no parent has two children of one local name.
-fn check_unique_names(c: &TreeColumns, links: &Links) -> Result<()> {
-    let n = c.names.len();
-    let mut siblings: Vec<(u32, &str)> = (1..n).map(|i| (links.parent[i], c.names[i].as_str())).collect();
-    siblings.sort_unstable();
-    if let Some(pair) = siblings.windows(2).find(|w| w[0] == w[1]) {
-        let (p, local) = pair[0];
-        let full = if p == 0 {
-            local.to_string()
-        } else {
-            format!("{}.{local}", links.names[p as usize])
-        };
-        return bad(format!("the name {full:?} appears twice"));
+/// Full names are unique exactly when no parent has two children of one local name. Each parent's
+/// children are checked on their own (a small sort each), the first parent with a repeat reported.
+fn check_unique_names<N: LocalNames>(c: &Columns<N>, links: &Links) -> Result<()> {
+    let mut siblings: Vec<&str> = Vec::new();
+    for p in 0..links.parent.len() {
+        let children = links.children(p);
+        if children.len() < 2 {
+            continue;
+        }
+        siblings.clear();
+        siblings.extend(children.iter().map(|&i| c.names.local(i as usize)));
+        siblings.sort_unstable();
+        if let Some(pair) = siblings.windows(2).find(|w| w[0] == w[1]) {
+            let local = pair[0];
+            let full = if p == 0 {
+                local.to_string()
+            } else {
+                format!("{}.{local}", links.names.get(p))
+            };
+            return bad(format!("the name {full:?} appears twice"));
+        }
     }
     Ok(())
 }
 
 impl ModuleTree {
     /// Validate the columns and build the tree (full names, subtree ranges and sizes).
-    pub fn from_columns(c: TreeColumns) -> Result<ModuleTree> {
+    pub fn from_columns<N: LocalNames>(c: Columns<N>) -> Result<ModuleTree> {
         check_lengths(&c)?;
         let kind = read_kinds(&c)?;
         let links = link_parents(&c, &kind)?;
@@ -340,12 +468,12 @@ impl ModuleTree {
             own_bits: sizes.own_bits,
             duplicate: c.duplicate,
             end: links.end,
-            children: links.children,
+            child_start: links.child_start,
+            child_list: links.child_list,
             subtree_bits: sizes.subtree_bits,
             counted: sizes.counted,
             holds_tensors: sizes.holds_tensors,
             tie_groups,
-            index: OnceLock::new(),
         })
     }
 
@@ -366,7 +494,7 @@ impl ModuleTree {
 
     /// Full dotted name ("" for the root).
     pub fn name(&self, id: NodeId) -> &str {
-        &self.names[id as usize]
+        self.names.get(id as usize)
     }
 
     /// What the node is.
@@ -412,7 +540,8 @@ impl ModuleTree {
 
     /// All direct children (tensors first, then modules), in definition order.
     pub fn children(&self, id: NodeId) -> &[NodeId] {
-        &self.children[id as usize]
+        let id = id as usize;
+        &self.child_list[self.child_start[id] as usize..self.child_start[id + 1] as usize]
     }
 
     /// Direct child modules, in definition order.
@@ -468,18 +597,35 @@ impl ModuleTree {
         &self.tie_groups
     }
 
-    /// The node with this full name.
+    /// The node with this full name, found by descending from the root one dotted part at a time
+    /// (no name index to build or keep: a lookup costs the depth times the siblings compared).
     pub fn find(&self, name: &str) -> Option<NodeId> {
-        self.index
-            .get_or_init(|| {
-                self.names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| (n.clone(), i as NodeId))
-                    .collect()
-            })
-            .get(name)
-            .copied()
+        if name.is_empty() {
+            return Some(self.root());
+        }
+        name.split('.')
+            .try_fold(self.root(), |node, part| self.child_named(node, part))
+    }
+
+    /// The child of `parent` whose local name is `local`.
+    fn child_named(&self, parent: NodeId, local: &str) -> Option<NodeId> {
+        let children = self.children(parent);
+        // A ModuleList's k-th child is usually named "k": try it before comparing every sibling.
+        if let Some(&guess) = local.parse::<usize>().ok().and_then(|k| children.get(k)) {
+            if self.local_name(guess) == local {
+                return Some(guess);
+            }
+        }
+        children.iter().copied().find(|&c| self.local_name(c) == local)
+    }
+
+    /// The last dotted part of the node's name (its attribute name in its parent).
+    fn local_name(&self, id: NodeId) -> &str {
+        let full = self.name(id);
+        match self.parent(id) {
+            Some(p) if p != self.root() => &full[self.name(p).len() + 1..],
+            _ => full,
+        }
     }
 
     /// Ancestors of `id` from the root's child down to the parent (the root itself excluded).
@@ -499,9 +645,8 @@ impl ModuleTree {
 
     /// A few existing names close to `name`, for "did you mean" hints.
     pub fn suggest(&self, name: &str) -> Vec<String> {
-        let mut scored: Vec<(usize, &String)> = self
-            .names
-            .iter()
+        let mut scored: Vec<(usize, &str)> = (0..self.names.len())
+            .map(|i| self.names.get(i))
             .filter(|n| !n.is_empty())
             .map(|n| (edit_distance(n, name), n))
             .collect();
@@ -511,7 +656,7 @@ impl ModuleTree {
             .into_iter()
             .filter(|(d, _)| *d <= limit)
             .take(3)
-            .map(|(_, n)| n.clone())
+            .map(|(_, n)| n.to_string())
             .collect()
     }
 }
@@ -707,6 +852,35 @@ mod tests {
         c.kinds[1] = 1;
         c.names[1] = "a.b".into();
         assert!(ModuleTree::from_columns(c).is_err());
+    }
+
+    #[test]
+    fn every_name_finds_its_node_and_nothing_else_matches() {
+        let mut b = TreeBuilder::new("Net");
+        // Numbered children out of order, a tensor named like a position, a dict-style child.
+        let list = b.module(0, "layers", "ModuleList");
+        for i in [2, 0, 1] {
+            let l = b.module(list, &i.to_string(), "Block");
+            b.param(l, "0", 1);
+            b.module(l, "1", "Linear");
+        }
+        b.module(0, "head", "Linear");
+        let t = b.build().unwrap();
+        for id in 0..t.len() as NodeId {
+            assert_eq!(t.find(t.name(id)), Some(id), "{:?}", t.name(id));
+        }
+        for missing in [
+            "layers.3",
+            "layers.0.2",
+            "layers..0",
+            "layers.0.",
+            ".layers",
+            "head.weight",
+            "+1",
+            "layers.+1",
+        ] {
+            assert_eq!(t.find(missing), None, "{missing:?}");
+        }
     }
 
     #[test]

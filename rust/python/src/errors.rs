@@ -126,17 +126,20 @@ pub fn guarded<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, CoreErr
     let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
     match outcome {
         Ok(result) => result.map_err(to_py),
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(InternalError::new_err(format!(
-                "devicemap hit an internal error ({what}); please report it with the model and arguments"
-            )))
-        }
+        Err(payload) => Err(panic_to_err(payload)),
     }
+}
+
+/// `InternalError` for a caught panic's payload.
+pub fn panic_to_err(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    InternalError::new_err(format!(
+        "devicemap hit an internal error ({what}); please report it with the model and arguments"
+    ))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod errors;
+mod module_walk;
 mod records;
 
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
@@ -105,6 +106,11 @@ impl Tree {
 }
 
 impl Tree {
+    /// Hand a built tree to Python.
+    fn wrap(tree: ModuleTree) -> Tree {
+        Tree { inner: Arc::new(tree) }
+    }
+
     fn check(&self, node: u32) -> PyResult<()> {
         if (node as usize) < self.inner.len() {
             Ok(())
@@ -276,6 +282,7 @@ fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tree>()?;
+    m.add_class::<module_walk::ModuleWalk>()?;
     m.add_class::<SolveResult>()?;
     m.add_class::<DeviceUsageRecord>()?;
     m.add_class::<OffloadRecord>()?;
