@@ -86,3 +86,37 @@ def test_untie_keeps_a_parameter_held_twice_by_one_module_as_one():
     assert tree.total_bytes == 2 * 16  # one copy per module, the alias counted with its first name
     assert tree.tied_groups == [["0.w", "0.w_alias"], ["1.w", "1.w_alias"]]
     assert devicemap.ModuleTree.from_module(model).tied_groups == [["0.w", "0.w_alias", "1.w", "1.w_alias"]]
+
+
+class _Holder(torch.nn.Module):
+    """A module with a parameter of its own and a child subtree (what a shared module copy must keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(3))
+        self.inner = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Sequential(torch.nn.Linear(3, 2)))
+
+
+class _Sharing(torch.nn.Module):
+    """``b.s`` and ``c.t.s`` are ``a``: the same module under three names, one of them nested."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _Holder()
+        self.b = torch.nn.Module()
+        self.b.s = self.a
+        self.c = torch.nn.Module()
+        self.c.t = torch.nn.Module()
+        self.c.t.s = self.a
+
+
+def test_a_shared_module_with_its_own_parameters_is_listed_whole_under_every_name():
+    # A copy of a shared module follows its first walk's child edges whether or not the module holds
+    # parameters itself, so every name state_dict lists is a node a device map can place.
+    model = _Sharing()
+    tree = devicemap.ModuleTree.from_module(model)
+    names = {tree.core.name(i) for i in range(len(tree.core))}
+    assert [k for k in model.state_dict() if k not in names] == []
+    assert tree.core.subtree_bits(0) == sum(p.numel() * 32 for p in model.parameters())
+    plan = devicemap.plan(model, max_memory={"cpu": "1GiB"})
+    assert set(plan.device_map) == {""}

@@ -235,10 +235,6 @@ impl<'py> Walker<'py> {
             let class = self.class_of(&module.get_type())?;
             self.push_row(name.to_str()?, parent, NodeKind::Module, class, 0, false);
             self.module_key[node as usize] = module_key;
-            // The key a child's first-walk parent is compared with below. The Python walk this replaces
-            // reused one variable for the module's and its parameters' keys, so after a module's
-            // parameters no child edge of a copy matched; kept so that no plan changes.
-            let mut edge_key = module_key;
 
             let params = module.getattr(intern!(py, "_parameters"))?;
             let params = params.cast::<PyDict>()?;
@@ -262,7 +258,6 @@ impl<'py> Walker<'py> {
                     seen_here.push(key);
                     // untie: every name is its own storage (aliases inside one module stay one).
                     let own_storage = self.untie && kind == NodeKind::Parameter;
-                    edge_key = if own_storage { index as usize } else { key };
                     let class = self.class_of(&param.get_type())?;
                     let first = if own_storage {
                         None
@@ -345,7 +340,7 @@ impl<'py> Walker<'py> {
                     let tree_edge = self.first_node.get(&child_key).is_some_and(|&first| {
                         let first_parent = self.parents[first as usize];
                         first_parent != NO_PARENT
-                            && self.module_key[first_parent as usize] == edge_key
+                            && self.module_key[first_parent as usize] == module_key
                             && local.to_str().is_ok_and(|l| l == self.names.get(first as usize))
                     });
                     if tree_edge {
