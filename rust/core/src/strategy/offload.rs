@@ -12,7 +12,7 @@
 
 use super::chain::{Chain, Lane};
 use super::execution::Staging;
-use super::ties::{longest_prefix, Units};
+use super::ties::{Indexed, Units};
 
 /// A unit pinned to CPU or disk (executed elsewhere): what it stages and what stays with its executor.
 #[derive(Debug, Clone, Copy)]
@@ -61,15 +61,16 @@ pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
     if lanes.is_empty() {
         return (0, input.reserve(0));
     }
-    let units = Units {
+    // Built once: each round of the fixed point asks the same units with another reserve.
+    let units = Indexed::new(Units {
         chain: Chain::by_memory(input.footprint),
         is_group: input.is_group,
-    };
+    });
     let stage = input.staging.gpu.unwrap_or(0);
     let fit = |reserve: u64| {
         let mut with_reserve = lanes.to_vec();
         with_reserve[stage].base = with_reserve[stage].base.saturating_add(reserve);
-        longest_prefix(units, &with_reserve)
+        units.longest_prefix(&with_reserve)
     };
     let mut k = input.staged.len();
     loop {
