@@ -13,55 +13,128 @@ enum Agg {
 
 impl Agg {
     fn add(self, d: Device) -> Agg {
+        self.merge(Agg::Uniform(d, 1))
+    }
+
+    fn count(self) -> u32 {
         match self {
-            Agg::Empty => Agg::Uniform(d, 1),
-            Agg::Uniform(u, n) if u == d => Agg::Uniform(u, n + 1),
-            Agg::Uniform(_, n) | Agg::Mixed(n) => Agg::Mixed(n + 1),
+            Agg::Empty => 0,
+            Agg::Uniform(_, n) | Agg::Mixed(n) => n,
+        }
+    }
+
+    /// The aggregate of two disjoint sets of keys.
+    fn merge(self, other: Agg) -> Agg {
+        match (self, other) {
+            (Agg::Empty, x) | (x, Agg::Empty) => x,
+            (Agg::Uniform(a, n), Agg::Uniform(b, m)) if a == b => Agg::Uniform(a, n + m),
+            (x, y) => Agg::Mixed(x.count() + y.count()),
         }
     }
 }
 
 /// `entries` maps distinct nodes to devices. Returns the collapsed map in model (pre-order) order.
+///
+/// Nodes are numbered in pre-order (a subtree is `node..end`, children after their parent), so one
+/// pass from the last node to the first folds every subtree's keys into its parent, and one pass from
+/// the first emits the map, skipping each collapsed subtree: O(nodes), no walk up per key, no sort.
 pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
     let n = tree.len();
     let mut own: Vec<Option<Device>> = vec![None; n];
-    // Aggregate over keys strictly below each node.
-    let mut below = vec![Agg::Empty; n];
     for &(node, device) in entries {
         own[node as usize] = Some(device);
-        let mut cur = tree.parent(node);
-        while let Some(p) = cur {
-            below[p as usize] = below[p as usize].add(device);
-            cur = tree.parent(p);
+    }
+    // Aggregate over keys strictly below each node.
+    let mut below = vec![Agg::Empty; n];
+    for node in (1..n).rev() {
+        let whole = match own[node] {
+            Some(d) => below[node].add(d),
+            None => below[node],
+        };
+        if whole != Agg::Empty {
+            if let Some(p) = tree.parent(node as NodeId) {
+                below[p as usize] = below[p as usize].merge(whole);
+            }
         }
     }
     let mut out = Vec::new();
-    let mut stack = vec![tree.root()];
-    while let Some(m) = stack.pop() {
-        match below[m as usize] {
-            Agg::Uniform(d, count) if count > 1 => {
-                out.push((m, d));
+    let mut node = tree.root();
+    while (node as usize) < n {
+        if let Agg::Uniform(d, count) = below[node as usize] {
+            if count > 1 {
+                out.push((node, d));
+                node = tree.end(node);
                 continue;
             }
-            _ => {}
         }
-        if let Some(d) = own[m as usize] {
-            out.push((m, d));
+        if let Some(d) = own[node as usize] {
+            out.push((node, d));
         }
-        for &c in tree.children(m).iter().rev() {
-            if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
-                stack.push(c);
-            }
-        }
+        node += 1;
     }
-    out.sort_by_key(|(node, _)| *node);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::tests::random_tree;
     use crate::tree::TreeBuilder;
+    use proptest::prelude::*;
+
+    /// The map as first written: every key added to each ancestor, then a walk down the child lists.
+    fn clean_by_walking(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+        let n = tree.len();
+        let mut own: Vec<Option<Device>> = vec![None; n];
+        let mut below = vec![Agg::Empty; n];
+        for &(node, device) in entries {
+            own[node as usize] = Some(device);
+            let mut cur = tree.parent(node);
+            while let Some(p) = cur {
+                below[p as usize] = below[p as usize].add(device);
+                cur = tree.parent(p);
+            }
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![tree.root()];
+        while let Some(m) = stack.pop() {
+            match below[m as usize] {
+                Agg::Uniform(d, count) if count > 1 => {
+                    out.push((m, d));
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(d) = own[m as usize] {
+                out.push((m, d));
+            }
+            for &c in tree.children(m).iter().rev() {
+                if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
+                    stack.push(c);
+                }
+            }
+        }
+        out.sort_by_key(|(node, _)| *node);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn one_pass_each_way_cleans_as_the_walk_does(
+            ops in prop::collection::vec((0usize..64, 0u8..4, 0u64..5), 1..40),
+            keys in prop::collection::vec((0usize..64, 0u32..3), 0..20),
+        ) {
+            let tree = random_tree(&ops);
+            let mut entries: Vec<(NodeId, Device)> = keys
+                .iter()
+                .map(|&(i, d)| ((i % tree.len()) as NodeId, if d == 2 { Device::Cpu } else { Device::Gpu(d) }))
+                .collect();
+            entries.sort_by_key(|e| e.0);
+            entries.dedup_by_key(|e| e.0);
+            prop_assert_eq!(clean_device_map(&tree, &entries), clean_by_walking(&tree, &entries));
+        }
+    }
 
     #[test]
     fn collapses_uniform_subtrees_but_not_single_keys() {

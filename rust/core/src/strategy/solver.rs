@@ -71,8 +71,8 @@ struct FreeChain {
     is_group: Vec<bool>,
     /// Weights + runtime memory: what a unit takes on a GPU.
     footprint: Vec<u64>,
-    /// What balancing equalises (the footprint, or the compute cost).
-    cost: Vec<u64>,
+    /// What balancing equalises when it is not the footprint (the compute cost); `None`: the footprint.
+    compute: Option<Vec<u64>>,
     /// What stays on the execution device when the unit is offloaded.
     stays: Vec<u64>,
     /// Runtime memory and buffers of each unit.
@@ -276,21 +276,33 @@ impl<'a> Solver<'a> {
         self.units.iter().filter(|u| u.pinned.is_none())
     }
 
+    /// The free units as columns, in one pass over the units.
     fn free_chain(&self) -> FreeChain {
-        let footprint: Vec<u64> = self.free_units().map(|u| u.bits + u.runtime_bits).collect();
-        FreeChain {
-            weights: self.free_units().map(|u| u.bits).collect(),
-            staged: self.free_units().map(|u| u.staged_bits).collect(),
-            is_group: self.free_units().map(|u| u.blocks.len() > 1).collect(),
-            cost: match self.options.balance {
-                Balance::Memory => footprint.clone(),
-                Balance::Compute => self.free_units().map(|u| u.compute).collect(),
-            },
-            stays: self.free_units().map(|u| self.stays(u)).collect(),
-            runtime: self.free_units().map(|u| u.runtime_bits).collect(),
-            buffers: self.free_units().map(|u| u.buffer_bits).collect(),
-            footprint,
+        let n = self.units.len() - self.pinned_offload.len();
+        let by_compute = self.options.balance == Balance::Compute;
+        let mut free = FreeChain {
+            weights: Vec::with_capacity(n),
+            staged: Vec::with_capacity(n),
+            is_group: Vec::with_capacity(n),
+            footprint: Vec::with_capacity(n),
+            compute: by_compute.then(|| Vec::with_capacity(n)),
+            stays: Vec::with_capacity(n),
+            runtime: Vec::with_capacity(n),
+            buffers: Vec::with_capacity(n),
+        };
+        for u in self.free_units() {
+            free.weights.push(u.bits);
+            free.staged.push(u.staged_bits);
+            free.is_group.push(u.blocks.len() > 1);
+            free.footprint.push(u.bits + u.runtime_bits);
+            if let Some(compute) = free.compute.as_mut() {
+                compute.push(u.compute);
+            }
+            free.stays.push(self.stays(u));
+            free.runtime.push(u.runtime_bits);
+            free.buffers.push(u.buffer_bits);
         }
+        free
     }
 
     fn pinned_units(&self) -> Vec<PinnedUnit> {
@@ -401,7 +413,8 @@ impl<'a> Solver<'a> {
         let prefix = Units {
             chain: Chain {
                 memory: &free.footprint[..k],
-                cost: &free.cost[..k],
+                // The same slice when balancing memory, so the layout keeps one column of sums.
+                cost: &free.compute.as_deref().unwrap_or(&free.footprint)[..k],
             },
             is_group: &free.is_group[..k],
         };
@@ -626,6 +639,8 @@ impl<'a> Solver<'a> {
         let mut block_device = vec![Device::Disk; self.blocks.len()];
         let mut block_execution = vec![Device::Cpu; self.blocks.len()];
         let mut why: Vec<Option<String>> = vec![None; self.blocks.len()];
+        // The free units before the first one on disk have no disk reason.
+        let why_disk = std::iter::repeat_n(None, placement.next.min(free.len())).chain(why_disk);
         let mut free_devices = placement.device_of_unit.into_iter().zip(why_disk);
         for unit in &self.units {
             let (device, why_unit) = match unit.pinned {
@@ -694,7 +709,7 @@ impl<'a> Solver<'a> {
         let mut offloaded = Vec::new();
         let mut assignments = Vec::with_capacity(self.blocks.len());
         let mut execution = Vec::with_capacity(self.blocks.len());
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, (block, why)) in self.blocks.iter().zip(why).enumerate() {
             let device = block_device[i];
             let runs_on = block_execution[i];
             let offload = self.is_offloaded(device);
@@ -729,7 +744,7 @@ impl<'a> Solver<'a> {
                     node: block.node,
                     device,
                     bits: block.bits,
-                    reason: why[i].clone().unwrap_or_else(|| fallback.into()),
+                    reason: why.unwrap_or_else(|| fallback.into()),
                 });
             }
         }
