@@ -175,7 +175,7 @@ pub fn build_units(
     }
 
     let staged = staged_bits(tree, blocks);
-    let mut units: Vec<Unit> = Vec::new();
+    let mut units: Vec<Unit> = Vec::with_capacity(blocks.len());
     let mut unit_of_root: Vec<usize> = vec![usize::MAX; blocks.len()];
     for i in 0..blocks.len() {
         let root = find(&mut parent, i);

@@ -10,9 +10,9 @@
 //! the longest prefix, reserve for what is left, repeat. The prefixes only shrink and every feasible
 //! prefix stays at or below each of them, so it stops at the longest feasible one.
 
-use super::chain::{Chain, Lane};
+use super::chain::Lane;
 use super::execution::Staging;
-use super::ties::{Indexed, Units};
+use super::ties::Indexed;
 
 /// A unit pinned to CPU or disk (executed elsewhere): what it stages and what stays with its executor.
 #[derive(Debug, Clone, Copy)]
@@ -23,12 +23,9 @@ pub struct PinnedUnit {
     pub stays: u64,
 }
 
-/// The chain and what is offloaded regardless (pinned to CPU/disk).
+/// What each unit of the chain stages and leaves behind when offloaded, and what is offloaded
+/// regardless (pinned to CPU/disk).
 pub struct OffloadInput<'a> {
-    /// Footprint of each unit on a GPU (weights + runtime memory).
-    pub footprint: &'a [u64],
-    /// Which units are tie groups (free to sit on any GPU).
-    pub is_group: &'a [bool],
     /// Most of each unit staged at once when it is offloaded (its largest block with its tied tensors).
     pub staged: &'a [u64],
     /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers).
@@ -56,16 +53,12 @@ impl OffloadInput<'_> {
     }
 }
 
-/// The longest prefix that fits on `lanes` with the reserve on the staging lane, and that reserve.
-pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
+/// The longest prefix of `units` (footprint on a GPU: weights + runtime memory) that fits on `lanes`
+/// with the reserve on the staging lane, and that reserve.
+pub fn split_point(input: &OffloadInput, units: &Indexed, lanes: &[Lane]) -> (usize, u64) {
     if lanes.is_empty() {
         return (0, input.reserve(0));
     }
-    // Built once: each round of the fixed point asks the same units with another reserve.
-    let units = Indexed::new(Units {
-        chain: Chain::by_memory(input.footprint),
-        is_group: input.is_group,
-    });
     let stage = input.staging.gpu.unwrap_or(0);
     let fit = |reserve: u64| {
         let mut with_reserve = lanes.to_vec();

@@ -16,7 +16,7 @@ use super::chain::{self, Chain, Lane};
 use super::execution::{self, Forced, Outcome, Staging};
 use super::offload::{split_point, OffloadInput, PinnedUnit};
 use super::reasons::{self, CpuFull};
-use super::ties::{self, Units};
+use super::ties::{Indexed, Units};
 use super::{Balance, ResolvedStrategy, SolveOptions};
 
 /// Per-device accumulators while solving, indexed like the spec's devices.
@@ -78,6 +78,20 @@ struct FreeChain {
     /// Runtime memory and buffers of each unit.
     runtime: Vec<u64>,
     buffers: Vec<u64>,
+}
+
+impl FreeChain {
+    /// The chain the layouts read: footprints, what balancing equalises (the same slice when balancing
+    /// memory, so the layouts keep one column of running sums), and the tie groups.
+    fn units(&self) -> Units<'_> {
+        Units {
+            chain: Chain {
+                memory: &self.footprint,
+                cost: self.compute.as_deref().unwrap_or(&self.footprint),
+            },
+            is_group: &self.is_group,
+        }
+    }
 }
 
 /// Where the free units went so far.
@@ -172,12 +186,14 @@ impl<'a> Solver<'a> {
         let forced = self.forced()?;
         self.pin()?;
         let free = self.free_chain();
+        // Every layout question below is asked of this chain: its running sums are built once.
+        let indexed = Indexed::new(free.units());
         if self.gpus.is_empty() {
-            let placement = self.fill_cpu_only(&free)?;
+            let placement = self.fill_cpu_only(&free, &indexed)?;
             self.check_leftover(&free, &placement, &self.ledger)?;
             return Ok(self.finish(placement, None));
         }
-        let (staging, attempt) = self.choose_execution(&free, forced)?;
+        let (staging, attempt) = self.choose_execution(&free, &indexed, forced)?;
         self.ledger = attempt.ledger;
         let chosen = Chosen {
             staging,
@@ -198,7 +214,12 @@ impl<'a> Solver<'a> {
     }
 
     /// Where offloaded units execute: the rule of [`execution`], each candidate laid out in full.
-    fn choose_execution(&self, free: &FreeChain, forced: Option<Forced>) -> Result<(Staging, Attempt)> {
+    fn choose_execution(
+        &self,
+        free: &FreeChain,
+        indexed: &Indexed,
+        forced: Option<Forced>,
+    ) -> Result<(Staging, Attempt)> {
         let limits: Vec<u64> = free
             .staged
             .iter()
@@ -210,7 +231,7 @@ impl<'a> Solver<'a> {
             self.spec.contains(Device::Cpu),
             forced,
             &limits,
-            |staging| self.fill_gpus(free, staging),
+            |staging| self.fill_gpus(free, indexed, staging),
         )
     }
 
@@ -317,8 +338,6 @@ impl<'a> Solver<'a> {
 
     fn offload_input<'f>(&self, free: &'f FreeChain, pinned: &'f [PinnedUnit], staging: Staging) -> OffloadInput<'f> {
         OffloadInput {
-            footprint: &free.footprint,
-            is_group: &free.is_group,
             staged: &free.staged,
             stays: &free.stays,
             pinned,
@@ -347,20 +366,16 @@ impl<'a> Solver<'a> {
     /// Lay out one execution choice: how many free units stay on the GPUs (keeping staging room on the
     /// staging GPU if it stages anything), the strategy's layout of them, then the rest on the CPU
     /// (with what CPU-executed units need there) and the disk.
-    fn fill_gpus(&self, free: &FreeChain, staging: Staging) -> Result<Attempt> {
+    fn fill_gpus(&self, free: &FreeChain, indexed: &Indexed, staging: Staging) -> Result<Attempt> {
         let mut ledger = self.ledger.clone();
         let gpu_lanes = self.gpu_lanes();
         let pinned = self.pinned_units();
         // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error later.
         let can_offload = self.spec.contains(Device::Cpu) || self.spec.contains(Device::Disk);
         let (k, r) = if can_offload {
-            split_point(&self.offload_input(free, &pinned, staging), &gpu_lanes)
+            split_point(&self.offload_input(free, &pinned, staging), indexed, &gpu_lanes)
         } else {
-            let units = Units {
-                chain: Chain::by_memory(&free.footprint),
-                is_group: &free.is_group,
-            };
-            (ties::longest_prefix(units, &gpu_lanes), 0)
+            (indexed.longest_prefix(&gpu_lanes), 0)
         };
         if let Some(g) = staging.gpu {
             let (device, lane) = (self.gpus[g].0, &gpu_lanes[g]);
@@ -383,7 +398,7 @@ impl<'a> Solver<'a> {
             .iter()
             .map(|(d, cap)| ledger.lane(*d, *cap, self.options.balance))
             .collect();
-        let lane_of = self.lay_out_prefix(free, k, &lanes);
+        let lane_of = self.lay_out_prefix(free, indexed, k, &lanes);
         let mut device_of_unit = vec![Device::Disk; free.weights.len()];
         for (unit, &l) in lane_of.iter().enumerate() {
             device_of_unit[unit] = self.gpus[l].0;
@@ -409,16 +424,8 @@ impl<'a> Solver<'a> {
     }
 
     /// The GPU lane of each of the first `k` free units under the strategy.
-    fn lay_out_prefix(&self, free: &FreeChain, k: usize, lanes: &[Lane]) -> Vec<usize> {
-        let prefix = Units {
-            chain: Chain {
-                memory: &free.footprint[..k],
-                // The same slice when balancing memory, so the layout keeps one column of sums.
-                cost: &free.compute.as_deref().unwrap_or(&free.footprint)[..k],
-            },
-            is_group: &free.is_group[..k],
-        };
-        ties::lay_out(self.strategy, prefix, lanes).unwrap_or_else(|| {
+    fn lay_out_prefix(&self, free: &FreeChain, indexed: &Indexed, k: usize, lanes: &[Lane]) -> Vec<usize> {
+        indexed.lay_out(self.strategy, k, lanes).unwrap_or_else(|| {
             // Not reached (the prefix was found to fit); keep what fits in place rather than fail.
             let counts = chain::greedy(Chain::by_memory(&free.footprint[..k]), lanes, u64::MAX);
             counts
@@ -518,7 +525,7 @@ impl<'a> Solver<'a> {
     }
 
     /// Without GPUs the CPU executes: it takes the longest prefix that leaves room to stage the rest.
-    fn fill_cpu_only(&mut self, free: &FreeChain) -> Result<Placement> {
+    fn fill_cpu_only(&mut self, free: &FreeChain, indexed: &Indexed) -> Result<Placement> {
         let mut placement = Placement {
             device_of_unit: vec![Device::Disk; free.weights.len()],
             next: 0,
@@ -529,7 +536,7 @@ impl<'a> Solver<'a> {
         };
         let cpu = self.lane(Device::Cpu, cap);
         let pinned = self.pinned_units();
-        let (k, r) = split_point(&self.offload_input(free, &pinned, Staging::FIRST_GPU), &[cpu]);
+        let (k, r) = split_point(&self.offload_input(free, &pinned, Staging::FIRST_GPU), indexed, &[cpu]);
         if cpu.base.saturating_add(r) > cpu.capacity {
             let block = self.largest_offloaded(free, k, |_| true);
             return Err(reasons::no_staging_room(

@@ -224,6 +224,7 @@ fn lanes_of(order: impl Iterator<Item = usize>, counts: &[usize], len: usize) ->
 }
 
 /// The longest prefix of `units` that fits on `lanes` with some GPU choice for its groups.
+#[cfg(test)]
 pub fn longest_prefix(units: Units, lanes: &[Lane]) -> usize {
     Indexed::new(units).longest_prefix(lanes)
 }
@@ -288,7 +289,8 @@ fn keep_if_better(
 }
 
 /// The lane of each unit under `strategy`, all units placed within capacity; `None` if no layout
-/// fits (the caller only hands over a prefix that [`longest_prefix`] accepted).
+/// fits (the caller only hands over a prefix that `longest_prefix` accepted).
+#[cfg(test)]
 pub fn lay_out(strategy: Strategy, units: Units, lanes: &[Lane]) -> Option<Vec<usize>> {
     Indexed::new(units).lay_out(strategy, units.chain.len(), lanes)
 }
