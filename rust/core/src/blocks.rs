@@ -70,8 +70,12 @@ pub fn cut_blocks(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
 }
 
 /// Spread per-node values (runtime memory, compute) over blocks: a value on a node inside (or at) a block
-/// goes to that block; a value on a module that was split goes to the first block under it.
+/// goes to that block; a value on a module that was split goes to the first block under it. Without
+/// values the list is empty (read it with [`value_of`]: every block has 0).
 pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, u64)]) -> Result<Vec<u64>> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut per_block = vec![0u64; blocks.len()];
     for &(node, value) in values {
         if node as usize >= tree.len() {
@@ -90,6 +94,11 @@ pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, 
         per_block[index] = per_block[index].saturating_add(value);
     }
     Ok(per_block)
+}
+
+/// Block `i`'s value in a list made by [`attach_to_blocks`].
+pub fn value_of(per_block: &[u64], i: usize) -> u64 {
+    per_block.get(i).copied().unwrap_or(0)
 }
 
 fn make_block(tree: &ModuleTree, node: NodeId) -> Block {

@@ -39,18 +39,29 @@ impl Agg {
 /// pass from the last node to the first folds every subtree's keys into its parent, and one pass from
 /// the first emits the map, skipping each collapsed subtree: O(nodes), no walk up per key, no sort.
 pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+    // Read the keys in node order with a cursor instead of a per-node table (the solver's keys, its
+    // blocks, come sorted already).
+    let sorted: Vec<(NodeId, Device)>;
+    let keys = if entries.is_sorted_by_key(|(node, _)| *node) {
+        entries
+    } else {
+        sorted = {
+            let mut keys = entries.to_vec();
+            keys.sort_by_key(|(node, _)| *node);
+            keys
+        };
+        &sorted
+    };
     let n = tree.len();
-    let mut own: Vec<Option<Device>> = vec![None; n];
-    for &(node, device) in entries {
-        own[node as usize] = Some(device);
-    }
     // Aggregate over keys strictly below each node.
     let mut below = vec![Agg::Empty; n];
+    let mut next_key = keys.len();
     for node in (1..n).rev() {
-        let whole = match own[node] {
-            Some(d) => below[node].add(d),
-            None => below[node],
-        };
+        let mut whole = below[node];
+        if next_key > 0 && keys[next_key - 1].0 as usize == node {
+            next_key -= 1;
+            whole = whole.add(keys[next_key].1);
+        }
         if whole != Agg::Empty {
             if let Some(p) = tree.parent(node as NodeId) {
                 below[p as usize] = below[p as usize].merge(whole);
@@ -58,16 +69,19 @@ pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<
         }
     }
     let mut out = Vec::new();
+    let mut key = keys.iter().peekable();
     let mut node = tree.root();
     while (node as usize) < n {
         if let Agg::Uniform(d, count) = below[node as usize] {
             if count > 1 {
                 out.push((node, d));
                 node = tree.end(node);
+                // Keys inside the collapsed subtree are covered by it.
+                while key.next_if(|(k, _)| *k < node).is_some() {}
                 continue;
             }
         }
-        if let Some(d) = own[node as usize] {
+        if let Some(&(_, d)) = key.next_if(|(k, _)| *k == node) {
             out.push((node, d));
         }
         node += 1;
@@ -133,6 +147,8 @@ mod tests {
             entries.sort_by_key(|e| e.0);
             entries.dedup_by_key(|e| e.0);
             prop_assert_eq!(clean_device_map(&tree, &entries), clean_by_walking(&tree, &entries));
+            let reversed: Vec<(NodeId, Device)> = entries.iter().rev().copied().collect();
+            prop_assert_eq!(clean_device_map(&tree, &reversed), clean_by_walking(&tree, &entries));
         }
     }
 

@@ -2,7 +2,7 @@
 //! fixed to a device). The result is a set of *units*: a free unit is a leader block plus the blocks
 //! tied to it; a pinned unit has its device decided.
 
-use crate::blocks::Block;
+use crate::blocks::{value_of, Block};
 use crate::device::{Device, DeviceSpec};
 use crate::error::{PlacementError, Result};
 use crate::tree::{ModuleTree, NodeId};
@@ -199,8 +199,8 @@ pub fn build_units(
         unit.bits += blocks[i].bits;
         unit.staged_bits = unit.staged_bits.max(staged[i]);
         unit.buffer_bits += blocks[i].buffer_bits;
-        unit.runtime_bits += runtime[i];
-        unit.compute += compute[i];
+        unit.runtime_bits += value_of(runtime, i);
+        unit.compute += value_of(compute, i);
         if let Some((_, _, device, pin_name)) = block_pin.get(i).and_then(Option::as_ref) {
             match unit.pinned {
                 Some(existing) if existing != *device => {

@@ -103,11 +103,11 @@ pub struct Totals {
     cost: Option<Vec<u128>>,
 }
 
-fn running(values: &[u64]) -> Vec<u128> {
+fn running(values: impl ExactSizeIterator<Item = u64>) -> Vec<u128> {
     let mut out = Vec::with_capacity(values.len() + 1);
     let mut total = 0u128;
     out.push(0);
-    for &v in values {
+    for v in values {
         total += u128::from(v);
         out.push(total);
     }
@@ -119,8 +119,17 @@ impl Totals {
     pub fn new(chain: Chain) -> Totals {
         let same = std::ptr::eq(chain.memory, chain.cost);
         Totals {
-            memory: running(chain.memory),
-            cost: (!same).then(|| running(chain.cost)),
+            memory: running(chain.memory.iter().copied()),
+            cost: (!same).then(|| running(chain.cost.iter().copied())),
+        }
+    }
+
+    /// The running sums of the blocks `picked` of `chain`, in that order, as a chain of their own.
+    pub fn of_picked(chain: Chain, picked: &[usize]) -> Totals {
+        let same = std::ptr::eq(chain.memory, chain.cost);
+        Totals {
+            memory: running(picked.iter().map(|&i| chain.memory[i])),
+            cost: (!same).then(|| running(picked.iter().map(|&i| chain.cost[i]))),
         }
     }
 

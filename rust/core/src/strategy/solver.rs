@@ -4,7 +4,7 @@
 //! ([`Solver::fill_gpus`]) or, without GPUs, over the CPU ([`Solver::fill_cpu_only`]), check that the
 //! rest has somewhere to go ([`Solver::check_leftover`]) and assemble the [`Plan`] ([`Solver::finish`]).
 
-use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, Block};
+use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, value_of, Block};
 use crate::clean::clean_device_map;
 use crate::constraints::{build_units, Unit};
 use crate::device::{human, label, Device, DeviceSpec};
@@ -133,7 +133,7 @@ pub(super) struct Solver<'a> {
     options: &'a SolveOptions,
     strategy: ResolvedStrategy,
     blocks: Vec<Block>,
-    /// Runtime memory and compute cost per block.
+    /// Runtime memory and compute cost per block (empty lists when none is given: see `value_of`).
     runtime: Vec<u64>,
     compute: Vec<u64>,
     units: Vec<Unit>,
@@ -627,12 +627,13 @@ impl<'a> Solver<'a> {
         })
     }
 
-    /// Each block's device, its execution device and, off the GPUs, why it is there.
+    /// Each block's device, its execution device and, for each offloaded block, why it is there (block
+    /// index and sentence, in block order: only offloaded blocks are asked why).
     fn block_devices(
         &self,
         placement: Placement,
         chosen: Option<Chosen>,
-    ) -> (Vec<Device>, Vec<Device>, Vec<Option<String>>) {
+    ) -> (Vec<Device>, Vec<Device>, Vec<(usize, String)>) {
         let has_gpu = !self.gpus.is_empty();
         let free: Vec<&Unit> = self.free_units().collect();
         let why_disk = reasons::disk_reasons(
@@ -645,42 +646,42 @@ impl<'a> Solver<'a> {
         );
         let mut block_device = vec![Device::Disk; self.blocks.len()];
         let mut block_execution = vec![Device::Cpu; self.blocks.len()];
-        let mut why: Vec<Option<String>> = vec![None; self.blocks.len()];
+        let mut why: Vec<(usize, String)> = Vec::new();
         // The free units before the first one on disk have no disk reason.
         let why_disk = std::iter::repeat_n(None, placement.next.min(free.len())).chain(why_disk);
         let mut free_devices = placement.device_of_unit.into_iter().zip(why_disk);
         for unit in &self.units {
-            let (device, why_unit) = match unit.pinned {
-                Some(d) => {
-                    for &b in &unit.blocks {
-                        why[b] = Some(format!("pinned to {d}"));
-                    }
-                    (d, None)
-                }
+            let (device, mut why_unit) = match unit.pinned {
+                Some(d) => (d, None),
                 None => free_devices.next().expect("one device per free unit"),
             };
             let execution = self.execution_of(device, unit.staged_bits, chosen);
-            let leader = unit.blocks[0];
             for &b in &unit.blocks {
                 block_device[b] = device;
                 block_execution[b] = execution;
-                if b != leader && why[b].is_none() {
-                    why[b] = Some(format!("tied to {:?}", self.tree.name(self.blocks[leader].node)));
-                }
             }
-            if why[leader].is_none() && !device.is_gpu_like() {
-                why[leader] = Some(reasons::placement_reason(device, has_gpu, why_unit));
+            if !self.is_offloaded(device) {
+                continue;
             }
-            if self.is_offloaded(device) {
-                if let Some(note) = self.execution_note(execution, unit.staged_bits, chosen) {
-                    for &b in &unit.blocks {
-                        if let Some(w) = why[b].as_mut() {
-                            w.push_str(&note);
-                        }
+            let note = self.execution_note(execution, unit.staged_bits, chosen);
+            let leader = unit.blocks[0];
+            for &b in &unit.blocks {
+                let reason = match unit.pinned {
+                    Some(d) => Some(format!("pinned to {d}")),
+                    None if b != leader => Some(format!("tied to {:?}", self.tree.name(self.blocks[leader].node))),
+                    None if !device.is_gpu_like() => Some(reasons::placement_reason(device, has_gpu, why_unit.take())),
+                    None => None,
+                };
+                if let Some(mut reason) = reason {
+                    if let Some(note) = &note {
+                        reason.push_str(note);
                     }
+                    why.push((b, reason));
                 }
             }
         }
+        // Tie groups list blocks out of model order.
+        why.sort_unstable_by_key(|(b, _)| *b);
         (block_device, block_execution, why)
     }
 
@@ -716,7 +717,8 @@ impl<'a> Solver<'a> {
         let mut offloaded = Vec::new();
         let mut assignments = Vec::with_capacity(self.blocks.len());
         let mut execution = Vec::with_capacity(self.blocks.len());
-        for (i, (block, why)) in self.blocks.iter().zip(why).enumerate() {
+        let mut why = why.into_iter().peekable();
+        for (i, block) in self.blocks.iter().enumerate() {
             let device = block_device[i];
             let runs_on = block_execution[i];
             let offload = self.is_offloaded(device);
@@ -730,17 +732,17 @@ impl<'a> Solver<'a> {
             };
             let u = usage.iter_mut().find(|u| u.device == device).expect("device in spec");
             u.weight_bits += block.bits - kept;
-            u.compute += self.compute[i];
+            u.compute += value_of(&self.compute, i);
             u.blocks.push(block.node);
             if !offload {
-                u.runtime_bits += self.runtime[i];
+                u.runtime_bits += value_of(&self.runtime, i);
             } else {
                 if has_gpu && runs_on == Device::Cpu {
                     let cpu = usage
                         .iter_mut()
                         .find(|u| u.device == Device::Cpu)
                         .expect("CPU executes");
-                    cpu.runtime_bits += self.runtime[i];
+                    cpu.runtime_bits += value_of(&self.runtime, i);
                 }
                 let fallback = if device == Device::Disk {
                     "did not fit on the CPU"
@@ -751,7 +753,9 @@ impl<'a> Solver<'a> {
                     node: block.node,
                     device,
                     bits: block.bits,
-                    reason: why.unwrap_or_else(|| fallback.into()),
+                    reason: why
+                        .next_if(|(b, _)| *b == i)
+                        .map_or_else(|| fallback.into(), |(_, reason)| reason),
                 });
             }
         }

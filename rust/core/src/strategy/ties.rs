@@ -91,21 +91,10 @@ impl<'a> Indexed<'a> {
         } else {
             (0..units.chain.len()).filter(|&i| !units.is_group[i]).collect()
         };
-        let memory: Vec<u64> = untied.iter().map(|&i| units.chain.memory[i]).collect();
-        let same = std::ptr::eq(units.chain.memory, units.chain.cost);
-        let cost: Vec<u64> = if same {
-            Vec::new()
-        } else {
-            untied.iter().map(|&i| units.chain.cost[i]).collect()
-        };
-        let untied_chain = Chain {
-            memory: &memory,
-            cost: if same { &memory } else { &cost },
-        };
         Indexed {
             units,
             all: Totals::new(units.chain),
-            untied_totals: Totals::new(untied_chain),
+            untied_totals: Totals::of_picked(units.chain, &untied),
             groups,
             untied,
         }
