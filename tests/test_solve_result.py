@@ -75,3 +75,12 @@ def test_plan_is_built_from_the_same_result():
     assert [(o.name, o.device, o.bytes, o.reason) for o in plan.offloaded] == [
         (o.name, o.device, o.bytes, o.reason) for o in result.offloaded
     ]
+
+
+@pytest.mark.parametrize("devices", SPECS)
+def test_offload_rows_are_the_offload_records(devices):
+    tree = devicemap.ModuleTree.from_module(stack([8, 16, 4, 24, 12, 8]))
+    result = solve(tree, devices)
+    rows = result.offload_rows()
+    assert rows == [(o.name, o.device, o.bytes, o.reason) for o in result.offloaded]
+    assert [type(r[1]) for r in rows] == [type(o.device) for o in result.offloaded]

@@ -131,6 +131,8 @@ class SolveResult:
         self,
     ) -> tuple[dict[str, _DeviceKey], dict[str, _DeviceKey], dict[str, _DeviceKey]]:
         """``device_map``, ``assignments`` and ``execution_map`` as dicts {name: device}."""
+    def offload_rows(self) -> list[tuple[str, _DeviceKey, int, str]]:
+        """``offloaded`` as (name, device, bytes, reason) tuples."""
     def blocks_over(self, limit: int) -> list[str]:
         """Names of the blocks larger than ``limit`` bytes (sizes rounded up), in model order."""
 

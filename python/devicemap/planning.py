@@ -580,9 +580,7 @@ def plan_of_result(result: _core.SolveResult, tree: ModuleTree) -> Plan:
             )
             for u in result.usage
         ],
-        offloaded=[
-            Offload(name=o.name, device=o.device, bytes=o.bytes, reason=o.reason) for o in result.offloaded
-        ],
+        offloaded=[Offload(*row) for row in result.offload_rows()],
         tree=tree,
         execution_map=execution_map,
     )

@@ -2,6 +2,7 @@
 //! counts bits; the rounding to bytes happens once, here, through the core's byte views. Python objects
 //! are made when Python asks for them, not by the solve.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use devicemap_core::device::bits_to_bytes;
@@ -272,17 +273,52 @@ impl SolveResult {
     }
 
     /// The three maps as dicts {name: device}: `device_map`, `assignments`, `execution_map` (what the
-    /// Python `Plan` keeps), built directly with the shared block names.
+    /// Python `Plan` keeps), built directly with the shared block names. The execution map is a copy of
+    /// the assignments with the offloaded blocks changed (a copy is far cheaper than a dict built key by
+    /// key).
     fn maps<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
         let device_map = PyDict::new(py);
         for (name, device) in named_devices(&self.tree, &self.plan.device_map) {
             device_map.set_item(name, device)?;
         }
-        Ok((
-            device_map,
-            self.block_dict(py, &self.plan.assignments)?,
-            self.block_dict(py, &self.plan.execution)?,
-        ))
+        let assignments = self.block_dict(py, &self.plan.assignments)?;
+        let execution = assignments.copy()?;
+        let devices = DeviceObjects::new(py, &self.plan)?;
+        let pairs = self.plan.assignments.iter().zip(&self.plan.execution);
+        for (name, ((_, stored), (_, runs))) in self.names(py).iter().zip(pairs) {
+            if stored != runs {
+                execution.set_item(name.bind(py), devices.get(py, *runs)?)?;
+            }
+        }
+        Ok((device_map, assignments, execution))
+    }
+
+    /// Every offloaded block as a (name, device, bytes, reason) tuple, in model order, with the shared
+    /// block names and one string per distinct reason (what the Python `Plan` keeps).
+    fn offload_rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let names = self.names(py);
+        let devices = DeviceObjects::new(py, &self.plan)?;
+        let mut reasons: HashMap<&str, Bound<'py, PyString>> = HashMap::new();
+        // Offloads and assignments are both in model (node) order: find each block with a cursor.
+        let mut block = 0;
+        let mut rows = Vec::with_capacity(self.plan.offloaded.len());
+        for o in &self.plan.offloaded {
+            while self.plan.assignments[block].0 != o.node {
+                block += 1;
+            }
+            let reason = reasons
+                .entry(o.reason.as_str())
+                .or_insert_with(|| PyString::new(py, &o.reason))
+                .clone();
+            let row = (
+                names[block].bind(py).clone(),
+                devices.get(py, o.device)?,
+                o.bytes(),
+                reason,
+            );
+            rows.push(row.into_pyobject(py)?);
+        }
+        PyList::new(py, rows)
     }
 
     /// Names of the blocks larger than `limit` bytes (sizes rounded up), in model order.
