@@ -96,22 +96,67 @@ pub fn costs(chain: Chain, lanes: &[Lane], counts: &[usize]) -> Vec<u64> {
     sums(chain.cost, lanes.iter().map(|l| l.cost_base), counts)
 }
 
-/// Running sums of a chain: entry `i` is the total of blocks `..i` (u128: no sum of u64 values
-/// overflows). The cost column is left out when the chain balances its memory.
+/// Running sums of a chain: entry `i` is the total of blocks `..i`. The cost column is left out when
+/// the chain balances its memory.
 pub struct Totals {
-    memory: Vec<u128>,
-    cost: Option<Vec<u128>>,
+    memory: Sums,
+    cost: Option<Sums>,
 }
 
-fn running(values: impl ExactSizeIterator<Item = u64>) -> Vec<u128> {
+/// One column of running sums: u64 when the column's total fits (always, for sizes in bits of a real
+/// model: half the memory to build and to search), u128 otherwise, so no sum ever overflows.
+enum Sums {
+    Narrow(Vec<u64>),
+    Wide(Vec<u128>),
+}
+
+fn running<T: Copy + From<u64> + std::ops::Add<Output = T>>(values: impl ExactSizeIterator<Item = u64>) -> Vec<T> {
     let mut out = Vec::with_capacity(values.len() + 1);
-    let mut total = 0u128;
-    out.push(0);
+    let mut total = T::from(0);
+    out.push(total);
     for v in values {
-        total += u128::from(v);
+        total = total + T::from(v);
         out.push(total);
     }
     out
+}
+
+/// The last index `j` in `from..=to` with `sums[j] - sums[from] <= room` (sums never decrease).
+fn run_end<T: Copy + Into<u128>>(sums: &[T], from: usize, to: usize, room: u128) -> usize {
+    let limit = sums[from].into() + room;
+    from + sums[from..=to].partition_point(|&s| s.into() <= limit) - 1
+}
+
+impl Sums {
+    fn new(values: impl ExactSizeIterator<Item = u64> + Clone) -> Sums {
+        let fits = values.clone().try_fold(0u64, |total, v| total.checked_add(v)).is_some();
+        if fits {
+            Sums::Narrow(running(values))
+        } else {
+            Sums::Wide(running(values))
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Sums::Narrow(s) => s.len(),
+            Sums::Wide(s) => s.len(),
+        }
+    }
+
+    fn at(&self, i: usize) -> u128 {
+        match self {
+            Sums::Narrow(s) => u128::from(s[i]),
+            Sums::Wide(s) => s[i],
+        }
+    }
+
+    fn run_end(&self, from: usize, to: usize, room: u128) -> usize {
+        match self {
+            Sums::Narrow(s) => run_end(s, from, to, room),
+            Sums::Wide(s) => run_end(s, from, to, room),
+        }
+    }
 }
 
 impl Totals {
@@ -119,8 +164,8 @@ impl Totals {
     pub fn new(chain: Chain) -> Totals {
         let same = std::ptr::eq(chain.memory, chain.cost);
         Totals {
-            memory: running(chain.memory.iter().copied()),
-            cost: (!same).then(|| running(chain.cost.iter().copied())),
+            memory: Sums::new(chain.memory.iter().copied()),
+            cost: (!same).then(|| Sums::new(chain.cost.iter().copied())),
         }
     }
 
@@ -128,8 +173,8 @@ impl Totals {
     pub fn of_picked(chain: Chain, picked: &[usize]) -> Totals {
         let same = std::ptr::eq(chain.memory, chain.cost);
         Totals {
-            memory: running(picked.iter().map(|&i| chain.memory[i])),
-            cost: (!same).then(|| running(picked.iter().map(|&i| chain.cost[i]))),
+            memory: Sums::new(picked.iter().map(|&i| chain.memory[i])),
+            cost: (!same).then(|| Sums::new(picked.iter().map(|&i| chain.cost[i]))),
         }
     }
 
@@ -151,12 +196,6 @@ pub struct Span<'a> {
     to: usize,
 }
 
-/// The last index `j` in `from..=to` with `sums[j] - sums[from] <= room` (sums never decrease).
-fn run_end(sums: &[u128], from: usize, to: usize, room: u128) -> usize {
-    let limit = sums[from] + room;
-    from + sums[from..=to].partition_point(|&s| s <= limit) - 1
-}
-
 impl<'a> Span<'a> {
     pub fn len(&self) -> usize {
         self.to - self.from
@@ -172,14 +211,14 @@ impl<'a> Span<'a> {
         }
     }
 
-    fn cost_sums(&self) -> &'a [u128] {
-        self.totals.cost.as_deref().unwrap_or(&self.totals.memory)
+    fn cost_sums(&self) -> &'a Sums {
+        self.totals.cost.as_ref().unwrap_or(&self.totals.memory)
     }
 
     /// Cost of blocks `from..to` (absolute indices), saturated to u64.
     fn cost_between(&self, from: usize, to: usize) -> u64 {
         let sums = self.cost_sums();
-        u64::try_from(sums[to] - sums[from]).unwrap_or(u64::MAX)
+        u64::try_from(sums.at(to) - sums.at(from)).unwrap_or(u64::MAX)
     }
 
     /// [`greedy`] on this span: each lane's run ends where its memory or cost would pass its limit.
@@ -196,10 +235,13 @@ impl<'a> Span<'a> {
             }
             let mut end = self.to;
             if lane.capacity != u64::MAX {
-                end = run_end(&self.totals.memory, next, end, u128::from(lane.capacity - lane.base));
+                end = self
+                    .totals
+                    .memory
+                    .run_end(next, end, u128::from(lane.capacity - lane.base));
             }
             if bound != u64::MAX {
-                end = run_end(self.cost_sums(), next, end, u128::from(bound - lane.cost_base));
+                end = self.cost_sums().run_end(next, end, u128::from(bound - lane.cost_base));
             }
             *count = end - next;
             next = end;
@@ -222,9 +264,10 @@ impl<'a> Span<'a> {
             return None;
         }
         // No bound below the heaviest cost base or the heaviest single block can hold.
-        let sums = &self.cost_sums()[self.from..=self.to];
-        let heaviest_block = sums.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let heaviest_block = u64::try_from(heaviest_block).unwrap_or(u64::MAX);
+        let heaviest_block = (self.from..self.to)
+            .map(|j| self.cost_between(j, j + 1))
+            .max()
+            .unwrap_or(0);
         let mut lo = heaviest_base.max(heaviest_block).min(hi);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -378,6 +421,25 @@ mod tests {
                 prop_assert_eq!(span.costs(&lanes, &counts), costs(chain.slice(range), &lanes, &counts));
                 prop_assert_eq!(*span.costs(&lanes, &counts).iter().max().unwrap(), peak);
             }
+        }
+
+        #[test]
+        fn span_greedy_matches_the_plain_loop_when_totals_pass_u64(
+            blocks in prop::collection::vec((0u64..u64::MAX / 3, 0u64..u64::MAX / 3), 0..10),
+            raw in prop::collection::vec((0u64..u64::MAX / 2, 0u64..u64::MAX / 2, 0u64..u64::MAX / 4), 1..4),
+            bound in 0u64..u64::MAX - 1,
+        ) {
+            // Running totals past u64 take the wide column; limits stay finite (the plain loop's own
+            // sums would overflow past an unbounded one).
+            let memory: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+            let cost: Vec<u64> = blocks.iter().map(|b| b.1).collect();
+            let lanes: Vec<Lane> = raw
+                .into_iter()
+                .map(|(base, extra, cost_base)| Lane { base, capacity: base + extra, cost_base })
+                .collect();
+            let chain = Chain { memory: &memory, cost: &cost };
+            let totals = Totals::new(chain);
+            prop_assert_eq!(totals.span().greedy(&lanes, bound), greedy(chain, &lanes, bound));
         }
 
         #[test]
