@@ -28,7 +28,8 @@ pub struct PinnedUnit {
 pub struct OffloadInput<'a> {
     /// Most of each unit staged at once when it is offloaded (its largest block with its tied tensors).
     pub staged: &'a [u64],
-    /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers).
+    /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers);
+    /// empty when nothing stays.
     pub stays: &'a [u64],
     /// Units pinned to CPU or disk.
     pub pinned: &'a [PinnedUnit],
@@ -42,7 +43,7 @@ impl OffloadInput<'_> {
         if self.staging.gpu.is_none() {
             return 0;
         }
-        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays[j]));
+        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays.get(j).copied().unwrap_or(0)));
         let pinned = self.pinned.iter().map(|p| (p.staged, p.stays));
         let mut staged = free.chain(pinned).filter(|(s, _)| self.staging.stages(*s)).peekable();
         if staged.peek().is_none() {

@@ -69,25 +69,48 @@ struct FreeChain {
     weights: Vec<u64>,
     staged: Vec<u64>,
     is_group: Vec<bool>,
-    /// Weights + runtime memory: what a unit takes on a GPU.
-    footprint: Vec<u64>,
+    /// Weights + runtime memory, when some unit has runtime memory (`None`: the footprint is the
+    /// weights; a leaf-only plan without a workload keeps one column instead of three).
+    with_runtime: Option<Vec<u64>>,
     /// What balancing equalises when it is not the footprint (the compute cost); `None`: the footprint.
     compute: Option<Vec<u64>>,
-    /// What stays on the execution device when the unit is offloaded.
-    stays: Vec<u64>,
-    /// Runtime memory and buffers of each unit.
+    /// What stays on the execution device when the unit is offloaded, when some unit has runtime
+    /// memory (`None`: the buffers, or nothing when buffers are offloaded).
+    stays: Option<Vec<u64>>,
+    /// Runtime memory of each unit (empty: none has any).
     runtime: Vec<u64>,
+    /// Buffers of each unit.
     buffers: Vec<u64>,
+    offload_buffers: bool,
 }
 
 impl FreeChain {
+    /// Weights + runtime memory: what each unit takes on a GPU.
+    fn footprint(&self) -> &[u64] {
+        self.with_runtime.as_deref().unwrap_or(&self.weights)
+    }
+
+    /// What stays on the execution device when each unit is offloaded (empty: nothing).
+    fn stays(&self) -> &[u64] {
+        match &self.stays {
+            Some(stays) => stays,
+            None if self.offload_buffers => &[],
+            None => &self.buffers,
+        }
+    }
+
+    /// Runtime memory of unit `j`.
+    fn runtime(&self, j: usize) -> u64 {
+        value_of(&self.runtime, j)
+    }
+
     /// The chain the layouts read: footprints, what balancing equalises (the same slice when balancing
     /// memory, so the layouts keep one column of running sums), and the tie groups.
     fn units(&self) -> Units<'_> {
         Units {
             chain: Chain {
-                memory: &self.footprint,
-                cost: self.compute.as_deref().unwrap_or(&self.footprint),
+                memory: self.footprint(),
+                cost: self.compute.as_deref().unwrap_or(self.footprint()),
             },
             is_group: &self.is_group,
         }
@@ -297,31 +320,40 @@ impl<'a> Solver<'a> {
         self.units.iter().filter(|u| u.pinned.is_none())
     }
 
-    /// The free units as columns, in one pass over the units.
+    /// The free units as columns, in one pass over the units (columns that would repeat another, or be
+    /// all zeros, are left out: see the accessors).
     fn free_chain(&self) -> FreeChain {
         let n = self.units.len() - self.pinned_offload.len();
         let by_compute = self.options.balance == Balance::Compute;
+        let any_runtime = self.free_units().any(|u| u.runtime_bits > 0);
+        let column = |wanted: bool| wanted.then(|| Vec::with_capacity(n));
         let mut free = FreeChain {
             weights: Vec::with_capacity(n),
             staged: Vec::with_capacity(n),
             is_group: Vec::with_capacity(n),
-            footprint: Vec::with_capacity(n),
-            compute: by_compute.then(|| Vec::with_capacity(n)),
-            stays: Vec::with_capacity(n),
-            runtime: Vec::with_capacity(n),
+            with_runtime: column(any_runtime),
+            compute: column(by_compute),
+            stays: column(any_runtime),
+            runtime: column(any_runtime).unwrap_or_default(),
             buffers: Vec::with_capacity(n),
+            offload_buffers: self.options.offload_buffers,
         };
         for u in self.free_units() {
             free.weights.push(u.bits);
             free.staged.push(u.staged_bits);
             free.is_group.push(u.blocks.len() > 1);
-            free.footprint.push(u.bits + u.runtime_bits);
+            free.buffers.push(u.buffer_bits);
             if let Some(compute) = free.compute.as_mut() {
                 compute.push(u.compute);
             }
-            free.stays.push(self.stays(u));
-            free.runtime.push(u.runtime_bits);
-            free.buffers.push(u.buffer_bits);
+            if any_runtime {
+                free.runtime.push(u.runtime_bits);
+                free.with_runtime
+                    .as_mut()
+                    .expect("made with runtime")
+                    .push(u.bits + u.runtime_bits);
+                free.stays.as_mut().expect("made with runtime").push(self.stays(u));
+            }
         }
         free
     }
@@ -339,7 +371,7 @@ impl<'a> Solver<'a> {
     fn offload_input<'f>(&self, free: &'f FreeChain, pinned: &'f [PinnedUnit], staging: Staging) -> OffloadInput<'f> {
         OffloadInput {
             staged: &free.staged,
-            stays: &free.stays,
+            stays: free.stays(),
             pinned,
             staging,
         }
@@ -427,7 +459,7 @@ impl<'a> Solver<'a> {
     fn lay_out_prefix(&self, free: &FreeChain, indexed: &Indexed, k: usize, lanes: &[Lane]) -> Vec<usize> {
         indexed.lay_out(self.strategy, k, lanes).unwrap_or_else(|| {
             // Not reached (the prefix was found to fit); keep what fits in place rather than fail.
-            let counts = chain::greedy(Chain::by_memory(&free.footprint[..k]), lanes, u64::MAX);
+            let counts = chain::greedy(Chain::by_memory(&free.footprint()[..k]), lanes, u64::MAX);
             counts
                 .iter()
                 .enumerate()
@@ -461,7 +493,7 @@ impl<'a> Solver<'a> {
             .collect();
         let any = (next..n).any(|j| runs_here(&j)) || !pinned.is_empty();
         let runtime: u64 = if any { self.options.activation_bits } else { 0 }
-            + (next..n).filter(runs_here).map(|j| free.runtime[j]).sum::<u64>()
+            + (next..n).filter(runs_here).map(|j| free.runtime(j)).sum::<u64>()
             + pinned.iter().map(|u| u.runtime_bits).sum::<u64>();
         let on_disk = pinned
             .iter()
@@ -552,7 +584,7 @@ impl<'a> Solver<'a> {
         self.ledger.reserve[i] += r;
         placement.device_of_unit[..k].fill(Device::Cpu);
         placement.next = k;
-        let used: u64 = free.footprint[..k].iter().sum();
+        let used: u64 = free.footprint()[..k].iter().sum();
         placement.cpu_full = (k < free.weights.len()).then(|| CpuFull {
             first: k,
             room: cap.saturating_sub(cpu.base + r + used),
