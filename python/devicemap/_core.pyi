@@ -150,6 +150,14 @@ class SolveResult:
     def usage(self) -> list[DeviceUsageRecord]: ...
     @property
     def offloaded(self) -> list[OffloadRecord]: ...
+    def maps(
+        self,
+    ) -> tuple[dict[str, _DeviceKey], dict[str, _DeviceKey], dict[str, _DeviceKey]]:
+        """``device_map``, ``assignments`` and ``execution_map`` as dicts {name: device}."""
+    def offload_rows(self) -> list[tuple[str, _DeviceKey, int, str]]:
+        """``offloaded`` as (name, device, bytes, reason) tuples."""
+    def blocks_over(self, limit: int) -> list[str]:
+        """Names of the blocks larger than ``limit`` bytes (sizes rounded up), in model order."""
 
 def solve(
     tree: Tree,

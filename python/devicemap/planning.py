@@ -459,10 +459,13 @@ def _solve_past_oversized_blocks(
     was refused).
     """
     refusal: DoesNotFitError | None = None
+    first: Plan | None = None
+    first_result: _core.SolveResult | None = None
     try:
-        first: Plan | None = solve_once(tree, memory, options, runtime, compute)
+        first_result = core_solve(tree, memory, options, runtime, compute)
+        first = plan_of_result(first_result, tree)
     except DoesNotFitError as err:
-        first, refusal = None, err
+        refusal = err
     largest_gpu = max((cap or 0 for key, cap in memory.items() if isinstance(key, int)), default=None)
     home = "cpu" if "cpu" in memory else "disk" if "disk" in memory else None
     if largest_gpu is None or home is None:
@@ -471,19 +474,20 @@ def _solve_past_oversized_blocks(
         return first
     pinned = {name for name, _ in options.pins}
     try:
-        # the blocks as the core cuts them (from a plan with unbounded GPUs when the first was refused)
-        blocks = (
-            first.assignments
-            if first is not None
-            else solve_once(
+        # the blocks as the core cuts them (from a plan with unbounded GPUs when the first was refused);
+        # the core names the ones larger than every GPU, instead of a size lookup per block here
+        cut = (
+            first_result
+            if first_result is not None
+            else core_solve(
                 tree,
                 {k: (2**50 if isinstance(k, int) else v) for k, v in memory.items()},
                 options,
                 runtime,
                 compute,
-            ).assignments
+            )
         )
-        oversized = [b for b in blocks if not _touches(b, pinned) and tree.module_bytes(b) > largest_gpu]
+        oversized = [b for b in cut.blocks_over(largest_gpu) if not _touches(b, pinned)]
         if not oversized:
             raise LookupError
         moved = dataclasses.replace(options, pins=(*options.pins, *((b, home) for b in oversized)))
@@ -526,9 +530,21 @@ def solve_once(
 ) -> Plan:
     """One call into the core with checked options and canonical devices, as it is (no second attempt
     around blocks larger than every GPU, no quantizer rule): the building block of the planners."""
+    return plan_of_result(core_solve(tree, memory, options, runtime, compute), tree)
+
+
+def core_solve(
+    tree: ModuleTree,
+    memory: Mapping[DeviceKey, int | None],
+    options: PlacementOptions,
+    runtime: RuntimeMemory,
+    compute: list[tuple[str, int]],
+) -> _core.SolveResult:
+    """The core's answer for :func:`solve_once`, before it becomes a :class:`Plan` (it makes Python
+    objects only when asked)."""
     devices: list[tuple[str, int | None]] = [(str(k), bytes_to_bits(v)) for k, v in memory.items()]
     check_runtime_bits(runtime.per_module, runtime.activation_bits)
-    result = _core.solve(
+    return _core.solve(
         tree.core,
         devices,
         options.strategy,
@@ -542,11 +558,16 @@ def solve_once(
         options.gpu0_reserve_bits,
         options.execution_device,
     )
-    # The core hands back bytes (rounded once, in Rust) and devices as accelerate's keys.
+
+
+def plan_of_result(result: _core.SolveResult, tree: ModuleTree) -> Plan:
+    """The :class:`Plan` of a core result. The core hands back bytes (rounded once, in Rust) and devices
+    as accelerate's keys; the three maps come as dicts sharing one string per block name."""
+    device_map, assignments, execution_map = result.maps()
     return Plan(
         strategy=result.strategy,
-        device_map=dict(result.device_map),
-        assignments=dict(result.assignments),
+        device_map=device_map,
+        assignments=assignments,
         usage=[
             DeviceUsage(
                 device=u.device,
@@ -559,9 +580,7 @@ def solve_once(
             )
             for u in result.usage
         ],
-        offloaded=[
-            Offload(name=o.name, device=o.device, bytes=o.bytes, reason=o.reason) for o in result.offloaded
-        ],
+        offloaded=[Offload(*row) for row in result.offload_rows()],
         tree=tree,
-        execution_map=dict(result.execution_map),
+        execution_map=execution_map,
     )

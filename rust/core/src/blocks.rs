@@ -22,10 +22,25 @@ pub struct Block {
 /// and a checkpoint, which only names tensors, could not see them). The root is never kept whole for
 /// its class: a model listing its own class in `_no_split_modules` (it does so for its nested copies)
 /// would otherwise become one block that fits nowhere; accelerate never treats the root as atomic.
-pub fn is_atomic(tree: &ModuleTree, no_split: &[bool], node: NodeId) -> bool {
+/// `splittable`: per node, whether a child module holds a tensor (see [`splittable_modules`]).
+fn is_atomic(tree: &ModuleTree, no_split: &[bool], splittable: &[bool], node: NodeId) -> bool {
     tree.is_tensor(node)
         || (node != tree.root() && no_split[tree.class_id(node) as usize])
-        || !tree.child_modules(node).any(|c| tree.holds_tensors(c))
+        || !splittable[node as usize]
+}
+
+/// Per node: whether one of its child modules holds a tensor. One pass over the parent links, so the
+/// cut reads no child lists.
+fn splittable_modules(tree: &ModuleTree) -> Vec<bool> {
+    let mut splittable = vec![false; tree.len()];
+    for node in 1..tree.len() as NodeId {
+        if !tree.is_tensor(node) && tree.holds_tensors(node) {
+            if let Some(parent) = tree.parent(node) {
+                splittable[parent as usize] = true;
+            }
+        }
+    }
+    splittable
 }
 
 /// Per class id: whether the class is listed in `no_split_module_classes`.
@@ -36,31 +51,31 @@ pub fn no_split_mask(tree: &ModuleTree, no_split_classes: &[String]) -> Vec<bool
         .collect()
 }
 
+/// The blocks of `tree`, in model order. Nodes are numbered in pre-order (a subtree is `node..end`), so
+/// one scan finds them: a node reached is a block if it is kept whole (and the scan skips its subtree),
+/// else the scan enters it. A split module's tensors are blocks, as tensors are kept whole.
 pub fn cut_blocks(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
+    let splittable = splittable_modules(tree);
     let mut blocks = Vec::new();
-    let mut stack = vec![tree.root()];
-    while let Some(node) = stack.pop() {
-        if is_atomic(tree, no_split, node) {
+    let mut node = tree.root();
+    while (node as usize) < tree.len() {
+        if is_atomic(tree, no_split, &splittable, node) {
             blocks.push(make_block(tree, node));
-            continue;
-        }
-        // A split module: its own tensors become blocks, then its child modules in order.
-        for &child in tree.children(node) {
-            if tree.is_tensor(child) {
-                blocks.push(make_block(tree, child));
-            }
-        }
-        for child in tree.child_modules(node).collect::<Vec<_>>().into_iter().rev() {
-            stack.push(child);
+            node = tree.end(node);
+        } else {
+            node += 1;
         }
     }
-    blocks.sort_by_key(|b| b.node);
     blocks
 }
 
 /// Spread per-node values (runtime memory, compute) over blocks: a value on a node inside (or at) a block
-/// goes to that block; a value on a module that was split goes to the first block under it.
+/// goes to that block; a value on a module that was split goes to the first block under it. Without
+/// values the list is empty (read it with [`value_of`]: every block has 0).
 pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, u64)]) -> Result<Vec<u64>> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut per_block = vec![0u64; blocks.len()];
     for &(node, value) in values {
         if node as usize >= tree.len() {
@@ -81,6 +96,11 @@ pub fn attach_to_blocks(tree: &ModuleTree, blocks: &[Block], values: &[(NodeId, 
     Ok(per_block)
 }
 
+/// Block `i`'s value in a list made by [`attach_to_blocks`].
+pub fn value_of(per_block: &[u64], i: usize) -> u64 {
+    per_block.get(i).copied().unwrap_or(0)
+}
+
 fn make_block(tree: &ModuleTree, node: NodeId) -> Block {
     let buffer_bits = (node..tree.end(node))
         .filter(|&i| tree.kind(i).is_buffer())
@@ -94,9 +114,33 @@ fn make_block(tree: &ModuleTree, node: NodeId) -> Block {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tree::TreeBuilder;
+    use proptest::prelude::*;
+
+    /// A tree from `(depth pick, what, bits)` steps: modules of a few classes, parameters, buffers (some
+    /// empty), each under the open module at the picked depth (closing the deeper ones: pre-order).
+    pub(crate) fn random_tree(ops: &[(usize, u8, u64)]) -> ModuleTree {
+        let mut b = TreeBuilder::new("Root");
+        let mut open = vec![0];
+        for (i, &(pick, what, bits)) in ops.iter().enumerate() {
+            open.truncate(pick % open.len() + 1);
+            let parent = *open.last().unwrap();
+            let name = format!("n{i}");
+            match what {
+                0 => open.push(b.module(parent, &name, "Block")),
+                1 => open.push(b.module(parent, &name, "Linear")),
+                2 => {
+                    b.param(parent, &name, bits);
+                }
+                _ => {
+                    b.buffer(parent, &name, bits);
+                }
+            }
+        }
+        b.build().unwrap()
+    }
 
     #[test]
     fn blocks_partition_the_tensors_in_model_order() {
@@ -131,6 +175,39 @@ mod tests {
         let blocks = cut_blocks(&t, &no_split_mask(&t, &["Layer".to_string()]));
         assert_eq!(blocks.iter().map(|b| b.bits).sum::<u64>(), t.subtree_bits(0));
         assert_eq!(blocks[1].buffer_bits, 16);
+    }
+
+    /// The cut as first written: a walk down the child lists from the root, sorted afterwards.
+    fn cut_by_walking(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
+        let splittable = splittable_modules(tree);
+        let mut blocks = Vec::new();
+        let mut stack = vec![tree.root()];
+        while let Some(node) = stack.pop() {
+            if is_atomic(tree, no_split, &splittable, node) {
+                blocks.push(make_block(tree, node));
+                continue;
+            }
+            for &child in tree.children(node) {
+                if tree.is_tensor(child) {
+                    blocks.push(make_block(tree, child));
+                }
+            }
+            for child in tree.child_modules(node).collect::<Vec<_>>().into_iter().rev() {
+                stack.push(child);
+            }
+        }
+        blocks.sort_by_key(|b| b.node);
+        blocks
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn the_scan_cuts_as_the_walk_does(ops in prop::collection::vec((0usize..64, 0u8..4, 0u64..5), 1..40), mask in any::<u8>()) {
+            let tree = random_tree(&ops);
+            let no_split: Vec<bool> = (0..tree.class_names().len()).map(|c| mask & (1 << (c % 8)) != 0).collect();
+            prop_assert_eq!(cut_blocks(&tree, &no_split), cut_by_walking(&tree, &no_split));
+        }
     }
 
     #[test]

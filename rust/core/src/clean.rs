@@ -13,55 +13,144 @@ enum Agg {
 
 impl Agg {
     fn add(self, d: Device) -> Agg {
+        self.merge(Agg::Uniform(d, 1))
+    }
+
+    fn count(self) -> u32 {
         match self {
-            Agg::Empty => Agg::Uniform(d, 1),
-            Agg::Uniform(u, n) if u == d => Agg::Uniform(u, n + 1),
-            Agg::Uniform(_, n) | Agg::Mixed(n) => Agg::Mixed(n + 1),
+            Agg::Empty => 0,
+            Agg::Uniform(_, n) | Agg::Mixed(n) => n,
+        }
+    }
+
+    /// The aggregate of two disjoint sets of keys.
+    fn merge(self, other: Agg) -> Agg {
+        match (self, other) {
+            (Agg::Empty, x) | (x, Agg::Empty) => x,
+            (Agg::Uniform(a, n), Agg::Uniform(b, m)) if a == b => Agg::Uniform(a, n + m),
+            (x, y) => Agg::Mixed(x.count() + y.count()),
         }
     }
 }
 
 /// `entries` maps distinct nodes to devices. Returns the collapsed map in model (pre-order) order.
+///
+/// Nodes are numbered in pre-order (a subtree is `node..end`, children after their parent), so one
+/// pass from the last node to the first folds every subtree's keys into its parent, and one pass from
+/// the first emits the map, skipping each collapsed subtree: O(nodes), no walk up per key, no sort.
 pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+    // Read the keys in node order with a cursor instead of a per-node table (the solver's keys, its
+    // blocks, come sorted already).
+    let sorted: Vec<(NodeId, Device)>;
+    let keys = if entries.is_sorted_by_key(|(node, _)| *node) {
+        entries
+    } else {
+        sorted = {
+            let mut keys = entries.to_vec();
+            keys.sort_by_key(|(node, _)| *node);
+            keys
+        };
+        &sorted
+    };
     let n = tree.len();
-    let mut own: Vec<Option<Device>> = vec![None; n];
     // Aggregate over keys strictly below each node.
     let mut below = vec![Agg::Empty; n];
-    for &(node, device) in entries {
-        own[node as usize] = Some(device);
-        let mut cur = tree.parent(node);
-        while let Some(p) = cur {
-            below[p as usize] = below[p as usize].add(device);
-            cur = tree.parent(p);
+    let mut next_key = keys.len();
+    for node in (1..n).rev() {
+        let mut whole = below[node];
+        if next_key > 0 && keys[next_key - 1].0 as usize == node {
+            next_key -= 1;
+            whole = whole.add(keys[next_key].1);
+        }
+        if whole != Agg::Empty {
+            if let Some(p) = tree.parent(node as NodeId) {
+                below[p as usize] = below[p as usize].merge(whole);
+            }
         }
     }
     let mut out = Vec::new();
-    let mut stack = vec![tree.root()];
-    while let Some(m) = stack.pop() {
-        match below[m as usize] {
-            Agg::Uniform(d, count) if count > 1 => {
-                out.push((m, d));
+    let mut key = keys.iter().peekable();
+    let mut node = tree.root();
+    while (node as usize) < n {
+        if let Agg::Uniform(d, count) = below[node as usize] {
+            if count > 1 {
+                out.push((node, d));
+                node = tree.end(node);
+                // Keys inside the collapsed subtree are covered by it.
+                while key.next_if(|(k, _)| *k < node).is_some() {}
                 continue;
             }
-            _ => {}
         }
-        if let Some(d) = own[m as usize] {
-            out.push((m, d));
+        if let Some(&(_, d)) = key.next_if(|(k, _)| *k == node) {
+            out.push((node, d));
         }
-        for &c in tree.children(m).iter().rev() {
-            if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
-                stack.push(c);
-            }
-        }
+        node += 1;
     }
-    out.sort_by_key(|(node, _)| *node);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::tests::random_tree;
     use crate::tree::TreeBuilder;
+    use proptest::prelude::*;
+
+    /// The map as first written: every key added to each ancestor, then a walk down the child lists.
+    fn clean_by_walking(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+        let n = tree.len();
+        let mut own: Vec<Option<Device>> = vec![None; n];
+        let mut below = vec![Agg::Empty; n];
+        for &(node, device) in entries {
+            own[node as usize] = Some(device);
+            let mut cur = tree.parent(node);
+            while let Some(p) = cur {
+                below[p as usize] = below[p as usize].add(device);
+                cur = tree.parent(p);
+            }
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![tree.root()];
+        while let Some(m) = stack.pop() {
+            match below[m as usize] {
+                Agg::Uniform(d, count) if count > 1 => {
+                    out.push((m, d));
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(d) = own[m as usize] {
+                out.push((m, d));
+            }
+            for &c in tree.children(m).iter().rev() {
+                if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
+                    stack.push(c);
+                }
+            }
+        }
+        out.sort_by_key(|(node, _)| *node);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn one_pass_each_way_cleans_as_the_walk_does(
+            ops in prop::collection::vec((0usize..64, 0u8..4, 0u64..5), 1..40),
+            keys in prop::collection::vec((0usize..64, 0u32..3), 0..20),
+        ) {
+            let tree = random_tree(&ops);
+            let mut entries: Vec<(NodeId, Device)> = keys
+                .iter()
+                .map(|&(i, d)| ((i % tree.len()) as NodeId, if d == 2 { Device::Cpu } else { Device::Gpu(d) }))
+                .collect();
+            entries.sort_by_key(|e| e.0);
+            entries.dedup_by_key(|e| e.0);
+            prop_assert_eq!(clean_device_map(&tree, &entries), clean_by_walking(&tree, &entries));
+            let reversed: Vec<(NodeId, Device)> = entries.iter().rev().copied().collect();
+            prop_assert_eq!(clean_device_map(&tree, &reversed), clean_by_walking(&tree, &entries));
+        }
+    }
 
     #[test]
     fn collapses_uniform_subtrees_but_not_single_keys() {

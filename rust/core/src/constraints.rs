@@ -2,15 +2,55 @@
 //! fixed to a device). The result is a set of *units*: a free unit is a leader block plus the blocks
 //! tied to it; a pinned unit has its device decided.
 
-use crate::blocks::Block;
+use crate::blocks::{value_of, Block};
 use crate::device::{Device, DeviceSpec};
 use crate::error::{PlacementError, Result};
 use crate::tree::{ModuleTree, NodeId};
 
+/// The blocks of a unit (indices into the block list), leader first. Most units are one block, held
+/// inline: a leaf-only plan of a large model has hundreds of thousands of units, one allocation each
+/// otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Members {
+    /// A unit of one block.
+    One(usize),
+    /// A tie group: several blocks.
+    Many(Vec<usize>),
+}
+
+impl Members {
+    fn push(&mut self, block: usize) {
+        match self {
+            Members::One(first) => *self = Members::Many(vec![*first, block]),
+            Members::Many(blocks) => blocks.push(block),
+        }
+    }
+}
+
+impl std::ops::Deref for Members {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        match self {
+            Members::One(block) => std::slice::from_ref(block),
+            Members::Many(blocks) => blocks,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Members {
+    type Item = &'a usize;
+    type IntoIter = std::slice::Iter<'a, usize>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 /// A group of blocks that must share one device; `blocks` are indices into the block list, leader first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unit {
-    pub blocks: Vec<usize>,
+    pub blocks: Members,
     pub bits: u64,
     /// The most that is staged at once when the unit is offloaded: accelerate's hooks load one block at
     /// a time, each with the tied tensors it uses (wherever they are counted), never the whole unit.
@@ -84,7 +124,12 @@ pub fn build_units(
 
     // Resolve pins per block: (depth of the pin node, pin lies inside the block, device, pin name).
     // Deeper pins win; two different pins inside one unsplittable block are a conflict.
-    let mut block_pin: Vec<Option<(usize, bool, Device, String)>> = vec![None; blocks.len()];
+    // Empty without pins (nothing to look up then).
+    let mut block_pin: Vec<Option<(usize, bool, Device, String)>> = if pins.is_empty() {
+        Vec::new()
+    } else {
+        vec![None; blocks.len()]
+    };
     for (name, device) in pins {
         let node = tree.find(name).ok_or_else(|| {
             let close = tree.suggest(name);
@@ -130,34 +175,33 @@ pub fn build_units(
     }
 
     let staged = staged_bits(tree, blocks);
-    let mut units: Vec<Unit> = Vec::new();
-    let mut unit_of_root: Vec<Option<usize>> = vec![None; blocks.len()];
+    let mut units: Vec<Unit> = Vec::with_capacity(blocks.len());
+    let mut unit_of_root: Vec<usize> = vec![usize::MAX; blocks.len()];
     for i in 0..blocks.len() {
         let root = find(&mut parent, i);
-        let u = match unit_of_root[root] {
-            Some(u) => u,
-            None => {
-                units.push(Unit {
-                    blocks: Vec::new(),
-                    bits: 0,
-                    staged_bits: 0,
-                    buffer_bits: 0,
-                    runtime_bits: 0,
-                    compute: 0,
-                    pinned: None,
-                });
-                unit_of_root[root] = Some(units.len() - 1);
-                units.len() - 1
-            }
+        let unit = if unit_of_root[root] == usize::MAX {
+            unit_of_root[root] = units.len();
+            units.push(Unit {
+                blocks: Members::One(i),
+                bits: 0,
+                staged_bits: 0,
+                buffer_bits: 0,
+                runtime_bits: 0,
+                compute: 0,
+                pinned: None,
+            });
+            units.last_mut().expect("just pushed")
+        } else {
+            let unit = &mut units[unit_of_root[root]];
+            unit.blocks.push(i);
+            unit
         };
-        let unit = &mut units[u];
-        unit.blocks.push(i);
         unit.bits += blocks[i].bits;
         unit.staged_bits = unit.staged_bits.max(staged[i]);
         unit.buffer_bits += blocks[i].buffer_bits;
-        unit.runtime_bits += runtime[i];
-        unit.compute += compute[i];
-        if let Some((_, _, device, pin_name)) = &block_pin[i] {
+        unit.runtime_bits += value_of(runtime, i);
+        unit.compute += value_of(compute, i);
+        if let Some((_, _, device, pin_name)) = block_pin.get(i).and_then(Option::as_ref) {
             match unit.pinned {
                 Some(existing) if existing != *device => {
                     let members = &unit.blocks;

@@ -204,7 +204,7 @@ fn solve(
             execution_device,
         };
         let plan = devicemap_core::solve(&t, &spec, &options)?;
-        Ok(SolveResult::new(&t, &plan))
+        Ok(SolveResult::new(t, plan))
     })
 }
 

@@ -10,9 +10,9 @@
 //! the longest prefix, reserve for what is left, repeat. The prefixes only shrink and every feasible
 //! prefix stays at or below each of them, so it stops at the longest feasible one.
 
-use super::chain::{Chain, Lane};
+use super::chain::Lane;
 use super::execution::Staging;
-use super::ties::{longest_prefix, Units};
+use super::ties::Indexed;
 
 /// A unit pinned to CPU or disk (executed elsewhere): what it stages and what stays with its executor.
 #[derive(Debug, Clone, Copy)]
@@ -23,15 +23,13 @@ pub struct PinnedUnit {
     pub stays: u64,
 }
 
-/// The chain and what is offloaded regardless (pinned to CPU/disk).
+/// What each unit of the chain stages and leaves behind when offloaded, and what is offloaded
+/// regardless (pinned to CPU/disk).
 pub struct OffloadInput<'a> {
-    /// Footprint of each unit on a GPU (weights + runtime memory).
-    pub footprint: &'a [u64],
-    /// Which units are tie groups (free to sit on any GPU).
-    pub is_group: &'a [bool],
     /// Most of each unit staged at once when it is offloaded (its largest block with its tied tensors).
     pub staged: &'a [u64],
-    /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers).
+    /// Memory that stays on the execution device when the unit is offloaded (runtime, maybe buffers);
+    /// empty when nothing stays.
     pub stays: &'a [u64],
     /// Units pinned to CPU or disk.
     pub pinned: &'a [PinnedUnit],
@@ -45,7 +43,7 @@ impl OffloadInput<'_> {
         if self.staging.gpu.is_none() {
             return 0;
         }
-        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays[j]));
+        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays.get(j).copied().unwrap_or(0)));
         let pinned = self.pinned.iter().map(|p| (p.staged, p.stays));
         let mut staged = free.chain(pinned).filter(|(s, _)| self.staging.stages(*s)).peekable();
         if staged.peek().is_none() {
@@ -56,20 +54,17 @@ impl OffloadInput<'_> {
     }
 }
 
-/// The longest prefix that fits on `lanes` with the reserve on the staging lane, and that reserve.
-pub fn split_point(input: &OffloadInput, lanes: &[Lane]) -> (usize, u64) {
+/// The longest prefix of `units` (footprint on a GPU: weights + runtime memory) that fits on `lanes`
+/// with the reserve on the staging lane, and that reserve.
+pub fn split_point(input: &OffloadInput, units: &Indexed, lanes: &[Lane]) -> (usize, u64) {
     if lanes.is_empty() {
         return (0, input.reserve(0));
     }
-    let units = Units {
-        chain: Chain::by_memory(input.footprint),
-        is_group: input.is_group,
-    };
     let stage = input.staging.gpu.unwrap_or(0);
     let fit = |reserve: u64| {
         let mut with_reserve = lanes.to_vec();
         with_reserve[stage].base = with_reserve[stage].base.saturating_add(reserve);
-        longest_prefix(units, &with_reserve)
+        units.longest_prefix(&with_reserve)
     };
     let mut k = input.staged.len();
     loop {

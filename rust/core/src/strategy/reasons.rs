@@ -46,8 +46,9 @@ pub(super) fn no_staging_room(
     })
 }
 
-/// Why each free unit from `first_on_disk` on went to disk. Units keep model order, so once one does not
-/// fit on the CPU every later one goes to disk too, however small: say which one filled the CPU.
+/// Why each free unit from `first_on_disk` on went to disk (one entry per such unit). Units keep model
+/// order, so once one does not fit on the CPU every later one goes to disk too, however small: say which
+/// one filled the CPU.
 pub(super) fn disk_reasons(
     tree: &ModuleTree,
     blocks: &[Block],
@@ -57,9 +58,9 @@ pub(super) fn disk_reasons(
     has_gpu: bool,
 ) -> Vec<Option<String>> {
     let not_gpus = if has_gpu { "did not fit on the GPUs, and " } else { "" };
-    let mut why = vec![None; free.len()];
+    let mut why = Vec::with_capacity(free.len().saturating_sub(first_on_disk));
     for j in first_on_disk..free.len() {
-        why[j] = Some(match cpu_full {
+        why.push(Some(match cpu_full {
             Some(CpuFull { first, room, reserve }) => {
                 let left = if reserve > 0 {
                     format!(
@@ -83,7 +84,7 @@ pub(super) fn disk_reasons(
             }
             None if has_gpu => "did not fit on the GPUs and max_memory has no \"cpu\"".to_string(),
             None => "max_memory has no GPU and no \"cpu\"".to_string(),
-        });
+        }));
     }
     why
 }

@@ -1,7 +1,8 @@
 //! `sequential`: fill GPU 0, then GPU 1, ... each up to its capacity.
 
-use super::chain::{greedy, Chain, Lane};
+use super::chain::{Lane, Span};
 
-pub fn assign(chain: Chain, lanes: &[Lane]) -> Vec<usize> {
-    greedy(Chain::by_memory(chain.memory), lanes, u64::MAX)
+pub fn assign(chain: Span, lanes: &[Lane]) -> Vec<usize> {
+    // An unbounded cost limit: memory alone decides.
+    chain.greedy(lanes, u64::MAX)
 }

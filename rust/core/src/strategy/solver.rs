@@ -4,7 +4,7 @@
 //! ([`Solver::fill_gpus`]) or, without GPUs, over the CPU ([`Solver::fill_cpu_only`]), check that the
 //! rest has somewhere to go ([`Solver::check_leftover`]) and assemble the [`Plan`] ([`Solver::finish`]).
 
-use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, Block};
+use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, value_of, Block};
 use crate::clean::clean_device_map;
 use crate::constraints::{build_units, Unit};
 use crate::device::{human, label, Device, DeviceSpec};
@@ -16,7 +16,7 @@ use super::chain::{self, Chain, Lane};
 use super::execution::{self, Forced, Outcome, Staging};
 use super::offload::{split_point, OffloadInput, PinnedUnit};
 use super::reasons::{self, CpuFull};
-use super::ties::{self, Units};
+use super::ties::{Indexed, Units};
 use super::{Balance, ResolvedStrategy, SolveOptions};
 
 /// Per-device accumulators while solving, indexed like the spec's devices.
@@ -69,15 +69,52 @@ struct FreeChain {
     weights: Vec<u64>,
     staged: Vec<u64>,
     is_group: Vec<bool>,
-    /// Weights + runtime memory: what a unit takes on a GPU.
-    footprint: Vec<u64>,
-    /// What balancing equalises (the footprint, or the compute cost).
-    cost: Vec<u64>,
-    /// What stays on the execution device when the unit is offloaded.
-    stays: Vec<u64>,
-    /// Runtime memory and buffers of each unit.
+    /// Weights + runtime memory, when some unit has runtime memory (`None`: the footprint is the
+    /// weights; a leaf-only plan without a workload keeps one column instead of three).
+    with_runtime: Option<Vec<u64>>,
+    /// What balancing equalises when it is not the footprint (the compute cost); `None`: the footprint.
+    compute: Option<Vec<u64>>,
+    /// What stays on the execution device when the unit is offloaded, when some unit has runtime
+    /// memory (`None`: the buffers, or nothing when buffers are offloaded).
+    stays: Option<Vec<u64>>,
+    /// Runtime memory of each unit (empty: none has any).
     runtime: Vec<u64>,
+    /// Buffers of each unit.
     buffers: Vec<u64>,
+    offload_buffers: bool,
+}
+
+impl FreeChain {
+    /// Weights + runtime memory: what each unit takes on a GPU.
+    fn footprint(&self) -> &[u64] {
+        self.with_runtime.as_deref().unwrap_or(&self.weights)
+    }
+
+    /// What stays on the execution device when each unit is offloaded (empty: nothing).
+    fn stays(&self) -> &[u64] {
+        match &self.stays {
+            Some(stays) => stays,
+            None if self.offload_buffers => &[],
+            None => &self.buffers,
+        }
+    }
+
+    /// Runtime memory of unit `j`.
+    fn runtime(&self, j: usize) -> u64 {
+        value_of(&self.runtime, j)
+    }
+
+    /// The chain the layouts read: footprints, what balancing equalises (the same slice when balancing
+    /// memory, so the layouts keep one column of running sums), and the tie groups.
+    fn units(&self) -> Units<'_> {
+        Units {
+            chain: Chain {
+                memory: self.footprint(),
+                cost: self.compute.as_deref().unwrap_or(self.footprint()),
+            },
+            is_group: &self.is_group,
+        }
+    }
 }
 
 /// Where the free units went so far.
@@ -119,7 +156,7 @@ pub(super) struct Solver<'a> {
     options: &'a SolveOptions,
     strategy: ResolvedStrategy,
     blocks: Vec<Block>,
-    /// Runtime memory and compute cost per block.
+    /// Runtime memory and compute cost per block (empty lists when none is given: see `value_of`).
     runtime: Vec<u64>,
     compute: Vec<u64>,
     units: Vec<Unit>,
@@ -172,12 +209,14 @@ impl<'a> Solver<'a> {
         let forced = self.forced()?;
         self.pin()?;
         let free = self.free_chain();
+        // Every layout question below is asked of this chain: its running sums are built once.
+        let indexed = Indexed::new(free.units());
         if self.gpus.is_empty() {
-            let placement = self.fill_cpu_only(&free)?;
+            let placement = self.fill_cpu_only(&free, &indexed)?;
             self.check_leftover(&free, &placement, &self.ledger)?;
             return Ok(self.finish(placement, None));
         }
-        let (staging, attempt) = self.choose_execution(&free, forced)?;
+        let (staging, attempt) = self.choose_execution(&free, &indexed, forced)?;
         self.ledger = attempt.ledger;
         let chosen = Chosen {
             staging,
@@ -198,7 +237,12 @@ impl<'a> Solver<'a> {
     }
 
     /// Where offloaded units execute: the rule of [`execution`], each candidate laid out in full.
-    fn choose_execution(&self, free: &FreeChain, forced: Option<Forced>) -> Result<(Staging, Attempt)> {
+    fn choose_execution(
+        &self,
+        free: &FreeChain,
+        indexed: &Indexed,
+        forced: Option<Forced>,
+    ) -> Result<(Staging, Attempt)> {
         let limits: Vec<u64> = free
             .staged
             .iter()
@@ -210,7 +254,7 @@ impl<'a> Solver<'a> {
             self.spec.contains(Device::Cpu),
             forced,
             &limits,
-            |staging| self.fill_gpus(free, staging),
+            |staging| self.fill_gpus(free, indexed, staging),
         )
     }
 
@@ -276,21 +320,42 @@ impl<'a> Solver<'a> {
         self.units.iter().filter(|u| u.pinned.is_none())
     }
 
+    /// The free units as columns, in one pass over the units (columns that would repeat another, or be
+    /// all zeros, are left out: see the accessors).
     fn free_chain(&self) -> FreeChain {
-        let footprint: Vec<u64> = self.free_units().map(|u| u.bits + u.runtime_bits).collect();
-        FreeChain {
-            weights: self.free_units().map(|u| u.bits).collect(),
-            staged: self.free_units().map(|u| u.staged_bits).collect(),
-            is_group: self.free_units().map(|u| u.blocks.len() > 1).collect(),
-            cost: match self.options.balance {
-                Balance::Memory => footprint.clone(),
-                Balance::Compute => self.free_units().map(|u| u.compute).collect(),
-            },
-            stays: self.free_units().map(|u| self.stays(u)).collect(),
-            runtime: self.free_units().map(|u| u.runtime_bits).collect(),
-            buffers: self.free_units().map(|u| u.buffer_bits).collect(),
-            footprint,
+        let n = self.units.len() - self.pinned_offload.len();
+        let by_compute = self.options.balance == Balance::Compute;
+        let any_runtime = self.free_units().any(|u| u.runtime_bits > 0);
+        let column = |wanted: bool| wanted.then(|| Vec::with_capacity(n));
+        let mut free = FreeChain {
+            weights: Vec::with_capacity(n),
+            staged: Vec::with_capacity(n),
+            is_group: Vec::with_capacity(n),
+            with_runtime: column(any_runtime),
+            compute: column(by_compute),
+            stays: column(any_runtime),
+            runtime: column(any_runtime).unwrap_or_default(),
+            buffers: Vec::with_capacity(n),
+            offload_buffers: self.options.offload_buffers,
+        };
+        for u in self.free_units() {
+            free.weights.push(u.bits);
+            free.staged.push(u.staged_bits);
+            free.is_group.push(u.blocks.len() > 1);
+            free.buffers.push(u.buffer_bits);
+            if let Some(compute) = free.compute.as_mut() {
+                compute.push(u.compute);
+            }
+            if any_runtime {
+                free.runtime.push(u.runtime_bits);
+                free.with_runtime
+                    .as_mut()
+                    .expect("made with runtime")
+                    .push(u.bits + u.runtime_bits);
+                free.stays.as_mut().expect("made with runtime").push(self.stays(u));
+            }
         }
+        free
     }
 
     fn pinned_units(&self) -> Vec<PinnedUnit> {
@@ -305,10 +370,8 @@ impl<'a> Solver<'a> {
 
     fn offload_input<'f>(&self, free: &'f FreeChain, pinned: &'f [PinnedUnit], staging: Staging) -> OffloadInput<'f> {
         OffloadInput {
-            footprint: &free.footprint,
-            is_group: &free.is_group,
             staged: &free.staged,
-            stays: &free.stays,
+            stays: free.stays(),
             pinned,
             staging,
         }
@@ -335,20 +398,16 @@ impl<'a> Solver<'a> {
     /// Lay out one execution choice: how many free units stay on the GPUs (keeping staging room on the
     /// staging GPU if it stages anything), the strategy's layout of them, then the rest on the CPU
     /// (with what CPU-executed units need there) and the disk.
-    fn fill_gpus(&self, free: &FreeChain, staging: Staging) -> Result<Attempt> {
+    fn fill_gpus(&self, free: &FreeChain, indexed: &Indexed, staging: Staging) -> Result<Attempt> {
         let mut ledger = self.ledger.clone();
         let gpu_lanes = self.gpu_lanes();
         let pinned = self.pinned_units();
         // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error later.
         let can_offload = self.spec.contains(Device::Cpu) || self.spec.contains(Device::Disk);
         let (k, r) = if can_offload {
-            split_point(&self.offload_input(free, &pinned, staging), &gpu_lanes)
+            split_point(&self.offload_input(free, &pinned, staging), indexed, &gpu_lanes)
         } else {
-            let units = Units {
-                chain: Chain::by_memory(&free.footprint),
-                is_group: &free.is_group,
-            };
-            (ties::longest_prefix(units, &gpu_lanes), 0)
+            (indexed.longest_prefix(&gpu_lanes), 0)
         };
         if let Some(g) = staging.gpu {
             let (device, lane) = (self.gpus[g].0, &gpu_lanes[g]);
@@ -371,7 +430,7 @@ impl<'a> Solver<'a> {
             .iter()
             .map(|(d, cap)| ledger.lane(*d, *cap, self.options.balance))
             .collect();
-        let lane_of = self.lay_out_prefix(free, k, &lanes);
+        let lane_of = self.lay_out_prefix(free, indexed, k, &lanes);
         let mut device_of_unit = vec![Device::Disk; free.weights.len()];
         for (unit, &l) in lane_of.iter().enumerate() {
             device_of_unit[unit] = self.gpus[l].0;
@@ -397,17 +456,10 @@ impl<'a> Solver<'a> {
     }
 
     /// The GPU lane of each of the first `k` free units under the strategy.
-    fn lay_out_prefix(&self, free: &FreeChain, k: usize, lanes: &[Lane]) -> Vec<usize> {
-        let prefix = Units {
-            chain: Chain {
-                memory: &free.footprint[..k],
-                cost: &free.cost[..k],
-            },
-            is_group: &free.is_group[..k],
-        };
-        ties::lay_out(self.strategy, prefix, lanes).unwrap_or_else(|| {
+    fn lay_out_prefix(&self, free: &FreeChain, indexed: &Indexed, k: usize, lanes: &[Lane]) -> Vec<usize> {
+        indexed.lay_out(self.strategy, k, lanes).unwrap_or_else(|| {
             // Not reached (the prefix was found to fit); keep what fits in place rather than fail.
-            let counts = chain::greedy(Chain::by_memory(&free.footprint[..k]), lanes, u64::MAX);
+            let counts = chain::greedy(Chain::by_memory(&free.footprint()[..k]), lanes, u64::MAX);
             counts
                 .iter()
                 .enumerate()
@@ -441,7 +493,7 @@ impl<'a> Solver<'a> {
             .collect();
         let any = (next..n).any(|j| runs_here(&j)) || !pinned.is_empty();
         let runtime: u64 = if any { self.options.activation_bits } else { 0 }
-            + (next..n).filter(runs_here).map(|j| free.runtime[j]).sum::<u64>()
+            + (next..n).filter(runs_here).map(|j| free.runtime(j)).sum::<u64>()
             + pinned.iter().map(|u| u.runtime_bits).sum::<u64>();
         let on_disk = pinned
             .iter()
@@ -505,7 +557,7 @@ impl<'a> Solver<'a> {
     }
 
     /// Without GPUs the CPU executes: it takes the longest prefix that leaves room to stage the rest.
-    fn fill_cpu_only(&mut self, free: &FreeChain) -> Result<Placement> {
+    fn fill_cpu_only(&mut self, free: &FreeChain, indexed: &Indexed) -> Result<Placement> {
         let mut placement = Placement {
             device_of_unit: vec![Device::Disk; free.weights.len()],
             next: 0,
@@ -516,7 +568,7 @@ impl<'a> Solver<'a> {
         };
         let cpu = self.lane(Device::Cpu, cap);
         let pinned = self.pinned_units();
-        let (k, r) = split_point(&self.offload_input(free, &pinned, Staging::FIRST_GPU), &[cpu]);
+        let (k, r) = split_point(&self.offload_input(free, &pinned, Staging::FIRST_GPU), indexed, &[cpu]);
         if cpu.base.saturating_add(r) > cpu.capacity {
             let block = self.largest_offloaded(free, k, |_| true);
             return Err(reasons::no_staging_room(
@@ -532,7 +584,7 @@ impl<'a> Solver<'a> {
         self.ledger.reserve[i] += r;
         placement.device_of_unit[..k].fill(Device::Cpu);
         placement.next = k;
-        let used: u64 = free.footprint[..k].iter().sum();
+        let used: u64 = free.footprint()[..k].iter().sum();
         placement.cpu_full = (k < free.weights.len()).then(|| CpuFull {
             first: k,
             room: cap.saturating_sub(cpu.base + r + used),
@@ -607,12 +659,13 @@ impl<'a> Solver<'a> {
         })
     }
 
-    /// Each block's device, its execution device and, off the GPUs, why it is there.
+    /// Each block's device, its execution device and, for each offloaded block, why it is there (block
+    /// index and sentence, in block order: only offloaded blocks are asked why).
     fn block_devices(
         &self,
         placement: Placement,
         chosen: Option<Chosen>,
-    ) -> (Vec<Device>, Vec<Device>, Vec<Option<String>>) {
+    ) -> (Vec<Device>, Vec<Device>, Vec<(usize, String)>) {
         let has_gpu = !self.gpus.is_empty();
         let free: Vec<&Unit> = self.free_units().collect();
         let why_disk = reasons::disk_reasons(
@@ -625,40 +678,42 @@ impl<'a> Solver<'a> {
         );
         let mut block_device = vec![Device::Disk; self.blocks.len()];
         let mut block_execution = vec![Device::Cpu; self.blocks.len()];
-        let mut why: Vec<Option<String>> = vec![None; self.blocks.len()];
+        let mut why: Vec<(usize, String)> = Vec::new();
+        // The free units before the first one on disk have no disk reason.
+        let why_disk = std::iter::repeat_n(None, placement.next.min(free.len())).chain(why_disk);
         let mut free_devices = placement.device_of_unit.into_iter().zip(why_disk);
         for unit in &self.units {
-            let (device, why_unit) = match unit.pinned {
-                Some(d) => {
-                    for &b in &unit.blocks {
-                        why[b] = Some(format!("pinned to {d}"));
-                    }
-                    (d, None)
-                }
+            let (device, mut why_unit) = match unit.pinned {
+                Some(d) => (d, None),
                 None => free_devices.next().expect("one device per free unit"),
             };
             let execution = self.execution_of(device, unit.staged_bits, chosen);
-            let leader = unit.blocks[0];
             for &b in &unit.blocks {
                 block_device[b] = device;
                 block_execution[b] = execution;
-                if b != leader && why[b].is_none() {
-                    why[b] = Some(format!("tied to {:?}", self.tree.name(self.blocks[leader].node)));
-                }
             }
-            if why[leader].is_none() && !device.is_gpu_like() {
-                why[leader] = Some(reasons::placement_reason(device, has_gpu, why_unit));
+            if !self.is_offloaded(device) {
+                continue;
             }
-            if self.is_offloaded(device) {
-                if let Some(note) = self.execution_note(execution, unit.staged_bits, chosen) {
-                    for &b in &unit.blocks {
-                        if let Some(w) = why[b].as_mut() {
-                            w.push_str(&note);
-                        }
+            let note = self.execution_note(execution, unit.staged_bits, chosen);
+            let leader = unit.blocks[0];
+            for &b in &unit.blocks {
+                let reason = match unit.pinned {
+                    Some(d) => Some(format!("pinned to {d}")),
+                    None if b != leader => Some(format!("tied to {:?}", self.tree.name(self.blocks[leader].node))),
+                    None if !device.is_gpu_like() => Some(reasons::placement_reason(device, has_gpu, why_unit.take())),
+                    None => None,
+                };
+                if let Some(mut reason) = reason {
+                    if let Some(note) = &note {
+                        reason.push_str(note);
                     }
+                    why.push((b, reason));
                 }
             }
         }
+        // Tie groups list blocks out of model order.
+        why.sort_unstable_by_key(|(b, _)| *b);
         (block_device, block_execution, why)
     }
 
@@ -694,6 +749,7 @@ impl<'a> Solver<'a> {
         let mut offloaded = Vec::new();
         let mut assignments = Vec::with_capacity(self.blocks.len());
         let mut execution = Vec::with_capacity(self.blocks.len());
+        let mut why = why.into_iter().peekable();
         for (i, block) in self.blocks.iter().enumerate() {
             let device = block_device[i];
             let runs_on = block_execution[i];
@@ -708,17 +764,17 @@ impl<'a> Solver<'a> {
             };
             let u = usage.iter_mut().find(|u| u.device == device).expect("device in spec");
             u.weight_bits += block.bits - kept;
-            u.compute += self.compute[i];
+            u.compute += value_of(&self.compute, i);
             u.blocks.push(block.node);
             if !offload {
-                u.runtime_bits += self.runtime[i];
+                u.runtime_bits += value_of(&self.runtime, i);
             } else {
                 if has_gpu && runs_on == Device::Cpu {
                     let cpu = usage
                         .iter_mut()
                         .find(|u| u.device == Device::Cpu)
                         .expect("CPU executes");
-                    cpu.runtime_bits += self.runtime[i];
+                    cpu.runtime_bits += value_of(&self.runtime, i);
                 }
                 let fallback = if device == Device::Disk {
                     "did not fit on the CPU"
@@ -729,7 +785,9 @@ impl<'a> Solver<'a> {
                     node: block.node,
                     device,
                     bits: block.bits,
-                    reason: why[i].clone().unwrap_or_else(|| fallback.into()),
+                    reason: why
+                        .next_if(|(b, _)| *b == i)
+                        .map_or_else(|| fallback.into(), |(_, reason)| reason),
                 });
             }
         }

@@ -15,7 +15,7 @@
 //! under [`MAX_WORK`] block visits); beyond that, each group stays at its first block's position,
 //! which is then exact only among such plans.
 
-use super::chain::{greedy, placed, Chain, Lane};
+use super::chain::{placed, Chain, Lane, Span, Totals};
 use super::{balanced, low_zero, sequential, ResolvedStrategy as Strategy};
 
 /// Most GPU choices (GPUs ^ tie groups) tried exhaustively.
@@ -31,6 +31,7 @@ pub struct Units<'a> {
 }
 
 impl<'a> Units<'a> {
+    #[cfg(test)]
     fn prefix(&self, k: usize) -> Units<'a> {
         Units {
             chain: self.chain.slice(0..k),
@@ -70,46 +71,133 @@ fn choices(groups: usize, lanes: usize, chain_len: usize) -> Option<Vec<Vec<usiz
     )
 }
 
-/// The untied units as a chain, and the lanes with each group's memory and cost added where `choice`
-/// puts it.
-struct Moved {
+/// The units with what every question about them reuses: running sums of the whole chain and of the
+/// untied units (which every GPU choice for the groups lays out alike; only the lanes change). Each
+/// prefix and each choice is then a [`Span`] and a set of lanes, with no copy of the chain.
+pub struct Indexed<'a> {
+    units: Units<'a>,
+    all: Totals,
+    groups: Vec<usize>,
+    /// Indices of the untied units, and their running sums (empty without groups).
     untied: Vec<usize>,
-    memory: Vec<u64>,
-    cost: Vec<u64>,
-    lanes: Vec<Lane>,
+    untied_totals: Totals,
 }
 
-impl Moved {
-    fn new(units: Units, groups: &[usize], choice: &[usize], lanes: &[Lane]) -> Moved {
-        let untied: Vec<usize> = (0..units.chain.len()).filter(|&i| !units.is_group[i]).collect();
-        let mut moved = lanes.to_vec();
-        for (&g, &lane) in groups.iter().zip(choice) {
-            let l = &mut moved[lane];
-            l.base = l.base.saturating_add(units.chain.memory[g]);
-            l.cost_base = l.cost_base.saturating_add(units.chain.cost[g]);
-        }
-        Moved {
-            memory: untied.iter().map(|&i| units.chain.memory[i]).collect(),
-            cost: untied.iter().map(|&i| units.chain.cost[i]).collect(),
+impl<'a> Indexed<'a> {
+    pub fn new(units: Units<'a>) -> Indexed<'a> {
+        let groups = units.groups();
+        let untied: Vec<usize> = if groups.is_empty() {
+            Vec::new()
+        } else {
+            (0..units.chain.len()).filter(|&i| !units.is_group[i]).collect()
+        };
+        Indexed {
+            units,
+            all: Totals::new(units.chain),
+            untied_totals: Totals::of_picked(units.chain, &untied),
+            groups,
             untied,
-            lanes: moved,
         }
     }
 
-    /// No group pushed a lane past its capacity (a lane already full without groups is simply unused).
-    fn groups_fit(&self, lanes: &[Lane]) -> bool {
-        self.lanes
-            .iter()
-            .zip(lanes)
-            .all(|(moved, l)| moved.base <= moved.capacity || moved.base == l.base)
+    /// The groups among the first `k` units, and how many untied units those are.
+    fn within(&self, k: usize) -> (&[usize], usize) {
+        let groups = &self.groups[..self.groups.partition_point(|&g| g < k)];
+        (groups, k - groups.len())
     }
 
-    fn chain(&self) -> Chain<'_> {
-        Chain {
-            memory: &self.memory,
-            cost: &self.cost,
-        }
+    /// The first `u` untied units.
+    fn untied_span(&self, u: usize) -> Span<'_> {
+        self.untied_totals.span().slice(0..u)
     }
+
+    /// The longest prefix of the units that fits on `lanes` with some GPU choice for its groups.
+    pub fn longest_prefix(&self, lanes: &[Lane]) -> usize {
+        // An unbounded cost limit: memory alone decides what fits.
+        let fits_in_place = placed(&self.all.span().greedy(lanes, u64::MAX));
+        if self.groups.is_empty() || lanes.len() < 2 {
+            return fits_in_place; // nothing to move, or nowhere else to move it
+        }
+        let fits = |k: usize| {
+            let (groups, u) = self.within(k);
+            let Some(choices) = choices(groups.len(), lanes.len(), k) else {
+                return false;
+            };
+            let chain = self.untied_span(u);
+            choices.iter().any(|choice| {
+                let moved = moved_lanes(self.units, groups, choice, lanes);
+                groups_fit(&moved, lanes) && placed(&chain.greedy(&moved, u64::MAX)) == u
+            })
+        };
+        // Fitting is monotone in k (dropping the last unit only frees room): binary search above the
+        // in-place answer, which always fits.
+        let (mut lo, mut hi) = (fits_in_place, self.units.chain.len());
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    /// The lane of each of the first `k` units under `strategy`, all of them placed within capacity;
+    /// `None` if no layout fits (the caller only hands over a prefix that `longest_prefix` accepted).
+    pub fn lay_out(&self, strategy: Strategy, k: usize, lanes: &[Lane]) -> Option<Vec<usize>> {
+        let units = Units {
+            chain: self.units.chain.slice(0..k),
+            is_group: &self.units.is_group[..k],
+        };
+        let mut best = None;
+
+        // Each group at its first block's position (the stable choice, kept on equal scores).
+        let counts = counts_for(strategy, self.all.span().slice(0..k), lanes);
+        let in_place = lanes_of(0..k, &counts, k);
+        keep_if_better(&mut best, strategy, units, lanes, in_place, placed(&counts) == k);
+        if best.is_some() && matches!(strategy, Strategy::Sequential) {
+            return best.map(|(_, lane_of)| lane_of);
+        }
+
+        let (groups, u) = self.within(k);
+        if let Some(choices) = choices(groups.len(), lanes.len(), k).filter(|_| !groups.is_empty()) {
+            let chain = self.untied_span(u);
+            for choice in choices {
+                let moved = moved_lanes(units, groups, &choice, lanes);
+                if !groups_fit(&moved, lanes) || cannot_beat(strategy, chain, &moved, best.as_ref().map(|b| b.0)) {
+                    continue;
+                }
+                let counts = counts_for(strategy, chain, &moved);
+                let mut lane_of = lanes_of(self.untied[..u].iter().copied(), &counts, k);
+                for (&g, &lane) in groups.iter().zip(&choice) {
+                    lane_of[g] = lane;
+                }
+                let all_placed = placed(&counts) == u;
+                keep_if_better(&mut best, strategy, units, lanes, lane_of, all_placed);
+            }
+        }
+        best.map(|(_, lane_of)| lane_of)
+    }
+}
+
+/// The lanes with each group's memory and cost added where `choice` puts it.
+fn moved_lanes(units: Units, groups: &[usize], choice: &[usize], lanes: &[Lane]) -> Vec<Lane> {
+    let mut moved = lanes.to_vec();
+    for (&g, &lane) in groups.iter().zip(choice) {
+        let l = &mut moved[lane];
+        l.base = l.base.saturating_add(units.chain.memory[g]);
+        l.cost_base = l.cost_base.saturating_add(units.chain.cost[g]);
+    }
+    moved
+}
+
+/// No group pushed a lane past its capacity (a lane already full without groups is simply unused).
+fn groups_fit(moved: &[Lane], lanes: &[Lane]) -> bool {
+    moved
+        .iter()
+        .zip(lanes)
+        .all(|(moved, l)| moved.base <= moved.capacity || moved.base == l.base)
 }
 
 /// Lane of each unit when lane `i` takes the next `counts[i]` units of `order`.
@@ -125,35 +213,9 @@ fn lanes_of(order: impl Iterator<Item = usize>, counts: &[usize], len: usize) ->
 }
 
 /// The longest prefix of `units` that fits on `lanes` with some GPU choice for its groups.
+#[cfg(test)]
 pub fn longest_prefix(units: Units, lanes: &[Lane]) -> usize {
-    let fits_in_place = placed(&greedy(Chain::by_memory(units.chain.memory), lanes, u64::MAX));
-    if !units.is_group.iter().any(|g| *g) || lanes.len() < 2 {
-        return fits_in_place; // nothing to move, or nowhere else to move it
-    }
-    let fits = |k: usize| {
-        let prefix = units.prefix(k);
-        let groups = prefix.groups();
-        let Some(choices) = choices(groups.len(), lanes.len(), k) else {
-            return false;
-        };
-        choices.iter().any(|choice| {
-            let moved = Moved::new(prefix, &groups, choice, lanes);
-            moved.groups_fit(lanes)
-                && placed(&greedy(Chain::by_memory(&moved.memory), &moved.lanes, u64::MAX)) == moved.memory.len()
-        })
-    };
-    // Fitting is monotone in k (dropping the last unit only frees room): binary search above the
-    // in-place answer, which always fits.
-    let (mut lo, mut hi) = (fits_in_place, units.chain.len());
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo
+    Indexed::new(units).longest_prefix(lanes)
 }
 
 /// What a strategy minimises over complete layouts (lexicographically); `None` if a lane overflows.
@@ -175,7 +237,7 @@ fn score(strategy: Strategy, units: Units, lanes: &[Lane], lane_of: &[usize]) ->
     })
 }
 
-fn counts_for(strategy: Strategy, chain: Chain, lanes: &[Lane]) -> Vec<usize> {
+fn counts_for(strategy: Strategy, chain: Span, lanes: &[Lane]) -> Vec<usize> {
     match strategy {
         Strategy::Sequential => sequential::assign(chain, lanes),
         Strategy::Balanced => balanced::assign(chain, lanes),
@@ -185,15 +247,13 @@ fn counts_for(strategy: Strategy, chain: Chain, lanes: &[Lane]) -> Vec<usize> {
 
 /// A cheap test that a GPU choice cannot score strictly below `best` (most choices fail it, and skipping
 /// them keeps the enumeration to about one greedy pass per choice).
-fn cannot_beat(strategy: Strategy, moved: &Moved, best: Option<(u64, u64)>) -> bool {
+fn cannot_beat(strategy: Strategy, untied: Span, moved: &[Lane], best: Option<(u64, u64)>) -> bool {
     let Some((first, _)) = best else {
         return false;
     };
     match strategy {
-        Strategy::Balanced => {
-            first == 0 || placed(&greedy(moved.chain(), &moved.lanes, first - 1)) < moved.memory.len()
-        }
-        Strategy::BalancedLow0 if moved.lanes.len() > 1 => moved.lanes[0].base > first,
+        Strategy::Balanced => first == 0 || placed(&untied.greedy(moved, first - 1)) < untied.len(),
+        Strategy::BalancedLow0 if moved.len() > 1 => moved[0].base > first,
         _ => false,
     }
 }
@@ -218,36 +278,10 @@ fn keep_if_better(
 }
 
 /// The lane of each unit under `strategy`, all units placed within capacity; `None` if no layout
-/// fits (the caller only hands over a prefix that [`longest_prefix`] accepted).
+/// fits (the caller only hands over a prefix that `longest_prefix` accepted).
+#[cfg(test)]
 pub fn lay_out(strategy: Strategy, units: Units, lanes: &[Lane]) -> Option<Vec<usize>> {
-    let n = units.chain.len();
-    let mut best = None;
-
-    // Each group at its first block's position (the stable choice, kept on equal scores).
-    let counts = counts_for(strategy, units.chain, lanes);
-    let in_place = lanes_of(0..n, &counts, n);
-    keep_if_better(&mut best, strategy, units, lanes, in_place, placed(&counts) == n);
-    if best.is_some() && matches!(strategy, Strategy::Sequential) {
-        return best.map(|(_, lane_of)| lane_of);
-    }
-
-    let groups = units.groups();
-    if let Some(choices) = choices(groups.len(), lanes.len(), n).filter(|_| !groups.is_empty()) {
-        for choice in choices {
-            let moved = Moved::new(units, &groups, &choice, lanes);
-            if !moved.groups_fit(lanes) || cannot_beat(strategy, &moved, best.as_ref().map(|b| b.0)) {
-                continue;
-            }
-            let counts = counts_for(strategy, moved.chain(), &moved.lanes);
-            let mut lane_of = lanes_of(moved.untied.iter().copied(), &counts, n);
-            for (&g, &lane) in groups.iter().zip(&choice) {
-                lane_of[g] = lane;
-            }
-            let all_placed = placed(&counts) == moved.untied.len();
-            keep_if_better(&mut best, strategy, units, lanes, lane_of, all_placed);
-        }
-    }
-    best.map(|(_, lane_of)| lane_of)
+    Indexed::new(units).lay_out(strategy, units.chain.len(), lanes)
 }
 
 #[cfg(test)]
