@@ -63,12 +63,15 @@ pub struct Unit {
     pub pinned: Option<Device>,
 }
 
-fn find(parent: &mut [usize], mut x: usize) -> usize {
-    while parent[x] != x {
-        parent[x] = parent[parent[x]];
-        x = parent[x];
+/// Union-find root of block `x` (indices as `u32`: blocks are tree nodes, and a smaller table
+/// touches less fresh memory on million-block trees).
+fn find(parent: &mut [u32], x: usize) -> usize {
+    let mut x = x as u32;
+    while parent[x as usize] != x {
+        parent[x as usize] = parent[parent[x as usize] as usize];
+        x = parent[x as usize];
     }
-    x
+    x as usize
 }
 
 /// The block containing `node` (blocks are sorted by node id and partition the tree below the root).
@@ -80,7 +83,11 @@ fn block_of(tree: &ModuleTree, blocks: &[Block], node: NodeId) -> Option<usize> 
 
 /// Per block: its bits plus the storage of every tied tensor it uses that is counted in another block
 /// (what the execution device holds while the block runs offloaded).
+/// Empty when the tree has no ties: every block then stages its own bits (see [`staged_of`]).
 fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
+    if tree.tie_groups().is_empty() {
+        return Vec::new();
+    }
     let mut staged: Vec<u64> = blocks.iter().map(|b| b.bits).collect();
     for group in tree.tie_groups() {
         let storage: u64 = group.iter().map(|&p| tree.own_bits(p)).sum();
@@ -98,6 +105,11 @@ fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
     staged
 }
 
+/// What block `i` stages when offloaded: its own bits plus tied storage counted elsewhere.
+fn staged_of(staged: &[u64], blocks: &[Block], i: usize) -> u64 {
+    staged.get(i).copied().unwrap_or(blocks[i].bits)
+}
+
 /// Group blocks into units: tied blocks join their earliest block; pins are resolved (the deepest pin
 /// above a block wins; pins inside a block pin the whole block and must agree).
 pub fn build_units(
@@ -108,7 +120,7 @@ pub fn build_units(
     runtime: &[u64],
     compute: &[u64],
 ) -> Result<Vec<Unit>> {
-    let mut parent: Vec<usize> = (0..blocks.len()).collect();
+    let mut parent: Vec<u32> = (0..blocks.len() as u32).collect();
     for group in tree.tie_groups() {
         let mut members = group.iter().filter_map(|&p| block_of(tree, blocks, p));
         if let Some(first) = members.next() {
@@ -116,7 +128,7 @@ pub fn build_units(
                 let (a, b) = (find(&mut parent, first), find(&mut parent, other));
                 if a != b {
                     let (lo, hi) = (a.min(b), a.max(b));
-                    parent[hi] = lo;
+                    parent[hi] = lo as u32;
                 }
             }
         }
@@ -176,11 +188,11 @@ pub fn build_units(
 
     let staged = staged_bits(tree, blocks);
     let mut units: Vec<Unit> = Vec::with_capacity(blocks.len());
-    let mut unit_of_root: Vec<usize> = vec![usize::MAX; blocks.len()];
+    let mut unit_of_root: Vec<u32> = vec![u32::MAX; blocks.len()];
     for i in 0..blocks.len() {
         let root = find(&mut parent, i);
-        let unit = if unit_of_root[root] == usize::MAX {
-            unit_of_root[root] = units.len();
+        let unit = if unit_of_root[root] == u32::MAX {
+            unit_of_root[root] = units.len() as u32;
             units.push(Unit {
                 blocks: Members::One(i),
                 bits: 0,
@@ -192,12 +204,12 @@ pub fn build_units(
             });
             units.last_mut().expect("just pushed")
         } else {
-            let unit = &mut units[unit_of_root[root]];
+            let unit = &mut units[unit_of_root[root] as usize];
             unit.blocks.push(i);
             unit
         };
         unit.bits += blocks[i].bits;
-        unit.staged_bits = unit.staged_bits.max(staged[i]);
+        unit.staged_bits = unit.staged_bits.max(staged_of(&staged, blocks, i));
         unit.buffer_bits += blocks[i].buffer_bits;
         unit.runtime_bits += value_of(runtime, i);
         unit.compute += value_of(compute, i);
