@@ -39,6 +39,20 @@ impl Agg {
 /// pass from the last node to the first folds every subtree's keys into its parent, and one pass from
 /// the first emits the map, skipping each collapsed subtree: O(nodes), no walk up per key, no sort.
 pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+    // Few keys (layers kept whole): walking up from each key and down the keyed subtrees touches far
+    // fewer nodes than a pass over every node.
+    if entries.len().saturating_mul(SPARSE_KEYS_PER_NODE) < tree.len() {
+        clean_by_walking(tree, entries)
+    } else {
+        clean_in_one_pass(tree, entries)
+    }
+}
+
+/// Below one key per this many nodes, [`clean_by_walking`] is the faster of the two.
+const SPARSE_KEYS_PER_NODE: usize = 32;
+
+/// [`clean_device_map`] in one pass each way over every node: O(nodes), for maps with many keys.
+fn clean_in_one_pass(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
     // Read the keys in node order with a cursor instead of a per-node table (the solver's keys, its
     // blocks, come sorted already).
     let sorted: Vec<(NodeId, Device)>;
@@ -89,48 +103,49 @@ pub fn clean_device_map(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<
     out
 }
 
+/// [`clean_device_map`] for few keys: every key added to each ancestor, then a walk down the keyed
+/// subtrees only: O(keys x depth) besides two per-node tables.
+fn clean_by_walking(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
+    let n = tree.len();
+    let mut own: Vec<Option<Device>> = vec![None; n];
+    let mut below = vec![Agg::Empty; n];
+    for &(node, device) in entries {
+        own[node as usize] = Some(device);
+        let mut cur = tree.parent(node);
+        while let Some(p) = cur {
+            below[p as usize] = below[p as usize].add(device);
+            cur = tree.parent(p);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![tree.root()];
+    while let Some(m) = stack.pop() {
+        match below[m as usize] {
+            Agg::Uniform(d, count) if count > 1 => {
+                out.push((m, d));
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(d) = own[m as usize] {
+            out.push((m, d));
+        }
+        for &c in tree.children(m).iter().rev() {
+            if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
+                stack.push(c);
+            }
+        }
+    }
+    out.sort_by_key(|(node, _)| *node);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::blocks::tests::random_tree;
     use crate::tree::TreeBuilder;
     use proptest::prelude::*;
-
-    /// The map as first written: every key added to each ancestor, then a walk down the child lists.
-    fn clean_by_walking(tree: &ModuleTree, entries: &[(NodeId, Device)]) -> Vec<(NodeId, Device)> {
-        let n = tree.len();
-        let mut own: Vec<Option<Device>> = vec![None; n];
-        let mut below = vec![Agg::Empty; n];
-        for &(node, device) in entries {
-            own[node as usize] = Some(device);
-            let mut cur = tree.parent(node);
-            while let Some(p) = cur {
-                below[p as usize] = below[p as usize].add(device);
-                cur = tree.parent(p);
-            }
-        }
-        let mut out = Vec::new();
-        let mut stack = vec![tree.root()];
-        while let Some(m) = stack.pop() {
-            match below[m as usize] {
-                Agg::Uniform(d, count) if count > 1 => {
-                    out.push((m, d));
-                    continue;
-                }
-                _ => {}
-            }
-            if let Some(d) = own[m as usize] {
-                out.push((m, d));
-            }
-            for &c in tree.children(m).iter().rev() {
-                if own[c as usize].is_some() || below[c as usize] != Agg::Empty {
-                    stack.push(c);
-                }
-            }
-        }
-        out.sort_by_key(|(node, _)| *node);
-        out
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
@@ -146,9 +161,10 @@ mod tests {
                 .collect();
             entries.sort_by_key(|e| e.0);
             entries.dedup_by_key(|e| e.0);
-            prop_assert_eq!(clean_device_map(&tree, &entries), clean_by_walking(&tree, &entries));
+            prop_assert_eq!(clean_in_one_pass(&tree, &entries), clean_by_walking(&tree, &entries));
             let reversed: Vec<(NodeId, Device)> = entries.iter().rev().copied().collect();
-            prop_assert_eq!(clean_device_map(&tree, &reversed), clean_by_walking(&tree, &entries));
+            prop_assert_eq!(clean_in_one_pass(&tree, &reversed), clean_by_walking(&tree, &entries));
+            prop_assert_eq!(clean_by_walking(&tree, &reversed), clean_by_walking(&tree, &entries));
         }
     }
 
