@@ -22,25 +22,10 @@ pub struct Block {
 /// and a checkpoint, which only names tensors, could not see them). The root is never kept whole for
 /// its class: a model listing its own class in `_no_split_modules` (it does so for its nested copies)
 /// would otherwise become one block that fits nowhere; accelerate never treats the root as atomic.
-/// `splittable`: per node, whether a child module holds a tensor (see [`splittable_modules`]).
-fn is_atomic(tree: &ModuleTree, no_split: &[bool], splittable: &[bool], node: NodeId) -> bool {
+fn is_atomic(tree: &ModuleTree, no_split: &[bool], node: NodeId) -> bool {
     tree.is_tensor(node)
         || (node != tree.root() && no_split[tree.class_id(node) as usize])
-        || !splittable[node as usize]
-}
-
-/// Per node: whether one of its child modules holds a tensor. One pass over the parent links, so the
-/// cut reads no child lists.
-fn splittable_modules(tree: &ModuleTree) -> Vec<bool> {
-    let mut splittable = vec![false; tree.len()];
-    for node in 1..tree.len() as NodeId {
-        if !tree.is_tensor(node) && tree.holds_tensors(node) {
-            if let Some(parent) = tree.parent(node) {
-                splittable[parent as usize] = true;
-            }
-        }
-    }
-    splittable
+        || !tree.child_modules(node).any(|child| tree.holds_tensors(child))
 }
 
 /// Per class id: whether the class is listed in `no_split_module_classes`.
@@ -55,11 +40,10 @@ pub fn no_split_mask(tree: &ModuleTree, no_split_classes: &[String]) -> Vec<bool
 /// one scan finds them: a node reached is a block if it is kept whole (and the scan skips its subtree),
 /// else the scan enters it. A split module's tensors are blocks, as tensors are kept whole.
 pub fn cut_blocks(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
-    let splittable = splittable_modules(tree);
     let mut blocks = Vec::new();
     let mut node = tree.root();
     while (node as usize) < tree.len() {
-        if is_atomic(tree, no_split, &splittable, node) {
+        if is_atomic(tree, no_split, node) {
             blocks.push(make_block(tree, node));
             node = tree.end(node);
         } else {
@@ -179,11 +163,10 @@ pub(crate) mod tests {
 
     /// The cut as first written: a walk down the child lists from the root, sorted afterwards.
     fn cut_by_walking(tree: &ModuleTree, no_split: &[bool]) -> Vec<Block> {
-        let splittable = splittable_modules(tree);
         let mut blocks = Vec::new();
         let mut stack = vec![tree.root()];
         while let Some(node) = stack.pop() {
-            if is_atomic(tree, no_split, &splittable, node) {
+            if is_atomic(tree, no_split, node) {
                 blocks.push(make_block(tree, node));
                 continue;
             }
