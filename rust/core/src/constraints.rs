@@ -2,6 +2,8 @@
 //! fixed to a device). The result is a set of *units*: a free unit is a leader block plus the blocks
 //! tied to it; a pinned unit has its device decided.
 
+use std::collections::HashMap;
+
 use crate::blocks::{value_of, Block};
 use crate::device::{Device, DeviceSpec};
 use crate::error::{PlacementError, Result};
@@ -9,22 +11,13 @@ use crate::tree::{ModuleTree, NodeId};
 
 /// The blocks of a unit (indices into the block list), leader first. Most units are one block, held
 /// inline: a leaf-only plan of a large model has hundreds of thousands of units, one allocation each
-/// otherwise.
+/// otherwise. A boxed slice (not a `Vec`) keeps this 16 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Members {
     /// A unit of one block.
     One(usize),
     /// A tie group: several blocks.
-    Many(Vec<usize>),
-}
-
-impl Members {
-    fn push(&mut self, block: usize) {
-        match self {
-            Members::One(first) => *self = Members::Many(vec![*first, block]),
-            Members::Many(blocks) => blocks.push(block),
-        }
-    }
+    Many(Box<[usize]>),
 }
 
 impl std::ops::Deref for Members {
@@ -48,19 +41,39 @@ impl<'a> IntoIterator for &'a Members {
 }
 
 /// A group of blocks that must share one device; `blocks` are indices into the block list, leader first.
+/// What only some trees have (staged sizes with ties, runtime memory, compute) is read from per-block
+/// columns instead ([`Unit::staged_bits`], [`Unit::sum_of`]): a leaf-only solve of a large model holds
+/// one record per block, and at 40 bytes 750k of them stay below glibc's mmap threshold (no fresh pages
+/// faulted in on every solve).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unit {
     pub blocks: Members,
     pub bits: u64,
+    pub buffer_bits: u64,
+    pub pinned: Option<Device>,
+}
+
+const _: () = assert!(std::mem::size_of::<Unit>() <= 40);
+
+impl Unit {
+    /// The unit's total of a per-block column made by [`attach_to_blocks`](crate::blocks::attach_to_blocks)
+    /// (runtime memory, compute cost; 0 for an empty column).
+    pub fn sum_of(&self, per_block: &[u64]) -> u64 {
+        if per_block.is_empty() {
+            return 0;
+        }
+        self.blocks.iter().map(|&b| value_of(per_block, b)).sum()
+    }
+
     /// The most that is staged at once when the unit is offloaded: accelerate's hooks load one block at
     /// a time, each with the tied tensors it uses (wherever they are counted), never the whole unit.
-    pub staged_bits: u64,
-    pub buffer_bits: u64,
-    /// Runtime memory (KV cache, logits) of the unit's blocks.
-    pub runtime_bits: u64,
-    /// Compute cost of the unit's blocks.
-    pub compute: u64,
-    pub pinned: Option<Device>,
+    /// `staged` is the column of [`staged_bits`] (empty without ties: then each unit is one block).
+    pub fn staged_bits(&self, staged: &[u64]) -> u64 {
+        if staged.is_empty() {
+            return self.bits;
+        }
+        self.blocks.iter().map(|&b| staged[b]).max().unwrap_or(0)
+    }
 }
 
 /// Union-find root of block `x` (indices as `u32`: blocks are tree nodes, and a smaller table
@@ -83,8 +96,8 @@ fn block_of(tree: &ModuleTree, blocks: &[Block], node: NodeId) -> Option<usize> 
 
 /// Per block: its bits plus the storage of every tied tensor it uses that is counted in another block
 /// (what the execution device holds while the block runs offloaded).
-/// Empty when the tree has no ties: every block then stages its own bits (see [`staged_of`]).
-fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
+/// Empty when the tree has no ties: every block then stages its own bits (see [`Unit::staged_bits`]).
+pub fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
     if tree.tie_groups().is_empty() {
         return Vec::new();
     }
@@ -105,11 +118,6 @@ fn staged_bits(tree: &ModuleTree, blocks: &[Block]) -> Vec<u64> {
     staged
 }
 
-/// What block `i` stages when offloaded: its own bits plus tied storage counted elsewhere.
-fn staged_of(staged: &[u64], blocks: &[Block], i: usize) -> u64 {
-    staged.get(i).copied().unwrap_or(blocks[i].bits)
-}
-
 /// Group blocks into units: tied blocks join their earliest block; pins are resolved (the deepest pin
 /// above a block wins; pins inside a block pin the whole block and must agree).
 pub fn build_units(
@@ -117,8 +125,6 @@ pub fn build_units(
     blocks: &[Block],
     pins: &[(String, Device)],
     spec: &DeviceSpec,
-    runtime: &[u64],
-    compute: &[u64],
 ) -> Result<Vec<Unit>> {
     let mut parent: Vec<u32> = (0..blocks.len() as u32).collect();
     for group in tree.tie_groups() {
@@ -186,37 +192,35 @@ pub fn build_units(
         }
     }
 
-    let staged = staged_bits(tree, blocks);
     let mut units: Vec<Unit> = Vec::with_capacity(blocks.len());
     let mut unit_of_root: Vec<u32> = vec![u32::MAX; blocks.len()];
+    // The blocks of each unit that has several (tie groups only), by unit index, gathered here and
+    // boxed once at the end.
+    let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
     for i in 0..blocks.len() {
         let root = find(&mut parent, i);
-        let unit = if unit_of_root[root] == u32::MAX {
+        let index = if unit_of_root[root] == u32::MAX {
             unit_of_root[root] = units.len() as u32;
             units.push(Unit {
                 blocks: Members::One(i),
                 bits: 0,
-                staged_bits: 0,
                 buffer_bits: 0,
-                runtime_bits: 0,
-                compute: 0,
                 pinned: None,
             });
-            units.last_mut().expect("just pushed")
+            units.len() - 1
         } else {
-            let unit = &mut units[unit_of_root[root] as usize];
-            unit.blocks.push(i);
-            unit
+            let index = unit_of_root[root] as usize;
+            let leader = units[index].blocks[0];
+            groups.entry(index).or_insert_with(|| vec![leader]).push(i);
+            index
         };
+        let unit = &mut units[index];
         unit.bits += blocks[i].bits;
-        unit.staged_bits = unit.staged_bits.max(staged_of(&staged, blocks, i));
         unit.buffer_bits += blocks[i].buffer_bits;
-        unit.runtime_bits += value_of(runtime, i);
-        unit.compute += value_of(compute, i);
         if let Some((_, _, device, pin_name)) = block_pin.get(i).and_then(Option::as_ref) {
             match unit.pinned {
                 Some(existing) if existing != *device => {
-                    let members = &unit.blocks;
+                    let members = groups.get(&index).map_or(&unit.blocks[..], Vec::as_slice);
                     let names = tree
                         .tie_groups()
                         .iter()
@@ -234,6 +238,9 @@ pub fn build_units(
                 _ => unit.pinned = Some(*device),
             }
         }
+    }
+    for (index, members) in groups {
+        units[index].blocks = Members::Many(members.into_boxed_slice());
     }
     Ok(units)
 }

@@ -6,7 +6,7 @@
 
 use crate::blocks::{attach_to_blocks, cut_blocks, no_split_mask, value_of, Block};
 use crate::clean::clean_device_map;
-use crate::constraints::{build_units, Unit};
+use crate::constraints::{build_units, staged_bits, Unit};
 use crate::device::{human, label, Device, DeviceSpec};
 use crate::error::{PlacementError, Result, Shortfall};
 use crate::plan::{DeviceUsage, Offload, Plan};
@@ -159,6 +159,8 @@ pub(super) struct Solver<'a> {
     /// Runtime memory and compute cost per block (empty lists when none is given: see `value_of`).
     runtime: Vec<u64>,
     compute: Vec<u64>,
+    /// What each block stages when offloaded (empty without ties: its own bits; see `Unit::staged_bits`).
+    staged: Vec<u64>,
     units: Vec<Unit>,
     gpus: Vec<(Device, u64)>,
     /// The devices that compute: the GPUs, or the CPU when there is no GPU (then it is the execution
@@ -180,7 +182,8 @@ impl<'a> Solver<'a> {
         let blocks = cut_blocks(tree, &no_split);
         let runtime = attach_to_blocks(tree, &blocks, &options.runtime_bits)?;
         let compute = attach_to_blocks(tree, &blocks, &options.compute)?;
-        let units = build_units(tree, &blocks, &options.pins, spec, &runtime, &compute)?;
+        let units = build_units(tree, &blocks, &options.pins, spec)?;
+        let staged = staged_bits(tree, &blocks);
         let gpus: Vec<(Device, u64)> = spec.gpus().collect();
         let computing: Vec<Device> = if gpus.is_empty() {
             spec.contains(Device::Cpu).then_some(Device::Cpu).into_iter().collect()
@@ -196,6 +199,7 @@ impl<'a> Solver<'a> {
             blocks,
             runtime,
             compute,
+            staged,
             units,
             gpus,
             computing,
@@ -247,7 +251,7 @@ impl<'a> Solver<'a> {
             .staged
             .iter()
             .copied()
-            .chain(self.pinned_offload.iter().map(|&u| self.units[u].staged_bits))
+            .chain(self.pinned_offload.iter().map(|&u| self.staged_of(&self.units[u])))
             .collect();
         execution::choose(
             self.gpus.len(),
@@ -258,9 +262,19 @@ impl<'a> Solver<'a> {
         )
     }
 
+    /// What a unit stages when offloaded.
+    fn staged_of(&self, u: &Unit) -> u64 {
+        u.staged_bits(&self.staged)
+    }
+
+    /// A unit's runtime memory (KV cache, logits).
+    fn runtime_of(&self, u: &Unit) -> u64 {
+        u.sum_of(&self.runtime)
+    }
+
     /// Memory a unit leaves on its execution device when it is offloaded.
     fn stays(&self, u: &Unit) -> u64 {
-        u.runtime_bits + if self.options.offload_buffers { 0 } else { u.buffer_bits }
+        self.runtime_of(u) + if self.options.offload_buffers { 0 } else { u.buffer_bits }
     }
 
     fn lane(&self, d: Device, capacity: u64) -> Lane {
@@ -279,9 +293,9 @@ impl<'a> Solver<'a> {
             let Some(d) = u.pinned else { continue };
             let i = self.ledger.index(d);
             self.ledger.pinned[i] += u.bits;
-            self.ledger.pinned_cost[i] += u.compute;
+            self.ledger.pinned_cost[i] += u.sum_of(&self.compute);
             if self.computing.contains(&d) {
-                self.ledger.runtime[i] += u.runtime_bits;
+                self.ledger.runtime[i] += self.runtime_of(u);
             } else {
                 off.push(index);
             }
@@ -325,7 +339,7 @@ impl<'a> Solver<'a> {
     fn free_chain(&self) -> FreeChain {
         let n = self.units.len() - self.pinned_offload.len();
         let by_compute = self.options.balance == Balance::Compute;
-        let any_runtime = self.free_units().any(|u| u.runtime_bits > 0);
+        let any_runtime = self.free_units().any(|u| self.runtime_of(u) > 0);
         let column = |wanted: bool| wanted.then(|| Vec::with_capacity(n));
         let mut free = FreeChain {
             weights: Vec::with_capacity(n),
@@ -340,18 +354,19 @@ impl<'a> Solver<'a> {
         };
         for u in self.free_units() {
             free.weights.push(u.bits);
-            free.staged.push(u.staged_bits);
+            free.staged.push(self.staged_of(u));
             free.is_group.push(u.blocks.len() > 1);
             free.buffers.push(u.buffer_bits);
             if let Some(compute) = free.compute.as_mut() {
-                compute.push(u.compute);
+                compute.push(u.sum_of(&self.compute));
             }
             if any_runtime {
-                free.runtime.push(u.runtime_bits);
+                let runtime = self.runtime_of(u);
+                free.runtime.push(runtime);
                 free.with_runtime
                     .as_mut()
                     .expect("made with runtime")
-                    .push(u.bits + u.runtime_bits);
+                    .push(u.bits + runtime);
                 free.stays.as_mut().expect("made with runtime").push(self.stays(u));
             }
         }
@@ -362,7 +377,7 @@ impl<'a> Solver<'a> {
         self.pinned_offload
             .iter()
             .map(|&u| PinnedUnit {
-                staged: self.units[u].staged_bits,
+                staged: self.staged_of(&self.units[u]),
                 stays: self.stays(&self.units[u]),
             })
             .collect()
@@ -386,12 +401,14 @@ impl<'a> Solver<'a> {
             .iter()
             .copied()
             .chain(pinned)
-            .filter(|u| runs(u.staged_bits))
+            .map(|u| (u, self.staged_of(u)))
+            .filter(|&(_, staged)| runs(staged))
             // The first of the largest: the block a reader meets first in model order.
-            .fold(None, |best: Option<&Unit>, u| match best {
-                Some(b) if b.staged_bits >= u.staged_bits => Some(b),
-                _ => Some(u),
-            })?;
+            .fold(None, |best: Option<(&Unit, u64)>, (u, staged)| match best {
+                Some(b) if b.1 >= staged => Some(b),
+                _ => Some((u, staged)),
+            })?
+            .0;
         Some(self.tree.name(self.blocks[unit.blocks[0]].node).to_string())
     }
 
@@ -446,7 +463,11 @@ impl<'a> Solver<'a> {
         let cpu_executed_bits = (placement.next.min(lane_of.len())..free.weights.len())
             .filter(|&j| !staging.stages(free.staged[j]))
             .map(|j| free.weights[j])
-            .chain(pinned_on_cpu.filter(|u| !staging.stages(u.staged_bits)).map(|u| u.bits))
+            .chain(
+                pinned_on_cpu
+                    .filter(|u| !staging.stages(self.staged_of(u)))
+                    .map(|u| u.bits),
+            )
             .sum();
         Ok(Attempt {
             ledger,
@@ -489,16 +510,16 @@ impl<'a> Solver<'a> {
             .pinned_offload
             .iter()
             .map(|&u| &self.units[u])
-            .filter(|u| !staging.stages(u.staged_bits))
+            .filter(|u| !staging.stages(self.staged_of(u)))
             .collect();
         let any = (next..n).any(|j| runs_here(&j)) || !pinned.is_empty();
         let runtime: u64 = if any { self.options.activation_bits } else { 0 }
             + (next..n).filter(runs_here).map(|j| free.runtime(j)).sum::<u64>()
-            + pinned.iter().map(|u| u.runtime_bits).sum::<u64>();
+            + pinned.iter().map(|u| self.runtime_of(u)).sum::<u64>();
         let on_disk = pinned
             .iter()
             .filter(|u| u.pinned == Some(Device::Disk))
-            .map(|u| (u.staged_bits, kept(u.buffer_bits)));
+            .map(|u| (self.staged_of(u), kept(u.buffer_bits)));
         let has_disk = self.spec.contains(Device::Disk);
         let load_room = |first_disk: usize| -> u64 {
             if !has_disk {
@@ -687,7 +708,8 @@ impl<'a> Solver<'a> {
                 Some(d) => (d, None),
                 None => free_devices.next().expect("one device per free unit"),
             };
-            let execution = self.execution_of(device, unit.staged_bits, chosen);
+            let staged = self.staged_of(unit);
+            let execution = self.execution_of(device, staged, chosen);
             for &b in &unit.blocks {
                 block_device[b] = device;
                 block_execution[b] = execution;
@@ -695,7 +717,7 @@ impl<'a> Solver<'a> {
             if !self.is_offloaded(device) {
                 continue;
             }
-            let note = self.execution_note(execution, unit.staged_bits, chosen);
+            let note = self.execution_note(execution, staged, chosen);
             let leader = unit.blocks[0];
             for &b in &unit.blocks {
                 let reason = match unit.pinned {
