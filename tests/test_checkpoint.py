@@ -7,6 +7,7 @@ import os
 import struct
 
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
@@ -168,3 +169,15 @@ def test_workload_from_the_checkpoint_config_matches_the_model(tiny_checkpoints)
     assert sum(u.runtime for u in from_headers.usage) > 0
     with pytest.raises(devicemap.CheckpointError, match="config.json"):
         devicemap.plan_checkpoint(folder, max_memory=memory, workload=workload, config={})
+
+
+@pytest.mark.parametrize("count", [-3, 2**64, 10**30])
+def test_layer_counts_no_layer_list_can_have_are_ignored(tmp_path, count):
+    # A config.json count below zero or past the core's 64-bit counters names no layer list: it is
+    # ignored (the plan is the one without a config), never an OverflowError from the conversion.
+    from safetensors.torch import save_file
+
+    save_file({f"model.layers.{i}.weight": torch.zeros(8) for i in range(3)}, tmp_path / "model.safetensors")
+    memory = {"cpu": "1GiB"}
+    plan = devicemap.plan_checkpoint(tmp_path, max_memory=memory, config={"num_hidden_layers": count})
+    assert plan.device_map == devicemap.plan_checkpoint(tmp_path, max_memory=memory, config={}).device_map

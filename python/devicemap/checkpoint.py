@@ -67,7 +67,8 @@ def layer_counts(config: Mapping[str, Any]) -> list[int]:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    # The core counts in 64 bits: a larger "count" describes no layer list and is ignored like a negative one.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _decoder_count(config: Mapping[str, Any]) -> tuple[str, int] | None:
