@@ -8,6 +8,13 @@ STAMP := $(VENV)/.deps-installed
 
 .PHONY: demo test setup build rust-test py-test lint bench clean
 
+# Tests draw the same examples on every run (hypothesis derandomized, proptest seeded by .cargo/config.toml).
+# DEVICEMAP_EXPLORE=1 draws new ones: a random proptest seed (printed, to replay a failure with
+# PROPTEST_RNG_SEED=<seed>) and random hypothesis examples (tests/exploration.py).
+ifneq ($(filter 1 true yes on,$(DEVICEMAP_EXPLORE)),)
+export PROPTEST_RNG_SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+
 demo: build
 	$(BIN)/devicemap demo
 
@@ -27,6 +34,7 @@ build: setup
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin develop --release --extras test
 
 rust-test:
+	@test -z "$(DEVICEMAP_EXPLORE)" || echo "proptest seed: PROPTEST_RNG_SEED=$$PROPTEST_RNG_SEED"
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace

@@ -1,14 +1,14 @@
-"""Test configuration: a deterministic hypothesis profile for CI (same examples every run, no
-example database), the default random profile locally to keep finding new cases."""
-
-import os
+"""Test configuration: hypothesis draws the same examples on every run (derandomized, no example
+database) unless ``DEVICEMAP_EXPLORE=1`` asks for random exploration (see ``exploration.py``)."""
 
 import pytest
 from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+from exploration import EXPLORE
+
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("explore" if EXPLORE else "deterministic")
 
 
 @pytest.fixture(scope="session")

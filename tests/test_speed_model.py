@@ -1,11 +1,12 @@
 """The speed model (devicemap.hardware, devicemap.estimate): formulas on hand-made plans and blocks, the
-presets and their errors, and the estimate's CPU-side terms against measured CPU forward times."""
+presets and their errors. The CPU-side terms against measured CPU forward times: benches/bench_speed_model_cpu.py."""
 
 from __future__ import annotations
 
-import inspect
 import math
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,89 +321,32 @@ def test_measure_host_reports_positive_rates_and_how_it_measured(tmp_path: objec
     print("\n" + Hardware(gpus=(), host=measured).describe(), details)
 
 
-# --- the CPU-side terms against a measured CPU forward --------------------------------------------------
-
-TOLERANCE = 2.0
-"""Measured / predicted must lie in [1/2, 2]. Measured here (a shared 2-core AMD EPYC, torch 2.15, one
-thread, thread CPU time), for the ~210M-parameter model below, in six runs: prefill 1.11-1.31x, decode
-0.99-1.34x the prediction. Narrower models run slower than predicted: per-op costs (~10 us x ~40 ops
-per layer) are not modelled and matrix-vector products on 1024-wide matrices stream ~25% slower than
-the 4096-wide measurement (decode 1.3-1.6x at hidden 1024, ~2x at hidden 768)."""
+# --- the CPU-side terms against a measured CPU forward: benches/bench_speed_model_cpu.py ------------------
 
 
-def test_cpu_terms_predict_a_measured_cpu_forward() -> None:
-    """A ~210M-parameter Llama (hidden 2048, 4 layers) computed on the CPU (prefill of 128 tokens, one
-    decoded token after them), in float32 and bfloat16, against the estimate on this host measured the
-    same way.
-
-    Single-threaded, timed with the thread's CPU time (host measurement and model alike): this machine is
-    shared, and with two threads and wall time other processes' load made small ops wait on each other
-    (decode measured 2-12x the prediction in such runs). Eager attention keeps the attention arithmetic
-    to the plain matmuls the model counts; torch's sdpa measured the same here single-threaded (decode
-    1.24-1.34x, prefill 1.13-1.20x).
-    """
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
-        num_key_value_heads=4, vocab_size=8000, attn_implementation="eager",
-    )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    clock = time.thread_time
-    seq = 128
-
-    def best(run: object, repeats: int = 4) -> float:
-        run()  # type: ignore[operator]
-        times = []
-        for _ in range(repeats):
-            start = clock()
-            run()  # type: ignore[operator]
-            times.append(clock() - start)
-        return min(times)
-
-    results = []
-    try:
-        torch.manual_seed(0)
-        for dtype in (torch.float32, torch.bfloat16):
-            with torch.device("meta"):
-                model = transformers.LlamaForCausalLM(config)
-            model = model.to_empty(device="cpu").to(dtype).eval()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(std=0.02)
-            hw = Hardware(gpus=(), host=measure_host(quick=True, timer=clock))
-            plan = devicemap.plan(model, max_memory={"cpu": "16GiB"})
-            predicted = estimate(plan, devicemap.Workload(seq_len=seq), hw, model)
-            ids = torch.randint(0, config.vocab_size, (1, seq))
-            with torch.inference_mode():
-                prefill = best(lambda ids=ids, model=model: model(ids, use_cache=False))
-                out = model(ids, use_cache=True)
-                # transformers 5.2x renamed the cache argument `cache` (past_key_values is deprecated)
-                key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-                cache = getattr(out, key, None) or out.past_key_values
-
-                def step(
-                    model: torch.nn.Module = model,
-                    cache: object = cache,
-                    ids: torch.Tensor = ids,
-                    key: str = key,
-                ) -> None:
-                    model(ids[:, -1:], use_cache=True, **{key: cache})
-                    cache.crop(-1)  # type: ignore[attr-defined]
-
-                decode = best(step)
-            results.append((dtype, "prefill", predicted.prefill.seconds, prefill))
-            results.append((dtype, "decode", predicted.decode.seconds, decode))
-            del model
-    finally:
-        torch.set_num_threads(threads)
-    report = "\n".join(
-        f"{dtype} {phase}: predicted {pred * 1e3:.1f} ms, measured {meas * 1e3:.1f} ms, ratio {meas / pred:.2f}"
-        for dtype, phase, pred, meas in results
+def test_cpu_forward_bench_runs_and_reports_every_phase() -> None:
+    """The measured check of the CPU terms is a benchmark (a ratio of timings depends on the machine's load);
+    this only checks that it still runs and prints a row per dtype and phase."""
+    script = Path(__file__).resolve().parent.parent / "benches" / "bench_speed_model_cpu.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard, not a speed check
+        check=False,
     )
-    print("\n" + report)
-    for _, _, pred, meas in results:
-        assert 1 / TOLERANCE <= meas / pred <= TOLERANCE, report
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("| float32") or line.startswith("| bfloat16")
+    ]
+    assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows] == [
+        ("float32", "prefill"),
+        ("float32", "decode"),
+        ("bfloat16", "prefill"),
+        ("bfloat16", "decode"),
+    ]
 
 
 def test_plan_executing_offloaded_blocks_on_the_cpu_moves_activations_not_weights() -> None:
