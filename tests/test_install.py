@@ -424,7 +424,7 @@ print("ok")
 @pytest.mark.parametrize("value", ["1", ""])
 def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> None:
     """The ``devicemap_hooks.pth`` start-up line: with DEVICEMAP=1 a process that never imports devicemap gets
-    the hooks; without it, devicemap is not even imported."""
+    the hooks when it imports transformers; with or without it, start-up imports neither devicemap nor torch."""
     import os
     import subprocess
     import sys
@@ -436,27 +436,85 @@ def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> No
     (site_dir / "devicemap_hooks.pth").write_text(dm_install.STARTUP_LINE + "\n")
     script = (
         f"import site, sys; site.addsitedir({str(site_dir)!r}); "
-        "print('devicemap' in sys.modules); import transformers.modeling_utils as m; "
+        "print('devicemap' in sys.modules or 'torch' in sys.modules); import transformers.modeling_utils as m; "
         "print(m._get_device_map.__module__)"
     )
     env = {**os.environ, "DEVICEMAP": value}
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )
     lines = done.stdout.split()
     assert lines[-2:] == (
-        ["True", "devicemap.integrations.transformers"]
+        ["False", "devicemap.integrations.transformers"]
         if value
         else ["False", "transformers.integrations.accelerate"]
     ), done.stderr[-2000:]
 
 
-def test_the_installed_package_ships_the_startup_file() -> None:
-    """`pip install devicemap` (here: the build `make build` installed) puts devicemap_hooks.pth in
-    site-packages, so DEVICEMAP=1 reaches a program that never imports devicemap."""
+STARTUP_PROBE = """
+import sys
+heavy = sorted(m for m in ("torch", "devicemap", "transformers", "accelerate") if m in sys.modules)
+assert not heavy, f"start-up imported {heavy}"
+import {first}
+import devicemap.integrations as dm_install
+from accelerate import load_checkpoint_and_dispatch
+import transformers.modeling_utils as modeling_utils, peft.peft_model as peft_model
+replaced = dm_install._replacements
+assert load_checkpoint_and_dispatch is replaced[("accelerate", "load_checkpoint_and_dispatch")]
+assert modeling_utils._get_device_map is replaced[("transformers.modeling_utils", "_get_device_map")]
+assert peft_model.infer_auto_device_map is replaced[("peft.peft_model", "infer_auto_device_map")]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", ["accelerate", "transformers", "peft", "diffusers"])
+def test_devicemap_1_installs_at_the_first_import_of_any_loader(first: str) -> None:
+    """With DEVICEMAP=1 (the installed start-up file), start-up imports nothing heavy, and whichever loader is
+    imported first (peft and diffusers import the others inside their own import) installs every hook:
+    a name copied out of accelerate right after is already devicemap's."""
     import os
     import subprocess
     import sys
+
+    env = {**os.environ, "DEVICEMAP": "1"}
+    script = STARTUP_PROBE.replace("{first}", first)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_broken_devicemap_does_not_break_the_loaders_import(tmp_path: Path) -> None:
+    """DEVICEMAP=1 with a devicemap that fails to import: the user's library still imports, with a warning
+    saying the hooks are not installed."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "devicemap"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    env = {**os.environ, "DEVICEMAP": "1", "PYTHONPATH": str(tmp_path)}
+    script = "import warnings; warnings.simplefilter('always'); import accelerate; print('imported')"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.stdout.strip().endswith("imported"), done.stderr[-3000:]
+    assert "could not install the loader hooks" in done.stderr and "simulated broken install" in done.stderr
+
+
+def test_the_installed_package_ships_the_startup_file() -> None:
+    """`pip install devicemap` (here: the build `make build` installed) puts devicemap_hooks.pth and
+    devicemap_startup.py in site-packages, so DEVICEMAP=1 reaches a program that never imports devicemap
+    (and the installed start-up module is the one in the source tree)."""
+    import os
+    import subprocess
+    import sys
+
+    import devicemap_startup
+
+    source = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap_startup.py"
+    assert Path(devicemap_startup.__file__).read_text() == source.read_text(), "stale build: run `make build`"
 
     script = "import sys, transformers.modeling_utils as m; print('devicemap' in sys.modules, m._get_device_map.__module__)"
     for value, expected in (

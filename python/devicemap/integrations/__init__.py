@@ -51,11 +51,12 @@ ENVIRONMENT_VARIABLE = "DEVICEMAP"
 
 STARTUP_LINE = (
     'import os; os.environ.get("DEVICEMAP", "").strip().lower() in ("1", "true", "yes", "on") and '
-    '__import__("devicemap.integrations", fromlist=["install"]).install_from_environment()'
+    '__import__("devicemap_startup").arm()'
 )
 """The one line of ``devicemap_hooks.pth`` (run by ``site`` at every interpreter start): imports nothing but ``os``
-unless ``DEVICEMAP`` asks for the install, so code that never imports devicemap is reached at no cost to
-every other process. :func:`install` imports no library itself: each is patched when its import ends."""
+unless ``DEVICEMAP`` asks for the install; then it imports the small ``devicemap_startup`` module (no torch,
+not this package), which installs when transformers, accelerate, diffusers or peft is first imported. Code
+that never imports devicemap is reached, at no cost to processes that never import those libraries."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,16 @@ def install() -> list[str]:
     >>> "transformers.modeling_utils._get_device_map" in patched  # doctest: +SKIP
     True
     """
+    return _install(finished=None)
+
+
+def install_after_import(module: ModuleType | None) -> list[str]:
+    """:func:`install`, called (by ``devicemap_startup``, for ``DEVICEMAP=1``) right after ``module``'s body has
+    run: its import is still being finished by Python, but it is complete and is patched now."""
+    return _install(finished=module)
+
+
+def _install(finished: ModuleType | None) -> list[str]:
     with _lock:
         versions = {s.distribution: _version_ok(s) for s in _supported()}
         for support in _supported():
@@ -249,10 +260,9 @@ def install() -> list[str]:
             if not versions.get(patch.distribution) or (patch.module, patch.attribute) in _originals:
                 continue
             module = sys.modules.get(patch.module)
-            if (
-                module is not None
-                and getattr(module, "__spec__", None) is not None
-                and not _initializing(module)
+            if module is not None and (
+                module is finished
+                or (getattr(module, "__spec__", None) is not None and not _initializing(module))
             ):
                 _apply(patch, module)
             elif patch not in _pending.get(patch.module, []):
