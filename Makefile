@@ -3,6 +3,14 @@
 
 PYTHON ?= python3
 VENV := .venv
+# DEVICEMAP_DEPS=oldest: the same commands in .venv-oldest, with the oldest supported versions of torch,
+# accelerate, transformers & co. (.ci/oldest-versions.txt, as pip constraints).
+ifeq ($(DEVICEMAP_DEPS),oldest)
+VENV := .venv-oldest
+export PIP_CONSTRAINT := $(abspath .ci/oldest-versions.txt)
+else ifneq ($(DEVICEMAP_DEPS),)
+$(error DEVICEMAP_DEPS=$(DEVICEMAP_DEPS): use DEVICEMAP_DEPS=oldest, or leave it unset for the newest releases)
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deps-installed
 
@@ -71,4 +79,4 @@ pictures: build
 	$(BIN)/python -c "import sys, cairosvg; [cairosvg.svg2png(url=f + '.svg', write_to=f + '.png', output_width=1920) for f in sys.argv[1:]]" $(PICTURES)
 
 clean:
-	rm -rf target $(VENV) .pytest_cache .hypothesis
+	rm -rf target .venv .venv-oldest .pytest_cache .hypothesis
