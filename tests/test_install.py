@@ -374,8 +374,13 @@ def test_environment_variable() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:for base_model.*copying from a non-meta parameter:UserWarning")
-def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(llama_path: Path, tmp_path: Path) -> None:
+def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(
+    llama_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     peft = pytest.importorskip("peft")
+    # PEFT re-saves disk-offloaded base weights relative to the working directory (its os.path.join of the
+    # split absolute path drops the leading "/"): keep them out of the checkout.
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(4)
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     unsplit = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_path), lora)
