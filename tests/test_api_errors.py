@@ -241,6 +241,44 @@ def test_a_plan_for_gpus_this_machine_lacks_says_rehearse(model):
     assert out.shape == (1, 8)
 
 
+def test_from_pretrained_for_gpus_this_machine_lacks_says_rehearse(tmp_path):
+    """The README's call on a machine without those GPUs: UnknownDeviceError before any weight is read (it was
+    torch's "Found no NVIDIA driver" from inside transformers), the same check dispatch and load_checkpoint make."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    visible = accelerator_count()
+    budget = {visible: "24GiB", visible + 1: "24GiB", "cpu": "64GiB"}  # GPUs past the last this machine has
+    with pytest.raises(devicemap.UnknownDeviceError, match=f"on GPU {visible}.*rehearse=True"):
+        devicemap.from_pretrained(tmp_path, max_memory=budget)
+    rehearsed = devicemap.from_pretrained(tmp_path, max_memory=budget, rehearse=True)
+    assert rehearsed(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+    with pytest.raises(devicemap.InvalidOptionError, match="device_map='auto'.*makes the device map itself"):
+        devicemap.from_pretrained(tmp_path, max_memory={"cpu": "1GiB"}, device_map="auto")
+
+
+def test_dispatch_to_a_main_device_this_machine_lacks(model):
+    visible = accelerator_count()
+    for missing in (visible, f"cuda:{visible}"):
+        with pytest.raises(devicemap.UnknownDeviceError, match="main_device.*rehearse=True"):
+            devicemap.dispatch(model, {"": "cpu"}, main_device=missing)
+    # In a rehearsal the CPU stands in for that GPU as it does for the map's.
+    out = devicemap.dispatch(model, {"": visible}, main_device=visible, rehearse=True)(torch.ones(1, 8))
+    assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("device", ["cuda:{visible}", "tpu:0"])
+def test_pipeline_stage_on_a_device_this_machine_lacks(model, device):
+    stages = devicemap.plan_stages(model, hosts=[["1MiB", "1MiB"]])
+    with pytest.raises(devicemap.UnknownDeviceError, match="device="):
+        devicemap.pipeline(
+            model, stages, (torch.ones(1, 8),), 0, device=device.format(visible=accelerator_count())
+        )
+
+
 @pytest.mark.parametrize(
     ("device_map", "error", "fragment"),
     [

@@ -30,6 +30,15 @@ def _always_uninstalled():
     dm_install.uninstall()
 
 
+@pytest.fixture(autouse=True)
+def _gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """devicemap sees 8 GPUs on this CPU machine: the hook refuses budgets naming GPUs a machine lacks, and
+    these tests place components on GPUs without loading weights there."""
+    import devicemap.memory
+
+    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 8)
+
+
 def brute_force(
     sizes: Mapping[str, int], capacities: Mapping[Hashable, int | None]
 ) -> dict[str, Hashable] | None:

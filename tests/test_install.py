@@ -42,6 +42,13 @@ def _always_uninstalled():
     dm_install.uninstall()
 
 
+@pytest.fixture
+def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """devicemap sees two GPUs on this CPU machine: plans naming GPUs 0 and 1 are checked by stopping the load
+    before any weight moves (otherwise the hooks refuse a budget naming GPUs this machine lacks)."""
+    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 2)
+
+
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (tied embeddings) saved with random weights."""
@@ -128,6 +135,7 @@ def test_install_replaces_and_uninstall_restores_the_same_objects() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
+@pytest.mark.usefixtures("two_gpus")
 def test_from_pretrained_plans_gpus_with_devicemap(
     monkeypatch: pytest.MonkeyPatch, llama_path: Path, strategy: Strategy
 ) -> None:
@@ -158,6 +166,47 @@ def test_from_pretrained_real_offload_load(llama_path: Path, tmp_path: Path) -> 
         assert torch.equal(model(tokens).logits, reference)
 
 
+def test_the_disk_is_there_as_the_library_planner_appends_it(llama_path: Path, tmp_path: Path) -> None:
+    """accelerate's planner (behind transformers' and accelerate's loaders) appends an unbounded disk to any
+    max_memory without one: a CPU budget too small for the model loads without devicemap, so it must with it
+    (it raised DoesNotFitError 'add "disk" to max_memory'). devicemap.plan() keeps its rule: disk only when asked."""
+    tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(llama_path)(tokens).logits
+    cpu_only: dict[int | str, int | str] = {"cpu": "600KiB"}
+    with pytest.raises(devicemap.DoesNotFitError, match='add "disk"'):
+        devicemap.plan(meta_model(llama_path), dict(cpu_only))
+    expected = devicemap.plan(meta_model(llama_path), {**cpu_only, "disk": 0}).device_map
+    with dm_install.installed():
+        model = AutoModelForCausalLM.from_pretrained(
+            llama_path, device_map="auto", max_memory=dict(cpu_only), offload_folder=tmp_path / "off"
+        )
+        assert model.hf_device_map == expected
+        loaded = accelerate.load_checkpoint_and_dispatch(
+            empty_model(llama_path),
+            str(llama_path / "model.safetensors"),
+            device_map="auto",
+            max_memory=dict(cpu_only),
+            offload_folder=str(tmp_path / "off2"),
+        )
+        assert (
+            loaded.hf_device_map
+            == devicemap.plan(empty_model(llama_path), {**cpu_only, "disk": 0}).device_map
+        )
+        # accelerate writes disk weights only into offload_folder, and refuses a map with disk entries without
+        # one: devicemap says so before reading a tensor, as a PlacementError.
+        with pytest.raises(devicemap.OffloadFolderError, match="offload_folder="):
+            accelerate.load_checkpoint_and_dispatch(
+                empty_model(llama_path),
+                str(llama_path / "model.safetensors"),
+                device_map="auto",
+                max_memory=dict(cpu_only),
+            )
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference)
+        assert torch.equal(loaded(tokens).logits, reference)
+
+
 def test_keep_in_fp32_weights_are_planned_at_fp32(t5_path: Path, tmp_path: Path) -> None:
     # A CPU budget where sizing T5's ``wo`` at fp16 (transformers) or fp32 (as it loads) changes the map.
     budget: dict[int | str, int | str] = {"cpu": 240_000, "disk": "1GiB"}
@@ -184,6 +233,7 @@ def test_keep_in_fp32_weights_are_planned_at_fp32(t5_path: Path, tmp_path: Path)
     # model just the same); the Llama tests compare logits.
 
 
+@pytest.mark.usefixtures("two_gpus")
 def test_quantized_from_pretrained_is_sized_as_the_quantizer_stores_it(
     monkeypatch: pytest.MonkeyPatch, llama_path: Path
 ) -> None:
@@ -228,6 +278,7 @@ def test_quantized_from_pretrained_is_sized_as_the_quantizer_stores_it(
     assert hooked != own
 
 
+@pytest.mark.usefixtures("two_gpus")
 def test_load_checkpoint_and_dispatch(
     monkeypatch: pytest.MonkeyPatch, llama_path: Path, tmp_path: Path
 ) -> None:
@@ -273,7 +324,7 @@ def test_load_checkpoint_and_dispatch(
         assert torch.equal(model(tokens).logits, reference)
 
 
-def test_unrecognised_calls_fall_back_with_one_warning() -> None:
+def test_unrecognised_calls_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     from devicemap.integrations import transformers as hook_transformers
 
     calls: list[object] = []
@@ -300,8 +351,13 @@ def test_unrecognised_calls_fall_back_with_one_warning() -> None:
         "devicemap: from_pretrained(device_map='auto'): pre-quantized bitsandbytes_4bit checkpoints are not "
         "planned through the loader yet"
     ]
-    # A dict is the user's own map: passed through untouched, no warning.
-    assert hooked(model, {"": 0}, None, None) == {"": "cpu"}
+    # A dict is the user's own map: passed through untouched, no warning...
+    assert hooked(model, {"": "disk"}, None, None) == {"": "cpu"}
+    # ...unless it names a GPU this machine lacks (transformers would fail in torch moving weights there).
+    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 0)
+    with pytest.raises(devicemap.UnknownDeviceError, match="puts '' on GPU 0, but this machine has 0 GPU"):
+        hooked(model, {"": 0}, None, None)
+    assert len(calls) == 4
 
 
 def test_hooks_know_the_same_strategies_as_plan() -> None:
@@ -318,8 +374,13 @@ def test_environment_variable() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:for base_model.*copying from a non-meta parameter:UserWarning")
-def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(llama_path: Path, tmp_path: Path) -> None:
+def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(
+    llama_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     peft = pytest.importorskip("peft")
+    # PEFT re-saves disk-offloaded base weights relative to the working directory (its os.path.join of the
+    # split absolute path drops the leading "/"): keep them out of the checkout.
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(4)
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     unsplit = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_path), lora)
@@ -354,6 +415,7 @@ def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(llama_path: Path, 
     assert own != model.hf_device_map
 
 
+@pytest.mark.usefixtures("two_gpus")
 def test_diffusers_model_from_pretrained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(6)

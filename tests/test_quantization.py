@@ -267,6 +267,12 @@ def test_offload_rules_agree_with_transformers(config, pre_quantized):
     rule = offload_rule(config, pre_quantized=pre_quantized)
     for offload in ("cpu", "disk"):
         refused = _refuses(quantizer, {"model.layers.0": 0, "model.layers.1": offload})
+        if offload == "disk" and not pre_quantized and isinstance(config, transformers.TorchAoConfig):
+            # transformers accepts the map, but the model then fails on its first forward: accelerate cannot
+            # re-create torchao's tensors as it streams a layer back to the disk (the torchao rows of
+            # tests/test_loader_differential.py). devicemap refuses the disk instead.
+            assert not refused and not rule.allows(offload)
+            continue
         assert refused == (not rule.allows(offload)), (offload, rule)
     assert _refuses(quantizer, {"": "cpu"}) == (not rule.cpu_only)
 

@@ -26,7 +26,15 @@ from .checkpoint import plan_checkpoint
 from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from .execution_hooks import attach_execution_hooks
-from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
+from .memory import (
+    DeviceKey,
+    MaxMemory,
+    absent_devices,
+    accelerator_count,
+    accelerator_type,
+    check_devices_present,
+    device_key,
+)
 from .offload_folder import (
     ConvertedWeights,
     content_key,
@@ -41,6 +49,10 @@ from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
 PlanLike = Plan | Mapping[str, DeviceKey]
+
+ABSENT_DEVICE_HINT = "run it where the GPUs are, or pass rehearse=True to run the plan on the CPU"
+"""What :func:`dispatch`, :func:`load_checkpoint` and :func:`from_pretrained` suggest for a plan naming a GPU
+this machine lacks."""
 
 
 class RehearsalDevice(str):
@@ -72,6 +84,8 @@ def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, An
     CPU acting as that GPU) when rehearsing."""
     check_flag("rehearse", rehearse)
     if isinstance(plan_or_map, Plan):
+        if not rehearse:  # the devices that run offloaded blocks must exist too, not only those storing them
+            check_devices_present(plan_or_map.execution_map, ABSENT_DEVICE_HINT)
         return execution_map(plan_or_map.device_map, rehearse)
     if not isinstance(plan_or_map, Mapping):
         raise InvalidOptionError(
@@ -86,7 +100,7 @@ def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, An
         )  # 0, "cuda:0", torch.device("cuda", 0) -> 0; or UnknownDeviceError
     _check_disjoint(device_map)
     if not rehearse:
-        _check_present(device_map)
+        check_devices_present(device_map, ABSENT_DEVICE_HINT)
         return device_map
     stand_in = RehearsalDevice()
     return {k: stand_in if isinstance(v, int) or v == "mps" else v for k, v in device_map.items()}
@@ -103,21 +117,6 @@ def _check_disjoint(device_map: Mapping[str, Any]) -> None:
                     f"device map keys {outer!r} and {name!r} overlap ({name!r} lies inside {outer!r}): give "
                     "each module one device, e.g. the map of a devicemap plan"
                 )
-
-
-def _check_present(device_map: Mapping[str, Any]) -> None:
-    """Every GPU the (canonical) map names exists here (else torch fails deep inside the first copy)."""
-    visible = accelerator_count()
-    for name, key in device_map.items():
-        if isinstance(key, int) and key >= visible:
-            raise UnknownDeviceError(
-                f"the device map puts {name!r} on GPU {key}, but this machine has {visible} GPU(s); run it "
-                "where the GPUs are, or pass rehearse=True to run the plan on the CPU"
-            )
-        if key == "mps" and not torch.backends.mps.is_available():
-            raise UnknownDeviceError(
-                f"the device map puts {name!r} on 'mps', which this machine lacks; pass rehearse=True to run on the CPU"
-            )
 
 
 def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any], rehearse: bool = False) -> Any:
@@ -205,7 +204,7 @@ def dispatch(
     device_map = execution_map(plan, rehearse)
     _check_covers(model, device_map)
     if main_device is not None:
-        device_key(main_device)
+        main_device = _main_device_arg(main_device, device_map, rehearse)
     folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
     if "disk" not in device_map.values():
         folder = None
@@ -239,6 +238,20 @@ def dispatch(
             offload_buffers=offload_buffers,
         ),
     )
+
+
+def _main_device_arg(main_device: object, device_map: Mapping[str, Any], rehearse: bool) -> Any:
+    """``dispatch``'s ``main_device``: a device this machine has, or in a rehearsal the CPU standing in."""
+    key = device_key(main_device)
+    if rehearse and (isinstance(key, int) or key == "mps"):
+        stand_ins = [d for d in device_map.values() if isinstance(d, RehearsalDevice)]
+        return stand_ins[0] if stand_ins else RehearsalDevice()
+    if absent_devices([key]):
+        raise UnknownDeviceError(
+            f"main_device={main_device!r} names a device this machine lacks (it has {accelerator_count()} "
+            f"GPU(s)); {ABSENT_DEVICE_HINT}"
+        )
+    return main_device
 
 
 def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
@@ -590,6 +603,12 @@ def from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_path("path", path)
+    check_flag("rehearse", rehearse)
+    if "device_map" in kwargs:  # transformers would get it twice (a TypeError)
+        raise InvalidOptionError(
+            f"device_map={kwargs['device_map']!r}: devicemap.from_pretrained makes the device map itself; pass "
+            "strategy= and max_memory= (or call transformers' from_pretrained with your own map)"
+        )
     if not (Path(path) / "config.json").is_file():
         raise CheckpointError(
             f"bad checkpoint {path}: no config.json in this folder; devicemap.from_pretrained loads a local "
@@ -617,7 +636,9 @@ def from_pretrained(
             pins=pins,
             quantization_config=kwargs.get("quantization_config"),
         )
-    check_flag("rehearse", rehearse)
+    # The check dispatch and load_checkpoint make, before any weight is read: a GPU this machine lacks raises
+    # UnknownDeviceError (suggesting rehearse=True) instead of torch's "Found no NVIDIA driver" mid-load.
+    execution_map(result, rehearse)
     quantized = "quantization_config" in kwargs or getattr(config, "quantization_config", None) is not None
     per_block = _per_block_execution(result, result.device_map, rehearse=False) is not None
     if rehearse or (per_block and not quantized and not set(kwargs) - {"dtype"}):

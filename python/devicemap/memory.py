@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, overload
 
 from . import _core
@@ -157,6 +157,59 @@ def accelerator_count() -> int:
     if backend is None:
         return int(torch.accelerator.device_count())
     return int(backend.device_count())
+
+
+def absent_devices(devices: Iterable[object]) -> list[DeviceKey]:
+    """The devices among ``devices`` (keys in any form accelerate takes: ``0``, ``"cuda:1"``,
+    ``torch.device("xpu", 2)``, ``"mps"``) that this machine lacks: a GPU index at or past
+    :func:`accelerator_count`, or ``"mps"`` without MPS. Keys naming no device devicemap knows are left to
+    whoever reads them. Each device once, in placement order.
+
+    >>> absent_devices(["cpu", "disk"])
+    []
+    """
+    missing: set[DeviceKey] = set()
+    visible: int | None = None
+    for raw in devices:
+        try:
+            key = device_key(raw)
+        except UnknownDeviceError:
+            continue
+        if isinstance(key, int):
+            visible = accelerator_count() if visible is None else visible
+            if key >= visible:
+                missing.add(key)
+        elif key == "mps" and not _mps_available():
+            missing.add(key)
+    return sort_devices(list(missing))
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(torch.backends.mps.is_available())
+
+
+def check_devices_present(device_map: Mapping[str, object], hint: str) -> None:
+    """Raise :class:`UnknownDeviceError` naming the first module ``device_map`` places on a device this machine
+    lacks (see :func:`absent_devices`), and how many GPUs it has, followed by ``hint`` (what the caller can do
+    instead). THE check every entry that moves weights makes before reading any, so torch's own error ("Found
+    no NVIDIA driver", "Torch not compiled with CUDA enabled", "invalid device ordinal") never reaches a user.
+
+    >>> check_devices_present({"": "cpu", "lm_head": "disk"}, hint="")
+    """
+    if not absent_devices(device_map.values()):  # one look at the machine for the whole map
+        return
+    for name, device in device_map.items():
+        for key in absent_devices([device]):
+            if key == "mps":
+                raise UnknownDeviceError(
+                    f"the device map puts {name!r} on 'mps', which this machine lacks; {hint}"
+                )
+            raise UnknownDeviceError(
+                f"the device map puts {name!r} on GPU {key}, but this machine has {accelerator_count()} "
+                f"GPU(s); {hint}"
+            )
 
 
 def available_memory() -> dict[DeviceKey, int]:

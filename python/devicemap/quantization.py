@@ -148,7 +148,14 @@ def offload_rule(quantization_config: Any, *, pre_quantized: bool = False) -> Of
     if method == "torchao":
         if pre_quantized:
             return OffloadRule(disk=False, reason="torchao cannot disk-offload a pre-quantized checkpoint")
-        return OffloadRule()
+        # Quantized while loading, the weights are torchao tensor subclasses, which accelerate's disk-offload
+        # hooks cannot re-create when they stream a layer back out (TypeError in set_module_tensor_to_device,
+        # accelerate 1.16): a map with disk entries loads, then fails on the first forward.
+        return OffloadRule(
+            disk=False,
+            reason="accelerate cannot stream torchao's quantized tensors from the disk (its offload hooks fail "
+            "re-creating them on the first forward)",
+        )
     if method in ("hqq", "higgs", "nvfp4"):
         return OffloadRule(cpu=False, disk=False, cpu_only=False, reason=_NO_OFFLOAD)
     if method in ("bitnet", "eetq", "quanto"):

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from .arguments import check_choice
-from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError
+from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError, UnknownDeviceError
 from .formatting import format_bytes
-from .memory import Size, parse_size
+from .memory import Size, absent_devices, accelerator_count, parse_size
 from .options import Balance
 from .planning import Plan, covering_key, plan
 from .tree import DtypeLike, ModuleTree
@@ -157,6 +157,7 @@ def pipeline(
     from torch.distributed.pipelining import SplitPoint
     from torch.distributed.pipelining import pipeline as trace_pipeline
 
+    stage_device = _stage_device(device)  # before tracing: a device this machine lacks fails fast
     split_spec = {name: SplitPoint.BEGINNING for name in stages.split_points}
     pipe = trace_pipeline(model, mb_args=example_args, split_spec=split_spec)
     if pipe.num_stages != len(stages.stages):
@@ -169,4 +170,21 @@ def pipeline(
         raise InvalidOptionError(
             f"rank {rank} runs no stage of this plan (ranks: {[s.rank for s in stages.stages]})"
         )
-    return pipe.build_stage(index, device=torch.device(device or "cpu"), group=group)
+    return pipe.build_stage(index, device=stage_device, group=group)
+
+
+def _stage_device(device: object) -> torch.device:
+    """The device ``pipeline`` builds a stage on: one this machine has, or :class:`UnknownDeviceError` (never
+    torch's own error when the stage's weights move there)."""
+    try:
+        found = torch.device(device or "cpu")  # type: ignore[call-overload]  # checked here, not by the types
+    except (RuntimeError, TypeError):
+        raise UnknownDeviceError(
+            f"device={device!r} is not a device torch knows: pass e.g. 'cuda:0', torch.device('xpu', 1) or 'cpu'"
+        ) from None
+    if absent_devices([found]):
+        raise UnknownDeviceError(
+            f"device={device!r}: this machine lacks it (it has {accelerator_count()} GPU(s)); build each stage "
+            "on the host that has its GPU (rank -> device), or on 'cpu'"
+        )
+    return found

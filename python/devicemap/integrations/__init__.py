@@ -23,7 +23,17 @@ one warning. A quantizer that quantizes while loading (bitsandbytes, torchao) is
 quantized sizes. At call time anything a hook does not recognise (a pre-quantized checkpoint, a quantizer
 devicemap cannot size, transformers' ``_no_placement_params``, arguments it does not know) goes to the
 library's own function, with one warning per reason; a device map that is not a strategy string goes there
-silently. :func:`uninstall` puts back the exact original function objects.
+silently, unless it names a GPU this machine lacks (:class:`~devicemap.UnknownDeviceError` instead of torch's
+error midway). :func:`uninstall` puts back the exact original function objects.
+
+Unchanged code that loads without devicemap loads with it (``tests/test_loader_differential.py`` runs every
+loader both ways): each hook plans on the budget the library's own planner uses, ``max_memory`` (or the
+machine's free memory) plus the unbounded disk accelerate's planner appends (accelerate's loader without an
+``offload_folder`` cannot use it: :class:`~devicemap.OffloadFolderError` when the model needs it); a CPU budget
+too small to stage the offloaded layers is exceeded by what staging needs, with a warning, as the libraries
+exceed it; a GPU in ``max_memory`` that this machine lacks is left out, with a warning, where the library's
+own planner places nothing on it, and refused with :class:`~devicemap.UnknownDeviceError` where it would (the
+unchanged call fails in torch).
 
 Code that cannot be edited: ``DEVICEMAP=1`` and the start-up line :data:`STARTUP_LINE` (shipped as
 ``devicemap_hooks.pth``), which installs before the program runs; :func:`install_from_environment` does the same

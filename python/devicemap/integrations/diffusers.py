@@ -18,12 +18,25 @@ GPU load, exactly. As in diffusers the CPU takes what the GPUs cannot, whatever 
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..component_placement import CPU, place_components
-from .common import Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
+from ..errors import UnknownDeviceError
+from ..memory import absent_devices, accelerator_count
+from .common import (
+    ABSENT_GPU_HINT,
+    Unrecognised,
+    check_map_present,
+    is_strategy,
+    keep_in_fp32_dtypes,
+    plan_for_loader,
+)
+
+MODEL_LIBRARY = "diffusers' from_pretrained"
+PIPELINE_LIBRARY = "diffusers' pipeline device_map='balanced'"
 
 
 def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,7 +53,13 @@ def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         fp32 = list(keep_in_fp32_modules or [])
         if not is_strategy(device_map):
+            if isinstance(device_map, Mapping):
+                check_map_present(device_map, MODEL_LIBRARY)
             return original(model, device_map, max_memory, torch_dtype, fp32, hf_quantizer)
+
+        def library_map() -> Any:
+            return original(model, device_map, copy.copy(max_memory), torch_dtype, fp32, hf_quantizer)
+
         try:
             planned = plan_for_loader(
                 model,
@@ -50,6 +69,8 @@ def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
                 dtype=torch_dtype,
                 special_dtypes=keep_in_fp32_dtypes(model, fp32),
                 quantizer=hf_quantizer,
+                library=MODEL_LIBRARY,
+                library_map=library_map,
             )
         except Unrecognised as reason:
             warn_once(f"diffusers from_pretrained(device_map={device_map!r}): {reason}")
@@ -88,6 +109,28 @@ def _component_inputs(
     return sizes, budgets
 
 
+def _without_absent_gpus(budgets: dict[Any, int], absent: list[Any], theirs: Any) -> dict[Any, int]:
+    """The GPU budgets without those this machine lacks, when diffusers' own assignment (``theirs``) would load
+    here: no component on a missing GPU, and none on the CPU without a GPU 0 (diffusers runs CPU components
+    from GPU 0: ``dispatch_model(..., main_device=0)``). Otherwise the unchanged call fails in torch as it
+    moves weights, and :class:`UnknownDeviceError` says so now."""
+    from . import warn_once
+
+    names = ", ".join(f"GPU {d}" if isinstance(d, int) else repr(d) for d in absent)
+    refused = f"max_memory names {names}, which this machine lacks (it has {accelerator_count()} GPU(s))"
+    used = set(theirs) if isinstance(theirs, Mapping) else set(absent)
+    present = {device for device in budgets if device not in absent}
+    if not used <= present | {CPU} or (CPU in used and absent_devices([0])):
+        raise UnknownDeviceError(
+            f"{refused}, and {PIPELINE_LIBRARY} would place components there (or run CPU components from GPU 0), "
+            f"which fails as they load; {ABSENT_GPU_HINT}"
+        )
+    warn_once(
+        f"{refused}; {PIPELINE_LIBRARY} places nothing there, so devicemap places components on the GPUs present"
+    )
+    return {device: budget for device, budget in budgets.items() if device not in absent}
+
+
 def make_assign_components(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for diffusers' ``_assign_components_to_devices`` (pipeline ``device_map="balanced"``).
 
@@ -105,6 +148,15 @@ def make_assign_components(original: Callable[..., Any]) -> Callable[..., Any]:
         except Unrecognised as reason:
             warn_once(f"diffusers pipeline device_map: {reason}")
             return original(module_sizes, device_memory, device_mapping_strategy=device_mapping_strategy)
+        absent = absent_devices(budgets)
+        if absent:
+            try:
+                theirs = original(
+                    module_sizes, dict(device_memory), device_mapping_strategy=device_mapping_strategy
+                )
+            except Exception:  # diffusers refuses the call: it does not load
+                theirs = None
+            budgets = _without_absent_gpus(budgets, absent, theirs)
         placed = place_components(sizes, {**budgets, CPU: None})
         mapping: dict[Any, list[str]] = {}
         for name, device in placed.assignment.items():

@@ -6,16 +6,19 @@ adapter, and plans the whole ``PeftModel`` again with the module globals ``peft.
 (default ``"auto"``) and ``max_memory`` (default: the whole machine) given to ``from_pretrained``.
 
 The replacements plan with devicemap instead: adapter weights are part of the model, so they are budgeted;
-without a ``max_memory`` the budget the base model was planned with through the transformers hook is kept.
+without a ``max_memory`` the budget the base model was planned with through the transformers hook is kept. As in
+accelerate's planner, an unbounded disk is added to the budget (PEFT offloads to ``offload_folder``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .common import StrategyName, Unrecognised, plan_for_loader
 from .transformers import REQUEST_ATTRIBUTE
+
+LIBRARY = "PEFT's re-plan in PeftModel.from_pretrained"
 
 
 class BalancedRequest(dict):  # type: ignore[type-arg]
@@ -46,6 +49,11 @@ def _remembered_budget(model: Any) -> Any:
     return request.get("max_memory") if isinstance(request, dict) else None
 
 
+def _copied(max_memory: Any) -> Any:
+    """A plain copy for accelerate's planner, which converts size strings in place."""
+    return dict(max_memory) if isinstance(max_memory, Mapping) else max_memory
+
+
 def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``peft.peft_model.infer_auto_device_map``."""
     from . import warn_once
@@ -64,7 +72,12 @@ def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., An
             budget = _remembered_budget(model)
         try:
             planned = plan_for_loader(
-                model, budget, strategy, no_split_module_classes=kwargs.get("no_split_module_classes")
+                model,
+                budget,
+                strategy,
+                no_split_module_classes=kwargs.get("no_split_module_classes"),
+                library=LIBRARY,
+                library_map=lambda: original(model, _copied(max_memory), **kwargs),
             )
         except Unrecognised as reason:
             warn_once(f"PEFT re-plan: {reason}")
