@@ -4,8 +4,8 @@ and never deletes, renames or overwrites anything it did not create.
 Inside a user's ``offload_dir`` (``D``) devicemap makes three kinds of folder:
 
 - ``D/devicemap-converted-<key>/``: dtype-converted disk weights of one load, named by a hash of what
-  determines their content (checkpoint path, each shard's size and mtime, target dtype, the converted
-  tensors). Complete by construction: written elsewhere and renamed into place with its manifest
+  determines their content (checkpoint path; each shard's safetensors header, inode, size, modification
+  and change times; target dtype; the converted tensors). Complete by construction: written elsewhere and renamed into place with its manifest
   (``devicemap-offload.json``) last, so any later load of the same content reuses it, and concurrent
   loads of the same content share it. Different content gets a different folder.
 - ``D/.devicemap-partial-<key>-<pid>-<random>/``: where such a folder is written before the rename,
@@ -142,15 +142,34 @@ def owned_by_result(folder: Path | None, build: Callable[[], T]) -> T:
 
 def content_key(checkpoint: PathLike, files: Iterable[str], dtype: str, tensors: Iterable[str]) -> str:
     """A hash of everything that determines the converted weights of a load: a different checkpoint,
-    a rewritten shard, another dtype or another set of disk tensors gives another folder."""
+    a rewritten or replaced shard, another dtype or another set of disk tensors gives another folder.
+
+    Each shard counts by its path, its safetensors header and its file identity: device, inode, size,
+    modification time and *change* time. Copies that keep the modification time (``cp -p``, ``rsync -a``,
+    ``tar x``) still write the file, which sets its change time (the kernel's, not settable by tools) and
+    often its inode, so a checkpoint replaced by another of the same size never reuses the old weights.
+    """
     digest = hashlib.sha256()
     digest.update(f"v{FORMAT_VERSION}\0{Path(checkpoint).resolve()}\0{dtype}\0".encode())
     for file in sorted(set(files)):
         stat = os.stat(file)
-        digest.update(f"{Path(file).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        digest.update(f"{Path(file).resolve()}\0{identity}\0".encode())
+        digest.update(_header_digest(file))
     for name in sorted(tensors):
         digest.update(f"{name}\0".encode())
     return digest.hexdigest()[:32]
+
+
+HEADER_LIMIT = 100_000_000
+"""safetensors refuses headers above 100 MB; the checkpoint reader checked each shard against it."""
+
+
+def _header_digest(file: str) -> bytes:
+    """sha256 of a safetensors file's header (its first 8 + N bytes)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return hashlib.sha256(handle.read(min(size, HEADER_LIMIT))).digest()
 
 
 class ConvertedWeights:
