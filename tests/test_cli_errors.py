@@ -288,3 +288,23 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"devicemap {devicemap.__version__}"
+
+
+def test_a_fifo_or_a_hostile_config_is_one_line_not_a_hang_or_a_traceback(capsys, tmp_path):
+    """`devicemap plan` on a FIFO hung forever; on a config.json nested 100k deep or holding a 5000-digit
+    integer it exited 3 with a traceback."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    line = refused(capsys, "plan", str(fifo), "--cpu", "8GiB")
+    assert "is a FIFO, not a regular file" in line
+    fifo.unlink()
+    for text, message in (
+        ("[" * 100_000 + "]" * 100_000, "nests JSON deeper than Python can parse"),
+        (
+            '{"model_type": "llama", "num_hidden_layers": ' + "9" * 5000 + "}",
+            "holds a value Python cannot read",
+        ),
+    ):
+        fifo.write_text(text)
+        line = refused(capsys, "plan", str(fifo), "--cpu", "8GiB")
+        assert message in line and str(fifo) in line
