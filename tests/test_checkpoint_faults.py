@@ -440,3 +440,19 @@ def test_a_hostile_config_json_is_a_checkpoint_error(tmp_path, config, message):
     (folder / "config.json").write_text(config)
     with pytest.raises(devicemap.CheckpointError, match=message):
         devicemap.plan_checkpoint(folder, max_memory=CPU)
+
+
+@pytest.mark.parametrize("depth", [80_000, 1_000_000])
+def test_names_nested_absurdly_deep_are_refused_in_linear_memory(tmp_path, depth):
+    """One tensor name 80k components deep in a 160 KB header took 6.1 GB and 29 s (full dotted names of
+    every prefix kept); a 2 MB header aborted the process on a Rust allocation failure."""
+    import resource
+
+    name = ".".join(["a"] * depth) + ".w"
+    path = tmp_path / "deep.safetensors"
+    write_raw(path, json.dumps({name: tensor(0, 4, shape=(1,))}).encode(), 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(devicemap.CheckpointError, match="names nest too deep"):
+        devicemap.plan_checkpoint(path, max_memory=CPU)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 512 * 1024, f"peak memory grew by {grown_kib} KiB"

@@ -155,7 +155,10 @@ fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
     let handle = open_regular(path)?;
     let size = handle.metadata().map_or(0, |m| m.len());
     if size > limit {
-        return Err(bad(path, format!("{what} is {size} bytes, above the {limit}-byte limit")));
+        return Err(bad(
+            path,
+            format!("{what} is {size} bytes, above the {limit}-byte limit"),
+        ));
     }
     let mut text = Vec::new();
     handle
