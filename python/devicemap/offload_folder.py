@@ -38,6 +38,7 @@ from typing import Any, TypeVar, Union
 
 from . import owned_folders
 from .errors import OffloadFolderError
+from .offload_writer import check_room, tensor_bytes
 
 T = TypeVar("T")
 
@@ -208,13 +209,25 @@ class ConvertedWeights:
         return {tensor: self.final / name for tensor, name in tensors.items()}
 
     def write(self, tensors: Mapping[str, Any]) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         if self.staging is None:
             name = f"{STAGING_PREFIX}{self.key}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             self.staging = owned_folders.create(self.folder, name)
         file = f"converted-{len(set(self.written.values())):05d}.safetensors"
-        save_file(dict(tensors), self.staging / file)
+        needed = sum(tensor_bytes(t) for t in tensors.values())
+        check_room(self.staging, needed, f"{len(tensors)} dtype-converted disk weights")
+        try:
+            save_file(dict(tensors), self.staging / file)
+        except (
+            OSError,
+            SafetensorError,
+        ) as error:  # safetensors reports I/O faults, ENOSPC included, as its own
+            raise OffloadFolderError(
+                f'cannot write dtype-converted weights into "{self.staging}" ({error}): free some space, or pass '
+                "an offload_dir on a larger disk"
+            ) from None
         _fsync(self.staging / file)
         self.written.update(dict.fromkeys(tensors, file))
 
