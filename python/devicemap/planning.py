@@ -334,6 +334,21 @@ def plan(
         objective=objective,
     )
     check_flag("untie", untie)
+    if options.objective == "speed":
+        ignored = [
+            f"{name}={value!r}"
+            for name, value, default in (
+                ("strategy", options.strategy, "auto"),
+                ("balance", options.balance, "memory"),
+                ("execution_device", options.execution_device, None),
+            )
+            if value != default
+        ]
+        if ignored:
+            raise InvalidOptionError(
+                f"objective='speed' chooses each block's device and where it runs itself, so {', '.join(ignored)} "
+                "would be ignored: drop it, or use objective='memory' to plan with it"
+            )
     if hardware is not None and options.objective != "speed":
         raise InvalidOptionError(
             "hardware= is used by objective='speed'; for the memory plan use plan.estimate()"
