@@ -37,6 +37,7 @@ from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare, plan_of_map
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
+from .formatting import shown_message
 from .memory import DeviceKey, device_key, parse_size
 from .options import OBJECTIVES, STRATEGIES, PlacementOptions
 from .planning import Plan, plan
@@ -617,12 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         print("devicemap: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DoesNotFitError as err:
-        print(f"devicemap: {err}", file=sys.stderr)
+        print(f"devicemap: {shown_message(str(err))}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     except InternalError:
         return _report_bug()
     except PlacementError as err:
-        print(f"devicemap: {err}", file=sys.stderr)
+        print(f"devicemap: {shown_message(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:  # noqa: BLE001 - anything else is a devicemap bug: show it, ask for a report
         return _report_bug()
