@@ -750,3 +750,74 @@ def test_quantization_configs_speed_objective_and_estimate(tiny_meta_llama, data
         {"workload": junk, "hardware": junk | gpu_presets, "model_or_config": junk},
     )
     expect_placement_error(plan.estimate, *arguments.values())
+
+
+FILE_KINDS = r"""
+import json, os, resource, signal, struct, sys, devicemap
+root = sys.argv[1]
+
+def header(names):
+    raw = json.dumps({n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)}).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 4 * len(names)
+
+KINDS = {
+    "fifo": lambda p: os.mkfifo(p),
+    "dev-null": lambda p: os.symlink("/dev/null", p),
+    "dev-zero": lambda p: os.symlink("/dev/zero", p),
+    "folder": lambda p: os.mkdir(p),
+    "dangling": lambda p: os.symlink(p + ".missing", p),
+    "deep-names": lambda p: open(p, "wb").write(header([".".join(["a"] * 200_000) + ".w"])),
+    "huge-length": lambda p: open(p, "wb").write(struct.pack("<Q", 2**62) + b"{}"),
+    "self-loop": lambda p: os.symlink(p, p),
+}
+ROLES = ["model.safetensors", "model.safetensors.index.json", "config.json", "shard"]
+
+def on_alarm(*_):
+    raise TimeoutError("a read blocked")
+
+signal.signal(signal.SIGALRM, on_alarm)
+for kind, make in KINDS.items():
+    for role in ROLES:
+        folder = os.path.join(root, f"{kind}-{role}")
+        os.mkdir(folder)
+        if role != "model.safetensors":
+            open(os.path.join(folder, "model-1.safetensors"), "wb").write(header(["layers.0.w"]))
+        if role == "shard":
+            index = {"weight_map": {"layers.0.w": "model-1.safetensors", "layers.1.w": "model-2.safetensors"}}
+            open(os.path.join(folder, "model.safetensors.index.json"), "w").write(json.dumps(index))
+            make(os.path.join(folder, "model-2.safetensors"))
+        else:
+            make(os.path.join(folder, role))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        signal.alarm(30)
+        try:
+            devicemap.plan_checkpoint(folder, max_memory={"cpu": "1GiB"})
+            outcome = "planned"
+        except devicemap.PlacementError as err:
+            outcome = type(err).__name__
+        except BaseException as err:
+            outcome = f"RAW {type(err).__name__}: {str(err)[:200]}"
+        finally:
+            signal.alarm(0)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(kind, role, outcome, grown, flush=True)
+"""
+
+
+def test_every_file_kind_in_every_checkpoint_role_is_planned_or_refused_quickly(tmp_path: Path):
+    """A FIFO, a device, a folder, a dangling or looping symlink, absurdly deep names and a huge header
+    length, as the checkpoint file, its index, its config.json or a shard: each is planned or a
+    PlacementError, within 30 s and 256 MiB of extra memory per case (one child process runs them all)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_KINDS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split(" ", 3) for line in done.stdout.splitlines()]
+    assert len(rows) == 8 * 4, done.stdout
+    for kind, role, outcome, grown in rows:
+        assert not outcome.startswith("RAW"), (kind, role, outcome)
+        assert int(grown) < 256 * 1024, (kind, role, f"grew {grown} KiB")
