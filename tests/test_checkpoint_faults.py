@@ -342,3 +342,117 @@ def test_encoder_decoder_stacks_of_different_lengths(tmp_path):
     assert blocks == [f"encoder.block.{i}" for i in range(3)] + [f"decoder.block.{i}" for i in range(2)]
     from_model = devicemap.plan(model, max_memory=CPU, workload=workload, dtype="float32")
     assert sum(u.runtime for u in plan.usage) == sum(u.runtime for u in from_model.usage)
+
+
+# ----- file kinds and sizes: every read is of a regular file, bounded ---------------------------------
+
+PLAN_IN_A_CHILD = """
+import sys, devicemap
+try:
+    devicemap.plan_checkpoint(sys.argv[1], max_memory={"cpu": "1GiB"})
+except devicemap.PlacementError as err:
+    print(type(err).__name__, err)
+"""
+
+
+def plan_in_a_child(path) -> str:
+    """plan_checkpoint in a subprocess, so a read that blocks fails the test instead of hanging it."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PLAN_IN_A_CHILD, str(path)], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"planning {path} hung")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def small_checkpoint(folder) -> None:
+    folder.mkdir()
+    header = json.dumps({"layers.0.w": tensor(0, 16)}).encode()
+    write_raw(folder / "model-00001.safetensors", header, 16)
+
+
+@pytest.mark.parametrize(
+    "which", ["model.safetensors", "model.safetensors.index.json", "shard", "checkpoint"]
+)
+def test_a_fifo_where_a_checkpoint_file_belongs_is_refused_without_blocking(tmp_path, which):
+    """A FIFO named model.safetensors or model.safetensors.index.json hung plan_checkpoint (and `devicemap
+    plan`) forever, and a FIFO shard was reported as "missing"."""
+    import os
+
+    folder = tmp_path / "ckpt"
+    if which == "model.safetensors":
+        folder.mkdir()
+        os.mkfifo(folder / "model.safetensors")
+        target = folder
+    elif which == "model.safetensors.index.json":
+        small_checkpoint(folder)
+        os.mkfifo(folder / "model.safetensors.index.json")
+        target = folder
+    elif which == "shard":
+        small_checkpoint(folder)
+        os.mkfifo(folder / "model-00002.safetensors")
+        index = {
+            "weight_map": {"layers.0.w": "model-00001.safetensors", "layers.1.w": "model-00002.safetensors"}
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        target = folder
+    else:
+        os.mkfifo(tmp_path / "fifo.safetensors")
+        target = tmp_path / "fifo.safetensors"
+    out = plan_in_a_child(target)
+    assert out.startswith("CheckpointError") and "FIFO, not a regular file" in out, out
+
+
+def test_an_index_that_is_a_device_or_too_big_is_refused_before_reading(tmp_path):
+    """The index was read with no size limit: a symlink to /dev/zero was read until the memory cap."""
+    folder = tmp_path / "ckpt"
+    small_checkpoint(folder)
+    (folder / "model.safetensors.index.json").symlink_to("/dev/zero")
+    out = plan_in_a_child(folder)
+    assert out.startswith("CheckpointError") and "a device, not a regular file" in out, out
+    (folder / "model.safetensors.index.json").unlink()
+    with open(folder / "model.safetensors.index.json", "wb") as handle:
+        handle.truncate(300_000_000)  # sparse: nothing is written, the size is what counts
+    with pytest.raises(
+        devicemap.CheckpointError, match=r"index is 300000000 bytes, above the \d+-byte limit"
+    ):
+        devicemap.plan_checkpoint(folder, max_memory=CPU)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests JSON deeper than Python can parse"),
+        ('{"num_hidden_layers": ' + "9" * 5000 + "}", "holds a value Python cannot read"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+    ],
+    ids=["nested-100k", "5000-digit-int", "list"],
+)
+def test_a_hostile_config_json_is_a_checkpoint_error(tmp_path, config, message):
+    """config.json nested 100k deep raised RecursionError; a 5000-digit integer a bare ValueError."""
+    folder = tmp_path / "ckpt"
+    small_checkpoint(folder)
+    (folder / "config.json").write_text(config)
+    with pytest.raises(devicemap.CheckpointError, match=message):
+        devicemap.plan_checkpoint(folder, max_memory=CPU)
+
+
+@pytest.mark.parametrize("depth", [80_000, 1_000_000])
+def test_names_nested_absurdly_deep_are_refused_in_linear_memory(tmp_path, depth):
+    """One tensor name 80k components deep in a 160 KB header took 6.1 GB and 29 s (full dotted names of
+    every prefix kept); a 2 MB header aborted the process on a Rust allocation failure."""
+    import resource
+
+    name = ".".join(["a"] * depth) + ".w"
+    path = tmp_path / "deep.safetensors"
+    write_raw(path, json.dumps({name: tensor(0, 4, shape=(1,))}).encode(), 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(devicemap.CheckpointError, match="names nest too deep"):
+        devicemap.plan_checkpoint(path, max_memory=CPU)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 512 * 1024, f"peak memory grew by {grown_kib} KiB"

@@ -288,3 +288,59 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"devicemap {devicemap.__version__}"
+
+
+def test_a_fifo_or_a_hostile_config_is_one_line_not_a_hang_or_a_traceback(capsys, tmp_path):
+    """`devicemap plan` on a FIFO hung forever; on a config.json nested 100k deep or holding a 5000-digit
+    integer it exited 3 with a traceback."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    line = refused(capsys, "plan", str(fifo), "--cpu", "8GiB")
+    assert "is a FIFO, not a regular file" in line
+    fifo.unlink()
+    for text, message in (
+        ("[" * 100_000 + "]" * 100_000, "nests JSON deeper than Python can parse"),
+        (
+            '{"model_type": "llama", "num_hidden_layers": ' + "9" * 5000 + "}",
+            "holds a value Python cannot read",
+        ),
+    ):
+        fifo.write_text(text)
+        line = refused(capsys, "plan", str(fifo), "--cpu", "8GiB")
+        assert message in line and str(fifo) in line
+
+
+def test_names_from_a_checkpoint_reach_the_terminal_escaped_and_cut(tmp_path):
+    """Tensor names went to the terminal raw: escape sequences and a forged second line from a checkpoint
+    reached it; messages quoted header content without a limit (a 50 MB message)."""
+    import struct
+
+    names = ["layers.0.w", "layers.1.\x1b[31mred\x1b[0m\nFORGED LINE.w", "x" * 100_000 + ".w"]
+    header = {
+        n: {"dtype": "F32", "shape": [1024], "data_offsets": [i * 4096, (i + 1) * 4096]}
+        for i, n in enumerate(names)
+    }
+    raw = json.dumps(header).encode()
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4096 * len(names))
+    done = subprocess.run(
+        [sys.executable, "-m", "devicemap.cli", "plan", str(path), "--gpus", "1x8KiB", "--cpu", "1GiB"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and not any(
+        line.startswith("FORGED") for line in done.stdout.splitlines()
+    )
+    assert "\\x1b[31mred\\x1b[0m\\nFORGED LINE" in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) < 1000
+
+    bad = "a..b" + "x" * 5_000_000  # an empty component: refused, and the message quotes the name
+    raw = json.dumps({bad: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(devicemap.CheckpointError) as caught:
+        devicemap.plan_checkpoint(path, max_memory={"cpu": "1GiB"})
+    message = str(caught.value)
+    assert len(message) <= 8200 and "characters cut" in message and str(path) in message

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -202,6 +204,64 @@ def test_save_refuses_a_folder_or_a_missing_folder_before_planning(capsys, tmp_p
     line = refused(capsys, "plan", SMALL, "--gpus", "1x1GiB", "--save", str(tmp_path / "missing" / "m.json"))
     assert "does not exist" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def run_command(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "devicemap.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_save_writes_into_devices_fifos_and_standard_output_without_replacing_them(tmp_path, small_model):
+    """``--save /dev/null`` run as root replaced the device node with a regular file, and ``--save
+    /dev/stdout`` replaced the symlink, printed nothing and said "written": only regular files are replaced
+    (atomically); a device or FIFO is written into, standard output prints the map."""
+    import threading
+
+    expected = library_map(small_model)
+    null = tmp_path / "null"  # a /dev/null of our own: the machine's is not put at risk
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    done = run_command("plan", SMALL, *DEVICES, "--save", str(null))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISCHR(null.stat().st_mode)
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    done = run_command("plan", SMALL, *DEVICES, "--save", str(fifo))
+    reader.join(timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and json.loads(received[0]) == expected
+
+    done = run_command("plan", SMALL, *DEVICES, "--save", "/dev/stdout")
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout[done.stdout.index("{\n") : done.stdout.index("\n}\n") + 3]
+    assert json.loads(printed) == expected
+
+
+def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path, small_model):
+    target = tmp_path / "maps" / "device_map.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "current.json"
+    link.symlink_to(target)
+    done = run_command("plan", SMALL, *DEVICES, "--save", str(link))
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and json.loads(target.read_text()) == library_map(small_model)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["device_map.json"]  # no temporary left
+
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere" / "map.json")
+    done = run_command("plan", SMALL, *DEVICES, "--save", str(dangling))
+    assert done.returncode != 0 and "symlink" in done.stderr and "does not exist" in done.stderr
+    assert dangling.is_symlink()
 
 
 def test_saved_map_loads_with_from_pretrained(capsys, tmp_path):

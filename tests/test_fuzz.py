@@ -585,3 +585,239 @@ def test_a_truncated_seed_is_still_a_checkpoint_error(tmp_path: Path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 100) + json.dumps({}).encode())
     with pytest.raises(devicemap.CheckpointError, match="model.safetensors"):
         devicemap.plan_checkpoint(tmp_path, max_memory={"cpu": "1MiB"})
+
+
+# ----- the newer surfaces: hardware, quantization configs, the speed objective, estimate ----------------
+
+numbers = st.one_of(st.floats(min_value=1e-3, max_value=1e16), st.integers(1, 10**15))
+junk_numbers = st.one_of(junk, st.sampled_from([0, -1, 10**400, float("inf"), float("nan"), True, "1"]))
+fractions = st.floats(min_value=0.01, max_value=1.0)
+junk_fractions = st.one_of(junk, st.sampled_from([0, 1.5, -0.1, "0.5"]))
+gpu_presets = st.sampled_from(["rtx-4090", "a100-80gb-sxm", "t4", "RTX_4090", "h200", "", "gpu"])
+host_presets = st.sampled_from(["desktop-ddr5", "desktop-ddr4", "server-ddr5-12ch", "laptop", ""])
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_hardware_descriptions(data):
+    """GPU / Host / Hardware built from drawn fields: a Hardware or an InvalidOptionError, in bounded time
+    and memory (counts are capped before anything is allocated)."""
+    from devicemap.hardware import GPU, Host
+
+    gpu = expect_placement_error(
+        GPU,
+        **draw_arguments(
+            data,
+            {
+                "name": st.text(max_size=6),
+                "memory_bytes": st.integers(0, 2**40),
+                "memory_bandwidth": numbers,
+                "flops": numbers,
+                "flops_fp32": numbers,
+                "host_to_device": numbers,
+                "memory_efficiency": fractions,
+                "compute_efficiency": fractions,
+            },
+            {
+                "name": junk,
+                "memory_bytes": junk_numbers,
+                "memory_bandwidth": junk_numbers,
+                "flops": junk_numbers,
+                "host_to_device": junk_numbers,
+                "compute_efficiency": junk_fractions,
+            },
+        ),
+    )
+    host = expect_placement_error(
+        Host,
+        **draw_arguments(
+            data,
+            {
+                "name": st.text(max_size=6),
+                "memory_bandwidth": numbers,
+                "flops_fp32": numbers,
+                "flops_bf16": numbers,
+                "disk_read": numbers,
+                "memory_efficiency": fractions,
+            },
+            {"name": junk, "disk_read": junk_numbers, "memory_efficiency": junk_fractions},
+        ),
+    )
+    gpus = st.one_of(
+        st.none(),
+        gpu_presets,
+        st.lists(gpu_presets | st.just(gpu), max_size=3),
+        st.just(gpu) if gpu is not None else st.none(),
+    )
+    kwargs = draw_arguments(
+        data,
+        {
+            "gpu": gpus,
+            "gpus": st.integers(0, 8) | st.sampled_from([-1, 10**9, 10**12]),
+            "host": host_presets | (st.just(host) if host is not None else st.none()),
+        },
+        {"gpu": junk, "gpus": junk, "host": junk},
+    )
+    hardware = expect_placement_error(devicemap.Hardware.preset, **kwargs)
+    if hardware is not None:
+        assert len(hardware.gpus) <= 4096
+        expect_placement_error(
+            devicemap.Hardware,
+            gpus=data.draw(st.one_of(st.just(hardware.gpus), junk), label="gpus field"),
+            host=hardware.host,
+            link_latency=data.draw(st.one_of(st.floats(0, 1), junk), label="link_latency"),
+        )
+
+
+quantization_configs = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {"quant_method": st.just("bitsandbytes"), "load_in_4bit": st.booleans()},
+        optional={"llm_int8_skip_modules": st.lists(st.sampled_from(["lm_head", "model.norm"]), max_size=2)},
+    ),
+    st.fixed_dictionaries(
+        {"quant_method": st.just("bitsandbytes"), "load_in_4bit": st.booleans()},
+        optional={
+            "load_in_8bit": st.booleans(),
+            "llm_int8_skip_modules": st.one_of(junk, st.lists(st.sampled_from(["lm_head", "model"]) | junk)),
+            "bnb_4bit_quant_type": st.sampled_from(["nf4", "fp4", "x"]) | junk,
+            "llm_int8_enable_fp32_cpu_offload": st.booleans() | junk,
+        },
+    ),
+    st.fixed_dictionaries(
+        {"quant_method": st.just("torchao")},
+        optional={
+            "quant_type": st.one_of(junk, st.sampled_from(["int4_weight_only", "int8_weight_only"])),
+            "modules_to_not_convert": st.one_of(junk, st.lists(st.text(max_size=4) | junk, max_size=2)),
+        },
+    ),
+    st.dictionaries(st.sampled_from(["quant_method", "bits", "x"]), junk, max_size=3),
+    junk,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_meta_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_quantization_configs_speed_objective_and_estimate(tiny_meta_llama, data):
+    """plan() with drawn quantization configs and speed-objective options, then plan.estimate() with drawn
+    arguments: a result or a PlacementError, never KeyError/AssertionError/TypeError from a library."""
+    model = tiny_meta_llama
+    speed = data.draw(st.booleans(), label="objective speed")
+    kwargs = draw_arguments(
+        data,
+        {
+            "max_memory": st.sampled_from([{0: "40KiB", "cpu": "64MiB"}, {"cpu": "64MiB"}, {0: "64MiB"}]),
+        },
+        {"max_memory": junk_max_memories},
+    )
+    if not speed or data.draw(st.booleans(), label="memory-objective options with speed"):
+        kwargs.update(
+            draw_arguments(
+                data,
+                {
+                    "strategy": strategies,
+                    "balance": st.sampled_from(["memory", "compute"]),
+                    "execution_device": st.sampled_from([None, "cpu"]),
+                },
+                {"strategy": junk, "balance": junk, "execution_device": junk | st.just(0)},
+            )
+        )
+    if speed:
+        kwargs.update(objective="speed", hardware=devicemap.Hardware.preset("rtx-4090"))
+    else:
+        kwargs["quantization_config"] = data.draw(quantization_configs, label="quantization_config")
+    plan = expect_placement_error(devicemap.plan, model, **kwargs)
+    if plan is None:
+        return
+    arguments = draw_arguments(
+        data,
+        {
+            "workload": st.just(devicemap.Workload(seq_len=16)),
+            "hardware": st.just(devicemap.Hardware.preset("rtx-4090", gpus=2)),
+            "model_or_config": st.just(model),
+        },
+        {"workload": junk, "hardware": junk | gpu_presets, "model_or_config": junk},
+    )
+    expect_placement_error(plan.estimate, *arguments.values())
+
+
+FILE_KINDS = r"""
+import json, os, resource, signal, struct, sys, devicemap
+root = sys.argv[1]
+
+def header(names):
+    raw = json.dumps({n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)}).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 4 * len(names)
+
+KINDS = {
+    "fifo": lambda p: os.mkfifo(p),
+    "dev-null": lambda p: os.symlink("/dev/null", p),
+    "dev-zero": lambda p: os.symlink("/dev/zero", p),
+    "folder": lambda p: os.mkdir(p),
+    "dangling": lambda p: os.symlink(p + ".missing", p),
+    "deep-names": lambda p: open(p, "wb").write(header([".".join(["a"] * 200_000) + ".w"])),
+    "huge-length": lambda p: open(p, "wb").write(struct.pack("<Q", 2**62) + b"{}"),
+    "self-loop": lambda p: os.symlink(p, p),
+}
+ROLES = ["model.safetensors", "model.safetensors.index.json", "config.json", "shard"]
+
+def on_alarm(*_):
+    raise TimeoutError("a read blocked")
+
+signal.signal(signal.SIGALRM, on_alarm)
+for kind, make in KINDS.items():
+    for role in ROLES:
+        folder = os.path.join(root, f"{kind}-{role}")
+        os.mkdir(folder)
+        if role != "model.safetensors":
+            open(os.path.join(folder, "model-1.safetensors"), "wb").write(header(["layers.0.w"]))
+        if role == "shard":
+            index = {"weight_map": {"layers.0.w": "model-1.safetensors", "layers.1.w": "model-2.safetensors"}}
+            open(os.path.join(folder, "model.safetensors.index.json"), "w").write(json.dumps(index))
+            make(os.path.join(folder, "model-2.safetensors"))
+        else:
+            make(os.path.join(folder, role))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        signal.alarm(30)
+        try:
+            devicemap.plan_checkpoint(folder, max_memory={"cpu": "1GiB"})
+            outcome = "planned"
+        except devicemap.PlacementError as err:
+            outcome = type(err).__name__
+        except BaseException as err:
+            outcome = f"RAW {type(err).__name__}: {str(err)[:200]}"
+        finally:
+            signal.alarm(0)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(kind, role, outcome, grown, flush=True)
+"""
+
+
+def test_every_file_kind_in_every_checkpoint_role_is_planned_or_refused_quickly(tmp_path: Path):
+    """A FIFO, a device, a folder, a dangling or looping symlink, absurdly deep names and a huge header
+    length, as the checkpoint file, its index, its config.json or a shard: each is planned or a
+    PlacementError, within 30 s and 256 MiB of extra memory per case (one child process runs them all)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_KINDS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split(" ", 3) for line in done.stdout.splitlines()]
+    assert len(rows) == 8 * 4, done.stdout
+    for kind, role, outcome, grown in rows:
+        assert not outcome.startswith("RAW"), (kind, role, outcome)
+        assert int(grown) < 256 * 1024, (kind, role, f"grew {grown} KiB")

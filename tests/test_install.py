@@ -588,3 +588,39 @@ def test_the_installed_package_ships_the_startup_file() -> None:
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
         )
         assert done.stdout.strip().endswith(expected), (value, done.stdout, done.stderr[-2000:])
+
+
+CONCURRENT_IMPORT = """
+import sys, threading, time
+import devicemap.integrations as dm_install
+importer = threading.Thread(target=lambda: __import__("transformers.modeling_utils"))
+importer.start()
+while "transformers.modeling_utils" not in sys.modules:  # its import has begun in the other thread
+    time.sleep(0.0005)
+dm_install.install()
+importer.join()
+for _ in range(200):  # the waiter patches as the import ends: give it a moment, never forever
+    m = sys.modules["transformers.modeling_utils"]
+    if m._get_device_map.__module__ == "devicemap.integrations.transformers":
+        break
+    time.sleep(0.05)
+print(dm_install.is_installed(), m._get_device_map.__module__)
+dm_install.uninstall()
+print(m._get_device_map.__module__)
+"""
+
+
+def test_install_while_another_thread_imports_the_library() -> None:
+    """install() while another thread was still importing transformers.modeling_utils: is_installed() said
+    True but _get_device_map was never patched (the import had passed the finder already)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_IMPORT], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.split() == [
+        "True",
+        "devicemap.integrations.transformers",
+        "transformers.integrations.accelerate",
+    ], done.stderr[-3000:]

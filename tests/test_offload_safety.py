@@ -169,6 +169,29 @@ def test_loads_of_one_checkpoint_share_one_complete_folder(tiny_checkpoints, tmp
     assert_close_to(model, load_converted(model, folder, offload))
 
 
+def test_a_checkpoint_replaced_with_its_modification_time_kept_is_converted_again(tiny_checkpoints, tmp_path):
+    """``cp -p`` / ``rsync -a`` / ``tar x`` of another checkpoint of the same architecture over the first keeps
+    every size and modification time: the converted disk weights of the first used to be reused, mixed into
+    the second's CPU weights (wrong outputs, no error)."""
+    import shutil
+
+    model, original = tiny_checkpoints["llama"]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(original, folder)
+    offload = tmp_path / "offload"
+    assert_close_to(model, load_converted(model, folder, offload))
+    other, other_folder = another_llama(tmp_path)
+    shards = sorted(folder.glob("*.safetensors"))
+    assert [p.stat().st_size for p in shards] == [(other_folder / p.name).stat().st_size for p in shards]
+    for shard in shards:
+        kept = shard.stat()
+        shutil.copyfile(other_folder / shard.name, shard)  # written in place, as cp -p does ...
+        os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # ... then its times restored
+        assert shard.stat().st_mtime_ns == kept.st_mtime_ns and shard.stat().st_size == kept.st_size
+    assert_close_to(other, load_converted(other, folder, offload))
+    assert len(list(offload.glob("devicemap-converted-*"))) == 2
+
+
 KILLED_LOAD = textwrap.dedent(
     """
     import ast, sys, time

@@ -43,6 +43,7 @@ from .offload_folder import (
     refuse_non_folder,
     session_folder,
 )
+from .offload_writer import write_offloaded
 from .options import Strategy
 from .planning import Plan, device_for, plan
 from .tree import DtypeLike, to_dtype
@@ -198,6 +199,7 @@ def dispatch(
     (1, 8)
     """
     from accelerate import dispatch_model
+    from accelerate.utils import extract_submodules_state_dict
 
     _check_model(model)
     check_flag("offload_buffers", offload_buffers)
@@ -228,16 +230,22 @@ def dispatch(
                 offload_buffers=offload_buffers,
             ),
         )
-    return owned_by_result(
-        folder,
-        lambda: dispatch_model(
+
+    def place() -> torch.nn.Module:
+        placed_map = _without_disk_root(model, device_map)
+        if folder is not None:
+            # Written here, not by accelerate (np.memmap: SIGBUS on a full disk); it reads index.json.
+            on_disk = [name for name, device in placed_map.items() if device == "disk"]
+            write_offloaded(folder, extract_submodules_state_dict(model.state_dict(), on_disk))
+        return dispatch_model(
             model,
-            device_map=_without_disk_root(model, device_map),
+            device_map=placed_map,
             main_device=main_device if main_device is not None else _main_device(plan, device_map, rehearse),
             offload_dir=str(folder) if folder is not None else None,
             offload_buffers=offload_buffers,
-        ),
-    )
+        )
+
+    return owned_by_result(folder, place)
 
 
 def _main_device_arg(main_device: object, device_map: Mapping[str, Any], rehearse: bool) -> Any:

@@ -20,7 +20,6 @@ checkpoint or a single shard of a sharded one) the longest list is kept whole an
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from . import _core
 from .arguments import check_mapping, check_path, check_strings
 from .errors import CheckpointError, InvalidOptionError
+from .input_files import read_json_object, regular_file_status
 from .memory import MaxMemory, Size
 from .options import PlacementOptions, Strategy
 from .planning import Plan, solve_tree
@@ -44,12 +44,9 @@ def find_config(path: str | Path) -> dict[str, Any] | None:
     """The ``config.json`` next to a checkpoint file/index, or inside a checkpoint folder."""
     path = Path(path)
     candidate = (path if path.is_dir() else path.parent) / "config.json"
-    if not candidate.is_file():
+    if regular_file_status(candidate, CheckpointError) is None:
         return None
-    try:
-        return json.loads(candidate.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"bad checkpoint {candidate}: malformed config.json ({err})") from None
+    return read_json_object(candidate, CheckpointError)
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

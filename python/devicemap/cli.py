@@ -24,18 +24,20 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from . import __version__, cli_inputs, cli_json
 from .checkpoint import plan_checkpoint
 from .compare import accelerate_device_map, compare, plan_of_map
 from .errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from .export import TARGETS, export
+from .formatting import shown_message
 from .memory import DeviceKey, device_key, parse_size
 from .options import OBJECTIVES, STRATEGIES, PlacementOptions
 from .planning import Plan, plan
@@ -263,8 +265,53 @@ def _default_file_mode() -> int:
 
 
 def write_atomically(path: Path, text: str, what: str) -> None:
-    """Write through a private temporary file beside the target, so a failure never leaves half a file
-    (nor overwrites anything but the target)."""
+    """Write ``text`` to the file ``path`` names, respecting what is there.
+
+    A regular file (or a new one) is written through a private temporary file beside it and renamed over
+    it, so a failure never leaves half a file; through a symlink, the file it points at is replaced and the
+    link kept. Our own standard output or error (``/dev/stdout``) gets the text as printed output; anything
+    else that is not a regular file (a device such as ``/dev/null``, a FIFO) is written to as a shell
+    redirection would, never replaced. A folder, or a symlink to nothing, is refused."""
+    try:
+        status = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        status = None
+    except OSError as err:
+        raise InvalidOptionError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from None
+    if status is None:
+        if path.is_symlink():
+            raise InvalidOptionError(
+                f"cannot write {what} {str(path)!r}: it is a symlink to {os.readlink(path)!r}, which does not "
+                "exist: create the target or pass another path"
+            )
+        _replace_regular_file(path, text, what)
+    elif stat.S_ISDIR(status.st_mode):
+        raise InvalidOptionError(f"cannot write {what} {str(path)!r}: it is a folder; pass a file path")
+    elif (stream := _own_stream(status)) is not None:
+        stream.write(text)
+        stream.flush()
+    elif stat.S_ISREG(status.st_mode):
+        _replace_regular_file(Path(os.path.realpath(path)), text, what)
+    else:
+        try:
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(text)
+        except OSError as err:
+            raise InvalidOptionError(f"cannot write {what} {str(path)!r}: {err.strerror or err}") from None
+
+
+def _own_stream(status: os.stat_result) -> TextIO | None:
+    """This process's standard output or error, if it writes to the file ``status`` describes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if os.path.samestat(status, os.fstat(stream.fileno())):
+                return stream
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _replace_regular_file(path: Path, text: str, what: str) -> None:
     temporary: str | None = None
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -571,12 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         print("devicemap: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DoesNotFitError as err:
-        print(f"devicemap: {err}", file=sys.stderr)
+        print(f"devicemap: {shown_message(str(err))}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     except InternalError:
         return _report_bug()
     except PlacementError as err:
-        print(f"devicemap: {err}", file=sys.stderr)
+        print(f"devicemap: {shown_message(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:  # noqa: BLE001 - anything else is a devicemap bug: show it, ask for a report
         return _report_bug()

@@ -8,7 +8,6 @@ unit or a zero batch is refused rather than reinterpreted.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
+from .input_files import read_json_object, regular_file_status
 from .memory import DeviceKey, device_key, parse_size
 
 MIB = 2**20
@@ -394,6 +394,8 @@ def model_source(text: str) -> ModelSource:
                 f"model {text!r}: devicemap reads a config.json, a model folder or a .safetensors checkpoint "
                 "(file or index), not this file"
             )
+    elif os.path.lexists(path) and not bundled:
+        regular_file_status(path, InvalidOptionError)  # a FIFO, a device...: says which, never reads it
     if bundled:
         return ModelSource(text, "catalog", None, catalog.load_config(text))
     if _looks_like_a_path(text):
@@ -405,33 +407,17 @@ def model_source(text: str) -> ModelSource:
 def is_checkpoint(path: Path) -> bool:
     """A safetensors file, an index, or a folder of safetensors files (planned from headers alone)."""
     if path.is_dir():
-        return (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+        # Any entry by that name (a FIFO too): the checkpoint reader then says what is wrong with it.
+        return os.path.lexists(path / "model.safetensors.index.json") or any(path.glob("*.safetensors"))
     return path.name.endswith((".safetensors", ".safetensors.index.json")) and path.is_file()
 
 
 def read_config(path: Path, required: bool = True) -> dict[str, Any] | None:
-    """A config.json as a dict; its faults (unreadable, not JSON, not an object) name the file."""
-    if not required and not path.is_file():
+    """A config.json as a dict; its faults (not a regular file, too big, unreadable, not JSON, not an
+    object) name the file."""
+    if not required and regular_file_status(path, InvalidOptionError) is None:
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InvalidOptionError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise InvalidOptionError(
-            f"{str(path)!r} is not a text file: give a transformers config.json"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise InvalidOptionError(
-            f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-            "give a transformers config.json"
-        ) from None
-    if not isinstance(config, dict):
-        raise InvalidOptionError(
-            f"{str(path)!r} holds a JSON {type(config).__name__}, not an object: a transformers config.json "
-            'looks like {"model_type": "llama", ...}'
-        )
-    return config
+    return read_json_object(path, InvalidOptionError)
 
 
 def _looks_like_a_path(text: str) -> bool:

@@ -559,8 +559,23 @@ def estimate(
         >>> e.dominant, e.tokens_per_second < 1000
         ('weights moved', True)
     """
+    from .planning import Plan
+
+    if not isinstance(plan, Plan):
+        raise InvalidOptionError(
+            f"plan must be a devicemap.Plan (from devicemap.plan()), got {type(plan).__name__}"
+        )
     if workload is None:
         workload = Workload()
+    if not isinstance(workload, Workload):
+        raise InvalidOptionError(
+            f"workload must be a devicemap.Workload such as Workload(batch_size=1, seq_len=2048), got "
+            f"{type(workload).__name__}"
+        )
+    if not isinstance(hardware, Hardware):
+        raise InvalidOptionError(
+            f"hardware must be a devicemap.Hardware such as Hardware.preset('rtx-4090'), got {type(hardware).__name__}"
+        )
     blocks, hidden_bytes, bits = model_block_costs(plan, workload, model_or_config, dtype=dtype)
     return estimate_blocks(blocks, workload, hardware, hidden_bytes_per_token=hidden_bytes, dtype_bits=bits)
 

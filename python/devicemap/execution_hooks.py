@@ -14,7 +14,10 @@ that run on different devices is replaced by its blocks (each with the key's sto
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .offload_writer import write_offloaded
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +73,6 @@ def attach_execution_hooks(
     from accelerate.utils import (
         OffloadedWeightsLoader,
         find_tied_parameters,
-        offload_state_dict,
         retie_parameters,
     )
 
@@ -86,7 +88,7 @@ def attach_execution_hooks(
     if on_disk and offload_index is None:
         if offload_dir is None:
             raise ValueError("disk-stored blocks need an offload folder")  # callers check this first
-        offload_state_dict(offload_dir, _tensors_under(model.state_dict(), on_disk))
+        write_offloaded(Path(offload_dir), _tensors_under(model.state_dict(), on_disk))
     weights_map = None
     if state_dict is not None or on_disk:
         weights_map = OffloadedWeightsLoader(

@@ -19,6 +19,54 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+NAME_LIMIT = 160
+"""Characters of one name a table or message shows; longer ones are cut with an ellipsis."""
+MESSAGE_LIMIT = 4000
+"""Characters of one message the command prints (its start and end are kept)."""
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every non-printable character (controls, escape sequences, line and paragraph
+    separators) written as Python writes it in a string literal, so nothing reaches a terminal raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown_name(name: str, limit: int = NAME_LIMIT) -> str:
+    r"""A module or tensor name as a table shows it: escaped (a checkpoint's names are data, not terminal
+    commands or extra lines) and cut to ``limit`` characters.
+
+    >>> shown_name("model.layers.0")
+    'model.layers.0'
+    >>> print(shown_name("evil\x1b[2J\nforged line"))
+    evil\x1b[2J\nforged line
+    >>> len(shown_name("a" * 10_000))
+    160
+    """
+    text = _escaped(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown_message(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    r"""An error message as the command prints it: one line, escaped, at most ``limit`` characters with its
+    start (what went wrong) and end (the fix) kept.
+
+    >>> print(shown_message("bad name 'x\ny'"))
+    bad name 'x\ny'
+    >>> text = shown_message("start " + "x" * 10_000 + " the fix", limit=100)
+    >>> len(text) <= 100, text.startswith("start "), text.endswith(" the fix")
+    (True, True, True)
+    """
+    text = _escaped(message)
+    if len(text) <= limit:
+        return text
+    room = limit - len(f" … ({len(text)} characters cut) … ")  # the count has at most this many digits
+    head, tail = room * 2 // 3, room - room * 2 // 3
+    marker = f" … ({len(text) - head - tail} characters cut) … "
+    return text[:head] + marker + text[len(text) - tail :]
+
+
 def span_label(blocks: Sequence[str], max_parts: int = 4) -> str:
     """Name the layers a device holds, in model order: consecutive numbered siblings become one range,
     other layers are named, and the count comes last. Only what is there is named, so a device holding the
@@ -51,7 +99,7 @@ def span_label(blocks: Sequence[str], max_parts: int = 4) -> str:
                 runs.append([parent, last, last])
         else:
             runs.append([name])
-    parts = [_run_text(run) for run in runs]
+    parts = [shown_name(_run_text(run)) for run in runs]
     if len(parts) > max_parts:
         parts = [*parts[: max_parts - 1], "…", parts[-1]]
     text = ", ".join(parts)

@@ -17,6 +17,7 @@ Units: bytes per second, FLOP per second, seconds.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import tempfile
@@ -75,6 +76,16 @@ class GPU:
     """Achievable share of ``flops``: large bf16 GEMMs reach 60-80%, a decoder layer's smaller ones less."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise InvalidOptionError(f"GPU name must be a string, got {_short(self.name)}")
+        if (
+            not isinstance(self.memory_bytes, int)
+            or isinstance(self.memory_bytes, bool)
+            or self.memory_bytes < 0
+        ):
+            raise InvalidOptionError(
+                f"GPU {self.name!r}: memory_bytes must be a non-negative int, got {_short(self.memory_bytes)}"
+            )
         _check_positive(
             f"GPU {self.name!r}",
             memory_bandwidth=self.memory_bandwidth,
@@ -129,6 +140,8 @@ class Host:
     """How each number was measured (``measure_host``), e.g. whether the disk read bypassed the page cache."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise InvalidOptionError(f"host name must be a string, got {_short(self.name)}")
         _check_positive(
             f"host {self.name!r}",
             memory_bandwidth=self.memory_bandwidth,
@@ -189,13 +202,17 @@ class Hardware:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, Host):
-            raise InvalidOptionError(f"Hardware.host must be a devicemap.Host, got {self.host!r}")
+            raise InvalidOptionError(f"Hardware.host must be a devicemap.Host, got {_short(self.host)}")
+        if not isinstance(self.gpus, Sequence) or isinstance(self.gpus, str) or len(self.gpus) > MAX_GPUS:
+            raise InvalidOptionError(
+                f"Hardware.gpus must be a tuple of at most {MAX_GPUS} devicemap.GPU objects (Hardware.preset"
+                f"('rtx-4090', gpus=2) builds one), got {_short(self.gpus)}"
+            )
         gpus = tuple(self.gpus)
         if not all(isinstance(g, GPU) for g in gpus):
-            raise InvalidOptionError(f"Hardware.gpus must be devicemap.GPU objects, got {self.gpus!r}")
+            raise InvalidOptionError(f"Hardware.gpus must be devicemap.GPU objects, got {_short(self.gpus)}")
         object.__setattr__(self, "gpus", gpus)
-        if not self.link_latency >= 0:
-            raise InvalidOptionError(f"Hardware.link_latency must be >= 0 seconds, got {self.link_latency!r}")
+        _number("Hardware", "link_latency (seconds)", self.link_latency, positive=False)
 
     @classmethod
     def preset(
@@ -211,9 +228,8 @@ class Hardware:
         >>> Hardware.preset(None, host="desktop-ddr4").gpus
         ()
         """
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise InvalidOptionError(f"gpus must be a non-negative int, got {gpus!r}")
-        return cls(gpus=_gpu_list(gpu, gpus), host=host if isinstance(host, Host) else Host.preset(host))
+        count = _check_count(gpus)
+        return cls(gpus=_gpu_list(gpu, count), host=host if isinstance(host, Host) else Host.preset(host))
 
     @classmethod
     def measure_host(
@@ -230,9 +246,8 @@ class Hardware:
         >>> hw.host.memory_bandwidth  # doctest: +SKIP
         11873418240.0
         """
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise InvalidOptionError(f"gpus must be a non-negative int, got {gpus!r}")
-        return cls(gpus=_gpu_list(gpu, gpus), host=measure_host(quick=quick, directory=directory))
+        count = _check_count(gpus)
+        return cls(gpus=_gpu_list(gpu, count), host=measure_host(quick=quick, directory=directory))
 
     def gpu(self, index: int) -> GPU:
         """GPU ``index`` of a plan, or a clear error when the hardware describes fewer GPUs."""
@@ -290,25 +305,61 @@ def _num(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
-def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None, count: int) -> tuple[GPU, ...]:
+MAX_GPUS = 4096
+"""The most GPUs a Hardware describes (a plan's device list is far shorter): a bound on what a count allocates."""
+
+
+def _check_count(gpus: object) -> int:
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= MAX_GPUS:
+        raise InvalidOptionError(f"gpus must be an int from 0 to {MAX_GPUS}, got {_short(gpus)}")
+    return gpus
+
+
+def _gpu_list(gpu: object, count: int) -> tuple[GPU, ...]:
     if gpu is None:
         return ()
     if isinstance(gpu, (str, GPU)):
         one = gpu if isinstance(gpu, GPU) else GPU.preset(gpu)
         return (one,) * count
+    if not isinstance(gpu, Sequence):
+        raise InvalidOptionError(
+            f"gpu must be a preset name such as 'rtx-4090', a devicemap.GPU, or a list of them; got {_short(gpu)}"
+        )
+    if len(gpu) > MAX_GPUS:
+        raise InvalidOptionError(f"at most {MAX_GPUS} GPUs can be described, got {len(gpu)}")
     return tuple(g if isinstance(g, GPU) else GPU.preset(g) for g in gpu)
 
 
-def _check_positive(what: str, **values: float) -> None:
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote inputs, never all of a huge one."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _number(what: str, key: str, value: object, *, positive: bool = True) -> float:
+    """``value`` as a finite float (> 0, or >= 0 when not ``positive``), or InvalidOptionError naming it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = math.nan
+    if ok:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an int beyond a float's range
+            ok = False
+    if not ok or not math.isfinite(number) or not (number > 0 if positive else number >= 0):
+        bound = "a positive" if positive else "a non-negative"
+        raise InvalidOptionError(f"{what}: {key} must be {bound} finite number, got {_short(value)}")
+    return number
+
+
+def _check_positive(what: str, **values: object) -> None:
     for key, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise InvalidOptionError(f"{what}: {key} must be a positive number, got {value!r}")
+        _number(what, key, value)
 
 
-def _check_fraction(what: str, *values: float) -> None:
+def _check_fraction(what: str, *values: object) -> None:
     for value in values:
-        if not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise InvalidOptionError(f"{what}: efficiencies must be in (0, 1], got {value!r}")
+        if _number(what, "efficiencies", value) > 1:
+            raise InvalidOptionError(f"{what}: efficiencies must be in (0, 1], got {_short(value)}")
 
 
 def _normalize(name: str) -> str:
@@ -320,7 +371,9 @@ def _lookup(name: object, table: Mapping[str, object], kind: str) -> str:
     if key not in table:
         known = ", ".join(sorted(table))
         hint = "devicemap.GPU(...)" if kind == "GPU" else "devicemap.Host(...) or Hardware.measure_host()"
-        raise InvalidOptionError(f"unknown {kind} {name!r}; known: {known} (or describe it with {hint})")
+        raise InvalidOptionError(
+            f"unknown {kind} {_short(name)}; known: {known} (or describe it with {hint})"
+        )
     return key
 
 

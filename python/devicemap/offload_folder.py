@@ -4,21 +4,24 @@ and never deletes, renames or overwrites anything it did not create.
 Inside a user's ``offload_dir`` (``D``) devicemap makes three kinds of folder:
 
 - ``D/devicemap-converted-<key>/``: dtype-converted disk weights of one load, named by a hash of what
-  determines their content (checkpoint path, each shard's size and mtime, target dtype, the converted
-  tensors). Complete by construction: written elsewhere and renamed into place with its manifest
+  determines their content (checkpoint path; each shard's safetensors header, inode, size, modification
+  and change times; target dtype; the converted tensors). Complete by construction: written elsewhere and renamed into place with its manifest
   (``devicemap-offload.json``) last, so any later load of the same content reuses it, and concurrent
   loads of the same content share it. Different content gets a different folder.
 - ``D/.devicemap-partial-<key>-<pid>-<random>/``: where such a folder is written before the rename,
-  private to one process, with an owner marker (``.devicemap-owner.json``: host, pid, process start).
+  private to one load.
 - ``D/devicemap-dispatch-<pid>-<random>/`` and ``D/devicemap-transformers-<pid>-<random>/``: one per
-  model, for the files accelerate's ``dispatch_model`` or transformers write themselves, with an owner
-  marker; removed when the model is garbage-collected or the process exits.
+  model, for the files accelerate's ``dispatch_model`` or transformers write themselves; removed when the
+  model is garbage-collected or the process exits, unless a process ``fork`` made still uses it (then the
+  last of them removes it).
 
-**Stale folders.** A load killed mid-way (SIGKILL, power loss) leaves its private folder behind. Every
-use of ``D`` first removes those whose marker names a process on this host that is no longer running
-(a staging folder whose marker was never written is removed once it is over an hour old). Nothing
-else is removed: not complete ``devicemap-converted-*`` folders (delete them yourself when no load uses
-them), not folders of other hosts, not anything without devicemap's name and marker.
+The staging and per-model folders carry a lock held by the processes using them and an owner marker
+(:mod:`devicemap.owned_folders`); they appear under their name only once locked. **Stale folders.** A load
+killed mid-way (SIGKILL, power loss) leaves its folder behind, with its lock released by the kernel. Every use
+of ``D`` first removes those devicemap folders whose lock nobody holds. Nothing else is removed: not a folder
+whose lock is held (by a process on this machine, in another container or PID namespace sharing the volume,
+or a forked worker), not one without a lock file, not complete ``devicemap-converted-*`` folders (delete
+them yourself when no load uses them), not anything without devicemap's name.
 """
 
 from __future__ import annotations
@@ -27,31 +30,29 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import socket
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
+from . import owned_folders
 from .errors import OffloadFolderError
+from .offload_writer import check_room, tensor_bytes
 
 T = TypeVar("T")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 MANIFEST = "devicemap-offload.json"
-OWNER_MARKER = ".devicemap-owner.json"
 CONVERTED_PREFIX = "devicemap-converted-"
 STAGING_PREFIX = ".devicemap-partial-"
 SESSION_KINDS = ("dispatch", "transformers")
 FORMAT_VERSION = 1
-UNMARKED_STAGING_GRACE_SECONDS = 3600
 
 _STAGING_NAME = re.compile(r"^\.devicemap-partial-[0-9a-f]+-\d+-[0-9a-f]+$")
 _SESSION_NAME = re.compile(r"^devicemap-(?:dispatch|transformers)-\d+-[0-9a-f]+$")
+_CREATING_NAME = re.compile(r"^\.devicemap-creating-[0-9a-f]{32}$")
 
 
 def refuse_non_folder(offload_dir: PathLike) -> Path:
@@ -90,27 +91,24 @@ def prepare(offload_dir: PathLike) -> Path:
 
 
 def remove_stale(folder: Path) -> list[Path]:
-    """Remove the staging and per-model folders of devicemap processes that are gone; return them."""
+    """Remove devicemap's staging and per-model folders that no process uses any more; return them."""
     removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        staging = _STAGING_NAME.match(entry.name) is not None
-        if not (staging or _SESSION_NAME.match(entry.name)):
+        creating = _CREATING_NAME.match(entry.name) is not None
+        if not (creating or _STAGING_NAME.match(entry.name) or _SESSION_NAME.match(entry.name)):
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
-        owner = _read_json(entry / OWNER_MARKER)
-        if owner is None:
-            # Killed between creating the folder and writing its marker: only staging folders, only late.
-            if not staging or time.time() - _mtime(entry) < UNMARKED_STAGING_GRACE_SECONDS:
-                continue
-        elif _owner_running(owner):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
+        if (
+            owned_folders.remove_abandoned_creation(entry)
+            if creating
+            else owned_folders.remove_if_unused(entry)
+        ):
+            removed.append(entry)
     return removed
 
 
@@ -120,15 +118,13 @@ def session_folder(offload_dir: PathLike, kind: str) -> Path:
     a killed process leaves it to the next :func:`prepare`."""
     assert kind in SESSION_KINDS, kind
     parent = prepare(offload_dir)
-    folder = parent / f"devicemap-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    folder.mkdir()
-    _write_marker(folder)
-    return folder
+    return owned_folders.create(parent, f"devicemap-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def remove_with(owner: Any, folder: Path) -> None:
-    """Remove ``folder`` when ``owner`` is garbage-collected, or at interpreter exit."""
-    weakref.finalize(owner, shutil.rmtree, str(folder), True)
+    """Release ``folder`` when ``owner`` is garbage-collected, or at interpreter exit: it is removed then
+    unless another process (one ``fork`` made) still holds it."""
+    weakref.finalize(owner, owned_folders.release, folder)
 
 
 def owned_by_result(folder: Path | None, build: Callable[[], T]) -> T:
@@ -138,7 +134,7 @@ def owned_by_result(folder: Path | None, build: Callable[[], T]) -> T:
         result = build()
     except BaseException:
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            owned_folders.release(folder)
         raise
     if folder is not None:
         remove_with(result, folder)
@@ -147,15 +143,34 @@ def owned_by_result(folder: Path | None, build: Callable[[], T]) -> T:
 
 def content_key(checkpoint: PathLike, files: Iterable[str], dtype: str, tensors: Iterable[str]) -> str:
     """A hash of everything that determines the converted weights of a load: a different checkpoint,
-    a rewritten shard, another dtype or another set of disk tensors gives another folder."""
+    a rewritten or replaced shard, another dtype or another set of disk tensors gives another folder.
+
+    Each shard counts by its path, its safetensors header and its file identity: device, inode, size,
+    modification time and *change* time. Copies that keep the modification time (``cp -p``, ``rsync -a``,
+    ``tar x``) still write the file, which sets its change time (the kernel's, not settable by tools) and
+    often its inode, so a checkpoint replaced by another of the same size never reuses the old weights.
+    """
     digest = hashlib.sha256()
     digest.update(f"v{FORMAT_VERSION}\0{Path(checkpoint).resolve()}\0{dtype}\0".encode())
     for file in sorted(set(files)):
         stat = os.stat(file)
-        digest.update(f"{Path(file).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        digest.update(f"{Path(file).resolve()}\0{identity}\0".encode())
+        digest.update(_header_digest(file))
     for name in sorted(tensors):
         digest.update(f"{name}\0".encode())
     return digest.hexdigest()[:32]
+
+
+HEADER_LIMIT = 100_000_000
+"""safetensors refuses headers above 100 MB; the checkpoint reader checked each shard against it."""
+
+
+def _header_digest(file: str) -> bytes:
+    """sha256 of a safetensors file's header (its first 8 + N bytes)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return hashlib.sha256(handle.read(min(size, HEADER_LIMIT))).digest()
 
 
 class ConvertedWeights:
@@ -194,15 +209,25 @@ class ConvertedWeights:
         return {tensor: self.final / name for tensor, name in tensors.items()}
 
     def write(self, tensors: Mapping[str, Any]) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         if self.staging is None:
             name = f"{STAGING_PREFIX}{self.key}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            self.staging = self.folder / name
-            self.staging.mkdir()
-            _write_marker(self.staging)
+            self.staging = owned_folders.create(self.folder, name)
         file = f"converted-{len(set(self.written.values())):05d}.safetensors"
-        save_file(dict(tensors), self.staging / file)
+        needed = sum(tensor_bytes(t) for t in tensors.values())
+        check_room(self.staging, needed, f"{len(tensors)} dtype-converted disk weights")
+        try:
+            save_file(dict(tensors), self.staging / file)
+        except (
+            OSError,
+            SafetensorError,
+        ) as error:  # safetensors reports I/O faults, ENOSPC included, as its own
+            raise OffloadFolderError(
+                f'cannot write dtype-converted weights into "{self.staging}" ({error}): free some space, or pass '
+                "an offload_dir on a larger disk"
+            ) from None
         _fsync(self.staging / file)
         self.written.update(dict.fromkeys(tensors, file))
 
@@ -232,65 +257,16 @@ class ConvertedWeights:
                 ) from None
             self.abort()  # a concurrent load of the same content finished first: use its files
             return found
+        owned_folders.moved(self.staging, self.final)
+        owned_folders.release(self.final, remove=False)  # complete: kept for later loads
         self.staging = None
         _fsync(self.folder)
         return {tensor: self.final / name for tensor, name in self.written.items()}
 
     def abort(self) -> None:
         if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            owned_folders.release(self.staging)
             self.staging = None
-
-
-def _write_marker(folder: Path) -> None:
-    owner = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "process_start": _process_start(os.getpid()),
-        "created": time.time(),
-    }
-    (folder / OWNER_MARKER).write_text(json.dumps(owner))
-
-
-def _owner_running(owner: Any) -> bool:
-    """Whether the process a marker names may still be using its folder (when unsure: yes)."""
-    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
-        return True
-    if owner.get("host") != socket.gethostname() or os.name == "nt":
-        return True  # cannot check another host's processes; on Windows os.kill would terminate one
-    pid = owner["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, belongs to another user
-    except OSError:
-        return True
-    if _process_state(pid) == "Z":
-        return False  # killed, not yet reaped
-    started = owner.get("process_start")
-    now = _process_start(pid)
-    return started is None or now is None or now == started  # a different start time: pid reused
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (Linux), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def _process_start(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def _process_state(pid: int) -> str | None:
-    fields = _proc_stat(pid)
-    return fields[0] if fields else None
 
 
 def _read_json(path: Path) -> Any:
@@ -298,13 +274,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return time.time()
 
 
 def _fsync(path: Path) -> None:

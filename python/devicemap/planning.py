@@ -16,7 +16,7 @@ from .errors import (
     PlacementError,
     UnknownDeviceError,
 )
-from .formatting import format_bytes, span_label
+from .formatting import format_bytes, shown_name, span_label
 from .memory import (
     DeviceKey,
     MaxMemory,
@@ -230,7 +230,9 @@ class Plan:
             lines.append(f"offloaded ({len(self.offloaded)} blocks):")
             shown = self.offloaded if limit is None else self.offloaded[:limit]
             for o in shown:
-                lines.append(f"  {o.name} -> {o.device} ({format_bytes(o.bytes)}): {o.reason}")
+                lines.append(
+                    f"  {shown_name(o.name)} -> {o.device} ({format_bytes(o.bytes)}): {shown_name(o.reason, 400)}"
+                )
             if len(shown) < len(self.offloaded):
                 lines.append(f"  ... and {len(self.offloaded) - len(shown)} more (plan.explain() lists all)")
         return "\n".join(lines)
@@ -334,6 +336,21 @@ def plan(
         objective=objective,
     )
     check_flag("untie", untie)
+    if options.objective == "speed":
+        ignored = [
+            f"{name}={value!r}"
+            for name, value, default in (
+                ("strategy", options.strategy, "auto"),
+                ("balance", options.balance, "memory"),
+                ("execution_device", options.execution_device, None),
+            )
+            if value != default
+        ]
+        if ignored:
+            raise InvalidOptionError(
+                f"objective='speed' chooses each block's device and where it runs itself, so {', '.join(ignored)} "
+                "would be ignored: drop it, or use objective='memory' to plan with it"
+            )
     if hardware is not None and options.objective != "speed":
         raise InvalidOptionError(
             "hardware= is used by objective='speed'; for the memory plan use plan.estimate()"

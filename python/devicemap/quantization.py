@@ -486,9 +486,13 @@ def _as_config(quantization_config: Any) -> Any:
             return dict(quantization_config)
         try:
             return AutoQuantizationConfig.from_dict(dict(quantization_config))
-        except (ValueError, TypeError) as error:
+        # transformers validates these dicts with KeyError and assert too ({'quant_method': 'torchao'}
+        # without quant_type; a quant_type string where a dict is expected)
+        except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as error:
+            shown = repr(dict(quantization_config))
+            shown = shown if len(shown) <= 200 else shown[:199] + "…"
             raise InvalidOptionError(
-                f"bad quantization_config {dict(quantization_config)!r}: {error}"
+                f"bad quantization_config {shown}: {type(error).__name__}: {str(error)[:300]}"
             ) from None
     if not hasattr(quantization_config, "quant_method"):
         raise InvalidOptionError(
@@ -521,9 +525,16 @@ def _method(config: Any) -> str:
 def _modules_to_not_convert(model: torch.nn.Module, method: str, get: Any) -> list[str]:
     """The skip patterns transformers' quantizer builds: its own default skips (tied weights, the last
     parameter, the output embeddings) unless the config names modules, plus ``_keep_in_fp32_modules``."""
-    named = (
-        get("llm_int8_skip_modules") if method.startswith("bitsandbytes") else get("modules_to_not_convert")
-    )
+    key = "llm_int8_skip_modules" if method.startswith("bitsandbytes") else "modules_to_not_convert"
+    named = get(key)
+    if named is not None and (
+        isinstance(named, str)
+        or not isinstance(named, (list, tuple, set, frozenset))
+        or not all(isinstance(n, str) for n in named)
+    ):
+        raise InvalidOptionError(
+            f"quantization_config {key} must be a list of module names such as ['lm_head'], got {str(named)[:200]}"
+        )
     skip: list[str] = list(named) if named is not None else _default_skips(model)
     if method == "torchao" and get("include_input_output_embeddings", False):
         embeddings = {id(m) for m in _embedding_modules(model)}

@@ -42,6 +42,7 @@ from ``import devicemap``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import os
 import re
@@ -275,11 +276,55 @@ def _install(finished: ModuleType | None) -> list[str]:
                 or (getattr(module, "__spec__", None) is not None and not _initializing(module))
             ):
                 _apply(patch, module)
-            elif patch not in _pending.get(patch.module, []):
+                continue
+            if module is not None and hasattr(module, patch.attribute):
+                # Being imported (by another thread, or by the import that called us) and the attribute is
+                # already there: patch it now, and check again when the import ends (the rest of the module
+                # could rebind the name).
+                _apply(patch, module)
+                _patch_when_imported(patch.module, [patch])
+                continue
+            if patch not in _pending.get(patch.module, []):
                 _pending.setdefault(patch.module, []).append(patch)
+            if module is not None:
+                # Being imported, the attribute not yet defined: the finder has already been passed, so
+                # patch when that import ends.
+                _patch_when_imported(patch.module, [])
         if _pending and _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
         return [f"{m}.{a}" for m, a in _originals]
+
+
+_early: dict[str, list[Patch]] = {}  # patches applied while their module was still being imported
+
+
+def _patch_when_imported(name: str, applied: list[Patch]) -> None:
+    """Once the import of ``name`` in progress finishes, apply its pending patches and re-apply those
+    applied early whose attribute the rest of the module rebound. A thread imports ``name`` too, which
+    blocks on Python's lock for that module until the importing thread is done."""
+    waiting = name in _early
+    _early.setdefault(name, []).extend(applied)
+    if waiting:
+        return
+
+    def wait_then_patch() -> None:
+        try:
+            module = importlib.import_module(name)
+        except BaseException:  # the other import failed: the finder patches a later attempt
+            with _lock:
+                _early.pop(name, None)
+            return
+        with _lock:
+            for patch in _early.pop(name, []):
+                key = (patch.module, patch.attribute)
+                current = getattr(module, patch.attribute, None)
+                if key in _replacements and current is not _replacements[key] and current is not None:
+                    del _originals[key], _replacements[key]
+                    _apply(patch, module)  # rebound after we patched: the new function is the original
+            for patch in _pending.pop(name, []):
+                _apply(patch, module)
+
+    threading.Thread(target=wait_then_patch, name=f"devicemap-install-{name}", daemon=True).start()
 
 
 def _initializing(module: ModuleType) -> bool:

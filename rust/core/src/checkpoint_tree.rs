@@ -9,7 +9,7 @@
 use crate::error::{PlacementError, Result};
 use crate::natural_order::{natural_cmp, rank};
 use crate::safetensors::{dtype_bits, is_floating, Checkpoint, TensorEntry};
-use crate::tree::{ModuleTree, NodeKind, TreeColumns};
+use crate::tree::{full_name_budget, ModuleTree, NodeKind, TreeColumns};
 use foldhash::{HashMap as FoldMap, HashMapExt};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -148,6 +148,21 @@ impl<'a> Trie<'a> {
         }
         self.last_name = name;
         at
+    }
+
+    /// The module tree keeps every node's full dotted name: refuse names nested so deep that those would
+    /// take memory quadratic in the depth (one 80k-component name of a 160 KB header took 6 GB).
+    fn check_depth(&self, path: &Path, entries: &[TensorEntry]) -> Result<()> {
+        let parents = self
+            .nodes
+            .iter()
+            .map(|n| Some(n.parent as usize).filter(|&p| n.parent != NONE && p > 0));
+        let lens = self.nodes.iter().map(|n| n.name.len());
+        full_name_budget(parents, lens).map_err(|deep| {
+            let name = entries.iter().map(|e| &e.name).max_by_key(|n| n.matches('.').count());
+            let shown: String = name.map_or("", |n| n.as_str()).chars().take(80).collect();
+            bad_name(path, format!("tensor names like {shown:?}…: {deep}"))
+        })
     }
 
     fn child(&mut self, parent: u32, part: &'a str) -> u32 {
@@ -334,6 +349,7 @@ pub fn tree_from_checkpoint(checkpoint: &Checkpoint, options: &CheckpointTreeOpt
     let tie_groups = resolve_ties(entries, &options.tie_groups);
     let mut trie = Trie::with_capacity(entries.len());
     let leaves: Vec<u32> = entries.iter().map(|e| trie.node_of(&e.name)).collect();
+    trie.check_depth(&checkpoint.path, entries)?;
     for &leaf in &leaves {
         trie.nodes[leaf as usize].named = true;
     }

@@ -100,9 +100,80 @@ fn bad(path: &Path, reason: impl Into<String>) -> PlacementError {
     }
 }
 
+/// The largest index file read (`model.safetensors.index.json`): a million tensors take ~100 MB.
+pub(crate) const MAX_INDEX_BYTES: u64 = 256_000_000;
+
+/// What a path is, in words, when it is not a regular file (for "not a regular file" errors).
+fn file_kind(metadata: &std::fs::Metadata) -> &'static str {
+    let kind = metadata.file_type();
+    if kind.is_dir() {
+        return "a folder";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+/// Open a regular file (symlinks followed) for reading. Anything else is refused before it is opened:
+/// opening a FIFO blocks until a writer comes, and a device can be read forever.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let metadata = std::fs::metadata(path).map_err(|e| bad(path, format!("cannot open: {e}")))?;
+    if !metadata.is_file() {
+        return Err(bad(
+            path,
+            format!(
+                "is {}, not a regular file: pass a safetensors file, its index or their folder",
+                file_kind(&metadata)
+            ),
+        ));
+    }
+    File::open(path).map_err(|e| bad(path, format!("cannot open: {e}")))
+}
+
+/// Whether `path` is a regular file (symlinks followed); `Err` names what else it is, `Ok(false)`: absent.
+fn regular_or_absent(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(m) => Err(bad(path, format!("is {}, not a regular file", file_kind(&m)))),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Read a whole file of at most `limit` bytes (a regular file: see [`open_regular`]).
+fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let handle = open_regular(path)?;
+    let size = handle.metadata().map_or(0, |m| m.len());
+    if size > limit {
+        return Err(bad(
+            path,
+            format!("{what} is {size} bytes, above the {limit}-byte limit"),
+        ));
+    }
+    let mut text = Vec::new();
+    handle
+        .take(limit + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    if text.len() as u64 > limit {
+        return Err(bad(path, format!("{what} is larger than the {limit}-byte limit")));
+    }
+    Ok(text)
+}
+
 /// Read and validate the header of one safetensors file.
 pub(crate) fn read_header(path: &Path, file: usize) -> Result<Vec<TensorEntry>> {
-    let mut handle = File::open(path).map_err(|e| bad(path, format!("cannot open: {e}")))?;
+    let mut handle = open_regular(path)?;
     let length = handle
         .metadata()
         .map_err(|e| bad(path, format!("cannot stat: {e}")))?
@@ -424,7 +495,7 @@ pub(crate) type WeightMap<'a> = Vec<(Cow<'a, str>, usize)>;
 pub(crate) fn resolve<'a>(path: &Path, index_text: &'a mut Vec<u8>) -> Result<(Vec<PathBuf>, Option<WeightMap<'a>>)> {
     if path.is_dir() {
         let index = path.join("model.safetensors.index.json");
-        if index.exists() {
+        if std::fs::symlink_metadata(&index).is_ok() {
             return resolve(&index, index_text);
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -442,14 +513,14 @@ pub(crate) fn resolve<'a>(path: &Path, index_text: &'a mut Vec<u8>) -> Result<(V
         return Ok((files, None));
     }
     if path.extension().is_some_and(|x| x == "json") {
-        *index_text = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+        *index_text = read_bounded(path, MAX_INDEX_BYTES, "the index")?;
         let text: &'a [u8] = index_text;
         return match typed_index(path, text) {
             Some(resolved) => Ok(resolved),
             None => reference_index(path, text),
         };
     }
-    if !path.is_file() {
+    if !regular_or_absent(path)? {
         return Err(bad(path, "no such file or folder"));
     }
     Ok((vec![path.to_path_buf()], None))
@@ -531,7 +602,7 @@ fn reference_index<'a>(path: &Path, text: &[u8]) -> Result<(Vec<PathBuf>, Option
     let mut position: HashMap<&Path, usize> = HashMap::with_capacity(shards.len());
     for (inside, shard) in &shards {
         let file = folder.join(inside);
-        if !file.is_file() {
+        if !regular_or_absent(&file)? {
             return Err(bad(path, format!("shard {shard:?} listed in the index is missing")));
         }
         position.insert(inside.as_path(), files.len());

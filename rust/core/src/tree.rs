@@ -179,6 +179,70 @@ pub struct Columns<N> {
     pub tie: Vec<i64>,
 }
 
+/// Full names may take at most this many bytes beyond [`FULL_NAME_FACTOR`] times the local names.
+pub const FULL_NAME_ALLOWANCE: u64 = 256 << 20;
+/// Full names of real models are a few times their local names long (about three for transformers).
+pub const FULL_NAME_FACTOR: u64 = 64;
+
+/// Names nested so deep that their full dotted names would take memory quadratic in the depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooDeep {
+    /// Bytes the full names would take.
+    pub bytes: u64,
+    /// The budget they exceed.
+    pub budget: u64,
+    /// Index of the deepest node (most components).
+    pub deepest: usize,
+    /// Its number of components.
+    pub depth: u64,
+}
+
+impl std::fmt::Display for TooDeep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "names nest too deep: the full dotted names would take {} bytes (limit {}), one of them {} \
+             components deep; module paths of real models are a few dozen components at most",
+            self.bytes, self.budget, self.depth
+        )
+    }
+}
+
+/// Check that full dotted names stay within a budget linear in the local names, before building them.
+/// `parents[i]`: node `i`'s parent, `None` for the root and its children (whose full name is their
+/// local name); parents come before children. `local_lens[i]`: the byte length of node `i`'s local name.
+pub fn full_name_budget(
+    parents: impl Iterator<Item = Option<usize>>,
+    local_lens: impl Iterator<Item = usize>,
+) -> std::result::Result<(), TooDeep> {
+    let mut full: Vec<u64> = Vec::new();
+    let mut depth: Vec<u32> = Vec::new();
+    let (mut total, mut local_total) = (0u64, 0u64);
+    for (parent, local) in parents.zip(local_lens) {
+        let local = local as u64;
+        let i = full.len();
+        let (len, d) = match parent.filter(|&p| p < i) {
+            Some(p) => (full[p].saturating_add(1 + local), depth[p].saturating_add(1)),
+            None => (local, 1),
+        };
+        full.push(len);
+        depth.push(d);
+        total = total.saturating_add(len);
+        local_total = local_total.saturating_add(local);
+    }
+    let budget = FULL_NAME_ALLOWANCE.saturating_add(FULL_NAME_FACTOR.saturating_mul(local_total));
+    if total <= budget {
+        return Ok(());
+    }
+    let deepest = (0..depth.len()).max_by_key(|&i| depth[i]).unwrap_or(0);
+    Err(TooDeep {
+        bytes: total,
+        budget,
+        deepest,
+        depth: u64::from(depth[deepest]),
+    })
+}
+
 /// A validated tree: full names, parents, subtree ranges and sizes, tie groups.
 #[derive(Debug, Clone)]
 pub struct ModuleTree {
@@ -282,6 +346,10 @@ fn link_parents<N: LocalNames>(c: &Columns<N>, kind: &[NodeKind]) -> Result<Link
     let mut text = 0;
     for i in 0..n {
         text += c.names.local(i).len();
+    }
+    let parents = c.parents.iter().map(|&p| usize::try_from(p).ok().filter(|&p| p > 0));
+    if let Err(deep) = full_name_budget(parents, (0..n).map(|i| c.names.local(i).len())) {
+        return bad(deep.to_string());
     }
     // Full names are about three local names long on model trees; this only sizes the first buffer.
     let mut names = NameList::with_capacity(n, text * 3);
@@ -887,5 +955,44 @@ mod tests {
     fn suggests_close_names() {
         let t = small();
         assert_eq!(t.suggest("layer.0")[0], "layers.0");
+    }
+}
+
+#[cfg(test)]
+mod full_name_budget_tests {
+    use super::*;
+
+    /// A chain `a.a.a...` of `depth` one-letter components: full names take depth²/2 bytes.
+    fn chain(depth: usize) -> std::result::Result<(), TooDeep> {
+        let parents = (0..depth).map(|i| i.checked_sub(1));
+        full_name_budget(parents, std::iter::repeat_n(1, depth))
+    }
+
+    #[test]
+    fn real_depths_pass_and_quadratic_ones_are_refused_with_the_depth() {
+        assert!(chain(1_000).is_ok());
+        let deep = chain(80_000).unwrap_err();
+        assert_eq!((deep.depth, deep.deepest), (80_000, 79_999));
+        assert!(deep.bytes > deep.budget);
+        assert!(deep.to_string().contains("80000 components deep"));
+    }
+
+    #[test]
+    fn a_tree_whose_columns_nest_too_deep_is_an_invalid_tree() {
+        let n = 40_000;
+        let columns = TreeColumns {
+            names: (0..n)
+                .map(|i| if i == 0 { String::new() } else { "m".into() })
+                .collect::<Vec<String>>(),
+            parents: (0..n as i64).map(|i| i - 1).collect(),
+            kinds: vec![NodeKind::Module as u8; n],
+            classes: vec![0; n],
+            class_names: vec!["Module".into()],
+            bits: vec![0; n],
+            duplicate: vec![false; n],
+            tie: vec![-1; n],
+        };
+        let err = ModuleTree::from_columns(columns).unwrap_err();
+        assert!(err.to_string().contains("names nest too deep"), "{err}");
     }
 }

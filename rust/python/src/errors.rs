@@ -86,8 +86,24 @@ create_exception!(
     "A bug in devicemap (a Rust panic, caught)."
 );
 
+/// The longest message an exception carries: errors quote names and header content, and one quoting a
+/// 50 MB tensor name must not become a 50 MB string. Longer ones keep their start (what went wrong) and
+/// end (the fix).
+const MESSAGE_LIMIT: usize = 8000;
+
+fn bounded(msg: String) -> String {
+    let total = msg.chars().count();
+    if total <= MESSAGE_LIMIT {
+        return msg;
+    }
+    let (head, tail) = (MESSAGE_LIMIT * 2 / 3, MESSAGE_LIMIT / 4);
+    let start: String = msg.chars().take(head).collect();
+    let end: String = msg.chars().skip(total - tail).collect();
+    format!("{start} … ({} characters cut) … {end}", total - head - tail)
+}
+
 pub fn to_py(err: CoreError) -> PyErr {
-    let msg = err.to_string();
+    let msg = bounded(err.to_string());
     match err {
         CoreError::InvalidSize { .. } => InvalidSizeError::new_err(msg),
         CoreError::UnknownDevice { .. } => UnknownDeviceError::new_err(msg),
