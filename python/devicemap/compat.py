@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from .compat_versions import installed_accelerate
 from .compat_warnings import (
     log_single_gpu_share,
     log_unassigned_devices,
@@ -160,6 +161,12 @@ def infer_auto_device_map(
     >>> infer_auto_device_map(model, max_memory={0: 700, "cpu": 1000})
     {'0': 0, '1': 'cpu', '2': 'cpu'}
     """
+    release = installed_accelerate()
+    if fallback_allocation and not release.has_fallback_allocation:
+        raise TypeError(
+            "infer_auto_device_map() got an unexpected keyword argument 'fallback_allocation': the installed "
+            f"accelerate {'.'.join(map(str, release.version))} has none (it came in 1.2)"
+        )
     memory = get_max_memory(max_memory)
     tree = ModuleTree.from_module(
         model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
@@ -171,6 +178,7 @@ def infer_auto_device_map(
         _no_split(no_split_module_classes),
         bool(fallback_allocation),
         bool(clean_result),
+        release.core_version,
     )
     if not offload_buffers:
         warn_offloaded_buffers(model, memory, dict(used_bits), offloaded_modules, dtype, special_dtypes)
