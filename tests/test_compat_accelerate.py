@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -161,6 +162,48 @@ def test_low_zero_with_any_gpu_numbers_like_accelerate(gpus):
             get_balanced_memory(model, max_memory=dict(memory), low_zero=True)
         return
     assert get_balanced_memory(model, max_memory=dict(memory), low_zero=True) == expected
+
+
+RARE_DTYPES = [
+    "float8_e4m3fn",
+    "float8_e5m2",  # 0 bytes before accelerate 1.8
+    "float8_e4m3fnuz",  # ValueError before 1.14
+    "float8_e8m0fnu",
+    "uint4",  # sub-byte and packed dtypes: 0 bytes before 1.16, torch's element size from 1.16
+    "int2",
+    "float4_e2m1fn_x2",
+    "quint4x2",
+    "bits2x4",
+    "complex32",
+]
+
+
+def _calls(function, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function(*args, **kwargs)
+    return dict(result), [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("name", [n for n in RARE_DTYPES if hasattr(torch, n)])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns creating complex32 and quantized tensors
+def test_tensors_of_rare_dtypes_are_sized_like_accelerate(name):
+    """accelerate's dtype_byte_size changed in 1.8, 1.14 and 1.16: buffers of such dtypes change maps,
+    budgets and the offloaded-buffers warning."""
+    dtype = getattr(torch, name)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])  # 288 bytes each
+    for i, layer in enumerate(model):
+        layer.register_buffer("extra", torch.empty(400 * (i + 1), dtype=dtype))
+    for memory in ({0: 700, "cpu": 5000}, {0: 2000, 1: 2000}):
+        try:
+            expected = _calls(acc_infer, model, max_memory=dict(memory))
+        except ValueError:
+            with pytest.raises(AccelerateCompatError, match="cannot size"):
+                infer_auto_device_map(model, max_memory=dict(memory))
+            continue
+        assert _calls(infer_auto_device_map, model, max_memory=dict(memory)) == expected
+        budget = acc_balanced(model, max_memory=dict(memory))
+        assert get_balanced_memory(model, max_memory=dict(memory)) == budget
 
 
 def test_string_sizes_are_read_like_accelerate():

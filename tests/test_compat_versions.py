@@ -185,3 +185,28 @@ def test_gpu_keys_are_counted_through_torch_device_before_1_15(monkeypatch, rele
         get_balanced_memory(model, max_memory=dict(memory))
     release("1.15.0")
     assert get_balanced_memory(model, max_memory=dict(memory)) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [  # bits per element under accelerate 1.7, 1.8, 1.14, 1.16 (None: accelerate raises ValueError)
+        ("float16", [16, 16, 16, 16]),
+        ("bool", [1, 1, 1, 1]),
+        ("float8_e4m3fn", [8, 8, 8, 8]),
+        ("float8_e5m2", [0, 8, 8, 8]),
+        ("float8_e4m3fnuz", [None, None, 8, 8]),
+        ("uint4", [0, 0, 0, 8]),
+        ("quint4x2", [0, 0, 0, 8]),
+        ("complex32", [32, 32, 32, 32]),
+    ],
+)
+def test_dtype_sizes_follow_the_release(name, sizes):
+    if not hasattr(torch, name):
+        pytest.skip(f"torch {torch.__version__} has no {name}")
+    dtype = getattr(torch, name)
+    for version, expected in zip([(1, 7, 0), (1, 8, 0), (1, 14, 0), (1, 16, 0)], sizes, strict=True):
+        if expected is None:
+            with pytest.raises(AccelerateCompatError, match="cannot size"):
+                AccelerateRelease(version).element_bits(dtype)
+        else:
+            assert AccelerateRelease(version).element_bits(dtype) == expected, version

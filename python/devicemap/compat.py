@@ -204,7 +204,11 @@ def infer_auto_device_map(
     memory = get_max_memory(max_memory)
     no_split = _no_split(no_split_module_classes, release)
     tree = ModuleTree.from_module(
-        model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
+        model,
+        dtype=dtype,
+        special_dtypes=special_dtypes,
+        accelerate_tie_order=True,
+        element_bits=release.element_bits,
     )
     warn_untied_weights(model, tree.tied_groups, tree.module_types, release)
     entries, used_bits, offloaded_modules, unassigned = _core.infer_auto_device_map(
@@ -216,7 +220,9 @@ def infer_auto_device_map(
         release.core_version,
     )
     if not offload_buffers:
-        warn_offloaded_buffers(model, memory, dict(used_bits), offloaded_modules, dtype, special_dtypes)
+        warn_offloaded_buffers(
+            model, memory, dict(used_bits), offloaded_modules, dtype, special_dtypes, release.element_bits
+        )
     log_unassigned_devices(model, unassigned)
     return dict(entries)
 
@@ -253,7 +259,11 @@ def get_balanced_memory(
                     log_single_gpu_share(key)
                     break
     tree = ModuleTree.from_module(
-        model, dtype=dtype, special_dtypes=special_dtypes, accelerate_tie_order=True
+        model,
+        dtype=dtype,
+        special_dtypes=special_dtypes,
+        accelerate_tie_order=True,
+        element_bits=release.element_bits,
     )
     share = num_devices - 1 if low_zero else num_devices
     total_bits, per_gpu_bits = _core.balanced_budget(

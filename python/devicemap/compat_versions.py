@@ -20,6 +20,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["NEWEST_CHECKED", "OLDEST_SUPPORTED", "AccelerateRelease", "installed_accelerate"]
 
@@ -110,6 +114,42 @@ class AccelerateRelease:
     def integrated_cuda_shares_ram(self) -> bool:
         """1.15: ``get_max_memory()`` gives no ``"cpu"`` budget on an integrated CUDA device (shared RAM)."""
         return self._at_least(1, 15)
+
+    # -- sizes (compute_module_sizes' dtype_byte_size) -------------------------------------------
+    def element_bits(self, dtype: torch.dtype) -> int:
+        """Bits accelerate counts per element of ``dtype``: ``bool`` 1; from 1.16 the element size torch
+        stores; before, the trailing number of the dtype's name in whole bytes (so the sub-byte and packed
+        dtypes ``uint4``, ``int2``, ``quint4x2``, ``float4_e2m1fn_x2``, ``bits2x4`` count 0), except the
+        float8 dtypes it lists (``float8_e4m3fn``; ``float8_e5m2`` from 1.8, 0 before; the ``fnuz`` and
+        ``e8m0fnu`` ones from 1.14, before which accelerate raises ``ValueError``).
+
+        >>> import torch
+        >>> [AccelerateRelease(v).element_bits(torch.float8_e5m2) for v in [(1, 7, 0), (1, 8, 0)]]
+        [0, 8]
+        """
+        import torch
+
+        if dtype == torch.bool:
+            return 1
+        if self._at_least(1, 16):
+            return int(dtype.itemsize) * 8
+        name = str(dtype).removeprefix("torch.")
+        float8 = {"float8_e4m3fn"}
+        if self._at_least(1, 8):
+            float8.add("float8_e5m2")
+        if self._at_least(1, 14):
+            float8.update({"float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"})
+        if name in float8:
+            return 8
+        width = re.search(r"[^\d](\d+)$", str(dtype))
+        if width is None:
+            from .errors import AccelerateCompatError
+
+            raise AccelerateCompatError(
+                f"accelerate {'.'.join(map(str, self.version))} cannot size {dtype} tensors (its dtype_byte_size "
+                "raises ValueError); accelerate 1.14 and later can"
+            )
+        return int(width.group(1)) // 8 * 8
 
     @property
     def core_version(self) -> tuple[int, int, int]:

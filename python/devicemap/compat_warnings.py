@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from .compat_versions import AccelerateRelease
 from .memory import DeviceKey, accelerator_count
-from .tree import DtypeLike, dtype_bits, to_dtype
+from .tree import DtypeLike, to_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -102,12 +102,14 @@ def warn_offloaded_buffers(
     offloaded_modules: list[tuple[str, str]],
     dtype: DtypeLike | None,
     special_dtypes: Mapping[str, DtypeLike] | None,
+    element_bits: Callable[[torch.dtype], int],
 ) -> None:
     """``infer_auto_device_map(offload_buffers=False)``: buffers of the modules placed whole on CPU/disk
-    stay on a GPU at run time; warn when they fit on none of them."""
+    stay on a GPU at run time; warn when they fit on none of them. ``element_bits`` sizes a dtype as the
+    installed accelerate does."""
     total: Bytes = 0
     for name, _ in offloaded_modules:
-        total += _buffer_bytes(model.get_submodule(name), dtype, special_dtypes)
+        total += _buffer_bytes(model.get_submodule(name), dtype, special_dtypes, element_bits)
     if not total > 0:
         return
     gpus = [key for key in memory if key not in ("cpu", "disk")]
@@ -121,15 +123,18 @@ def warn_offloaded_buffers(
 
 
 def _buffer_bytes(
-    module: torch.nn.Module, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None
+    module: torch.nn.Module,
+    dtype: DtypeLike | None,
+    special_dtypes: Mapping[str, DtypeLike] | None,
+    element_bits: Callable[[torch.dtype], int],
 ) -> Bytes:
     """A module's buffers in bytes, sized by accelerate's rules (names relative to the module, as
     accelerate looks special dtypes up for this sum)."""
-    target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
-    special = {name: dtype_bits(to_dtype(d)) for name, d in (special_dtypes or {}).items()}
+    target = element_bits(to_dtype(dtype)) if dtype is not None else None
+    special = {name: element_bits(to_dtype(d)) for name, d in (special_dtypes or {}).items()}
     total: Bytes = 0
     for name, buffer in module.named_buffers():
-        own = dtype_bits(buffer.dtype)
+        own = element_bits(buffer.dtype)
         if name in special:
             bits = special[name]
         elif target is None or str(buffer.dtype).startswith(("torch.uint", "torch.int", "torch.bool")):
