@@ -2,8 +2,9 @@
 //!
 //! This is the compatibility contract (and the oracle the better strategies are measured against), so
 //! it keeps accelerate's quirks on purpose: the largest-layer reserve on the main devices, tied groups
-//! matched by substring (`name + "."` in `param + "."`), direct buffers of split modules left unmapped,
-//! `>=` in the split test, and `fallback_allocation`'s search. What it does not keep is the cost: layer
+//! matched by substring (`name + "."` in `param + "."`), each release's rule for the module holding a
+//! tied parameter, direct buffers of split modules left unmapped, `>=` in the split test (`>` before
+//! 1.2), and `fallback_allocation`'s search. What it does not keep is the cost: layer
 //! maxima are precomputed per subtree and names are node ids, so a 60k-module tree takes milliseconds.
 //!
 //! The release to reproduce is [`CompatOptions::accelerate_version`]; what differs between releases is
