@@ -142,18 +142,18 @@ def _check_number(key: object, size: object) -> int | float:
 
 def _no_split(no_split_module_classes: object, release: AccelerateRelease) -> list[str]:
     """The class names accelerate will match. It compares a module's class name with ``in``: an entry
-    that is not a string never matches, so only strings are kept."""
+    that is not a string never matches, so only strings are kept. A value that is no collection of
+    names at all (a number, bytes) is refused, whatever accelerate would do with it."""
     value = no_split_module_classes
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        raise InvalidOptionError(
+            f"no_split_module_classes must be a list of class names such as ['LlamaDecoderLayer'], got {value!r}"
+        )
     if release.no_split_takes_any_iterable:  # 1.14+: list(value)
-        if not isinstance(value, Iterable):
-            raise InvalidOptionError(
-                f"no_split_module_classes must be a list of class names such as ['LlamaDecoderLayer'], "
-                f"got {value!r}"
-            )
         items: Iterable[object] = value
     else:  # a list or tuple is read as such, anything else is one entry (matching no class name)
         items = value if isinstance(value, (list, tuple)) else [value]
