@@ -59,6 +59,12 @@ lint: build
 py-test: build
 	$(BIN)/python -m pytest -q
 
+# devicemap.compat against several accelerate releases (each wheel fetched once with pip into
+# ~/.cache/devicemap/accelerate); DEVICEMAP_ACCELERATE_VERSIONS=1.1.1,1.16.0 picks them. Not part of `make test`.
+.PHONY: compat-matrix
+compat-matrix: build
+	$(BIN)/python tests/compat_matrix.py
+
 bench: build
 	$(BIN)/python benches/bench_placement.py
 	$(BIN)/python benches/bench_quality.py

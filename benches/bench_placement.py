@@ -36,6 +36,7 @@ from accelerate.utils import infer_auto_device_map as acc_infer
 import devicemap
 from devicemap import _core, catalog
 from devicemap.compat import infer_auto_device_map as dm_infer
+from devicemap.compat_versions import installed_accelerate
 from transformers_planner import build_like_from_pretrained, transformers_device_map, unavailable_reason
 
 CATALOG_MODELS = ["llama-3-8b", "llama-3-70b", "llama-3.1-405b", "mixtral-8x22b", "qwen3-30b-a3b", "t5-large"]
@@ -148,8 +149,9 @@ def bench_tree(
         acc_infer(model, max_memory=dict(memory), **kwargs)  # fills the cache
         acc_solve, _ = best_of(lambda: acc_infer(model, max_memory=dict(memory), **kwargs), acc_repeat)
     bits = [(str(k), v * 8) for k, v in memory.items()]
+    version = installed_accelerate().core_version
     compat_solve, _ = best_of(
-        lambda: _core.infer_auto_device_map(tree.core, bits, no_split, False, True), repeat
+        lambda: _core.infer_auto_device_map(tree.core, bits, no_split, False, True, version), repeat
     )
     own = [(k, b) for k, b in bits]
     own_solve, _ = best_of(lambda: _core.solve(tree.core, own, "sequential", no_split, [], False), repeat)

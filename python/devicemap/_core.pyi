@@ -179,6 +179,7 @@ def infer_auto_device_map(
     no_split_module_classes: list[str],
     fallback_allocation: bool,
     clean_result: bool,
+    accelerate_version: tuple[int, int, int],
 ) -> tuple[
     list[tuple[str, _DeviceKey]],
     list[tuple[str, int]],

@@ -11,19 +11,23 @@ accelerate (1.x) emits, from the logger ``accelerate.utils.modeling``:
   and an info line listing the devices that received nothing for lack of memory.
 
 Byte counts are printed as accelerate computes them: a float as soon as a bool tensor (1/8 byte per
-element) is part of the sum.
+element) is part of the sum. What differs between accelerate releases follows the installed one (see
+:mod:`devicemap.compat_versions`): before 1.7 the untied-weights check reads ``config`` itself rather than
+its decoder text config, before 1.8 it warns through the deprecated ``logger.warn`` (a
+``DeprecationWarning`` besides the log line), and before 1.2 no line lists the devices left empty.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from .compat_versions import AccelerateRelease
 from .memory import DeviceKey, accelerator_count
-from .tree import DtypeLike, dtype_bits, to_dtype
+from .tree import DtypeLike, to_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -51,24 +55,35 @@ def log_single_gpu_share(key: int) -> None:
 
 
 def warn_untied_weights(
-    model: torch.nn.Module, tied_groups: list[list[str]], module_types: Iterable[type]
+    model: torch.nn.Module,
+    tied_groups: list[list[str]],
+    module_types: Iterable[type],
+    release: AccelerateRelease,
 ) -> None:
     """``infer_auto_device_map`` on a transformers model that declares tied weights none of which are tied.
     ``module_types`` are the model's module classes (from the export walk, so no second walk is needed)."""
-    if tied_groups or not _declares_tied_weights(model, module_types):
+    if tied_groups or not _declares_tied_weights(model, module_types, release):
         return
-    logger.warning(
+    message = (
         "The model weights are not tied. Please use the `tie_weights` method before using the "
         "`infer_auto_device` function."
     )
+    deprecated_warn = getattr(logger, "warn", None)
+    if release.warns_with_deprecated_logger_warn and deprecated_warn is not None:
+        deprecated_warn(message)  # what accelerate < 1.8 calls: the log line and a DeprecationWarning
+    else:
+        logger.warning(message)
 
 
-def _declares_tied_weights(model: torch.nn.Module, module_types: Iterable[type]) -> bool:
+def _declares_tied_weights(
+    model: torch.nn.Module, module_types: Iterable[type], release: AccelerateRelease
+) -> bool:
     if "PreTrainedModel" not in {cls.__name__ for cls in type(model).__mro__}:
         return False
     config = getattr(model, "config", None)
     if config is not None:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        decoder_config = release.reads_decoder_text_config and hasattr(config, "get_text_config")
+        text = config.get_text_config(decoder=True) if decoder_config else config
         # The ignore is for torch's stubs: Module.__getattr__ returns Tensor | Module, so mypy cannot see
         # transformers' get_output_embeddings method.
         if text is not None and getattr(text, "tie_word_embeddings", False) and model.get_output_embeddings():  # type: ignore[operator]
@@ -87,12 +102,14 @@ def warn_offloaded_buffers(
     offloaded_modules: list[tuple[str, str]],
     dtype: DtypeLike | None,
     special_dtypes: Mapping[str, DtypeLike] | None,
+    element_bits: Callable[[torch.dtype], int],
 ) -> None:
     """``infer_auto_device_map(offload_buffers=False)``: buffers of the modules placed whole on CPU/disk
-    stay on a GPU at run time; warn when they fit on none of them."""
+    stay on a GPU at run time; warn when they fit on none of them. ``element_bits`` sizes a dtype as the
+    installed accelerate does."""
     total: Bytes = 0
     for name, _ in offloaded_modules:
-        total += _buffer_bytes(model.get_submodule(name), dtype, special_dtypes)
+        total += _buffer_bytes(model.get_submodule(name), dtype, special_dtypes, element_bits)
     if not total > 0:
         return
     gpus = [key for key in memory if key not in ("cpu", "disk")]
@@ -106,15 +123,18 @@ def warn_offloaded_buffers(
 
 
 def _buffer_bytes(
-    module: torch.nn.Module, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None
+    module: torch.nn.Module,
+    dtype: DtypeLike | None,
+    special_dtypes: Mapping[str, DtypeLike] | None,
+    element_bits: Callable[[torch.dtype], int],
 ) -> Bytes:
     """A module's buffers in bytes, sized by accelerate's rules (names relative to the module, as
     accelerate looks special dtypes up for this sum)."""
-    target = dtype_bits(to_dtype(dtype)) if dtype is not None else None
-    special = {name: dtype_bits(to_dtype(d)) for name, d in (special_dtypes or {}).items()}
+    target = element_bits(to_dtype(dtype)) if dtype is not None else None
+    special = {name: element_bits(to_dtype(d)) for name, d in (special_dtypes or {}).items()}
     total: Bytes = 0
     for name, buffer in module.named_buffers():
-        own = dtype_bits(buffer.dtype)
+        own = element_bits(buffer.dtype)
         if name in special:
             bits = special[name]
         elif target is None or str(buffer.dtype).startswith(("torch.uint", "torch.int", "torch.bool")):

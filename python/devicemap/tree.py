@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from . import _core
@@ -85,11 +85,16 @@ class _Sizer:
         dtype: DtypeLike | None,
         special_dtypes: Mapping[str, DtypeLike] | None,
         loaded: QuantizedSizer | None = None,
+        rule: Callable[[torch.dtype], int] | None = None,
     ):
-        self.target = target_bits(dtype) if dtype is not None else None
-        self.special = {
-            k: target_bits(v, f"special_dtypes[{k!r}]") for k, v in (special_dtypes or {}).items()
-        }
+        self.rule = rule or dtype_bits
+
+        def bits_as(d: DtypeLike, option: str) -> int:
+            checked = target_bits(d, option)  # refuses sub-byte targets whatever the rule
+            return checked if rule is None else rule(to_dtype(d, option))
+
+        self.target = bits_as(dtype, "dtype") if dtype is not None else None
+        self.special = {k: bits_as(v, f"special_dtypes[{k!r}]") for k, v in (special_dtypes or {}).items()}
         self.loaded = loaded
         self.needs_names = bool(self.special) or loaded is not None
         self.cache: dict[object, int] = {}
@@ -107,7 +112,7 @@ class _Sizer:
         """Bits per element of a tensor of ``dtype`` that no name rule decides."""
         per = self.cache.get(dtype)
         if per is None:
-            own = dtype_bits(dtype)
+            own = self.rule(dtype)
             keeps_width = str(dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
             per = own if self.target is None or keeps_width else min(self.target, own)
             self.cache[dtype] = per
@@ -140,13 +145,16 @@ class ModuleTree:
         quantization_config: Any = None,
         accelerate_tie_order: bool = False,
         untie: bool = False,
+        element_bits: Callable[[torch.dtype], int] | None = None,
     ) -> ModuleTree:
         """Export ``model`` (any device, including ``meta``: nothing is allocated).
 
         ``untie=True`` counts a shared parameter under every name (each user keeps its own copy, as
         pipeline stages must). ``accelerate_tie_order=True`` walks and orders ties exactly as accelerate
         does (``named_children`` skips a module one parent holds twice; buffers are never tied), for the
-        :mod:`devicemap.compat` port.
+        :mod:`devicemap.compat` port, which also passes ``element_bits``: the bits per element of each
+        dtype (for tensors, ``dtype`` and ``special_dtypes``) as the installed accelerate counts them,
+        instead of :func:`dtype_bits`.
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
         tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
@@ -182,7 +190,7 @@ class ModuleTree:
             loaded = quantized_sizer(model, quantization_config, dtype)
             if loaded.method is None and not loaded.fp32_names:
                 loaded = None  # nothing to decide: keep the fast walk that builds no names
-        sizer = _Sizer(dtype, special_dtypes, loaded)
+        sizer = _Sizer(dtype, special_dtypes, loaded, element_bits)
         # The walk (in the binding: it reads every module's dicts and fills the tree's columns, see
         # _core.ModuleWalk for the rules) asks Python only per dtype, or per tensor when names decide.
         # The walk's temporaries (bound methods, ints) would start cyclic collections that rescan the

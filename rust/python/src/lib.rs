@@ -8,6 +8,7 @@ mod records;
 
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
 use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
+use devicemap_core::strategy::accelerate_version::AccelerateVersion;
 use devicemap_core::strategy::Balance;
 use devicemap_core::{
     Device, DeviceSpec, ModuleTree, NodeKind, PlacementError as CoreError, SolveOptions, Strategy, TreeColumns,
@@ -208,9 +209,10 @@ fn solve(
     })
 }
 
-/// accelerate's infer_auto_device_map on a tree; max_memory as (key, capacity bits) in accelerate order.
+/// accelerate's infer_auto_device_map on a tree; max_memory as (key, capacity bits) in accelerate order,
+/// as the accelerate release `accelerate_version` (major, minor, patch) computes it.
 #[pyfunction]
-#[pyo3(signature = (tree, max_memory, no_split_module_classes, fallback_allocation, clean_result))]
+#[pyo3(signature = (tree, max_memory, no_split_module_classes, fallback_allocation, clean_result, accelerate_version))]
 fn infer_auto_device_map(
     py: Python<'_>,
     tree: &Tree,
@@ -218,6 +220,7 @@ fn infer_auto_device_map(
     no_split_module_classes: Vec<String>,
     fallback_allocation: bool,
     clean_result: bool,
+    accelerate_version: (u32, u32, u32),
 ) -> PyResult<CompatReport> {
     let t = Arc::clone(&tree.inner);
     guarded(py, move || {
@@ -229,6 +232,11 @@ fn infer_auto_device_map(
             no_split_module_classes,
             fallback_allocation,
             clean_result,
+            accelerate_version: AccelerateVersion::new(
+                accelerate_version.0,
+                accelerate_version.1,
+                accelerate_version.2,
+            ),
         };
         let result = accelerate_compat::infer_auto_device_map(&t, &mm, &options)?;
         let named = |(n, d): &(u32, Device)| (t.name(*n).to_string(), d.to_string());

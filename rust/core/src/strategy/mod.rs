@@ -12,6 +12,7 @@
 
 pub mod accelerate_budget;
 pub mod accelerate_compat;
+pub mod accelerate_version;
 mod balanced;
 mod chain;
 pub mod execution;
