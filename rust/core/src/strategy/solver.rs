@@ -25,7 +25,10 @@ struct Ledger {
     devices: Vec<Device>,
     pinned: Vec<u64>,
     pinned_cost: Vec<u64>,
+    /// Staging room: memory the staged blocks use while they run (load, like weights).
     reserve: Vec<u64>,
+    /// Room kept free on top of everything (`gpu0_reserve`): capacity removed, not load to balance.
+    headroom: Vec<u64>,
     runtime: Vec<u64>,
 }
 
@@ -37,6 +40,7 @@ impl Ledger {
             pinned: vec![0; n],
             pinned_cost: vec![0; n],
             reserve: vec![0; n],
+            headroom: vec![0; n],
             runtime: vec![0; n],
         }
     }
@@ -48,12 +52,15 @@ impl Ledger {
             .expect("devices come from the spec")
     }
 
-    /// The lane of device `d`: what is already booked on it, and its cost base for balancing.
+    /// The lane of device `d`: what is already booked on it, and its cost base for balancing. Headroom
+    /// counts against the capacity but is no load: balancing memory equalises what the GPUs hold, so a
+    /// GPU keeping room free is not made to hold less for it (it only has less room).
     fn lane(&self, d: Device, capacity: u64, balance: Balance) -> Lane {
         let i = self.index(d);
-        let base = self.pinned[i] + self.runtime[i] + self.reserve[i];
+        let load = self.pinned[i] + self.runtime[i] + self.reserve[i];
+        let base = load.saturating_add(self.headroom[i]);
         let cost_base = match balance {
-            Balance::Memory => base,
+            Balance::Memory => load,
             Balance::Compute => self.pinned_cost[i],
         };
         Lane {
@@ -316,7 +323,7 @@ impl<'a> Solver<'a> {
         }
         if let Some((gpu0, _)) = self.gpus.first() {
             let i = self.ledger.index(*gpu0);
-            self.ledger.reserve[i] += self.options.gpu0_reserve_bits;
+            self.ledger.headroom[i] += self.options.gpu0_reserve_bits;
         }
         for ((d, cap), l) in self.gpus.iter().zip(self.gpu_lanes()) {
             if l.base > *cap {
@@ -757,7 +764,7 @@ impl<'a> Solver<'a> {
                 } else {
                     0
                 },
-                reserve_bits: self.ledger.reserve[i],
+                reserve_bits: self.ledger.reserve[i] + self.ledger.headroom[i],
                 compute: 0,
                 blocks: Vec::new(),
             })
