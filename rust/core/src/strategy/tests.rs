@@ -544,8 +544,8 @@ fn gpu0_reserve_is_headroom_not_load_for_the_balanced_split() {
     assert_eq!(plan.assignments, plain.assignments);
     assert_eq!(bytes(&plan, Device::Gpu(0)), 450);
     assert_eq!(plan.usage[0].reserve_bits / 8, 1900); // still shown as kept free
-    // When the reserve leaves GPU 0 less than its balanced share, GPU 0 is filled (three layers, the
-    // tied pair moves to GPU 1) and GPU 1 takes the rest.
+                                                      // When the reserve leaves GPU 0 less than its balanced share, GPU 0 is filled (three layers, the
+                                                      // tied pair moves to GPU 1) and GPU 1 takes the rest.
     let tight = SolveOptions {
         gpu0_reserve_bits: 2100 * 8,
         ..opts(Strategy::Balanced)
