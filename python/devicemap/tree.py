@@ -78,17 +78,23 @@ def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
 class _Sizer:
     """Tensor size in bits under accelerate's dtype rules: integer and bool tensors keep their width,
     floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name. A
-    ``loaded`` sizer (quantizer and float32 keeps) decides first for the tensors it knows."""
+    ``loaded`` sizer (quantizer and float32 keeps) decides first for the tensors it knows.
+
+    A bool tensor takes a byte per element in memory, as torch stores it; ``bool_bits=1`` counts it as
+    accelerate does (a bit), for the port of accelerate's planner, which must return accelerate's maps."""
 
     def __init__(
         self,
         dtype: DtypeLike | None,
         special_dtypes: Mapping[str, DtypeLike] | None,
         loaded: QuantizedSizer | None = None,
+        bool_bits: int = 8,
     ):
+        self.bool_bits = bool_bits
         self.target = target_bits(dtype) if dtype is not None else None
         self.special = {
-            k: target_bits(v, f"special_dtypes[{k!r}]") for k, v in (special_dtypes or {}).items()
+            k: bool_bits if str(to_dtype(v)) == "torch.bool" else target_bits(v, f"special_dtypes[{k!r}]")
+            for k, v in (special_dtypes or {}).items()
         }
         self.loaded = loaded
         self.needs_names = bool(self.special) or loaded is not None
@@ -107,7 +113,7 @@ class _Sizer:
         """Bits per element of a tensor of ``dtype`` that no name rule decides."""
         per = self.cache.get(dtype)
         if per is None:
-            own = dtype_bits(dtype)
+            own = self.bool_bits if str(dtype) == "torch.bool" else dtype_bits(dtype)
             keeps_width = str(dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
             per = own if self.target is None or keeps_width else min(self.target, own)
             self.cache[dtype] = per
@@ -149,7 +155,9 @@ class ModuleTree:
         :mod:`devicemap.compat` port.
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
-        tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
+        tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name. A
+        bool tensor (an attention mask buffer) counts a byte per element, what it takes in memory
+        (accelerate counts a bit; ``accelerate_tie_order=True`` does too).
         As transformers loads them, ``_keep_in_fp32_modules`` stay float32 under ``dtype=float16`` and
         ``quantization_config`` (bitsandbytes 4/8-bit, torchao) sizes each weight as the quantizer stores
         it, quantization state included (see :mod:`devicemap.quantization`).
@@ -182,7 +190,7 @@ class ModuleTree:
             loaded = quantized_sizer(model, quantization_config, dtype)
             if loaded.method is None and not loaded.fp32_names:
                 loaded = None  # nothing to decide: keep the fast walk that builds no names
-        sizer = _Sizer(dtype, special_dtypes, loaded)
+        sizer = _Sizer(dtype, special_dtypes, loaded, bool_bits=1 if accelerate_tie_order else 8)
         # The walk (in the binding: it reads every module's dicts and fills the tree's columns, see
         # _core.ModuleWalk for the rules) asks Python only per dtype, or per tensor when names decide.
         # The walk's temporaries (bound methods, ints) would start cyclic collections that rescan the
