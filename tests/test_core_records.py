@@ -93,7 +93,9 @@ def test_records_hold_the_plans_bytes():
 
 def test_odd_bit_sizes_round_up_once_per_device():
     # Two 643-bit layers are 1286 bits: 161 bytes, not 2 * 81 (rounding each layer first would say 162).
-    plan = devicemap.plan(odd_bits(masked_stack(4)), max_memory={0: 170, 1: 170, "cpu": 1000}, strategy="sequential")
+    plan = devicemap.plan(
+        odd_bits(masked_stack(4)), max_memory={0: 170, 1: 170, "cpu": 1000}, strategy="sequential"
+    )
     assert [u.weights for u in plan.usage] == [math.ceil(2 * LAYER_BITS / 8)] * 2 + [0]
     assert [u.weights for u in plan.usage][:2] == [161, 161]
 

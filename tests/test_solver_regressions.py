@@ -183,7 +183,9 @@ def test_the_fit_on_no_device_message_says_where_staging_room_is_kept():
 # as on a GPU 0 of 22 GiB, for every strategy (the properties are in the core's proptests).
 def test_gpu0_reserve_is_headroom_not_load():
     with torch.device("meta"):
-        model = torch.nn.Sequential(*[torch.nn.Linear(8192, 8192, bias=False) for _ in range(4)])  # 256 MiB each
+        model = torch.nn.Sequential(
+            *[torch.nn.Linear(8192, 8192, bias=False) for _ in range(4)]
+        )  # 256 MiB each
     memory = {0: "24GiB", 1: "24GiB"}
     plan = devicemap.plan(model, memory, strategy="balanced", gpu0_reserve="2GiB")
     check_plan(model, plan)
