@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from architecture_sweep import Report, architectures, build, check_architecture, subset  # noqa: E402
+from architecture_sweep import CannotBuild, Report, architectures, build, check_architecture, subset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_type, class_name in arches:
         try:
             model = build(model_type, class_name)
-        except Exception as err:  # transformers' own failure to build its default config
-            report.skipped[model_type] = f"{type(err).__name__}: {str(err)[:160]}"
+        except CannotBuild as err:  # transformers' own failure to build its default config
+            report.skip(model_type, err)
             continue
         report.built.append(model_type)
         for o in check_architecture(model, model_type, report):
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     print("\nskipped (transformers cannot build the default config):")
     for model_type, why in sorted(report.skipped.items()):
-        print(f"  {model_type}: {why}")
+        print(f"  {model_type}: {why[:300]}")
     bad = [o for o in report.outcomes if o.wrong_refusal or o.over_fill or o.error]
     return 1 if bad else 0
 

@@ -103,20 +103,62 @@ ALWAYS = frozenset(
 )
 
 
-def build(model_type: str, class_name: str) -> torch.nn.Module:
-    """The default config's model on the meta device (raises what transformers raises)."""
+class CannotBuild(Exception):
+    """transformers built none of the model classes it maps the model type to from the default config
+    (each class's error in the message)."""
+
+    def __init__(self, errors: list[tuple[str, BaseException]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{name}: {type(err).__name__}: {str(err)[:200]}" for name, err in errors))
+
+    @property
+    def missing_package(self) -> bool:
+        """Whether a class failed for want of an optional package (timm, ...) rather than its config."""
+        return any(isinstance(err, ImportError) for _, err in self.errors)
+
+
+def model_classes(model_type: str) -> tuple[list[type], list[tuple[str, BaseException]]]:
+    """The classes transformers maps the model type to, in :data:`MAPPINGS` order (resolved through the
+    Auto mappings, which also find classes the top-level namespace does not export), and the errors of
+    the mappings that name a class transformers cannot load."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    config_class = configuration_auto.CONFIG_MAPPING[model_type]
+    found: list[type] = []
+    errors: list[tuple[str, BaseException]] = []
+    for mapping in MAPPINGS:
+        if model_type not in getattr(modeling_auto, mapping, {}):
+            continue
+        try:
+            classes = getattr(modeling_auto, mapping.removesuffix("_NAMES"))[config_class]
+        except Exception as err:  # the mapping names a class transformers does not have or cannot import
+            errors.append((getattr(modeling_auto, mapping)[model_type], err))
+            continue
+        for cls in classes if isinstance(classes, (list, tuple)) else [classes]:
+            if cls not in found:
+                found.append(cls)
+    return found, errors
+
+
+def build(model_type: str, class_name: str | None = None) -> torch.nn.Module:
+    """The default config's model on the meta device: the first mapped class (an LM head first) that
+    transformers builds from it; :class:`CannotBuild` with every class's error when none does."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type)
-    model_class = getattr(transformers, class_name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            return (
-                model_class._from_config(config)
-                if hasattr(model_class, "_from_config")
-                else model_class(config)
-            )
+    try:
+        config = transformers.AutoConfig.for_model(model_type)
+        classes, errors = model_classes(model_type)
+    except Exception as err:
+        raise CannotBuild([("config", err)]) from None
+    for model_class in classes:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.device("meta"):
+                    return model_class._from_config(config)
+        except Exception as err:  # transformers' own failure to build this class from the default config
+            errors.append((model_class.__name__, err))
+    raise CannotBuild(errors or [(class_name or model_type, LookupError("no model class"))])
 
 
 @dataclass
@@ -137,8 +179,14 @@ class Outcome:
 class Report:
     built: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    missing_package: set[str] = field(default_factory=set)
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
+
+    def skip(self, model_type: str, err: CannotBuild) -> None:
+        self.skipped[model_type] = str(err)
+        if err.missing_package:
+            self.missing_package.add(model_type)
 
     @property
     def plans(self) -> list[Outcome]:
@@ -152,6 +200,7 @@ class Report:
         rows = [
             ("architectures built", len(self.built)),
             ("architectures skipped (transformers cannot build them)", len(self.skipped)),
+            ("  of which for want of an optional package (timm, ...)", len(self.missing_package)),
             ("plans asked", len(self.outcomes)),
             ("plans returned", len(self.plans)),
             ("refusals", len(refused)),
@@ -220,8 +269,8 @@ def sweep(arches: Iterable[tuple[str, str]], report: Report | None = None) -> Re
     for model_type, class_name in arches:
         try:
             model = build(model_type, class_name)
-        except Exception as err:  # transformers' own failure to build its default config
-            report.skipped[model_type] = f"{type(err).__name__}: {str(err)[:200]}"
+        except CannotBuild as err:
+            report.skip(model_type, err)
             continue
         report.built.append(model_type)
         check_architecture(model, model_type, report)

@@ -29,7 +29,7 @@ import torch
 
 import devicemap
 
-from architecture_sweep import Report, architectures, build, check_architecture, subset
+from architecture_sweep import CannotBuild, Report, architectures, build, check_architecture, subset
 from sweep_oracle import ModelTensors, find_runnable, in_order, loads, runs_within
 
 EVERY = int(os.environ.get("DEVICEMAP_SWEEP_EVERY", "8"))
@@ -51,11 +51,9 @@ def test_architecture_plans_fit_and_refusals_are_justified(model_type, class_nam
     start = time.perf_counter()
     try:
         model = build(model_type, class_name)
-    except Exception as err:  # transformers' own failure to build its default config
-        REPORT.skipped[model_type] = f"{type(err).__name__}: {err}"
-        pytest.skip(
-            f"transformers cannot build {model_type} from its default config: {type(err).__name__}: {err}"
-        )
+    except CannotBuild as err:  # transformers' own failure to build its default config
+        REPORT.skip(model_type, err)
+        pytest.skip(f"transformers cannot build {model_type} from its default config: {err}")
     REPORT.built.append(model_type)
     outcomes = check_architecture(model, model_type, REPORT)
     REPORT.seconds += time.perf_counter() - start
