@@ -169,6 +169,6 @@ def test_the_sweep_table(capsys):
         pytest.skip("no architecture of the sweep ran in this session")
     with capsys.disabled():
         print(
-            f"\n\narchitecture sweep ({'every' if ALL else f'about 1 in {EVERY}'} architecture):\n{REPORT.table()}\n"
+            f"\n\narchitecture sweep ({'every architecture' if ALL else f'about 1 in {EVERY} architectures'}):\n{REPORT.table()}\n"
         )
     assert not any(o.wrong_refusal or o.over_fill or o.error for o in REPORT.outcomes)
