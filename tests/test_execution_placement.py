@@ -177,3 +177,61 @@ def test_a_block_no_gpu_can_hold_does_not_drag_the_layers_after_it_off_the_gpus(
     # a user's pin of the embedding to a GPU is kept (and refused there), never overridden
     with pytest.raises(devicemap.DoesNotFitError):
         devicemap.plan(model, memory, dtype="bfloat16", pins={"model.embed_tokens": 0})
+
+
+def small_bert():
+    """A small BERT masked LM with real weights: the word embedding is tied with the decoder (and the
+    decoder's bias with ``cls.predictions.bias``), so embedding, bias and decoder are one tie group."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=4000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return BertForMaskedLM(config).eval()
+
+
+def test_tied_groups_staged_elsewhere_run_on_the_cpu_or_past_the_cpu_rehearse_to_the_unsplit_logits(tmp_path):
+    """Issue 19: where the tied weights live and which device computes them, as accelerate's hooks run
+    the plan (a CPU rehearsal: each hook computes where the plan says, the logits are the unsplit
+    model's)."""
+    import copy
+
+    from test_architectures_execution import check_hooks_follow_the_plan
+
+    model = small_bert()
+    ids = torch.randint(3, 4000, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    tree = devicemap.ModuleTree.from_module(model)
+    group = tree.module_bytes("bert.embeddings") + tree.module_bytes("cls.predictions.bias")
+    layer = tree.module_bytes("bert.encoder.layer.0")
+    transform = tree.module_bytes("cls.predictions.transform")
+    roomy = {0: 3 * layer, 1: 2 * group, "cpu": tree.total_bytes}
+    plans = {
+        # refused before: the transform after the last layer fits only in room left on GPU 0
+        "tail": devicemap.plan(
+            model, {0: layer - 1, 1: group + layer + transform // 2, "cpu": 3 * layer + transform // 2}
+        ),
+        # the tied group stored on the CPU, staged on GPU 1 (both tied blocks load the shared weight there)
+        "staged on 1": devicemap.plan(model, roomy, pins={"bert.embeddings": "cpu"}, execution_device=1),
+        # the tied group computed on the CPU where its weights are
+        "on the cpu": devicemap.plan(model, roomy, pins={"bert.embeddings": "cpu"}, execution_device="cpu"),
+    }
+    assert plans["tail"].device_map["cls.predictions.transform"] == 0
+    assert plans["tail"].reserve_bytes == {}
+    tied = ("bert.embeddings", "cls.predictions.decoder", "cls.predictions.bias")
+    assert {plans["staged on 1"].execution_map[b] for b in tied} == {1}
+    assert plans["staged on 1"].reserve_bytes[1] >= tree.module_bytes("bert.embeddings")
+    assert {plans["on the cpu"].execution_map[b] for b in tied} == {"cpu"}
+    for name, plan in plans.items():
+        placed = devicemap.dispatch(copy.deepcopy(model), plan, rehearse=True, offload_dir=tmp_path / name)
+        check_hooks_follow_the_plan(placed, plan)
+        with torch.no_grad():
+            logits = placed(input_ids=ids).logits
+        assert torch.allclose(logits, expected, atol=1e-6), name

@@ -176,3 +176,23 @@ def test_the_fit_on_no_device_message_says_where_staging_room_is_kept():
     message = str(err.value)
     assert "capacities GPU 0: 29.30 KiB, cpu: 19.53 KiB" in message
     assert "9.77 KiB of GPU 0 is kept free to stage offloaded layers" in message
+
+
+# Issue 19, item 3: gpu0_reserve is room kept free, not load. On 2 x 24 GiB with a 2 GiB reserve, a 1 GiB
+# model went whole to GPU 1 (the min-max objective weighed GPU 0 as 2 GiB heavier); now it is balanced
+# as on a GPU 0 of 22 GiB, for every strategy (the properties are in the core's proptests).
+def test_gpu0_reserve_is_headroom_not_load():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(
+            *[torch.nn.Linear(8192, 8192, bias=False) for _ in range(4)]
+        )  # 256 MiB each
+    memory = {0: "24GiB", 1: "24GiB"}
+    plan = devicemap.plan(model, memory, strategy="balanced", gpu0_reserve="2GiB")
+    check_plan(model, plan)
+    assert plan.device_map == {"0": 0, "1": 0, "2": 1, "3": 1}
+    assert plan.reserve_bytes[0] == 2 * 2**30
+    for strategy in ("auto", "balanced", "balanced_low_0", "sequential"):
+        for balance in ("memory", "compute"):
+            reserved = devicemap.plan(model, memory, strategy=strategy, balance=balance, gpu0_reserve="2GiB")
+            smaller = devicemap.plan(model, {0: "22GiB", 1: "24GiB"}, strategy=strategy, balance=balance)
+            assert reserved.device_map == smaller.device_map, (strategy, balance)

@@ -14,11 +14,34 @@ from model_strategies import models
 
 
 def assert_sizes_match(model, **kwargs):
+    """Sizes equal accelerate's, except that a bool tensor takes a byte per element (as torch stores it)
+    where accelerate counts a bit; the accelerate port (``accelerate_tie_order``) counts a bit too."""
+    from accelerate.utils import named_module_tensors
+
     tree = devicemap.ModuleTree.from_module(model, **kwargs)
+    port = devicemap.ModuleTree.from_module(model, accelerate_tie_order=True, **kwargs)
     expected = compute_module_sizes(model, **kwargs)
+    bool_bits: dict[str, int] = {}  # 7 more bits per bool element, under every prefix (as accelerate sums)
+    special = kwargs.get("special_dtypes") or {}
+    for name, tensor in named_module_tensors(model, recurse=True):
+        if tensor.dtype == torch.bool and name not in special:
+            parts = name.split(".")
+            for i in range(len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                bool_bits[prefix] = bool_bits.get(prefix, 0) + 7 * tensor.numel()
     for name, size in list(expected.items()):
-        assert tree.module_bytes(name) == -(-int(size * 8) // 8), name
+        assert port.module_bytes(name) == -(-int(size * 8) // 8), name
+        assert tree.module_bytes(name) == -(-(int(size * 8) + bool_bits.get(name, 0)) // 8), name
     return tree
+
+
+def test_a_bool_tensor_counts_a_byte_per_element():
+    """An attention mask buffer (gpt-neo, bark, clvp...) takes a byte per element on its device; counted
+    as a bit (accelerate's rule), plans over-filled GPUs by 7/8 of every mask (issue 19's sweep)."""
+    module = torch.nn.Module()
+    module.register_buffer("mask", torch.ones(64, 64, dtype=torch.bool), persistent=False)
+    assert devicemap.ModuleTree.from_module(module).total_bytes == 64 * 64
+    assert devicemap.ModuleTree.from_module(module, accelerate_tie_order=True).total_bytes == 64 * 64 // 8
 
 
 @settings(max_examples=150, deadline=None)

@@ -289,7 +289,8 @@ def plan(
             with the output head. Needs a transformers model (its config).
         balance: ``"memory"`` (default) or ``"compute"``: what ``balanced`` strategies equalise. Compute
             is FLOPs per token (2 x parameters used per token; only routed experts' share for MoE).
-        gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate).
+        gpu0_reserve: bytes to keep free on GPU 0 on top of everything planned (e.g. for generate): GPU 0
+            plans as if that much smaller; the balanced split does not count it as load.
         execution_device: where blocks on the CPU or disk execute: a GPU (``1``, ``"cuda:1"``: it keeps
             the room to stage them) or ``"cpu"`` (they compute on the CPU, no GPU room kept). ``None``
             (default): GPU 0 stages them when it has room (the plan accelerate would make); else the GPU

@@ -40,6 +40,19 @@ def dtype_bits(dtype: torch.dtype) -> int:
     return storage_bits(dtype)
 
 
+def memory_bits(dtype: torch.dtype) -> int:
+    """Bits per element a tensor takes in memory: :func:`dtype_bits`, except that a ``bool`` takes the byte
+    torch stores per element (accelerate counts a bit, which under-counts attention-mask buffers 8x).
+
+    >>> import torch
+    >>> memory_bits(torch.bool), memory_bits(torch.bfloat16)
+    (8, 16)
+    """
+    import torch
+
+    return 8 if dtype == torch.bool else dtype_bits(dtype)
+
+
 def target_bits(dtype: DtypeLike, option: str = "dtype") -> int:
     """Bits per element of a dtype weights are sized *as* (``dtype=``, ``special_dtypes``): a dtype
     holding less than a byte per value is refused, since converting to it is a quantizer's job.
@@ -78,20 +91,23 @@ def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
 class _Sizer:
     """Tensor size in bits under accelerate's dtype rules: integer and bool tensors keep their width,
     floating tensors shrink to ``dtype`` (never grow), ``special_dtypes`` override by name. A
-    ``loaded`` sizer (quantizer and float32 keeps) decides first for the tensors it knows."""
+    ``loaded`` sizer (quantizer and float32 keeps) decides first for the tensors it knows.
+
+    A bool tensor takes a byte per element in memory, as torch stores it; ``bool_bits=1`` counts it as
+    accelerate does (a bit), for the port of accelerate's planner, which must return accelerate's maps."""
 
     def __init__(
         self,
         dtype: DtypeLike | None,
         special_dtypes: Mapping[str, DtypeLike] | None,
         loaded: QuantizedSizer | None = None,
-        rule: Callable[[torch.dtype], int] | None = None,
+        rule: Callable[[torch.dtype], int] = memory_bits,
     ):
-        self.rule = rule or dtype_bits
+        self.rule = rule
 
         def bits_as(d: DtypeLike, option: str) -> int:
-            checked = target_bits(d, option)  # refuses sub-byte targets whatever the rule
-            return checked if rule is None else rule(to_dtype(d, option))
+            target_bits(d, option)  # refuses sub-byte targets whatever the rule
+            return rule(to_dtype(d, option))
 
         self.target = bits_as(dtype, "dtype") if dtype is not None else None
         self.special = {k: bits_as(v, f"special_dtypes[{k!r}]") for k, v in (special_dtypes or {}).items()}
@@ -157,7 +173,9 @@ class ModuleTree:
         instead of :func:`dtype_bits`.
 
         ``dtype`` sizes floating tensors as if converted to it (as accelerate does: integer and bool
-        tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name.
+        tensors keep their width, nothing grows); ``special_dtypes`` overrides it per tensor name. A
+        bool tensor (an attention mask buffer) counts a byte per element, what it takes in memory
+        (accelerate counts a bit; ``accelerate_tie_order=True`` does too).
         As transformers loads them, ``_keep_in_fp32_modules`` stay float32 under ``dtype=float16`` and
         ``quantization_config`` (bitsandbytes 4/8-bit, torchao) sizes each weight as the quantizer stores
         it, quantization state included (see :mod:`devicemap.quantization`).
@@ -190,7 +208,10 @@ class ModuleTree:
             loaded = quantized_sizer(model, quantization_config, dtype)
             if loaded.method is None and not loaded.fp32_names:
                 loaded = None  # nothing to decide: keep the fast walk that builds no names
-        sizer = _Sizer(dtype, special_dtypes, loaded, element_bits)
+        # accelerate's port sizes as the installed accelerate does (a bool at a bit); devicemap's own plans
+        # as memory holds it (a bool at a byte).
+        rule = element_bits or (dtype_bits if accelerate_tie_order else memory_bits)
+        sizer = _Sizer(dtype, special_dtypes, loaded, rule)
         # The walk (in the binding: it reads every module's dicts and fills the tree's columns, see
         # _core.ModuleWalk for the rules) asks Python only per dtype, or per tensor when names decide.
         # The walk's temporaries (bound methods, ints) would start cyclic collections that rescan the

@@ -18,8 +18,14 @@
 //!    wins, then the one executing the fewest bytes on the CPU, then the lowest GPU index. This is what
 //!    gets a big-vocabulary embedding larger than any GPU a plan.
 //!
-//! A model is refused only when none of these is runnable; the error is the one of rule 1 (what the
-//! user knows from accelerate), naming the block that no GPU can stage and why the CPU cannot run it.
+//! A tie group (blocks sharing a tensor) is one unit here like any other: staging either of its blocks
+//! loads the shared tensor on the device that runs it, which is what its staged size counts, and the
+//! whole group runs on one device.
+//!
+//! When none of these is runnable and the spec has no disk, the solver tries them all once more letting
+//! the units left over after the CPU take room the GPUs' runs left unused (see `Solver::tail_to_gpus`);
+//! only then is a model refused. The error is the one of rule 1 (what the user knows from accelerate),
+//! naming the block that no GPU can stage and why the CPU cannot run it.
 //! `SolveOptions::execution_device` forces the device: a GPU (rule 1 on that GPU, then rule 3 on it
 //! alone) or the CPU (every offloaded block executes on the CPU). Without GPUs the CPU executes
 //! everything, as always.

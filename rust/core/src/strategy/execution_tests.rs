@@ -359,3 +359,230 @@ fn without_disk_the_cpu_keeps_no_loading_room_and_the_refusal_says_what_does_not
     // Every layer is as large: the first of them is named.
     assert!(msg.contains(r#"the largest offloaded block "layers.0""#), "{msg}");
 }
+
+/// BERT's masked-LM shape: the embedding tied with the decoder, `n` layers, a small transform between
+/// the last layer and the decoder.
+fn tied_lm(embed: u64, n: usize, layer: u64, transform: u64) -> ModuleTree {
+    let mut b = TreeBuilder::new("MaskedLM");
+    let e = b.module(0, "embed", "Embedding");
+    b.tied_param(e, "weight", embed, 0, false);
+    let layers = b.module(0, "layers", "ModuleList");
+    for i in 0..n {
+        let l = b.module(layers, &i.to_string(), "Layer");
+        b.param(l, "w", layer);
+    }
+    let tr = b.module(0, "transform", "Linear");
+    b.param(tr, "w", transform);
+    let d = b.module(0, "decoder", "Linear");
+    b.tied_param(d, "weight", embed, 0, true);
+    b.build().unwrap()
+}
+
+#[test]
+fn a_tied_model_refused_for_its_last_small_blocks_puts_them_in_room_left_on_a_gpu() {
+    // Issue 19's sweep (bert, ernie, data2vec-text with a small GPU 0): GPU 0 cannot hold a layer, GPU 1
+    // takes the tied embedding + decoder and one layer, the CPU all other layers but not the small
+    // transform after them, and there is no disk. accelerate's map keeps the transform on GPU 1 with the
+    // tied head's module; devicemap refused. The tail now goes to room left on a GPU.
+    let t = tied_lm(30, 4, 20, 2);
+    let s = gpus_cpu(&[15, 60], 60);
+    for strategy in Strategy::ALL {
+        let plan = solve(
+            &t,
+            &s,
+            &SolveOptions {
+                strategy,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(within_capacity(&plan), "{strategy:?}");
+        assert_eq!(on(&t, &plan, "embed"), on(&t, &plan, "decoder"));
+        assert!(on(&t, &plan, "embed").is_gpu_like());
+        assert_eq!(
+            (on(&t, &plan, "transform"), runs(&t, &plan, "transform")),
+            (Device::Gpu(0), Device::Gpu(0))
+        );
+        assert_eq!(
+            (on(&t, &plan, "layers.3"), runs(&t, &plan, "layers.3")),
+            (Device::Cpu, Device::Cpu)
+        );
+        // Nothing is staged: no GPU keeps staging room.
+        assert!(plan.usage.iter().all(|u| u.reserve_bits == 0), "{strategy:?}");
+    }
+    // With a disk the tail goes there, as before (plans that were not refused do not change).
+    let s = spec(&[
+        (Device::Gpu(0), Some(15)),
+        (Device::Gpu(1), Some(60)),
+        (Device::Cpu, Some(60)),
+        (Device::Disk, None),
+    ]);
+    let plan = solve(&t, &s, &sequential()).unwrap();
+    assert_eq!(on(&t, &plan, "transform"), Device::Disk);
+}
+
+#[test]
+fn a_tied_group_too_big_to_stage_on_gpu0_is_staged_by_another_gpu_or_runs_on_the_cpu() {
+    // An embedding, four layers, then a projection and an output head sharing one 60-byte weight: the
+    // tied pair is the last unit, offloaded, and staging either block loads the shared weight.
+    let mut b = TreeBuilder::new("Net");
+    let e = b.module(0, "embed", "Embedding");
+    b.param(e, "w", 10);
+    let layers = b.module(0, "layers", "ModuleList");
+    for i in 0..4 {
+        let l = b.module(layers, &i.to_string(), "Layer");
+        b.param(l, "w", 20);
+    }
+    for (i, name) in ["proj", "head"].into_iter().enumerate() {
+        let m = b.module(0, name, "Linear");
+        b.param(m, "bias", 1);
+        b.tied_param(m, "weight", 60, 0, i == 1);
+    }
+    let t = b.build().unwrap();
+    // GPU 0 (30) cannot stage 61 bytes; GPU 1 can.
+    let plan = solve(&t, &gpus_cpu(&[30, 100], 1000), &sequential()).unwrap();
+    assert!(within_capacity(&plan));
+    for name in ["proj", "head"] {
+        assert_eq!(
+            (on(&t, &plan, name), runs(&t, &plan, name)),
+            (Device::Cpu, Device::Gpu(1)),
+            "{name}"
+        );
+    }
+    assert_eq!(reserve(&plan, Device::Gpu(0)), 0);
+    assert_eq!(reserve(&plan, Device::Gpu(1)), 61);
+    // No GPU can stage it: the pair runs on the CPU where its weights are; the layers after GPU 1's run
+    // are staged on GPU 1 (only what it stages is reserved there).
+    let plan = solve(&t, &gpus_cpu(&[30, 50], 1000), &sequential()).unwrap();
+    assert!(within_capacity(&plan));
+    for name in ["proj", "head"] {
+        assert_eq!(
+            (on(&t, &plan, name), runs(&t, &plan, name)),
+            (Device::Cpu, Device::Cpu),
+            "{name}"
+        );
+        assert!(
+            reason(&t, &plan, name).contains("runs on the CPU"),
+            "{}",
+            reason(&t, &plan, name)
+        );
+    }
+    assert!(reserve(&plan, Device::Gpu(1)) < 61);
+    assert_eq!(on(&t, &plan, "layers.0"), Device::Gpu(0));
+}
+
+/// A chain of layers with layers `a < b` tied through a tensor of `tied` bytes (counted in `a`), as
+/// units in chain order: (bits, staged bits, is the group).
+fn tied_units(sizes: &[u64], a: usize, b: usize, tied: u64) -> Vec<(u64, u64, bool)> {
+    (0..sizes.len())
+        .filter(|&i| i != b)
+        .map(|i| {
+            if i == a {
+                (sizes[a] + sizes[b] + tied, sizes[a].max(sizes[b]) + tied, true)
+            } else {
+                (sizes[i], sizes[i], false)
+            }
+        })
+        .collect()
+}
+
+/// Whether the units fit on GPUs of `caps`: the group on any GPU, the others in contiguous runs.
+fn prefix_fits(units: &[(u64, u64, bool)], caps: &[u64]) -> bool {
+    let untied: Vec<u64> = units.iter().filter(|u| !u.2).map(|u| u.0).collect();
+    let fits = |caps: &[u64]| {
+        let mut next = 0;
+        for cap in caps {
+            let mut load = 0;
+            while next < untied.len() && load + untied[next] <= *cap {
+                load += untied[next];
+                next += 1;
+            }
+        }
+        next == untied.len()
+    };
+    match units.iter().find(|u| u.2) {
+        None => fits(caps),
+        Some(group) => (0..caps.len()).any(|g| {
+            let mut left = caps.to_vec();
+            left[g] >= group.0 && {
+                left[g] -= group.0;
+                fits(&left)
+            }
+        }),
+    }
+}
+
+/// Brute force over the plans the execution rule searches: a prefix of the units on the GPUs, the rest
+/// on the CPU, each offloaded unit staged on one GPU (room for the largest it stages, tied tensor
+/// included) or run on the CPU where it is stored.
+fn runnable_plan_exists(units: &[(u64, u64, bool)], gpus: &[u64], cpu: u64) -> bool {
+    (0..=units.len()).any(|k| {
+        let offloaded = &units[k..];
+        if offloaded.iter().map(|u| u.0).sum::<u64>() > cpu {
+            return false;
+        }
+        let limits: Vec<u64> = offloaded.iter().map(|u| u.1).chain([u64::MAX]).collect();
+        let cpu_runs_all = prefix_fits(&units[..k], gpus);
+        cpu_runs_all
+            || (0..gpus.len()).any(|g| {
+                limits.iter().any(|&limit| {
+                    let room = offloaded.iter().map(|u| u.1).filter(|s| *s <= limit).max().unwrap_or(0);
+                    let mut caps = gpus.to_vec();
+                    caps[g] >= room && {
+                        caps[g] -= room;
+                        prefix_fits(&units[..k], &caps)
+                    }
+                })
+            })
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+    /// A tie group is placed, staged and run like any unit: a plan is refused only when no plan of the
+    /// rule's family runs, and every plan keeps room on each staging GPU for the tied weight its
+    /// blocks load.
+    #[test]
+    fn a_tied_group_is_staged_elsewhere_or_run_on_the_cpu_whenever_that_runs(
+        sizes in proptest::collection::vec(1u64..60, 2..7),
+        pair in (0usize..7, 0usize..7),
+        tied in 1u64..80,
+        gpus in proptest::collection::vec(0u64..160, 1..4),
+        cpu in 0u64..400,
+    ) {
+        let n = sizes.len();
+        let (a, b) = (pair.0 % n, pair.1 % n);
+        proptest::prop_assume!(a != b);
+        let (a, b) = (a.min(b), a.max(b));
+        let mut builder = TreeBuilder::new("Net");
+        for (i, size) in sizes.iter().enumerate() {
+            let l = builder.module(0, &format!("l{i}"), "Layer");
+            builder.param(l, "w", *size);
+            if i == a || i == b {
+                builder.tied_param(l, "tied", tied, 0, i == b);
+            }
+        }
+        let t = builder.build().unwrap();
+        let exists = runnable_plan_exists(&tied_units(&sizes, a, b, tied), &gpus, cpu);
+        for strategy in Strategy::ALL {
+            match solve(&t, &gpus_cpu(&gpus, cpu), &SolveOptions { strategy, ..Default::default() }) {
+                Ok(plan) => {
+                    proptest::prop_assert!(within_capacity(&plan));
+                    let (la, lb) = (format!("l{a}"), format!("l{b}"));
+                    proptest::prop_assert_eq!(on(&t, &plan, &la), on(&t, &plan, &lb));
+                    proptest::prop_assert_eq!(runs(&t, &plan, &la), runs(&t, &plan, &lb));
+                    for (node, device) in &plan.assignments {
+                        let runs_on = plan.execution_of(*node).unwrap();
+                        if !device.is_gpu_like() && runs_on.is_gpu_like() {
+                            // Staged: the GPU keeps room for the block with the tied tensor it loads.
+                            let i: usize = t.name(*node)[1..].parse().unwrap();
+                            let staged = sizes[i] + if i == a || i == b { tied } else { 0 };
+                            proptest::prop_assert!(reserve(&plan, runs_on) >= staged);
+                        }
+                    }
+                }
+                Err(err) => proptest::prop_assert!(!exists, "{:?} refused a runnable plan: {}", strategy, err),
+            }
+        }
+    }
+}

@@ -40,10 +40,15 @@ pub struct OffloadInput<'a> {
 impl OffloadInput<'_> {
     /// Reserve needed on the staging GPU when the chain from `k` on is offloaded.
     pub fn reserve(&self, k: usize) -> u64 {
+        self.reserve_between(k, self.staged.len())
+    }
+
+    /// Reserve needed on the staging GPU when free units `k..end` (and the pinned ones) are offloaded.
+    pub fn reserve_between(&self, k: usize, end: usize) -> u64 {
         if self.staging.gpu.is_none() {
             return 0;
         }
-        let free = (k..self.staged.len()).map(|j| (self.staged[j], self.stays.get(j).copied().unwrap_or(0)));
+        let free = (k..end).map(|j| (self.staged[j], self.stays.get(j).copied().unwrap_or(0)));
         let pinned = self.pinned.iter().map(|p| (p.staged, p.stays));
         let mut staged = free.chain(pinned).filter(|(s, _)| self.staging.stages(*s)).peekable();
         if staged.peek().is_none() {

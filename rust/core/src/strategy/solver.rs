@@ -25,7 +25,10 @@ struct Ledger {
     devices: Vec<Device>,
     pinned: Vec<u64>,
     pinned_cost: Vec<u64>,
+    /// Staging room: memory the staged blocks use while they run (load, like weights).
     reserve: Vec<u64>,
+    /// Room kept free on top of everything (`gpu0_reserve`): capacity removed, not load to balance.
+    headroom: Vec<u64>,
     runtime: Vec<u64>,
 }
 
@@ -37,6 +40,7 @@ impl Ledger {
             pinned: vec![0; n],
             pinned_cost: vec![0; n],
             reserve: vec![0; n],
+            headroom: vec![0; n],
             runtime: vec![0; n],
         }
     }
@@ -48,12 +52,15 @@ impl Ledger {
             .expect("devices come from the spec")
     }
 
-    /// The lane of device `d`: what is already booked on it, and its cost base for balancing.
+    /// The lane of device `d`: what is already booked on it, and its cost base for balancing. Headroom
+    /// counts against the capacity but is no load: balancing memory equalises what the GPUs hold, so a
+    /// GPU keeping room free is not made to hold less for it (it only has less room).
     fn lane(&self, d: Device, capacity: u64, balance: Balance) -> Lane {
         let i = self.index(d);
-        let base = self.pinned[i] + self.runtime[i] + self.reserve[i];
+        let load = self.pinned[i] + self.runtime[i] + self.reserve[i];
+        let base = load.saturating_add(self.headroom[i]);
         let cost_base = match balance {
-            Balance::Memory => base,
+            Balance::Memory => load,
             Balance::Compute => self.pinned_cost[i],
         };
         Lane {
@@ -220,7 +227,14 @@ impl<'a> Solver<'a> {
             self.check_leftover(&free, &placement, &self.ledger)?;
             return Ok(self.finish(placement, None));
         }
-        let (staging, attempt) = self.choose_execution(&free, &indexed, forced)?;
+        // Plans that fit in model order stay exactly as they were; only a model refused that way gets
+        // its leftover tail placed in room the GPUs' runs left (see `tail_to_gpus`).
+        let (staging, attempt) = match self.choose_execution(&free, &indexed, forced, false) {
+            Ok(found) => found,
+            Err(error) => self
+                .choose_execution(&free, &indexed, forced, true)
+                .map_err(|_| error)?,
+        };
         self.ledger = attempt.ledger;
         let chosen = Chosen {
             staging,
@@ -246,6 +260,7 @@ impl<'a> Solver<'a> {
         free: &FreeChain,
         indexed: &Indexed,
         forced: Option<Forced>,
+        tail: bool,
     ) -> Result<(Staging, Attempt)> {
         let limits: Vec<u64> = free
             .staged
@@ -258,7 +273,7 @@ impl<'a> Solver<'a> {
             self.spec.contains(Device::Cpu),
             forced,
             &limits,
-            |staging| self.fill_gpus(free, indexed, staging),
+            |staging| self.fill_gpus(free, indexed, staging, tail),
         )
     }
 
@@ -316,7 +331,7 @@ impl<'a> Solver<'a> {
         }
         if let Some((gpu0, _)) = self.gpus.first() {
             let i = self.ledger.index(*gpu0);
-            self.ledger.reserve[i] += self.options.gpu0_reserve_bits;
+            self.ledger.headroom[i] += self.options.gpu0_reserve_bits;
         }
         for ((d, cap), l) in self.gpus.iter().zip(self.gpu_lanes()) {
             if l.base > *cap {
@@ -414,15 +429,17 @@ impl<'a> Solver<'a> {
 
     /// Lay out one execution choice: how many free units stay on the GPUs (keeping staging room on the
     /// staging GPU if it stages anything), the strategy's layout of them, then the rest on the CPU
-    /// (with what CPU-executed units need there) and the disk.
-    fn fill_gpus(&self, free: &FreeChain, indexed: &Indexed, staging: Staging) -> Result<Attempt> {
+    /// (with what CPU-executed units need there) and the disk; with `tail`, what is left for the disk
+    /// when there is none goes to room left on the GPUs.
+    fn fill_gpus(&self, free: &FreeChain, indexed: &Indexed, staging: Staging, tail: bool) -> Result<Attempt> {
         let mut ledger = self.ledger.clone();
         let gpu_lanes = self.gpu_lanes();
         let pinned = self.pinned_units();
         // Without CPU or disk nothing can be offloaded: no staging room, the leftover is an error later.
         let can_offload = self.spec.contains(Device::Cpu) || self.spec.contains(Device::Disk);
+        let input = self.offload_input(free, &pinned, staging);
         let (k, r) = if can_offload {
-            split_point(&self.offload_input(free, &pinned, staging), indexed, &gpu_lanes)
+            split_point(&input, indexed, &gpu_lanes)
         } else {
             (indexed.longest_prefix(&gpu_lanes), 0)
         };
@@ -458,10 +475,19 @@ impl<'a> Solver<'a> {
             cpu_full: None,
         };
         self.offload_to_cpu(free, &mut placement, &mut ledger, staging)?;
+        if tail {
+            if let Some(end) = self.tail_to_gpus(free, &mut placement, &lanes, &lane_of) {
+                // The staging GPU keeps room only for the units still offloaded.
+                if let Some(g) = staging.gpu {
+                    let i = ledger.index(self.gpus[g].0);
+                    ledger.reserve[i] -= r.saturating_sub(input.reserve_between(k, end));
+                }
+            }
+        }
         self.check_leftover(free, &placement, &ledger)?;
         let pinned_on_cpu = self.pinned_offload.iter().map(|&u| &self.units[u]);
         let cpu_executed_bits = (placement.next.min(lane_of.len())..free.weights.len())
-            .filter(|&j| !staging.stages(free.staged[j]))
+            .filter(|&j| !placement.device_of_unit[j].is_gpu_like() && !staging.stages(free.staged[j]))
             .map(|j| free.weights[j])
             .chain(
                 pinned_on_cpu
@@ -474,6 +500,45 @@ impl<'a> Solver<'a> {
             placement,
             cpu_executed_bits,
         })
+    }
+
+    /// Without a disk, the units left after the CPU is full would be refused, yet a GPU may have room
+    /// the chain could not use: its run stopped at a unit too large for it (a small GPU 0 before the
+    /// first layer, the rest of a GPU after a tie group). The leftover tail (say the small blocks of an
+    /// LM head after the last layer) then goes there, each unit on the first GPU with room for its
+    /// footprint, resident and computing there, as accelerate's map would put them with the tied module.
+    /// All or nothing: if one unit finds no room the plan stays refused. The room is sought with the
+    /// staging room reserved for these units as offloaded (so it stays valid when that shrinks to what
+    /// the units still offloaded need). Returns where the tail began, if it moved.
+    fn tail_to_gpus(
+        &self,
+        free: &FreeChain,
+        placement: &mut Placement,
+        lanes: &[Lane],
+        lane_of: &[usize],
+    ) -> Option<usize> {
+        let n = free.weights.len();
+        if placement.next >= n || self.spec.contains(Device::Disk) {
+            return None;
+        }
+        let footprint = free.footprint();
+        let mut used: Vec<u64> = lanes.iter().map(|l| l.base).collect();
+        for (unit, &l) in lane_of.iter().enumerate() {
+            used[l] = used[l].saturating_add(footprint[unit]);
+        }
+        let mut lane_for = Vec::with_capacity(n - placement.next);
+        for &need in &footprint[placement.next..] {
+            let l = (0..lanes.len()).find(|&l| used[l].saturating_add(need) <= lanes[l].capacity)?;
+            used[l] += need;
+            lane_for.push(l);
+        }
+        let start = placement.next;
+        for (j, l) in (start..n).zip(lane_for) {
+            placement.device_of_unit[j] = self.gpus[l].0;
+        }
+        placement.next = n;
+        placement.cpu_full = None;
+        Some(start)
     }
 
     /// The GPU lane of each of the first `k` free units under the strategy.
@@ -757,7 +822,7 @@ impl<'a> Solver<'a> {
                 } else {
                     0
                 },
-                reserve_bits: self.ledger.reserve[i],
+                reserve_bits: self.ledger.reserve[i] + self.ledger.headroom[i],
                 compute: 0,
                 blocks: Vec::new(),
             })

@@ -511,3 +511,110 @@ fn option_names_parse_and_bad_ones_are_invalid_options_listing_every_name() {
     let err = Balance::parse("flops").unwrap_err();
     assert_eq!(err.to_string(), r#"invalid balance "flops"; use "memory" or "compute""#);
 }
+
+/// Layers of `sizes` bytes in order (and a compute cost per layer), the first two tied when `tied`.
+fn layers_with_costs(sizes: &[u64], tied: bool) -> (ModuleTree, Vec<(NodeId, u64)>) {
+    let mut b = TreeBuilder::new("Net");
+    for (i, size) in sizes.iter().enumerate() {
+        let l = b.module(0, &format!("l{i}"), "Layer");
+        b.param(l, "w", *size);
+        if tied && i < 2 && sizes.len() > 2 {
+            b.tied_param(l, "tied", 3, 0, i == 1);
+        }
+    }
+    let t = b.build().unwrap();
+    let compute = (0..sizes.len())
+        .map(|i| (t.find(&format!("l{i}")).unwrap(), (sizes[i] * 7 + i as u64 * 13) % 31))
+        .collect();
+    (t, compute)
+}
+
+#[test]
+fn gpu0_reserve_is_headroom_not_load_for_the_balanced_split() {
+    // Issue 19: 2 x 24 GiB with gpu0_reserve="2GiB" put a small model whole on GPU 1, because the
+    // min-max objective counted the 2 GiB as GPU 0's load. The reserve only shrinks what GPU 0 can hold.
+    let t = decoder(8, 100); // 50 + 8 x 100 + 1 = 851 bytes
+    let s = spec(&[(Device::Gpu(0), Some(2400)), (Device::Gpu(1), Some(2400))]);
+    let plain = solve(&t, &s, &opts(Strategy::Balanced)).unwrap();
+    let reserved = SolveOptions {
+        gpu0_reserve_bits: 1900 * 8,
+        ..opts(Strategy::Balanced)
+    };
+    let plan = solve(&t, &s, &reserved).unwrap();
+    assert_eq!(plan.assignments, plain.assignments);
+    assert_eq!(bytes(&plan, Device::Gpu(0)), 450);
+    assert_eq!(plan.usage[0].reserve_bits / 8, 1900); // still shown as kept free
+                                                      // When the reserve leaves GPU 0 less than its balanced share, GPU 0 is filled (three layers, the
+                                                      // tied pair moves to GPU 1) and GPU 1 takes the rest.
+    let tight = SolveOptions {
+        gpu0_reserve_bits: 2100 * 8,
+        ..opts(Strategy::Balanced)
+    };
+    let plan = solve(&t, &s, &tight).unwrap();
+    assert_eq!(bytes(&plan, Device::Gpu(0)), 300);
+    assert_eq!(bytes(&plan, Device::Gpu(1)), 551);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// A GPU 0 reserve is capacity removed: every strategy and balance plans exactly as on a GPU 0 that
+    /// much smaller, and the balanced memory split is the brute-force optimum on those capacities.
+    #[test]
+    fn gpu0_reserve_plans_as_a_smaller_gpu0(
+        sizes in proptest::collection::vec(1u64..40, 1..7),
+        capacities in proptest::collection::vec(0u64..160, 1..4),
+        reserve in 0u64..200,
+        tied in proptest::bool::ANY,
+        offload in proptest::bool::ANY,
+    ) {
+        let (t, compute) = layers_with_costs(&sizes, tied);
+        let with_cpu = |caps: &[u64]| {
+            let mut devices: Vec<(Device, Option<u64>)> =
+                caps.iter().enumerate().map(|(i, c)| (Device::Gpu(i as u32), Some(*c))).collect();
+            devices.push((Device::Cpu, Some(if offload { 10_000 } else { 0 })));
+            spec(&devices)
+        };
+        let mut smaller = capacities.clone();
+        smaller[0] = smaller[0].saturating_sub(reserve);
+        for strategy in Strategy::ALL {
+            for balance in Balance::ALL {
+                let base = SolveOptions { strategy, balance, compute: compute.clone(), ..Default::default() };
+                let with_reserve = SolveOptions { gpu0_reserve_bits: reserve * 8, ..base.clone() };
+                let got = solve(&t, &with_cpu(&capacities), &with_reserve);
+                if reserve > capacities[0] {
+                    proptest::prop_assert!(got.is_err());
+                    continue;
+                }
+                let expected = solve(&t, &with_cpu(&smaller), &base);
+                match (&got, &expected) {
+                    (Ok(a), Ok(b)) => {
+                        proptest::prop_assert_eq!(&a.assignments, &b.assignments, "{:?} {:?}", strategy, balance);
+                        proptest::prop_assert_eq!(&a.execution, &b.execution);
+                        let gpu0 = &a.usage[0];
+                        proptest::prop_assert_eq!(gpu0.reserve_bits, b.usage[0].reserve_bits + reserve * 8);
+                        proptest::prop_assert!(
+                            gpu0.weight_bits + gpu0.runtime_bits + gpu0.reserve_bits <= capacities[0] * 8
+                        );
+                    }
+                    (Err(_), Err(_)) => {}
+                    _ => proptest::prop_assert!(false, "{:?} {:?}: {:?} vs {:?}", strategy, balance, got, expected),
+                }
+                // The balanced memory split is the optimum on the smaller GPU 0.
+                if strategy == Strategy::Balanced && balance == Balance::Memory && !tied {
+                    if let Some(best) = best_peak(&sizes, &[], &smaller) {
+                        let plan = got.as_ref().unwrap();
+                        proptest::prop_assert!(plan.offloaded.is_empty());
+                        let peak = plan
+                            .usage
+                            .iter()
+                            .filter(|u| u.device.is_gpu_like())
+                            .map(|u| u.weight_bits / 8)
+                            .max()
+                            .unwrap();
+                        proptest::prop_assert_eq!(peak, best);
+                    }
+                }
+            }
+        }
+    }
+}
