@@ -63,11 +63,11 @@ impl Checkpoint {
     }
 }
 
-/// Bits per element of a safetensors dtype name, as sized in memory once loaded (`BOOL`: 1 bit, as
-/// accelerate counts torch.bool), or `None` for a name torch cannot load.
+/// Bits per element of a safetensors dtype name, as held in memory once loaded (`BOOL`: the byte torch
+/// stores per bool, as `devicemap.plan` sizes a module's), or `None` for a name torch cannot load.
 pub(crate) fn dtype_bits(dtype: &str) -> Option<u64> {
     Some(match dtype {
-        "BOOL" => 1,
+        "BOOL" => 8,
         "F4" => 4,
         "F6_E2M3" | "F6_E3M2" => 6,
         // the FNUZ float8 variants (no negative zero; AMD's) load as torch.float8_e4m3fnuz / e5m2fnuz
@@ -79,13 +79,9 @@ pub(crate) fn dtype_bits(dtype: &str) -> Option<u64> {
     })
 }
 
-/// Bits per element as stored on disk (a bool takes a byte there).
+/// Bits per element as stored on disk.
 fn stored_bits(dtype: &str) -> u64 {
-    if dtype == "BOOL" {
-        8
-    } else {
-        dtype_bits(dtype).unwrap_or(8)
-    }
+    dtype_bits(dtype).unwrap_or(8)
 }
 
 /// A floating-point or complex dtype (the ones a load dtype converts).
@@ -774,10 +770,10 @@ mod tests {
             ("F6_E2M3", 6),
             ("F6_E3M2", 6),
             ("F4", 4),
-            ("BOOL", 1),
+            ("BOOL", 8),
             ("C64", 64),
         ] {
-            let bytes = if dtype == "BOOL" { 8 } else { 8 * bits / 8 };
+            let bytes = 8 * bits / 8;
             let header = format!(r#"{{"a.w":{{"dtype":"{dtype}","shape":[8],"data_offsets":[0,{bytes}]}}}}"#);
             let file = write(&dir, &format!("{dtype}.safetensors"), &header, bytes);
             let entries = read_header(&file, 0).unwrap_or_else(|e| panic!("{dtype}: {e}"));
