@@ -295,7 +295,11 @@ def test_storage_bits_match_torch_storage_for_every_dtype():
         except (RuntimeError, TypeError):
             continue
         assert storage_bits(dtype) * 8 == tensor.untyped_storage().nbytes() * 8, dtype
-    assert storage_bits(torch.float4_e2m1fn_x2) == storage_bits(torch.int4) == 8  # one element a byte
+    # one element a byte, sub-byte and packed dtypes alike (int4 and float4_e2m1fn_x2 from torch 2.6 / 2.8)
+    sub_byte = ("bits4x2", "uint4", "uint1", "int4", "float4_e2m1fn_x2")
+    present = [getattr(torch, name) for name in sub_byte if hasattr(torch, name)]
+    assert torch.bits4x2 in present and torch.uint4 in present  # every supported torch has these
+    assert {dtype: storage_bits(dtype) for dtype in present} == dict.fromkeys(present, 8)
     assert storage_bits(torch.bool) == 1
 
 

@@ -66,7 +66,7 @@ def storage_bits(dtype: torch.dtype) -> int:
     never 0. ``bool`` counts 1 bit, as accelerate counts it.
 
     >>> import torch
-    >>> storage_bits(torch.float4_e2m1fn_x2), storage_bits(torch.int4), storage_bits(torch.bfloat16)
+    >>> storage_bits(torch.bits4x2), storage_bits(torch.uint4), storage_bits(torch.bfloat16)
     (8, 8, 16)
     """
     import torch

@@ -31,10 +31,10 @@ DtypeLike = Union[str, "torch.dtype"]
 
 def dtype_bits(dtype: torch.dtype) -> int:
     """Bits per element: ``bool`` 1 bit (as accelerate counts it), sub-byte dtypes as torch stores them
-    (``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
+    (``uint4``, ``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
 
     >>> import torch
-    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.int4)
+    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.uint4)
     (16, 1, 8)
     """
     return storage_bits(dtype)
