@@ -4,7 +4,9 @@ against transformers' own validation."""
 
 from __future__ import annotations
 
+import importlib.abc
 import re
+import sys
 import warnings
 from collections import defaultdict
 
@@ -20,6 +22,7 @@ from devicemap.quantization import (  # noqa: E402
     quantized_sizer,
     storage_bits,
 )
+from optional_libraries import import_torchao_quantization  # noqa: E402
 from tiny_models import BF16, saved_bf16_llama  # noqa: E402
 
 
@@ -211,7 +214,7 @@ TORCHAO_CONFIGS = {
 
 @pytest.mark.parametrize("kind", list(TORCHAO_CONFIGS))
 def test_torchao_sizes_equal_the_quantized_state_dict(llama, kind):
-    ao = pytest.importorskip("torchao.quantization")
+    ao = import_torchao_quantization()
     path, meta = llama
     config = transformers.TorchAoConfig(TORCHAO_CONFIGS[kind](ao))
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -224,7 +227,7 @@ def test_torchao_sizes_equal_the_quantized_state_dict(llama, kind):
 
 @pytest.mark.parametrize("kind", ["int8", "intx"])
 def test_torchao_with_embeddings(llama, kind):
-    ao = pytest.importorskip("torchao.quantization")
+    ao = import_torchao_quantization()
     path, meta = llama
     ao_config = ao.Int8WeightOnlyConfig() if kind == "int8" else ao.IntxWeightOnlyConfig()
     config = transformers.TorchAoConfig(ao_config, include_input_output_embeddings=True)
@@ -261,7 +264,7 @@ def test_offload_rules_agree_with_transformers(config, pre_quantized):
     from transformers.quantizers.auto import AutoHfQuantizer
 
     if config == "torchao":
-        ao = pytest.importorskip("torchao.quantization")
+        ao = import_torchao_quantization()
         config = transformers.TorchAoConfig(ao.Int8WeightOnlyConfig())
     quantizer = AutoHfQuantizer.from_config(config, pre_quantized=pre_quantized)
     rule = offload_rule(config, pre_quantized=pre_quantized)
@@ -281,6 +284,55 @@ def test_unsupported_method_and_bad_config_raise():
     assert offload_rule({"quant_method": "hqq"}) == OffloadRule(
         cpu=False, disk=False, cpu_only=False, reason=offload_rule({"quant_method": "hqq"}).reason
     )
+
+
+class _TorchaoMadeForANewerTorch(importlib.abc.MetaPathFinder):
+    """Imports of torchao fail as a torchao made for a newer torch fails (torchao 0.13 on torch 2.4)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchao":
+            raise AttributeError("module 'torch' has no attribute 'int0'")
+        return None
+
+
+def _unload_torchao(monkeypatch) -> None:
+    """Make the next import of torchao import it again (restored after the test)."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "torchao"]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture()
+def torchao_made_for_a_newer_torch(monkeypatch):
+    _unload_torchao(monkeypatch)
+    monkeypatch.setattr(sys, "meta_path", [_TorchaoMadeForANewerTorch(), *sys.meta_path])
+
+
+def test_a_torchao_config_with_a_torchao_that_cannot_import_says_why(torchao_made_for_a_newer_torch):
+    from devicemap import InvalidOptionError, plan
+    from devicemap.cli_inputs import quantization
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    config = {"quant_method": "torchao", "quant_type": "int8_weight_only"}
+    versions = rf"torchao \S+ cannot be imported with torch {re.escape(torch.__version__)}"
+    lacks = rf"it uses torch.int0, which torch {re.escape(torch.__version__)} lacks"
+    with pytest.raises(InvalidOptionError, match=f"{versions} \\({lacks}\\)"):
+        quantized_sizer(model, config, BF16)
+    with pytest.raises(InvalidOptionError, match=versions):
+        plan(model, {"cpu": "1GiB"}, quantization_config=config)
+    with pytest.raises(InvalidOptionError, match=f"--quant torchao-int8 needs torchao, but {versions}"):
+        quantization("torchao-int8")
+
+
+def test_a_torchao_config_without_torchao_says_to_install_it(monkeypatch):
+    from devicemap import InvalidOptionError
+
+    _unload_torchao(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(InvalidOptionError, match=r"needs torchao \(pip install torchao\)"):
+        quantized_sizer(model, {"quant_method": "torchao", "quant_type": "int8_weight_only"}, BF16)
 
 
 def test_storage_bits_match_torch_storage_for_every_dtype():

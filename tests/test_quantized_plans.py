@@ -14,6 +14,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 import devicemap
 from devicemap.formatting import format_bytes
 from devicemap.planning import device_for
+from optional_libraries import import_torchao_quantization
 from tiny_models import BF16, saved_bf16_llama
 
 ROOMY = {0: "3MiB", 1: "3MiB", "cpu": "1GiB"}
@@ -75,9 +76,7 @@ QUANTIZERS = {
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
     ),
     "bnb-int8": lambda: transformers.BitsAndBytesConfig(load_in_8bit=True),
-    "torchao-int8": lambda: transformers.TorchAoConfig(
-        pytest.importorskip("torchao.quantization").Int8WeightOnlyConfig()
-    ),
+    "torchao-int8": lambda: transformers.TorchAoConfig(import_torchao_quantization().Int8WeightOnlyConfig()),
 }
 
 
