@@ -23,7 +23,12 @@ import torch
 from . import _core
 from .arguments import check_flag, check_path
 from .checkpoint import plan_checkpoint
-from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
+from .checkpoint_conversion import (
+    convert_groups,
+    converted_writer,
+    open_safetensors,
+    transformers_conversion,
+)
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from .execution_hooks import attach_execution_hooks
 from .memory import DeviceKey, MaxMemory, accelerator_count, accelerator_type, device_key
@@ -324,7 +329,6 @@ def load_checkpoint(
     """
     from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     _check_model(model)
@@ -372,7 +376,7 @@ def load_checkpoint(
         with tqdm(total=len(tensors), desc="Loading weights", disable=not progress, unit="tensor") as bar:
             for file, names in by_file.items():
                 batch: dict[str, torch.Tensor] = {}
-                with safe_open(file, framework="pt", device="cpu") as handle:
+                with open_safetensors(file) as handle:
                     for name, key, shape in names:
                         device = placement[name]
                         if device == "disk":
