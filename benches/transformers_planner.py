@@ -22,6 +22,7 @@ builds the meta model exactly as ``from_pretrained`` does before it plans.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -85,10 +86,30 @@ def build_like_from_pretrained(model_or_class: Any, dtype: Any, config: Any = No
 
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     config = config if config is not None else model_or_class.config
-    # (dtype, is_quantized, _is_ds_init_called, allow_all_kernels) as from_pretrained passes them
-    contexts = cls.get_init_context(_as_dtype(dtype), False, False, None)
+    contexts = cls.get_init_context(**_init_context_arguments(cls, _as_dtype(dtype), config))
     with ContextManagers(contexts):
         return cls(config)
+
+
+def _init_context_arguments(cls: type, dtype: torch.dtype, config: Any) -> dict[str, Any]:
+    """What ``from_pretrained`` passes to ``cls.get_init_context`` for an unquantized load without
+    DeepSpeed, limited to the parameters this transformers takes: 5.0 takes ``(dtype, is_quantized,
+    _is_ds_init_called)``, later 5.x add ``allow_all_kernels`` and ``config``."""
+    passed = {
+        "dtype": dtype,
+        "is_quantized": False,
+        "_is_ds_init_called": False,
+        "allow_all_kernels": None,
+        "config": config,
+    }
+    taken = inspect.signature(cls.get_init_context).parameters
+    unknown = [name for name, p in taken.items() if p.default is p.empty and name not in passed]
+    if unknown:
+        raise TransformersPlannerUnavailable(
+            f"{cls.__name__}.get_init_context needs {', '.join(unknown)}, which this helper does not "
+            "know how from_pretrained fills"
+        )
+    return {name: value for name, value in passed.items() if name in taken}
 
 
 def built_in(model: torch.nn.Module, dtype: Any) -> bool:
