@@ -9,7 +9,7 @@ hf_quantizer)``, which is transformers' own re-implementation of accelerate's tw
 - ``get_balanced_memory`` (all strategies but ``"sequential"``; ``"auto"`` is ``"balanced"``), whose
   per-GPU budget adds 1.25 x the larger of the biggest no-split block and the biggest *leaf module*
   (usually the embedding), where accelerate adds 1.25 x the larger of the first block of each no-split
-  class and the *mean* leaf;
+  class and the *mean* leaf (transformers 5.0-5.17 add accelerate's amount too);
 - ``infer_auto_device_map``, sizing every tensor at its real element size (no ``dtype`` argument: the
   model already is in the load dtype; fp32 buffers such as ``inv_freq`` stay 4 bytes) and taking ties
   from ``model.all_tied_weights_keys`` (the tied copies count 0 bytes) instead of object identity.
@@ -169,7 +169,11 @@ def transformers_device_map(
         model = build_like_from_pretrained(model, dtype)
     attrs: dict[str, Any] = {}
     if no_split_module_classes is not None or not hasattr(model, "_no_split_modules"):
-        attrs["_no_split_modules"] = set(no_split_module_classes or [])
+        classes = set(no_split_module_classes or [])
+        attrs["_no_split_modules"] = classes
+        # transformers 5.0 asks _get_no_split_modules(device_map) (5.5 reads _no_split_modules), which
+        # adds the classes of every PreTrainedModel inside (LlamaModel in LlamaForCausalLM): override it too
+        attrs["_get_no_split_modules"] = lambda device_map: sorted(classes)
     if tied_weights_keys is not None or not hasattr(model, "all_tied_weights_keys"):
         attrs["all_tied_weights_keys"] = dict(tied_weights_keys or {})
     # A copy: accelerate's get_max_memory, under transformers', converts the caller's dict in place.
