@@ -229,6 +229,10 @@ def convert_groups(
                 values = group.transform.convert(
                     group.first, model=model, config=getattr(model, "config", None)
                 )
+                if isinstance(values, tuple):
+                    # transformers 5.0 returns (tensors, conversion errors); the errors are None unless a
+                    # dict to collect them is passed in: without one, a failing conversion raises.
+                    values = values[0]
             except Exception as error:
                 raise CheckpointError(
                     f"bad checkpoint: transformers' conversion of {len(group.sources)} tensors "
