@@ -203,8 +203,6 @@ def dispatch(
     >>> tuple(out.shape)
     (1, 8)
     """
-    from accelerate import dispatch_model
-
     _check_model(model)
     check_flag("offload_buffers", offload_buffers)
     device_map = execution_map(plan, rehearse)
@@ -236,7 +234,7 @@ def dispatch(
         )
     return owned_by_result(
         folder,
-        lambda: dispatch_model(
+        lambda: _dispatch_model(
             model,
             device_map=_without_disk_root(model, device_map),
             main_device=main_device if main_device is not None else _main_device(plan, device_map, rehearse),
@@ -244,6 +242,17 @@ def dispatch(
             offload_buffers=offload_buffers,
         ),
     )
+
+
+def _dispatch_model(model: torch.nn.Module, device_map: dict[str, Any], **options: Any) -> torch.nn.Module:
+    """accelerate's ``dispatch_model``. A map that is all disk needs hooks, which accelerate attaches
+    for any map naming "disk" only from 1.15 (before, a single-device map raises "use the disk_offload
+    function"): forced here."""
+    from accelerate import dispatch_model
+
+    if set(device_map.values()) == {"disk"}:
+        options["force_hooks"] = True
+    return dispatch_model(model, device_map=device_map, **options)
 
 
 def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +336,6 @@ def load_checkpoint(
 
         model = devicemap.load_checkpoint(empty_model, "ckpt/", plan, offload_dir="offload/", dtype="bfloat16")
     """
-    from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
 
@@ -443,7 +451,7 @@ def load_checkpoint(
         return attach_execution_hooks(
             model, device_map, per_block, offload_index=index or None, offload_buffers=offload_buffers
         )
-    return dispatch_model(
+    return _dispatch_model(
         model,
         device_map=device_map,
         main_device=_main_device(plan, device_map, rehearse),
