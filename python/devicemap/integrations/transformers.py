@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..tree import declared_no_split_classes
 from .common import StrategyName, Unrecognised, is_strategy, keep_in_fp32_dtypes, plan_for_loader
 
 REQUEST_ATTRIBUTE = "_devicemap_request"
@@ -31,7 +32,7 @@ def plan_pretrained(model: Any, strategy: StrategyName, max_memory: Any, hf_quan
         model,
         max_memory,
         strategy,
-        no_split_module_classes=getattr(model, "_no_split_modules", None) or [],
+        no_split_module_classes=declared_no_split_classes(model),
         special_dtypes=keep_in_fp32_dtypes(model, fp32_patterns, match="transformers"),
         tied_keys=getattr(model, "all_tied_weights_keys", None) or {},
         quantizer=hf_quantizer,
