@@ -22,7 +22,10 @@ from devicemap.quantization import (  # noqa: E402
     quantized_sizer,
     storage_bits,
 )
-from optional_libraries import import_torchao_quantization  # noqa: E402
+from optional_libraries import (  # noqa: E402
+    import_bitsandbytes_for_transformers,
+    import_torchao_quantization,
+)
 from tiny_models import BF16, saved_bf16_llama  # noqa: E402
 
 
@@ -103,7 +106,7 @@ BNB_CONFIGS = {
 
 @pytest.mark.parametrize("kind", list(BNB_CONFIGS))
 def test_bitsandbytes_sizes_equal_the_quantized_state_dict(llama, kind):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     path, meta = llama
     config = transformers.BitsAndBytesConfig(**BNB_CONFIGS[kind])
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -133,7 +136,7 @@ def test_bitsandbytes_sizes_equal_the_quantized_state_dict(llama, kind):
 
 
 def test_bitsandbytes_dict_config_and_skip_modules(llama):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     path, meta = llama
     as_dict = {
         "quant_method": "bitsandbytes",
@@ -153,7 +156,7 @@ def test_bitsandbytes_dict_config_and_skip_modules(llama):
 
 
 def test_bitsandbytes_fp32_cpu_offload_loads_offloaded_modules_unquantized(llama, tmp_path):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")  # every layer stays unquantized: nothing is swapped in
     path, meta = llama
     config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
     device_map = {
@@ -179,7 +182,7 @@ def test_bitsandbytes_fp32_cpu_offload_loads_offloaded_modules_unquantized(llama
 
 
 def test_keep_in_fp32_modules_and_ties_under_bitsandbytes_4bit(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     config = transformers.T5Config(
         vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4
     )
@@ -359,7 +362,7 @@ def test_storage_bits_match_torch_storage_for_every_dtype():
 def test_bitsandbytes_conv1d_layers_and_tied_head(tmp_path, bits):
     """GPT-2: Conv1D layers are quantized like Linear (out features from the transposed weight), and
     the head tied to the input embeddings stays unquantized and counted once."""
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=64)
     config.bos_token_id = config.eos_token_id = 0
     torch.manual_seed(0)

@@ -42,6 +42,7 @@ from .offload_folder import (
 )
 from .options import Strategy
 from .planning import Plan, device_for, plan
+from .quantization import check_quantizer_runs
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
@@ -631,6 +632,9 @@ def from_pretrained(
         )
     check_flag("rehearse", rehearse)
     quantized = "quantization_config" in kwargs or getattr(config, "quantization_config", None) is not None
+    quantizer = kwargs.get("quantization_config", getattr(config, "quantization_config", None))
+    if quantizer is not None:
+        check_quantizer_runs(quantizer, result.device_map)
     per_block = _per_block_execution(result, result.device_map, rehearse=False) is not None
     if rehearse or (per_block and not quantized and not set(kwargs) - {"dtype"}):
         if quantized or set(kwargs) - {"dtype"}:

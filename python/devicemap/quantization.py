@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OffloadRule",
     "QuantizedSizer",
+    "check_quantizer_runs",
     "offload_rule",
     "quantized_sizer",
     "storage_bits",
@@ -418,6 +419,34 @@ def torchao_quantization(purpose: str = "a torchao quantization_config") -> Modu
         f"{torch_version} ({why}); install the torchao release made for torch {torch_version}, or a newer "
         "torch"
     ) from problem
+
+
+def check_quantizer_runs(quantization_config: Any, device_map: Mapping[str, Any]) -> None:
+    """Raise :class:`devicemap.InvalidOptionError` when transformers cannot load a model with
+    ``quantization_config`` and ``device_map`` on this torch, before anything is loaded: transformers 5
+    swaps quantized layers in with ``torch.nn.Module.set_submodule``, which torch 2.4 lacks (a map that
+    leaves every layer unquantized, bitsandbytes' fp32 offload of a model all on the CPU and disk, swaps
+    none), and torchao must import (:func:`torchao_quantization`). Planning with such a config needs
+    neither."""
+    import torch
+
+    config = _as_config(quantization_config)
+    method = _method(config)
+    if method == "torchao":
+        torchao_quantization()
+        return
+    if not method.startswith("bitsandbytes") or hasattr(torch.nn.Module, "set_submodule"):
+        return
+    on_accelerators = any(device not in ("cpu", "disk") for device in device_map.values())
+    if not on_accelerators and not offload_rule(config).offloaded_quantized:
+        return  # every layer loads unquantized: none is swapped
+    import transformers
+
+    raise InvalidOptionError(
+        f"transformers {transformers.__version__} loads with a {method} quantization_config by swapping "
+        f"layers in with torch.nn.Module.set_submodule, which torch {torch.__version__} lacks; upgrade "
+        "torch to load it (devicemap.plan sizes it on this torch too)"
+    )
 
 
 def _installed_version(distribution: str) -> str:
