@@ -128,3 +128,13 @@ def test_apply_moves_weights_to_the_machines_device_type(two_xpus):
 def test_without_an_accelerator_gpu_indices_mean_cuda():
     assert memory.accelerator_type() == "cuda"
     assert apply._target(0) == "cuda:0"
+
+
+def test_apple_mps_on_torch_before_torch_accelerator(monkeypatch):
+    """torch < 2.6 has no torch.accelerator: Apple's GPU is found through torch.backends.mps, as
+    accelerate finds it, and shares the RAM (no GPU index)."""
+    monkeypatch.delattr(torch, "accelerator", raising=False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    found = devicemap.available_memory()
+    assert set(found) == {"mps", "cpu"} and found["mps"] > 0
+    assert memory.accelerator_count() == 0 and memory.accelerator_type() == "cuda"
