@@ -9,7 +9,7 @@ hf_quantizer)``, which is transformers' own re-implementation of accelerate's tw
 - ``get_balanced_memory`` (all strategies but ``"sequential"``; ``"auto"`` is ``"balanced"``), whose
   per-GPU budget adds 1.25 x the larger of the biggest no-split block and the biggest *leaf module*
   (usually the embedding), where accelerate adds 1.25 x the larger of the first block of each no-split
-  class and the *mean* leaf;
+  class and the *mean* leaf (transformers 5.0-5.17 add accelerate's amount too);
 - ``infer_auto_device_map``, sizing every tensor at its real element size (no ``dtype`` argument: the
   model already is in the load dtype; fp32 buffers such as ``inv_freq`` stay 4 bytes) and taking ties
   from ``model.all_tied_weights_keys`` (the tied copies count 0 bytes) instead of object identity.
@@ -22,6 +22,7 @@ builds the meta model exactly as ``from_pretrained`` does before it plans.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -85,10 +86,30 @@ def build_like_from_pretrained(model_or_class: Any, dtype: Any, config: Any = No
 
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     config = config if config is not None else model_or_class.config
-    # (dtype, is_quantized, _is_ds_init_called, allow_all_kernels) as from_pretrained passes them
-    contexts = cls.get_init_context(_as_dtype(dtype), False, False, None)
+    contexts = cls.get_init_context(**_init_context_arguments(cls, _as_dtype(dtype), config))
     with ContextManagers(contexts):
         return cls(config)
+
+
+def _init_context_arguments(cls: type, dtype: torch.dtype, config: Any) -> dict[str, Any]:
+    """What ``from_pretrained`` passes to ``cls.get_init_context`` for an unquantized load without
+    DeepSpeed, limited to the parameters this transformers takes: 5.0 takes ``(dtype, is_quantized,
+    _is_ds_init_called)``, later 5.x add ``allow_all_kernels`` and ``config``."""
+    passed = {
+        "dtype": dtype,
+        "is_quantized": False,
+        "_is_ds_init_called": False,
+        "allow_all_kernels": None,
+        "config": config,
+    }
+    taken = inspect.signature(cls.get_init_context).parameters
+    unknown = [name for name, p in taken.items() if p.default is p.empty and name not in passed]
+    if unknown:
+        raise TransformersPlannerUnavailable(
+            f"{cls.__name__}.get_init_context needs {', '.join(unknown)}, which this helper does not "
+            "know how from_pretrained fills"
+        )
+    return {name: value for name, value in passed.items() if name in taken}
 
 
 def built_in(model: torch.nn.Module, dtype: Any) -> bool:
@@ -148,7 +169,11 @@ def transformers_device_map(
         model = build_like_from_pretrained(model, dtype)
     attrs: dict[str, Any] = {}
     if no_split_module_classes is not None or not hasattr(model, "_no_split_modules"):
-        attrs["_no_split_modules"] = set(no_split_module_classes or [])
+        classes = set(no_split_module_classes or [])
+        attrs["_no_split_modules"] = classes
+        # transformers 5.0 asks _get_no_split_modules(device_map) (5.5 reads _no_split_modules), which
+        # adds the classes of every PreTrainedModel inside (LlamaModel in LlamaForCausalLM): override it too
+        attrs["_get_no_split_modules"] = lambda device_map: sorted(classes)
     if tied_weights_keys is not None or not hasattr(model, "all_tied_weights_keys"):
         attrs["all_tied_weights_keys"] = dict(tied_weights_keys or {})
     # A copy: accelerate's get_max_memory, under transformers', converts the caller's dict in place.

@@ -228,9 +228,16 @@ def test_default_config_gets_a_plan_gpu0_could_not_stage(model_type, head):
 
 
 UNBUILDABLE = {"ministral", "nemotron", "hunyuan_v1_dense"}
+# transformers 5.0 (the oldest supported) also fails phi, stablelm and exaone4 (their configs lack
+# pad_token_id), apertus (copies a meta tensor) and does not know internlm3
+UNBUILDABLE_IN_5_0 = UNBUILDABLE | {"phi", "stablelm", "exaone4", "apertus", "internlm3"}
 
 
 def test_at_least_30_architectures_are_checked():
+    import transformers
+    from packaging.version import Version
+
+    oldest = Version(transformers.__version__).release[:2] == (5, 0)
     built, failed = [], []
     for model_type, head in ARCHITECTURES:
         try:
@@ -239,7 +246,8 @@ def test_at_least_30_architectures_are_checked():
             built.append(model_type)
         except Exception:
             failed.append(model_type)
-    assert set(failed) == UNBUILDABLE  # a transformers upgrade that fixes them: drop them from this set
+    # a transformers upgrade that fixes them: drop them from this set
+    assert set(failed) == (UNBUILDABLE_IN_5_0 if oldest else UNBUILDABLE)
     assert len(built) >= 30, built
 
 

@@ -141,7 +141,8 @@ def test_headers_safetensors_loads_are_planned(tmp_path, case):
     header, data = ACCEPTED[case]
     path = tmp_path / f"{case}.safetensors"
     write_raw(path, header, data)
-    assert safetensors_loads(path)
+    if case != "float4" or hasattr(torch, "float4_e2m1fn_x2"):  # torch < 2.8 has no dtype to load F4 into
+        assert safetensors_loads(path)
     tree = devicemap.checkpoint_tree(path)
     assert tree.total_bytes == data
 

@@ -17,6 +17,7 @@ import pytest
 
 import devicemap
 from devicemap import catalog, cli, cli_inputs
+from optional_libraries import import_torchao_quantization
 
 SMALL = "llama-3.2-1b"  # the cheapest bundled model to build
 DEVICES = ("--gpus", "2x1GiB", "--cpu", "8GiB", "--dtype", "bf16")
@@ -118,6 +119,8 @@ def test_offload_buffers_as_the_library(capsys, small_model):
 
 @pytest.mark.parametrize("preset", ["bnb-4bit", "bnb-8bit", "torchao-int8"])
 def test_quant_sizes_weights_as_the_library_does(capsys, small_model, preset):
+    if preset.startswith("torchao"):
+        import_torchao_quantization()
     printed = command_json(capsys, "plan", SMALL, "--gpus", "2x1GiB", "--dtype", "bf16", "--quant", preset)
     config = cli_inputs.quantization(preset)
     expected = devicemap.plan(

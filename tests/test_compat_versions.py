@@ -156,7 +156,7 @@ def test_machine_memory_follows_accelerate(monkeypatch, release):
     assert get_max_memory() == {"mps": 64}
 
     monkeypatch.setattr(compat, "available_memory", lambda: {0: 8, "cpu": 64})
-    monkeypatch.setattr(compat, "_first_available_backend", lambda: ("cuda", None))
+    monkeypatch.setattr(compat, "_accelerator", lambda: SimpleNamespace(type="cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(is_integrated=True))
     release("1.14.0")
     assert get_max_memory() == {0: 8, "cpu": 64}

@@ -19,6 +19,7 @@ import devicemap.component_placement as component_placement
 from devicemap import integrations as dm_install
 from devicemap.component_placement import CPU, place_components
 from devicemap.errors import DoesNotFitError, PlacementError
+from optional_libraries import import_with_torchao
 
 GiB = 1024**3
 
@@ -197,7 +198,7 @@ def test_hook_falls_back_to_diffusers_with_one_warning() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = import_with_torchao("diffusers")
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("sd")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}

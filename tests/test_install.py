@@ -30,6 +30,8 @@ from transformers import (  # noqa: E402
     T5Config,
 )
 
+from optional_libraries import import_bitsandbytes_for_transformers, import_with_torchao  # noqa: E402
+
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 GPU_BUDGET: dict[int | str, int | str] = {0: "700KiB", 1: "700KiB", "cpu": "1GiB"}
 CPU_DISK_BUDGET: dict[int | str, int | str] = {"cpu": "600KiB", "disk": "1GiB"}
@@ -239,7 +241,7 @@ def test_quantized_from_pretrained_is_sized_as_the_quantizer_stores_it(
 ) -> None:
     """bitsandbytes quantizes on the fly: the hook plans the model as it will be stored (devicemap's
     quantized sizes) where transformers uses a flat element size and keeps 10% free."""
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     from transformers import BitsAndBytesConfig
 
     def planned(config: Any, budget: dict[int | str, int | str]) -> dict[str, Any]:
@@ -377,7 +379,7 @@ def test_environment_variable() -> None:
 def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(
     llama_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    peft = pytest.importorskip("peft")
+    peft = import_with_torchao("peft")
     # PEFT re-saves disk-offloaded base weights relative to the working directory (its os.path.join of the
     # split absolute path drops the leading "/"): keep them out of the checkout.
     monkeypatch.chdir(tmp_path)
@@ -417,7 +419,7 @@ def test_peft_replan_keeps_the_budget_and_budgets_the_adapter(
 
 @pytest.mark.usefixtures("two_gpus")
 def test_diffusers_model_from_pretrained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = import_with_torchao("diffusers")
     torch.manual_seed(6)
     config = {
         "sample_size": 8,

@@ -4,7 +4,9 @@ against transformers' own validation."""
 
 from __future__ import annotations
 
+import importlib.abc
 import re
+import sys
 import warnings
 from collections import defaultdict
 
@@ -19,6 +21,10 @@ from devicemap.quantization import (  # noqa: E402
     offload_rule,
     quantized_sizer,
     storage_bits,
+)
+from optional_libraries import (  # noqa: E402
+    import_bitsandbytes_for_transformers,
+    import_torchao_quantization,
 )
 from tiny_models import BF16, saved_bf16_llama  # noqa: E402
 
@@ -100,7 +106,7 @@ BNB_CONFIGS = {
 
 @pytest.mark.parametrize("kind", list(BNB_CONFIGS))
 def test_bitsandbytes_sizes_equal_the_quantized_state_dict(llama, kind):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     path, meta = llama
     config = transformers.BitsAndBytesConfig(**BNB_CONFIGS[kind])
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -130,7 +136,7 @@ def test_bitsandbytes_sizes_equal_the_quantized_state_dict(llama, kind):
 
 
 def test_bitsandbytes_dict_config_and_skip_modules(llama):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     path, meta = llama
     as_dict = {
         "quant_method": "bitsandbytes",
@@ -150,7 +156,7 @@ def test_bitsandbytes_dict_config_and_skip_modules(llama):
 
 
 def test_bitsandbytes_fp32_cpu_offload_loads_offloaded_modules_unquantized(llama, tmp_path):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")  # every layer stays unquantized: nothing is swapped in
     path, meta = llama
     config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
     device_map = {
@@ -176,7 +182,7 @@ def test_bitsandbytes_fp32_cpu_offload_loads_offloaded_modules_unquantized(llama
 
 
 def test_keep_in_fp32_modules_and_ties_under_bitsandbytes_4bit(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     config = transformers.T5Config(
         vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4
     )
@@ -211,7 +217,7 @@ TORCHAO_CONFIGS = {
 
 @pytest.mark.parametrize("kind", list(TORCHAO_CONFIGS))
 def test_torchao_sizes_equal_the_quantized_state_dict(llama, kind):
-    ao = pytest.importorskip("torchao.quantization")
+    ao = import_torchao_quantization()
     path, meta = llama
     config = transformers.TorchAoConfig(TORCHAO_CONFIGS[kind](ao))
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -224,7 +230,7 @@ def test_torchao_sizes_equal_the_quantized_state_dict(llama, kind):
 
 @pytest.mark.parametrize("kind", ["int8", "intx"])
 def test_torchao_with_embeddings(llama, kind):
-    ao = pytest.importorskip("torchao.quantization")
+    ao = import_torchao_quantization()
     path, meta = llama
     ao_config = ao.Int8WeightOnlyConfig() if kind == "int8" else ao.IntxWeightOnlyConfig()
     config = transformers.TorchAoConfig(ao_config, include_input_output_embeddings=True)
@@ -261,7 +267,7 @@ def test_offload_rules_agree_with_transformers(config, pre_quantized):
     from transformers.quantizers.auto import AutoHfQuantizer
 
     if config == "torchao":
-        ao = pytest.importorskip("torchao.quantization")
+        ao = import_torchao_quantization()
         config = transformers.TorchAoConfig(ao.Int8WeightOnlyConfig())
     quantizer = AutoHfQuantizer.from_config(config, pre_quantized=pre_quantized)
     rule = offload_rule(config, pre_quantized=pre_quantized)
@@ -289,6 +295,55 @@ def test_unsupported_method_and_bad_config_raise():
     )
 
 
+class _TorchaoMadeForANewerTorch(importlib.abc.MetaPathFinder):
+    """Imports of torchao fail as a torchao made for a newer torch fails (torchao 0.13 on torch 2.4)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchao":
+            raise AttributeError("module 'torch' has no attribute 'int0'")
+        return None
+
+
+def _unload_torchao(monkeypatch) -> None:
+    """Make the next import of torchao import it again (restored after the test)."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "torchao"]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture()
+def torchao_made_for_a_newer_torch(monkeypatch):
+    _unload_torchao(monkeypatch)
+    monkeypatch.setattr(sys, "meta_path", [_TorchaoMadeForANewerTorch(), *sys.meta_path])
+
+
+def test_a_torchao_config_with_a_torchao_that_cannot_import_says_why(torchao_made_for_a_newer_torch):
+    from devicemap import InvalidOptionError, plan
+    from devicemap.cli_inputs import quantization
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    config = {"quant_method": "torchao", "quant_type": "int8_weight_only"}
+    versions = rf"torchao \S+ cannot be imported with torch {re.escape(torch.__version__)}"
+    lacks = rf"it uses torch.int0, which torch {re.escape(torch.__version__)} lacks"
+    with pytest.raises(InvalidOptionError, match=f"{versions} \\({lacks}\\)"):
+        quantized_sizer(model, config, BF16)
+    with pytest.raises(InvalidOptionError, match=versions):
+        plan(model, {"cpu": "1GiB"}, quantization_config=config)
+    with pytest.raises(InvalidOptionError, match=f"--quant torchao-int8 needs torchao, but {versions}"):
+        quantization("torchao-int8")
+
+
+def test_a_torchao_config_without_torchao_says_to_install_it(monkeypatch):
+    from devicemap import InvalidOptionError
+
+    _unload_torchao(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(InvalidOptionError, match=r"needs torchao \(pip install torchao\)"):
+        quantized_sizer(model, {"quant_method": "torchao", "quant_type": "int8_weight_only"}, BF16)
+
+
 def test_storage_bits_match_torch_storage_for_every_dtype():
     for name in dir(torch):
         dtype = getattr(torch, name)
@@ -301,7 +356,11 @@ def test_storage_bits_match_torch_storage_for_every_dtype():
         except (RuntimeError, TypeError):
             continue
         assert storage_bits(dtype) * 8 == tensor.untyped_storage().nbytes() * 8, dtype
-    assert storage_bits(torch.float4_e2m1fn_x2) == storage_bits(torch.int4) == 8  # one element a byte
+    # one element a byte, sub-byte and packed dtypes alike (int4 and float4_e2m1fn_x2 from torch 2.6 / 2.8)
+    sub_byte = ("bits4x2", "uint4", "uint1", "int4", "float4_e2m1fn_x2")
+    present = [getattr(torch, name) for name in sub_byte if hasattr(torch, name)]
+    assert torch.bits4x2 in present and torch.uint4 in present  # every supported torch has these
+    assert {dtype: storage_bits(dtype) for dtype in present} == dict.fromkeys(present, 8)
     assert storage_bits(torch.bool) == 1
 
 
@@ -309,7 +368,7 @@ def test_storage_bits_match_torch_storage_for_every_dtype():
 def test_bitsandbytes_conv1d_layers_and_tied_head(tmp_path, bits):
     """GPT-2: Conv1D layers are quantized like Linear (out features from the transposed weight), and
     the head tied to the input embeddings stays unquantized and counted once."""
-    pytest.importorskip("bitsandbytes")
+    import_bitsandbytes_for_transformers()
     config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=64)
     config.bos_token_id = config.eos_token_id = 0
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 import devicemap
 from devicemap.formatting import format_bytes
 from devicemap.planning import device_for
+from optional_libraries import import_bitsandbytes_for_transformers, import_torchao_quantization
 from tiny_models import BF16, saved_bf16_llama
 
 ROOMY = {0: "3MiB", 1: "3MiB", "cpu": "1GiB"}
@@ -46,6 +47,8 @@ def real_bytes_per_device(model: torch.nn.Module, device_map: dict) -> dict:
 
 
 def quantized(path, config) -> torch.nn.Module:
+    if isinstance(config, transformers.BitsAndBytesConfig):
+        import_bitsandbytes_for_transformers()
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=config, device_map="cpu"
     )
@@ -75,9 +78,7 @@ QUANTIZERS = {
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
     ),
     "bnb-int8": lambda: transformers.BitsAndBytesConfig(load_in_8bit=True),
-    "torchao-int8": lambda: transformers.TorchAoConfig(
-        pytest.importorskip("torchao.quantization").Int8WeightOnlyConfig()
-    ),
+    "torchao-int8": lambda: transformers.TorchAoConfig(import_torchao_quantization().Int8WeightOnlyConfig()),
 }
 
 
@@ -203,6 +204,7 @@ def test_fp32_cpu_offload_moves_to_disk_what_the_cpu_cannot_hold_unquantized(lla
 
 def test_from_pretrained_with_a_quantizer_plans_the_bytes_it_loads(llama):
     # The whole model on the CPU: bitsandbytes quantizes it there; the plan counts the 4-bit bytes.
+    import_bitsandbytes_for_transformers()
     path, _ = llama
     config = QUANTIZERS["bnb-nf4"]()
     model = devicemap.from_pretrained(
@@ -263,3 +265,21 @@ def test_from_pretrained_plans_a_pre_quantized_checkpoint_from_its_headers(llama
     assert planned_bytes(plan) == real_bytes_per_device(model, plan.device_map)
     with pytest.raises(devicemap.DoesNotFitError, match="bitsandbytes refuses CPU/disk"):
         devicemap.plan_checkpoint(tmp_path, {0: "600KiB", "cpu": "1GiB"})
+
+
+def test_loading_through_a_quantizer_torch_cannot_run_says_why_before_loading(llama, monkeypatch):
+    """transformers 5 swaps quantized layers in with nn.Module.set_submodule, which torch 2.4 lacks:
+    devicemap.from_pretrained says so before reading a weight, unless the map leaves every layer
+    unquantized (bitsandbytes' fp32 offload of a model all on the CPU)."""
+    from devicemap.quantization import check_quantizer_runs
+
+    monkeypatch.delattr(torch.nn.Module, "set_submodule", raising=False)  # as torch 2.4
+    path, _ = llama
+    with pytest.raises(devicemap.InvalidOptionError, match=r"set_submodule, which torch \S+ lacks"):
+        devicemap.from_pretrained(
+            path, max_memory={"cpu": "1GiB"}, dtype=BF16, quantization_config=QUANTIZERS["bnb-nf4"]()
+        )
+    offload = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    check_quantizer_runs(offload, {"": "cpu"})  # nothing is quantized, nothing swapped
+    with pytest.raises(devicemap.InvalidOptionError, match="set_submodule"):
+        check_quantizer_runs(offload, {"model": 0, "lm_head": "cpu"})

@@ -112,3 +112,52 @@ def test_a_60k_module_tree_exports():
     tree = devicemap.ModuleTree.from_module(layers)
     assert len(tree) == 1 + 20 + 20 * 3000 * 3
     assert tree.total_bytes == 20 * 3000 * (64 + 8) * 4
+
+
+def _tied_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+
+
+def test_ties_transformers_declares_count_on_a_meta_model_not_tied_yet():
+    """transformers 5.0 builds models untied (from_pretrained ties them after planning); later 5.x tie
+    at construction. Both plan the same: the declared tie holds for meta tensors, the model is left as it
+    was, and a materialized untied model is sized as it is in memory."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_tied_llama_config())
+    model.tie_weights()
+    tied = devicemap.ModuleTree.from_module(model)
+    assert ["lm_head.weight", "model.embed_tokens.weight"] in tied.tied_groups
+    head = torch.nn.Parameter(torch.empty(512, 32, device="meta"))
+    model.lm_head.weight = head  # as transformers 5.0 builds it
+    assert model.all_tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+    untied = devicemap.ModuleTree.from_module(model)
+    assert untied.total_bytes == tied.total_bytes
+    assert untied.tied_groups == tied.tied_groups
+    assert model.lm_head.weight is head  # restored
+    real = LlamaForCausalLM(_tied_llama_config())
+    real.lm_head.weight = torch.nn.Parameter(real.model.embed_tokens.weight.detach().clone())
+    assert devicemap.ModuleTree.from_module(real).total_bytes == tied.total_bytes + 512 * 32 * 4
+
+
+def test_no_split_classes_of_sub_models_are_the_models():
+    """BertForMaskedLM declares no class itself; its BertModel declares BertLayer and BertEmbeddings,
+    which transformers 5.0 gathers in _get_no_split_modules and later 5.x at construction."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    with torch.device("meta"):
+        model = BertForMaskedLM(config)
+    tree = devicemap.ModuleTree.from_module(model)
+    assert tree.no_split_module_classes == ["BertEmbeddings", "BertLayer"]

@@ -23,7 +23,12 @@ import torch
 from . import _core
 from .arguments import check_flag, check_path
 from .checkpoint import plan_checkpoint
-from .checkpoint_conversion import convert_groups, converted_writer, transformers_conversion
+from .checkpoint_conversion import (
+    convert_groups,
+    converted_writer,
+    open_safetensors,
+    transformers_conversion,
+)
 from .errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from .execution_hooks import attach_execution_hooks
 from .memory import (
@@ -46,6 +51,7 @@ from .offload_folder import (
 from .offload_writer import write_offloaded
 from .options import Strategy
 from .planning import Plan, device_for, plan
+from .quantization import check_quantizer_runs
 from .tree import DtypeLike, to_dtype
 from .workload import Workload
 
@@ -198,7 +204,6 @@ def dispatch(
     >>> tuple(out.shape)
     (1, 8)
     """
-    from accelerate import dispatch_model
     from accelerate.utils import extract_submodules_state_dict
 
     _check_model(model)
@@ -237,7 +242,7 @@ def dispatch(
             # Written here, not by accelerate (np.memmap: SIGBUS on a full disk); it reads index.json.
             on_disk = [name for name, device in placed_map.items() if device == "disk"]
             write_offloaded(folder, extract_submodules_state_dict(model.state_dict(), on_disk))
-        return dispatch_model(
+        return _dispatch_model(
             model,
             device_map=placed_map,
             main_device=main_device if main_device is not None else _main_device(plan, device_map, rehearse),
@@ -260,6 +265,17 @@ def _main_device_arg(main_device: object, device_map: Mapping[str, Any], rehears
             f"GPU(s)); {ABSENT_DEVICE_HINT}"
         )
     return main_device
+
+
+def _dispatch_model(model: torch.nn.Module, device_map: dict[str, Any], **options: Any) -> torch.nn.Module:
+    """accelerate's ``dispatch_model``. A map that is all disk needs hooks, which accelerate attaches
+    for any map naming "disk" only from 1.15 (before, a single-device map raises "use the disk_offload
+    function"): forced here."""
+    from accelerate import dispatch_model
+
+    if set(device_map.values()) == {"disk"}:
+        options["force_hooks"] = True
+    return dispatch_model(model, device_map=device_map, **options)
 
 
 def _without_disk_root(model: torch.nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
@@ -343,9 +359,7 @@ def load_checkpoint(
 
         model = devicemap.load_checkpoint(empty_model, "ckpt/", plan, offload_dir="offload/", dtype="bfloat16")
     """
-    from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     _check_model(model)
@@ -393,7 +407,7 @@ def load_checkpoint(
         with tqdm(total=len(tensors), desc="Loading weights", disable=not progress, unit="tensor") as bar:
             for file, names in by_file.items():
                 batch: dict[str, torch.Tensor] = {}
-                with safe_open(file, framework="pt", device="cpu") as handle:
+                with open_safetensors(file) as handle:
                     for name, key, shape in names:
                         device = placement[name]
                         if device == "disk":
@@ -460,7 +474,7 @@ def load_checkpoint(
         return attach_execution_hooks(
             model, device_map, per_block, offload_index=index or None, offload_buffers=offload_buffers
         )
-    return dispatch_model(
+    return _dispatch_model(
         model,
         device_map=device_map,
         main_device=_main_device(plan, device_map, rehearse),
@@ -648,6 +662,9 @@ def from_pretrained(
     # UnknownDeviceError (suggesting rehearse=True) instead of torch's "Found no NVIDIA driver" mid-load.
     execution_map(result, rehearse)
     quantized = "quantization_config" in kwargs or getattr(config, "quantization_config", None) is not None
+    quantizer = kwargs.get("quantization_config", getattr(config, "quantization_config", None))
+    if quantizer is not None:
+        check_quantizer_runs(quantizer, result.device_map)
     per_block = _per_block_execution(result, result.device_map, rehearse=False) is not None
     if rehearse or (per_block and not quantized and not set(kwargs) - {"dtype"}):
         if quantized or set(kwargs) - {"dtype"}:

@@ -22,11 +22,11 @@ it does not have; models whose names match load exactly as before.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -202,13 +202,19 @@ def converted_writer(
     return ConvertedWeights(folder, content_key(checkpoint, files, recipe, converting), converting)
 
 
+def open_safetensors(file: str) -> AbstractContextManager[Any]:
+    """``safetensors.safe_open(file)`` reading tensors to the CPU, as the context manager it is at run
+    time in every supported safetensors; the type stubs of safetensors 0.4 do not declare it one."""
+    from safetensors import safe_open
+
+    return cast("AbstractContextManager[Any]", safe_open(file, framework="pt", device="cpu"))
+
+
 def convert_groups(
     groups: list[FusedGroup], model: torch.nn.Module, skip: set[str]
 ) -> Iterator[tuple[FusedGroup, dict[str, torch.Tensor]]]:
     """Read and convert each group not wholly in ``skip`` (model names already available), yielding
     ``(group, {model name: tensor})`` on the CPU, one group at a time."""
-    from safetensors import safe_open
-
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
         for group in groups:
@@ -217,12 +223,16 @@ def convert_groups(
                 continue
             for key, pattern, file in group.sources:
                 if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                    handles[file] = stack.enter_context(open_safetensors(file))
                 group.transform.add_tensor(group.first, key, pattern, handles[file].get_tensor(key))
             try:
                 values = group.transform.convert(
                     group.first, model=model, config=getattr(model, "config", None)
                 )
+                if isinstance(values, tuple):
+                    # transformers 5.0 returns (tensors, conversion errors); the errors are None unless a
+                    # dict to collect them is passed in: without one, a failing conversion raises.
+                    values = values[0]
             except Exception as error:
                 raise CheckpointError(
                     f"bad checkpoint: transformers' conversion of {len(group.sources)} tensors "

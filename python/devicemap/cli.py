@@ -42,7 +42,7 @@ from .memory import DeviceKey, device_key, parse_size
 from .options import OBJECTIVES, STRATEGIES, PlacementOptions
 from .planning import Plan, plan
 from .render import plan_to_html, plan_to_svg
-from .tree import ModuleTree
+from .tree import ModuleTree, declared_no_split_classes
 from .workload import Workload
 
 DEMO_MODEL = "llama-3-8b"
@@ -357,7 +357,7 @@ def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) 
 
 def model_no_split(model) -> list[str]:
     """The classes a transformers model declares unsplittable (what the library uses by default)."""
-    return sorted(getattr(model, "_no_split_modules", None) or [])
+    return declared_no_split_classes(model)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -572,7 +572,7 @@ def run_demo() -> int:
     print(f"{DEMO_MODEL} (bfloat16) on GPUs {DEMO_GPUS} + CPU {DEMO_CPU}\n")
     print(result)
     start = time.perf_counter()
-    theirs = accelerate_device_map(model, memory, "balanced", list(model._no_split_modules), "bfloat16")
+    theirs = accelerate_device_map(model, memory, "balanced", model_no_split(model), "bfloat16")
     acc_time = time.perf_counter() - start
     offloaded = [k for k, v in theirs.items() if v in ("cpu", "disk")]
     tree = ModuleTree.from_module(model, dtype="bfloat16")

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from .input_files import read_json_object, regular_file_status
 from .memory import DeviceKey, device_key, parse_size
+from .quantization import torchao_quantization
 
 MIB = 2**20
 MAX_GPUS = 1024
@@ -225,11 +226,11 @@ def quantization(text: str | None) -> Any:
         raise InvalidOptionError(f"--quant {text!r}: use one of {', '.join(QUANT_PRESETS)}")
     if preset["quant_method"] != "torchao":
         return dict(preset)
+    ao = torchao_quantization(f"--quant {text}")
     try:
-        import torchao.quantization as ao
         from transformers import TorchAoConfig
     except ImportError:
-        raise InvalidOptionError(f"--quant {text}: needs torchao (pip install torchao)") from None
+        raise InvalidOptionError(f"--quant {text}: needs transformers (pip install transformers)") from None
     return TorchAoConfig(getattr(ao, preset["torchao"])())
 
 

@@ -41,7 +41,7 @@ from .compat_warnings import (
     warn_untied_weights,
 )
 from .errors import AccelerateCompatError, InvalidOptionError, InvalidSizeError, UnknownDeviceError
-from .memory import DeviceKey, _first_available_backend, available_memory
+from .memory import DeviceKey, _accelerator, available_memory
 from .tree import DtypeLike, ModuleTree
 
 if TYPE_CHECKING:
@@ -123,8 +123,8 @@ def _machine_memory(release: AccelerateRelease) -> dict[DeviceKey, int | float]:
 def _integrated_cuda(memory: Mapping[DeviceKey, object]) -> bool:
     import torch
 
-    backend = _first_available_backend()
-    if backend is None or backend[0] != "cuda":
+    backend = _accelerator()
+    if backend is None or backend.type != "cuda":
         return False
     indices = [k for k in memory if isinstance(k, int)]
     return any(getattr(torch.cuda.get_device_properties(i), "is_integrated", False) for i in indices)
@@ -292,12 +292,12 @@ def get_balanced_memory(
 def _expected_device_type(release: AccelerateRelease) -> str | None:
     """The device type ``get_balanced_memory`` counts as an accelerator: torch's backend (1.16: none
     without one; before, ``"cuda"`` without one, and ``"mps"`` only from 1.6)."""
-    backend = _first_available_backend()
+    backend = _accelerator()
     if release.backend_decides_device_type:
-        return backend[0] if backend is not None else None
-    if backend is None or (backend[0] == "mps" and not release.counts_mps):
+        return backend.type if backend is not None else None
+    if backend is None or (backend.type == "mps" and not release.counts_mps):
         return "cuda"
-    return backend[0]
+    return backend.type
 
 
 def _counts_as_accelerator(key: DeviceKey, expected: str | None, release: AccelerateRelease) -> bool:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, overload
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, overload
 
 from . import _core
 from .errors import InvalidSizeError, UnknownDeviceError
@@ -117,17 +117,31 @@ def sort_devices(keys: list[DeviceKey]) -> list[DeviceKey]:
     return sorted(keys, key=lambda k: (0, k, 0) if isinstance(k, int) else (1, 0, _ORDER[k]))
 
 
-def _first_available_backend() -> tuple[str, Any] | None:
-    """The accelerator torch runs on here (``torch.accelerator`` where torch has it, else the first
-    available backend module accelerate would use), as ``(type, backend module or None)``."""
+class _Accelerator(NamedTuple):
+    """The machine's accelerator as torch exposes it: its device type, how many devices it has and,
+    where torch can tell, how much of a device's memory is free (``(free, total)`` in bytes)."""
+
+    type: str
+    device_count: Callable[[], int]
+    memory_info: Callable[[int], tuple[int, int]] | None
+
+
+def _accelerator() -> _Accelerator | None:
+    """The accelerator torch runs on here, or None. The one place that picks torch's API for it:
+    ``torch.accelerator`` from torch 2.6, whose ``get_memory_info`` came later (before it, and on
+    torch < 2.6, the backend module's ``mem_get_info``); on torch < 2.6 the first available backend
+    accelerate would use, and Apple's ``mps`` (torch.backends.mps)."""
     import torch
 
-    portable = getattr(torch, "accelerator", None)
+    portable: Any = getattr(torch, "accelerator", None)
     if portable is not None and callable(getattr(portable, "is_available", None)):
         if not portable.is_available():
             return None
         current = portable.current_accelerator()
-        return (current.type if current is not None else "cuda"), None
+        kind = current.type if current is not None else "cuda"
+        backend = getattr(torch, kind, None)
+        memory_info = getattr(portable, "get_memory_info", None) or getattr(backend, "mem_get_info", None)
+        return _Accelerator(kind, portable.device_count, memory_info)
     for name in ("npu", "mlu", "sdaa", "musa", "xpu", "hpu", "cuda"):  # torch < 2.6
         backend = getattr(torch, name, None)
         if (
@@ -135,28 +149,26 @@ def _first_available_backend() -> tuple[str, Any] | None:
             and callable(getattr(backend, "is_available", None))
             and backend.is_available()
         ):
-            return name, backend
+            return _Accelerator(name, backend.device_count, getattr(backend, "mem_get_info", None))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return _Accelerator("mps", lambda: 1, None)
     return None
 
 
 def accelerator_type() -> str:
     """The device type GPU indices stand for on this machine (``"cuda"``, ``"xpu"``, ``"npu"``, ...);
     ``"cuda"`` when there is none (a plan made elsewhere names CUDA GPUs by default)."""
-    found = _first_available_backend()
-    return found[0] if found is not None and found[0] != "mps" else "cuda"
+    found = _accelerator()
+    return found.type if found is not None and found.type != "mps" else "cuda"
 
 
 def accelerator_count() -> int:
     """How many GPUs accelerate sees (and so dispatches to) on this machine's accelerator."""
-    import torch
-
-    found = _first_available_backend()
-    if found is None or found[0] == "mps":
+    found = _accelerator()
+    if found is None or found.type == "mps":
         return 0
-    backend = found[1]
-    if backend is None:
-        return int(torch.accelerator.device_count())
-    return int(backend.device_count())
+    return int(found.device_count())
 
 
 def absent_devices(devices: Iterable[object]) -> list[DeviceKey]:
@@ -219,22 +231,16 @@ def available_memory() -> dict[DeviceKey, int]:
     Disk is never included: pass ``"disk"`` in ``max_memory`` to allow offloading to disk.
     """
     import psutil
-    import torch
 
     found: dict[DeviceKey, int] = {}
-    backend = _first_available_backend()
-    if backend is not None and backend[0] == "mps":
+    accelerator = _accelerator()
+    if accelerator is not None and accelerator.type == "mps":
         found["mps"] = int(psutil.virtual_memory().available)
-    elif backend is not None:
-        module = backend[1]
+    elif accelerator is not None and accelerator.memory_info is not None:
         for index in range(accelerator_count()):
             try:
-                if module is None:
-                    free = torch.accelerator.get_memory_info(index)[0]
-                else:
-                    free = module.mem_get_info(index)[0]
-                found[index] = int(free)
-            except (RuntimeError, AttributeError):  # a device that cannot be read is simply not used
+                found[index] = int(accelerator.memory_info(index)[0])
+            except RuntimeError:  # a device that cannot be read is simply not used
                 continue
     found["cpu"] = int(psutil.virtual_memory().available)
     return found

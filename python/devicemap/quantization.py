@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError
@@ -43,9 +46,11 @@ if TYPE_CHECKING:
 __all__ = [
     "OffloadRule",
     "QuantizedSizer",
+    "check_quantizer_runs",
     "offload_rule",
     "quantized_sizer",
     "storage_bits",
+    "torchao_quantization",
 ]
 
 # bitsandbytes' fixed layout constants (bitsandbytes 0.4x-0.50; transformers exposes no blocksize option).
@@ -66,7 +71,7 @@ def storage_bits(dtype: torch.dtype) -> int:
     never 0. ``bool`` counts 1 bit, as accelerate counts it.
 
     >>> import torch
-    >>> storage_bits(torch.float4_e2m1fn_x2), storage_bits(torch.int4), storage_bits(torch.bfloat16)
+    >>> storage_bits(torch.bits4x2), storage_bits(torch.uint4), storage_bits(torch.bfloat16)
     (8, 8, 16)
     """
     import torch
@@ -320,6 +325,7 @@ def quantized_sizer(
                 }
         return QuantizedSizer(method, rule, parts, keep_fp32)
     if method == "torchao":
+        torchao_quantization()
         sizes = _TorchAoSizes(config)
         embeddings = bool(get("include_input_output_embeddings", False))
         for module_name, module in model.named_modules():
@@ -393,6 +399,70 @@ def _conv1d_type() -> type | None:
 # torchao
 
 
+def torchao_quantization(purpose: str = "a torchao quantization_config") -> ModuleType:
+    """``torchao.quantization``, or :class:`devicemap.InvalidOptionError` saying why torchao cannot be
+    used here: not installed, or installed but failing to import with this torch (each torchao release
+    supports a few torch releases: torchao 0.13 uses ``torch.int1``, new in torch 2.6, and stops with an
+    ``AttributeError`` on torch 2.4). ``purpose`` names what needed torchao in the message."""
+    try:
+        return importlib.import_module("torchao.quantization")
+    except ImportError as error:
+        if error.name is not None and error.name.split(".")[0] == "torchao":
+            raise InvalidOptionError(f"{purpose} needs torchao (pip install torchao)") from None
+        problem: BaseException = error
+    except Exception as error:  # torchao runs torch-version-specific code at import
+        problem = error
+    import torch
+
+    torchao_version, torch_version = _installed_version("torchao"), torch.__version__
+    missing = re.fullmatch(r"module 'torch' has no attribute '(\w+)'", str(problem))
+    why = (
+        f"it uses torch.{missing[1]}, which torch {torch_version} lacks"
+        if isinstance(problem, AttributeError) and missing
+        else f"{type(problem).__name__}: {problem}"
+    )
+    raise InvalidOptionError(
+        f"{purpose} needs torchao, but torchao {torchao_version} cannot be imported with torch "
+        f"{torch_version} ({why}); install the torchao release made for torch {torch_version}, or a newer "
+        "torch"
+    ) from problem
+
+
+def check_quantizer_runs(quantization_config: Any, device_map: Mapping[str, Any]) -> None:
+    """Raise :class:`devicemap.InvalidOptionError` when transformers cannot load a model with
+    ``quantization_config`` and ``device_map`` on this torch, before anything is loaded: transformers 5
+    swaps quantized layers in with ``torch.nn.Module.set_submodule``, which torch 2.4 lacks (a map that
+    leaves every layer unquantized, bitsandbytes' fp32 offload of a model all on the CPU and disk, swaps
+    none), and torchao must import (:func:`torchao_quantization`). Planning with such a config needs
+    neither."""
+    import torch
+
+    config = _as_config(quantization_config)
+    method = _method(config)
+    if method == "torchao":
+        torchao_quantization()
+        return
+    if not method.startswith("bitsandbytes") or hasattr(torch.nn.Module, "set_submodule"):
+        return
+    on_accelerators = any(device not in ("cpu", "disk") for device in device_map.values())
+    if not on_accelerators and not offload_rule(config).offloaded_quantized:
+        return  # every layer loads unquantized: none is swapped
+    import transformers
+
+    raise InvalidOptionError(
+        f"transformers {transformers.__version__} loads with a {method} quantization_config by swapping "
+        f"layers in with torch.nn.Module.set_submodule, which torch {torch.__version__} lacks; upgrade "
+        "torch to load it (devicemap.plan sizes it on this torch too)"
+    )
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 class _TorchAoSizes:
     """What torchao stores for a weight of a given shape and dtype, found by quantizing a meta-device
     layer with the same config (cached per config, kind, shape and dtype)."""
@@ -437,8 +507,8 @@ def _torchao_inner_bits(
     ao_config: Any, kind: str, shape: tuple[int, ...], dtype: torch.dtype
 ) -> dict[str, int] | None:
     import torch
-    from torchao.quantization import quantize_
 
+    quantize_ = torchao_quantization().quantize_
     config = ao_config
     if dataclasses.is_dataclass(config) and any(
         f.name == "set_inductor_config" for f in dataclasses.fields(config)
@@ -480,6 +550,8 @@ def _inner_bits(tensor: torch.Tensor, prefix: str = "") -> dict[str, int]:
 def _as_config(quantization_config: Any) -> Any:
     """A transformers quantization config object from one or its dict form."""
     if isinstance(quantization_config, Mapping):
+        if quantization_config.get("quant_method") == "torchao":
+            torchao_quantization()  # transformers' TorchAoConfig imports it: say first when it cannot
         try:
             from transformers.quantizers.auto import AutoQuantizationConfig
         except ImportError:

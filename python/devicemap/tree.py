@@ -8,9 +8,10 @@ models, so a 400B-parameter model can be planned on a laptop.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from . import _core
@@ -31,10 +32,10 @@ DtypeLike = Union[str, "torch.dtype"]
 
 def dtype_bits(dtype: torch.dtype) -> int:
     """Bits per element: ``bool`` 1 bit (as accelerate counts it), sub-byte dtypes as torch stores them
-    (``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
+    (``uint4``, ``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
 
     >>> import torch
-    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.int4)
+    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.uint4)
     (16, 1, 8)
     """
     return storage_bits(dtype)
@@ -219,13 +220,15 @@ class ModuleTree:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            walk = _core.ModuleWalk(
-                model,
-                sizer.element_bits,
-                sizer.bits if sizer.needs_names else None,
-                untie=untie,
-                like_named_children=accelerate_tie_order,
-            )
+            # accelerate's port ties by identity alone, as accelerate does; untie counts every name anyway
+            with _declared_ties_applied(model, not accelerate_tie_order and not untie):
+                walk = _core.ModuleWalk(
+                    model,
+                    sizer.element_bits,
+                    sizer.bits if sizer.needs_names else None,
+                    untie=untie,
+                    like_named_children=accelerate_tie_order,
+                )
         finally:
             if collecting:
                 gc.enable()
@@ -247,8 +250,7 @@ class ModuleTree:
                 "devicemap can plan with; check the model's shapes"
             )
         core = walk.build(groups)
-        no_split = getattr(model, "_no_split_modules", None) or []
-        tree = cls(core, no_split_module_classes=[str(c) for c in no_split])
+        tree = cls(core, no_split_module_classes=declared_no_split_classes(model))
         tree.module_types = frozenset(walk.types())
         return tree
 
@@ -290,6 +292,53 @@ class ModuleTree:
     def core(self) -> _core.Tree:
         """The Rust tree (for the binding functions)."""
         return self._core
+
+
+def declared_no_split_classes(model: Any) -> list[str]:
+    """The module classes ``model`` declares unsplittable, sorted: what transformers and diffusers keep
+    whole under ``device_map="auto"``. Later transformers 5.x gather every sub-model's
+    ``_no_split_modules`` into the model's own at construction; transformers 5.0 and diffusers gather
+    them in ``_get_no_split_modules(device_map)`` (BertForMaskedLM declares none itself, its BertModel
+    declares BertLayer), which raises when a sub-model does not support device maps: then the model's own.
+
+    >>> import torch
+    >>> declared_no_split_classes(torch.nn.Linear(2, 2))
+    []
+    """
+    gather = getattr(model, "_get_no_split_modules", None)
+    if callable(gather):
+        try:
+            return sorted(str(c) for c in gather("auto"))
+        except ValueError:
+            pass
+    return sorted(str(c) for c in getattr(model, "_no_split_modules", None) or [])
+
+
+@contextlib.contextmanager
+def _declared_ties_applied(model: torch.nn.Module, apply: bool) -> Iterator[None]:
+    """While the walk reads ``model``, the ties transformers declares (``all_tied_weights_keys``:
+    ``{tied name: source name}``) between meta-device parameters that are not tied yet are made:
+    transformers 5.0 builds a model untied (ties are made by ``from_pretrained`` and every loader,
+    after planning), later 5.x tie at construction. Real tensors stay as they are in memory; the model is
+    restored afterwards."""
+    declared = getattr(model, "all_tied_weights_keys", None) if apply else None
+    replaced: list[tuple[torch.nn.Module, str, Any]] = []
+    try:
+        for tied, source in dict(declared or {}).items():
+            try:
+                tied_tensor, source_tensor = model.get_parameter(tied), model.get_parameter(source)
+            except AttributeError:  # a name this model (or its config) does not have
+                continue
+            if tied_tensor is source_tensor or not (tied_tensor.is_meta and source_tensor.is_meta):
+                continue
+            owner_name, _, leaf = tied.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            replaced.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = source_tensor
+        yield
+    finally:
+        for owner, leaf, original in reversed(replaced):
+            owner._parameters[leaf] = original
 
 
 def _accelerate_group_order(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import inspect
 import json
 from collections.abc import Mapping
 from importlib import resources
@@ -102,9 +103,10 @@ def build_meta_model(name_or_config: str | Mapping[str, Any], num_hidden_layers:
         with torch.device("meta"):
             model = auto.from_config(config)
     except Exception as err:  # noqa: BLE001 - see the comment above
+        suspects = "".join(f"; {field}" for field in _not_numbers(config, config_dict))
         raise InvalidOptionError(
-            f"transformers cannot build a {model_type!r} language model from this config: {_gist(err)}; "
-            "check the config's values (devicemap builds causal-LM and seq2seq models)"
+            f"transformers cannot build a {model_type!r} language model from this config: {_gist(err)}"
+            f"{suspects}; check the config's values (devicemap builds causal-LM and seq2seq models)"
         ) from None
     model.tie_weights()
     return model
@@ -129,6 +131,27 @@ def _transformers_config(auto_config: Any, model_type: str, config_dict: dict[st
         raise InvalidOptionError(
             f"transformers refuses this {model_type!r} config: {_gist(err)}; fix that value in the config"
         ) from None
+
+
+def _not_numbers(config: Any, config_dict: Mapping[str, Any]) -> list[str]:
+    """The fields of ``config_dict`` whose default in the config class is a number but that hold
+    something else, named for the message of a model transformers could not build: transformers 5.0
+    takes ``hidden_size="wide"`` into the config and fails in torch without naming the field (later
+    5.x refuse it in the config)."""
+    try:
+        defaults = inspect.signature(type(config).__init__).parameters
+    except (TypeError, ValueError):
+        return []
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    found = []
+    for key, value in config_dict.items():
+        default = defaults[key].default if key in defaults else None
+        if number(default) and not number(value):
+            found.append(f"{key!r} is {_short(value)}, not a number like its default {default!r}")
+    return found
 
 
 def _check_layer_counts(config: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..tree import declared_no_split_classes
 from .common import (
     StrategyName,
     Unrecognised,
@@ -55,7 +56,7 @@ def plan_pretrained(
         model,
         max_memory,
         strategy,
-        no_split_module_classes=getattr(model, "_no_split_modules", None) or [],
+        no_split_module_classes=declared_no_split_classes(model),
         special_dtypes=keep_in_fp32_dtypes(model, fp32_patterns, match="transformers"),
         tied_keys=getattr(model, "all_tied_weights_keys", None) or {},
         quantizer=hf_quantizer,
