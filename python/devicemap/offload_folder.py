@@ -209,7 +209,7 @@ class ConvertedWeights:
         return {tensor: self.final / name for tensor, name in tensors.items()}
 
     def write(self, tensors: Mapping[str, Any]) -> None:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError  # type: ignore[attr-defined,unused-ignore]  # 0.4.x stubs lack it
         from safetensors.torch import save_file
 
         if self.staging is None:
