@@ -36,7 +36,7 @@ from accelerate.utils import infer_auto_device_map as acc_infer
 import devicemap
 from devicemap import _core, catalog
 from devicemap.compat import infer_auto_device_map as dm_infer
-from devicemap.compat_versions import installed_accelerate
+from devicemap.compat.versions import installed_accelerate
 from transformers_planner import build_like_from_pretrained, transformers_device_map, unavailable_reason
 
 CATALOG_MODELS = ["llama-3-8b", "llama-3-70b", "llama-3.1-405b", "mixtral-8x22b", "qwen3-30b-a3b", "t5-large"]

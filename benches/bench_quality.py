@@ -29,7 +29,7 @@ import sys
 
 import devicemap
 from devicemap import catalog
-from devicemap.compare import accelerate_device_map, min_equal_gpu_memory
+from devicemap.cli.compare import accelerate_device_map, min_equal_gpu_memory
 from transformers_planner import build_like_from_pretrained, transformers_device_map, unavailable_reason
 
 MODELS = [

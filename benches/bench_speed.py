@@ -3,7 +3,7 @@
     .venv/bin/python benches/bench_speed.py            # the scenarios below
     .venv/bin/python benches/bench_speed.py --quick    # the first two
 
-Nothing runs on a GPU: each plan is costed by devicemap's speed model (``devicemap.estimate``: weights
+Nothing runs on a GPU: each plan is costed by devicemap's speed model (``devicemap.cost.estimate``: weights
 read, weights streamed to the GPU for offloaded layers, compute, activations moved; presets with their
 datasheet sources in ``devicemap/hardware.py``). For every scenario (a catalog model in bfloat16 on a
 device spec, batch 1 with a 2048-token KV cache) it prints the predicted decode tokens/s of
@@ -27,8 +27,8 @@ import argparse
 
 import devicemap
 from devicemap import catalog
-from devicemap.compare import accelerate_device_map, plan_of_map
-from devicemap.hardware import Hardware
+from devicemap.cli.compare import accelerate_device_map, plan_of_map
+from devicemap.cost.hardware import Hardware
 
 GIB = 2**30
 WORKLOAD = devicemap.Workload(batch_size=1, seq_len=2048, kv_dtype="bfloat16")

@@ -5,7 +5,7 @@
 
 A Llama-style model (hidden 2048, 4 layers, vocabulary 8000) is computed on the CPU: a prefill of 128 tokens
 and one decoded token after them, in float32 and bfloat16. The host is measured the same way
-(``devicemap.measure_host``) and ``devicemap.estimate`` predicts both phases for a CPU-only plan. The table
+(``devicemap.measure_host``) and ``devicemap.cost.estimate`` predicts both phases for a CPU-only plan. The table
 prints predicted, measured and measured / predicted per dtype and phase.
 
 Single-threaded and timed with the thread's CPU time (host measurement and model alike): on a shared machine,
@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 
 import devicemap
-from devicemap.estimate import estimate
-from devicemap.hardware import Hardware, Host, measure_host
+from devicemap.cost.estimate import estimate
+from devicemap.cost.hardware import Hardware, Host, measure_host
 
 TOLERANCE = 2.0
 """What the model aims for on the CPU: measured / predicted within [1/2, 2]."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import devicemap
 from devicemap import catalog
-from devicemap.workload import decoder_layers
+from devicemap.sizing.workload import decoder_layers
 
 CASES = [
     ("llama-3-70b", [["80GiB"] * 4] * 2),

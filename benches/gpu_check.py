@@ -29,7 +29,7 @@ What it does:
    - ``devicemap speed``: ``plan(objective="speed")``, when this devicemap's ``plan`` accepts it.
 
    A variant is one entry of :data:`VARIANTS`: a new objective is one more row.
-4. Estimates each plan with ``devicemap.estimate.estimate`` on ``Hardware.preset(--gpu-preset, gpus=N)``
+4. Estimates each plan with ``devicemap.cost.estimate.estimate`` on ``Hardware.preset(--gpu-preset, gpus=N)``
    with this host measured (``Hardware.measure_host``); in a rehearsal the "GPUs" are the CPU, described
    by the measured host's own numbers.
 
@@ -161,7 +161,7 @@ def _devicemap_load(setup: Setup, plan: Any) -> torch.nn.Module:
 def _accelerate_plan(setup: Setup) -> Any:
     """What transformers does for device_map="auto", as a devicemap Plan the speed model can cost (offloaded
     layers run on the map's first GPU, as accelerate's dispatch runs them)."""
-    from devicemap.compare import accelerate_device_map, plan_of_map
+    from devicemap.cli.compare import accelerate_device_map, plan_of_map
 
     device_map = accelerate_device_map(setup.meta_model, setup.max_memory, "balanced", NO_SPLIT, setup.dtype)
     return plan_of_map(setup.meta_model, device_map, setup.dtype)
@@ -311,7 +311,7 @@ def guess_preset() -> str | None:
 
 def hardware_for(args: argparse.Namespace, gpus: int, directory: Path) -> tuple[Any, str]:
     """The Hardware to estimate with, and a line saying what it is."""
-    from devicemap.hardware import GPU, Hardware
+    from devicemap.cost.hardware import GPU, Hardware
 
     measured = Hardware.measure_host(None, 0, quick=True, directory=directory).host
     if args.rehearse:
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     import devicemap
-    from devicemap.estimate import estimate
+    from devicemap.cost.estimate import estimate
 
     with workspace() as work:
         config = build_config(size)

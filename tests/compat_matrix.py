@@ -10,7 +10,7 @@ device-map tests of that release) in a fresh pytest process. Extra arguments go 
 ``-k balanced`` or ``-x``; ``DEVICEMAP_EXAMPLES`` sets the number of hypothesis examples as usual.
 Without the variable, :data:`DEFAULT_VERSIONS` run. Exits non-zero if any release fails.
 
-The default list is one release per behaviour change (see devicemap.compat_versions) that installs
+The default list is one release per behaviour change (see devicemap.compat.versions) that installs
 beside transformers 5 (which requires accelerate >= 1.1); these tests do not go through transformers'
 accelerate integration, so 1.0.0 and 1.2.1 run too when named (1.0's placement code is 1.1's).
 """

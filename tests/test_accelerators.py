@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import devicemap
-from devicemap import apply, memory
+from devicemap.inputs import memory
+from devicemap.loading import apply
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import torch
 
 import devicemap
 from devicemap import compat
-from devicemap.memory import accelerator_count
+from devicemap.inputs.memory import accelerator_count
 
 HUGE = 10**30  # bytes: beyond the 2 EiB the core counts in 64-bit bits
 MEMORY = {0: "1GiB", "cpu": "1GiB"}

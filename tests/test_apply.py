@@ -88,7 +88,7 @@ def test_dtype_conversion_writes_disk_weights_atomically(tiny_checkpoints, tmp_p
     model, folder = tiny_checkpoints["llama"]
     plan = devicemap.plan_checkpoint(folder, max_memory=memory(folder, 2), dtype="float64")
     target = tmp_path / "offload"
-    from devicemap import offload_folder
+    from devicemap.loading import offload_folder
 
     original = offload_folder.ConvertedWeights.write
     calls = {"n": 0}
@@ -155,7 +155,7 @@ def test_loading_into_the_wrong_model_is_refused(tiny_checkpoints):
 
 
 def test_offloaded_layers_run_on_the_gpu_holding_the_staging_room():
-    from devicemap.apply import _main_device
+    from devicemap.loading.apply import _main_device
 
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
     plan = devicemap.plan(

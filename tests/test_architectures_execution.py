@@ -49,8 +49,8 @@ from accelerate.utils import check_device_map
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import devicemap
-from devicemap.apply import RehearsalDevice
-from devicemap.execution_hooks import by_execution
+from devicemap.loading.apply import RehearsalDevice
+from devicemap.loading.execution_hooks import by_execution
 
 CAUSAL, SEQ2SEQ, MASKED = "causal", "seq2seq", "masked"
 AUTO = {CAUSAL: AutoModelForCausalLM, SEQ2SEQ: AutoModelForSeq2SeqLM, MASKED: AutoModelForMaskedLM}

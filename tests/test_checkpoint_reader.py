@@ -12,7 +12,7 @@ import pytest
 
 import devicemap
 from devicemap import _core
-from devicemap.checkpoint import checkpoint_tree
+from devicemap.sizing.checkpoint import checkpoint_tree
 
 GPUS = {0: "3KiB", 1: "3KiB", "cpu": "1GiB"}
 CONFIG = {"num_hidden_layers": 4, "tie_word_embeddings": True}

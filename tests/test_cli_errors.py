@@ -1,7 +1,7 @@
 """The devicemap command on bad input: one line naming the input and the fix, exit code 2, never a
 traceback, and never a silent change of what the user asked for.
 
-Most cases call ``devicemap.cli.main`` in-process (a subprocess imports torch again, seconds each); a
+Most cases call ``devicemap.cli.command.main`` in-process (a subprocess imports torch again, seconds each); a
 few run the real command to check exit codes, tracebacks and closed pipes end to end.
 """
 
@@ -16,7 +16,8 @@ import sys
 import pytest
 
 import devicemap
-from devicemap import catalog, cli
+from devicemap import catalog
+from devicemap.cli import command as cli
 
 SMALL = "llama-3.2-1b"  # the cheapest bundled model to build
 

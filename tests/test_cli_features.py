@@ -16,7 +16,9 @@ import sys
 import pytest
 
 import devicemap
-from devicemap import catalog, cli, cli_inputs
+from devicemap import catalog
+from devicemap.cli import command as cli
+from devicemap.cli import inputs as cli_inputs
 from optional_libraries import import_torchao_quantization
 
 SMALL = "llama-3.2-1b"  # the cheapest bundled model to build
@@ -413,7 +415,7 @@ def test_saved_files_get_the_usual_permissions(capsys, tmp_path):
 
 
 def test_hardware_prints_the_plans_estimate(capsys, small_model):
-    from devicemap.hardware import Hardware
+    from devicemap.cost.hardware import Hardware
 
     args = ("plan", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16", "--seq-len", "512")
     printed = command_json(capsys, *args, "--hardware", "rtx-4090,server-ddr5-8ch")
@@ -448,8 +450,8 @@ def test_an_unknown_hardware_preset_is_refused_naming_the_known_ones(capsys):
 
 
 def test_compare_predicts_both_placements_speed_on_the_same_hardware(capsys, small_model):
-    from devicemap.compare import plan_of_map
-    from devicemap.hardware import Hardware
+    from devicemap.cli.compare import plan_of_map
+    from devicemap.cost.hardware import Hardware
 
     args = ("compare", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16")
     printed = command_json(capsys, *args, "--hardware", "rtx-4090")
@@ -458,7 +460,7 @@ def test_compare_predicts_both_placements_speed_on_the_same_hardware(capsys, sma
     for side, speed in zip(printed["sides"], speeds, strict=True):
         device_map = devicemap.plan(small_model, {0: "1GiB", "cpu": "8GiB"}, dtype="bfloat16").device_map
         if side["method"].startswith("accelerate"):
-            from devicemap.compare import accelerate_device_map
+            from devicemap.cli.compare import accelerate_device_map
 
             device_map = accelerate_device_map(
                 small_model,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from devicemap import AccelerateCompatError
 from devicemap.compat import get_balanced_memory, infer_auto_device_map
-from devicemap.compat_versions import installed_accelerate
+from devicemap.compat.versions import installed_accelerate
 
 from model_strategies import describe, max_memories, models, no_split_classes
 
@@ -233,7 +233,7 @@ def test_the_version_devicemap_follows_is_the_one_imported():
     (a PYTHONPATH copy without its .dist-info would make them disagree)."""
     import accelerate
 
-    from devicemap.compat_versions import AccelerateRelease
+    from devicemap.compat.versions import AccelerateRelease
 
     assert installed_accelerate() == AccelerateRelease.parse(accelerate.__version__)
 

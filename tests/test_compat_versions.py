@@ -14,7 +14,7 @@ import torch
 import devicemap.compat as compat
 from devicemap import AccelerateCompatError
 from devicemap.compat import get_balanced_memory, get_max_memory, infer_auto_device_map
-from devicemap.compat_versions import NEWEST_CHECKED, AccelerateRelease, installed_accelerate
+from devicemap.compat.versions import NEWEST_CHECKED, AccelerateRelease, installed_accelerate
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 from devicemap.compat import get_balanced_memory, infer_auto_device_map
-from devicemap.compat_versions import installed_accelerate
+from devicemap.compat.versions import installed_accelerate
 
 from model_strategies import describe, max_memories, models, no_split_classes
 

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devicemap.component_placement as component_placement
+import devicemap.planners.components as component_placement
 from devicemap import integrations as dm_install
-from devicemap.component_placement import CPU, place_components
 from devicemap.errors import DoesNotFitError, PlacementError
+from devicemap.planners.components import CPU, place_components
 from optional_libraries import import_with_torchao
 
 GiB = 1024**3
@@ -35,9 +35,9 @@ def _always_uninstalled():
 def _gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """devicemap sees 8 GPUs on this CPU machine: the hook refuses budgets naming GPUs a machine lacks, and
     these tests place components on GPUs without loading weights there."""
-    import devicemap.memory
+    import devicemap.inputs.memory
 
-    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 8)
+    monkeypatch.setattr(devicemap.inputs.memory, "accelerator_count", lambda: 8)
 
 
 def brute_force(

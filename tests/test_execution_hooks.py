@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import devicemap
-from devicemap.apply import RehearsalDevice
-from devicemap.execution_hooks import by_execution
+from devicemap.loading.apply import RehearsalDevice
+from devicemap.loading.execution_hooks import by_execution
 from tiny_models import big_vocab_llama_config
 
 INPUT = torch.tensor([[1, 5, 9, 31999, 7]])

@@ -9,9 +9,10 @@ import re
 import pytest
 
 import devicemap
-from devicemap import catalog, cli
-from devicemap.export import cpu_expert_layers, export
-from devicemap.hardware import Hardware
+from devicemap import catalog
+from devicemap.cli import command as cli
+from devicemap.cli.export import cpu_expert_layers, export
+from devicemap.cost.hardware import Hardware
 
 HARDWARE = Hardware.preset("rtx-4090", gpus=1, host="desktop-ddr5")
 

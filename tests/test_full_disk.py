@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import devicemap
-from devicemap import offload_writer
+from devicemap.loading import offload_writer
 
 FULL_DISK = textwrap.dedent(
     """

@@ -602,7 +602,7 @@ host_presets = st.sampled_from(["desktop-ddr5", "desktop-ddr4", "server-ddr5-12c
 def test_hardware_descriptions(data):
     """GPU / Host / Hardware built from drawn fields: a Hardware or an InvalidOptionError, in bounded time
     and memory (counts are capped before anything is allocated)."""
-    from devicemap.hardware import GPU, Host
+    from devicemap.cost.hardware import GPU, Host
 
     gpu = expect_placement_error(
         GPU,

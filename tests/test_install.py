@@ -48,7 +48,7 @@ def _always_uninstalled():
 def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """devicemap sees two GPUs on this CPU machine: plans naming GPUs 0 and 1 are checked by stopping the load
     before any weight moves (otherwise the hooks refuse a budget naming GPUs this machine lacks)."""
-    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 2)
+    monkeypatch.setattr(devicemap.inputs.memory, "accelerator_count", lambda: 2)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_unrecognised_calls_fall_back_with_one_warning(monkeypatch: pytest.Monke
     # A dict is the user's own map: passed through untouched, no warning...
     assert hooked(model, {"": "disk"}, None, None) == {"": "cpu"}
     # ...unless it names a GPU this machine lacks (transformers would fail in torch moving weights there).
-    monkeypatch.setattr(devicemap.memory, "accelerator_count", lambda: 0)
+    monkeypatch.setattr(devicemap.inputs.memory, "accelerator_count", lambda: 0)
     with pytest.raises(devicemap.UnknownDeviceError, match="puts '' on GPU 0, but this machine has 0 GPU"):
         hooked(model, {"": 0}, None, None)
     assert len(calls) == 4

@@ -36,7 +36,7 @@ import torch
 
 import devicemap
 from devicemap import integrations as dm_install
-from devicemap.memory import accelerator_count
+from devicemap.inputs.memory import accelerator_count
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -632,7 +632,7 @@ def _gpu_budget(case: Case, gpu: int) -> int | None:
     budget = case.kwargs.get("max_memory") or {}
     for key, size in budget.items():
         try:
-            if devicemap.memory.device_key(key) == gpu:
+            if devicemap.inputs.memory.device_key(key) == gpu:
                 return devicemap.parse_size(size)
         except devicemap.PlacementError:
             continue
@@ -647,7 +647,7 @@ def check_placement(case: Case, plain: Loaded | None, installed: Loaded) -> None
         assert device is not None, f"tensors with no device in {installed.device_map}"
         if device in ("cpu", "disk", "meta"):
             continue
-        gpu = devicemap.memory.device_key(device)
+        gpu = devicemap.inputs.memory.device_key(device)
         assert isinstance(gpu, int) and gpu < visible, f"placed on GPU {device!r}, which this machine lacks"
         allowed = max((plain.device_bytes.get(device, 0) if plain else 0), _gpu_budget(case, gpu) or 0)
         assert size <= allowed, f"GPU {device}: {size} bytes, plain {plain and plain.device_bytes}"

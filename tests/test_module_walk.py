@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import devicemap
 from devicemap import _core
-from devicemap.tree import dtype_bits
+from devicemap.sizing.tree import dtype_bits
 
 from model_strategies import models
 
@@ -65,7 +65,7 @@ def test_sizes_beyond_64_bits_are_refused():
 def test_a_walk_builds_one_tree():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].weight = model[0].weight
-    walk = _core.ModuleWalk(model, devicemap.tree.dtype_bits)
+    walk = _core.ModuleWalk(model, devicemap.sizing.tree.dtype_bits)
     assert walk.parameter_groups() == [[2, 5]]
     assert walk.full_names(walk.parameter_nodes()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert walk.total_bits == (4 + 2 + 2) * 32

@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from devicemap import offload_folder, owned_folders
+from devicemap.loading import offload_folder, owned_folders
 
 DISPATCH = textwrap.dedent(
     """

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from devicemap.quantization import (  # noqa: E402
+from devicemap.sizing.quantization import (  # noqa: E402
     OffloadRule,
     QuantizedSizer,
     offload_rule,
@@ -318,7 +318,7 @@ def torchao_made_for_a_newer_torch(monkeypatch):
 
 def test_a_torchao_config_with_a_torchao_that_cannot_import_says_why(torchao_made_for_a_newer_torch):
     from devicemap import InvalidOptionError, plan
-    from devicemap.cli_inputs import quantization
+    from devicemap.cli.inputs import quantization
 
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))

@@ -13,7 +13,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 
 import devicemap
 from devicemap.formatting import format_bytes
-from devicemap.planning import device_for
+from devicemap.planners.solve import device_for
 from optional_libraries import import_bitsandbytes_for_transformers, import_torchao_quantization
 from tiny_models import BF16, saved_bf16_llama
 
@@ -271,7 +271,7 @@ def test_loading_through_a_quantizer_torch_cannot_run_says_why_before_loading(ll
     """transformers 5 swaps quantized layers in with nn.Module.set_submodule, which torch 2.4 lacks:
     devicemap.from_pretrained says so before reading a weight, unless the map leaves every layer
     unquantized (bitsandbytes' fp32 offload of a model all on the CPU)."""
-    from devicemap.quantization import check_quantizer_runs
+    from devicemap.sizing.quantization import check_quantizer_runs
 
     monkeypatch.delattr(torch.nn.Module, "set_submodule", raising=False)  # as torch 2.4
     path, _ = llama

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import devicemap
-from devicemap.render import plan_to_html, plan_to_svg
+from devicemap.cli.render import plan_to_html, plan_to_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 LAYER_BYTES = 64 * 64 * 4 + 64 * 4  # one Linear(64, 64) in float32

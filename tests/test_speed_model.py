@@ -1,4 +1,4 @@
-"""The speed model (devicemap.hardware, devicemap.estimate): formulas on hand-made plans and blocks, the
+"""The speed model (devicemap.cost.hardware, devicemap.cost.estimate): formulas on hand-made plans and blocks, the
 presets and their errors. The CPU-side terms against measured CPU forward times: benches/bench_speed_model_cpu.py."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import devicemap
-from devicemap.estimate import TERMS, BlockCost, estimate, estimate_blocks, execution_devices
-from devicemap.hardware import (
+from devicemap.cost.estimate import TERMS, BlockCost, estimate, estimate_blocks, execution_devices
+from devicemap.cost.hardware import (
     GPU,
     GPU_PRESETS,
     HOST_PRESETS,

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devicemap
+from devicemap.cost.hardware import Hardware
 from devicemap.errors import InvalidOptionError
-from devicemap.hardware import Hardware
-from devicemap.speed_objective import Chain, ChainBlock, Mode, evaluate, solve_chain
+from devicemap.planners.speed import Chain, ChainBlock, Mode, evaluate, solve_chain
 
 transformers = pytest.importorskip("transformers")
 

@@ -150,7 +150,7 @@ def test_differs_from_accelerate_where_transformers_rules_differ():
     from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
-    from devicemap.compare import accelerate_device_map
+    from devicemap.cli.compare import accelerate_device_map
 
     config = _config(tied=True)
     config.vocab_size = 1024

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import devicemap
-from devicemap.compute import flops_per_token
-from devicemap.workload import decoder_layers, output_head
+from devicemap.sizing.compute import flops_per_token
+from devicemap.sizing.workload import decoder_layers, output_head
 
 from plan_checks import check_plan, device_of
 

@@ -14,8 +14,8 @@ drop-in replacements for accelerate's ``infer_auto_device_map`` and ``get_balanc
 
 from . import compat
 from ._core import __version__
-from .apply import dispatch, execution_map, from_pretrained, load_checkpoint
-from .checkpoint import checkpoint_tree, plan_checkpoint
+from .cost.estimate import Estimate
+from .cost.hardware import GPU, Hardware, Host, measure_host
 from .errors import (
     AccelerateCompatError,
     CheckpointError,
@@ -32,15 +32,15 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
-from .estimate import Estimate
-from .hardware import GPU, Hardware, Host, measure_host
+from .inputs.memory import available_memory, normalize_max_memory, parse_size
+from .inputs.options import STRATEGIES, Balance, Strategy
 from .integrations import install, install_from_environment, installed, uninstall
-from .memory import available_memory, normalize_max_memory, parse_size
-from .options import STRATEGIES, Balance, Strategy
-from .planning import DeviceUsage, Offload, Plan, plan
-from .stages import Stage, StagePlan, pipeline, plan_stages
-from .tree import ModuleTree
-from .workload import Workload
+from .loading.apply import dispatch, execution_map, from_pretrained, load_checkpoint
+from .planners.solve import DeviceUsage, Offload, Plan, plan
+from .planners.stages import Stage, StagePlan, pipeline, plan_stages
+from .sizing.checkpoint import checkpoint_tree, plan_checkpoint
+from .sizing.tree import ModuleTree
+from .sizing.workload import Workload
 
 __all__ = [
     "STRATEGIES",

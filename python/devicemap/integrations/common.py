@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 
 from ..errors import DoesNotFitError, InvalidOptionError, InvalidSizeError, UnknownDeviceError
 from ..formatting import format_bytes
-from ..memory import (
+from ..inputs.memory import (
     DeviceKey,
     absent_devices,
     accelerator_count,
@@ -18,14 +18,14 @@ from ..memory import (
     normalize_max_memory,
     parse_size,
 )
-from ..planning import Plan, plan
-from ..quantization import offload_rule
+from ..planners.solve import Plan, plan
+from ..sizing.quantization import offload_rule
 
 if TYPE_CHECKING:
     import torch
 
-    from ..memory import MaxMemory
-    from ..tree import DtypeLike
+    from ..inputs.memory import MaxMemory
+    from ..sizing.tree import DtypeLike
 
 
 class Unrecognised(Exception):
@@ -87,7 +87,7 @@ def quantized_plan_inputs(
     arguments that size it as ``hf_quantizer`` will store it.
 
     By the time the loader plans, ``hf_quantizer.preprocess_model`` has already swapped in its quantized
-    layers (``Linear4bit`` holding unpacked meta weights...), while :mod:`devicemap.quantization` sizes the
+    layers (``Linear4bit`` holding unpacked meta weights...), while :mod:`devicemap.sizing.quantization` sizes the
     model as built *before* that swap. So a twin of the same class is built from the model's config on the
     meta device (nothing allocated; module names are the same, so the map applies to the loaded model) and
     planned with the quantizer's config. Pre-quantized checkpoints (sized exactly from their headers by

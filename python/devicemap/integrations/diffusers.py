@@ -12,7 +12,7 @@ Pipeline-level ``DiffusionPipeline.from_pretrained(path, device_map="balanced", 
 calls the module global ``_assign_components_to_devices(module_sizes, device_memory, strategy)``, which deals
 the components, largest first, to GPUs 0..n-1..0 and sends to the CPU any component the GPU whose turn it is
 cannot hold. The replacement keeps diffusers' sizes and budgets and places the whole components with
-:func:`devicemap.component_placement.place_components`: the fewest bytes on the CPU, then the smallest largest
+:func:`devicemap.planners.components.place_components`: the fewest bytes on the CPU, then the smallest largest
 GPU load, exactly. As in diffusers the CPU takes what the GPUs cannot, whatever its budget.
 """
 
@@ -23,9 +23,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..component_placement import CPU, place_components
 from ..errors import UnknownDeviceError
-from ..memory import absent_devices, accelerator_count
+from ..inputs.memory import absent_devices, accelerator_count
+from ..planners.components import CPU, place_components
 from .common import (
     ABSENT_GPU_HINT,
     Unrecognised,

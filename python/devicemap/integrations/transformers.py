@@ -12,7 +12,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..tree import declared_no_split_classes
+from ..sizing.tree import declared_no_split_classes
 from .common import (
     StrategyName,
     Unrecognised,

@@ -1,0 +1,144 @@
+"""devicemap and accelerate side by side on the same model and devices (``devicemap compare``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DoesNotFitError
+from ..inputs.memory import DeviceKey, MaxMemory, normalize_max_memory
+from ..inputs.options import Strategy
+from ..planners.solve import Plan, plan
+from ..sizing.tree import DtypeLike, ModuleTree
+
+MIB = 2**20
+Placer = Callable[[int], dict]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One method's placement: bytes per device, what left the GPUs, balance, and cost."""
+
+    method: str
+    device_bytes: dict[DeviceKey, int]
+    offloaded: list[str]
+    seconds: float
+    min_gpu_memory: int | None
+    """Smallest equal per-GPU memory with nothing on CPU/disk (to 1 MiB), None without GPUs."""
+    device_map: dict[str, DeviceKey] = field(default_factory=dict)
+    """The placement itself (accelerate's format)."""
+
+    @property
+    def peak_over_mean(self) -> float:
+        gpus = [v for k, v in self.device_bytes.items() if isinstance(k, int)]
+        return max(gpus) / (sum(gpus) / len(gpus)) if gpus and sum(gpus) else float("nan")
+
+
+def accelerate_device_map(model, max_memory: Mapping, strategy: str, no_split: list[str], dtype) -> dict:
+    """What transformers does for ``device_map=strategy``: get_balanced_memory (unless sequential), then
+    infer_auto_device_map."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    memory = dict(max_memory)
+    kwargs = dict(no_split_module_classes=no_split, dtype=dtype)
+    if strategy != "sequential":
+        memory = get_balanced_memory(
+            model, max_memory=memory, low_zero=strategy == "balanced_low_0", **kwargs
+        )
+    return dict(infer_auto_device_map(model, max_memory=memory, **kwargs))
+
+
+def min_equal_gpu_memory(place: Placer, low: int, high: int) -> int:
+    """Smallest per-GPU memory (to 1 MiB) for which ``place(memory)`` keeps everything on GPUs."""
+
+    def on_gpus(memory: int) -> bool:
+        return all(isinstance(d, int) for d in place(memory).values())
+
+    while not on_gpus(high):
+        high *= 2
+    while high - low > MIB:
+        mid = (low + high) // 2
+        if on_gpus(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def plan_of_map(model: torch.nn.Module, device_map: Mapping[str, DeviceKey], dtype: DtypeLike | None) -> Plan:
+    """A device map made elsewhere (accelerate's) as a devicemap :class:`Plan`, so the speed model can cost
+    it: every key pinned where the map puts it, on devices with room to spare; offloaded blocks run on the
+    map's first GPU, as accelerate's ``dispatch_model`` runs them."""
+    gpus = sorted({d for d in device_map.values() if isinstance(d, int)})
+    roomy: dict[DeviceKey, int] = {**{g: 2**50 for g in gpus}, "cpu": 2**50, "disk": 0}
+    execution = gpus[0] if gpus else "cpu"
+    return plan(model, roomy, dtype=dtype, pins=dict(device_map), execution_device=execution)
+
+
+def compare(
+    model: torch.nn.Module,
+    max_memory: MaxMemory,
+    strategy: Strategy = "auto",
+    dtype: DtypeLike | None = None,
+    no_split_module_classes: list[str] | None = None,
+) -> tuple[Side, Side]:
+    """(devicemap, accelerate) on the same inputs."""
+    memory = normalize_max_memory(max_memory)
+    gpus = [k for k in memory if isinstance(k, int)]
+    tree = ModuleTree.from_module(model, dtype=dtype)
+    no_split = list(no_split_module_classes or tree.no_split_module_classes)
+    # accelerate always may spill to disk, and get_balanced_memory crashes on a "disk" key.
+    acc_memory = {k: v for k, v in memory.items() if k != "disk"}
+    acc_strategy = "balanced" if strategy == "auto" else strategy  # transformers' device_map="auto"
+
+    def with_gpus(size: int) -> dict:
+        return {**{g: size for g in gpus}, "cpu": 4 * tree.total_bytes}
+
+    def ours(size: int) -> dict:
+        memory = {**with_gpus(size), "disk": 0}
+        try:
+            return plan(
+                tree, max_memory=memory, strategy=strategy, no_split_module_classes=no_split
+            ).device_map
+        except DoesNotFitError:
+            return {"": "cpu"}
+
+    def theirs(size: int) -> dict:
+        return accelerate_device_map(model, with_gpus(size), acc_strategy, no_split, dtype)
+
+    start = time.perf_counter()  # end to end, like accelerate's call: size export + solve
+    # The caller's max_memory, not the normalized one: that holds None for disk, which is no Size.
+    mine = plan(
+        model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
+    )
+    mine_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    other = accelerate_device_map(model, acc_memory, acc_strategy, no_split, dtype)
+    other_seconds = time.perf_counter() - start
+    other_bytes: dict[DeviceKey, int] = {k: 0 for k in memory}
+    for name, device in other.items():
+        other_bytes[device] = other_bytes.get(device, 0) + tree.module_bytes(name)
+
+    low = tree.total_bytes // max(len(gpus), 1) - MIB
+    high = tree.total_bytes
+    return (
+        Side(
+            f"devicemap {mine.strategy}",
+            mine.device_bytes,
+            [o.name for o in mine.offloaded],
+            mine_seconds,
+            min_equal_gpu_memory(ours, max(low, 0), high) if gpus else None,
+            dict(mine.device_map),
+        ),
+        Side(
+            f"accelerate {acc_strategy}",
+            other_bytes,
+            [n for n, d in other.items() if not isinstance(d, int)],
+            other_seconds,
+            min_equal_gpu_memory(theirs, max(low, 0), high) if gpus else None,
+            dict(other),
+        ),
+    )
