@@ -8,7 +8,7 @@ import torch
 from accelerate.utils import check_device_map
 
 import devicemap
-from devicemap.planners.solve import device_for as device_of
+from devicemap.inputs.module_names import device_for as device_of
 
 
 def covering_keys(name: str, device_map: dict) -> list[str]:

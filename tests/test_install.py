@@ -16,6 +16,7 @@ import torch
 
 import devicemap
 from devicemap import integrations as dm_install
+from devicemap.integrations import fallbacks
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -343,7 +344,7 @@ def test_unrecognised_calls_fall_back_with_one_warning(monkeypatch: pytest.Monke
 
     hooked = hook_transformers.make_get_device_map(library)
     model = torch.nn.Linear(2, 2)
-    dm_install._warned.clear()
+    fallbacks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

@@ -37,6 +37,7 @@ import torch
 import devicemap
 from devicemap import integrations as dm_install
 from devicemap.inputs.memory import accelerator_count
+from devicemap.integrations import fallbacks
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -613,7 +614,7 @@ def reference(case: Case, saved: Saved) -> torch.Tensor | None:
 
 def attempt(case: Case, saved: Saved, tag: str) -> Run:
     run = Run()
-    dm_install._warned.clear()
+    fallbacks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import devicemap
 from devicemap import _core
-from devicemap.sizing.tree import dtype_bits
+from devicemap.inputs.dtypes import dtype_bits
 
 from model_strategies import models
 

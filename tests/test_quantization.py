@@ -15,13 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from devicemap.sizing.quantization import (  # noqa: E402
-    OffloadRule,
-    QuantizedSizer,
-    offload_rule,
-    quantized_sizer,
-    storage_bits,
-)
+from devicemap.inputs.dtypes import storage_bits  # noqa: E402
+from devicemap.sizing.quantization import OffloadRule, QuantizedSizer, offload_rule, quantized_sizer  # noqa: E402
 from optional_libraries import (  # noqa: E402
     import_bitsandbytes_for_transformers,
     import_torchao_quantization,

@@ -13,7 +13,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 
 import devicemap
 from devicemap.formatting import format_bytes
-from devicemap.planners.solve import device_for
+from devicemap.inputs.module_names import device_for
 from optional_libraries import import_bitsandbytes_for_transformers, import_torchao_quantization
 from tiny_models import BF16, saved_bf16_llama
 

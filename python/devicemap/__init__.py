@@ -36,9 +36,10 @@ from .inputs.memory import available_memory, normalize_max_memory, parse_size
 from .inputs.options import STRATEGIES, Balance, Strategy
 from .integrations import install, install_from_environment, installed, uninstall
 from .loading.apply import dispatch, execution_map, from_pretrained, load_checkpoint
-from .planners.solve import DeviceUsage, Offload, Plan, plan
+from .planners.api import plan, plan_checkpoint
 from .planners.stages import Stage, StagePlan, pipeline, plan_stages
-from .sizing.checkpoint import checkpoint_tree, plan_checkpoint
+from .plans import DeviceUsage, Offload, Plan
+from .sizing.checkpoint import checkpoint_tree
 from .sizing.tree import ModuleTree
 from .sizing.workload import Workload
 

@@ -32,13 +32,14 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from .. import __version__
+from .. import catalog
+from .._core import __version__
 from ..errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from ..formatting import shown_message
 from ..inputs.memory import DeviceKey, device_key, parse_size
 from ..inputs.options import OBJECTIVES, STRATEGIES, PlacementOptions
-from ..planners.solve import Plan, plan
-from ..sizing.checkpoint import plan_checkpoint
+from ..planners.api import plan, plan_checkpoint
+from ..plans import Plan
 from ..sizing.tree import ModuleTree, declared_no_split_classes
 from ..sizing.workload import Workload
 from . import inputs as cli_inputs
@@ -557,8 +558,6 @@ def _gib(n: int) -> str:
 
 
 def run_models() -> int:
-    from .. import catalog
-
     for name in catalog.names():
         print(f"{name:24s} {catalog.parameter_count(name) / 1e9:8.2f} B parameters")
     return 0
@@ -566,8 +565,6 @@ def run_models() -> int:
 
 def run_demo() -> int:
     """The main job on the bundled default: plan, show, and compare with accelerate's 'balanced'."""
-    from .. import catalog
-
     model = catalog.build_meta_model(DEMO_MODEL)
     memory = {**cli_inputs.gpu_sizes(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
     start = time.perf_counter()

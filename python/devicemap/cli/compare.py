@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DoesNotFitError
+from ..inputs.dtypes import DtypeLike
 from ..inputs.memory import DeviceKey, MaxMemory, normalize_max_memory
 from ..inputs.options import Strategy
-from ..planners.solve import Plan, plan
-from ..sizing.tree import DtypeLike, ModuleTree
+from ..planners.api import plan
+from ..plans import Plan
+from ..sizing.tree import ModuleTree
 
 MIB = 2**20
 Placer = Callable[[int], dict]

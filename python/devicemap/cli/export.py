@@ -19,7 +19,8 @@ import torch
 
 from ..errors import PlacementError
 from ..inputs.memory import DeviceKey
-from ..planners.solve import Plan, device_for
+from ..inputs.module_names import device_for
+from ..plans import Plan
 from ..sizing.workload import decoder_layers
 
 TARGETS = ("vllm", "llama.cpp", "deepspeed", "pipelining")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import catalog
+from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from ..inputs.files import read_json_object, regular_file_status
 from ..inputs.memory import DeviceKey, device_key, parse_size
@@ -240,8 +242,6 @@ def quantization(text: str | None) -> Any:
 def hardware(text: str, gpus: int) -> Any:
     """``--hardware GPU[,HOST]``: a GPU preset for each of the spec's ``gpus`` GPUs and a host preset, or
     ``measure`` for this machine's host (default: desktop-ddr5) -> a :class:`devicemap.Hardware`."""
-    from ..cost.hardware import Hardware
-
     gpu, _, host = (part.strip() for part in text.partition(","))
     if host == "measure":
         return Hardware.measure_host(gpu or None, gpus=gpus, quick=True)
@@ -347,8 +347,6 @@ class ModelSource:
 
     def meta_model(self, command: str):
         """The model on the meta device (for commands that need its modules, not only its headers)."""
-        from .. import catalog
-
         if self.kind == "catalog":
             return catalog.build_meta_model(self.text)
         if self.config is None:
@@ -364,8 +362,6 @@ class ModelSource:
 
 def model_source(text: str) -> ModelSource:
     """Resolve the model argument: an existing path first, then a bundled name."""
-    from .. import catalog
-
     if not text.strip():
         raise InvalidOptionError(
             "the model argument is empty: give a catalog name (see `devicemap models`), a config.json, a model "

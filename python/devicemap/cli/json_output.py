@@ -25,7 +25,7 @@ import math
 from typing import Any
 
 from ..inputs.memory import DeviceKey
-from ..planners.solve import Plan
+from ..plans import Plan
 from .compare import Side
 from .export import gpu_stages
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from html import escape
 
 from ..formatting import format_bytes, span_label
-from ..planners.solve import DeviceUsage, Plan
+from ..plans import DeviceUsage, Plan
 
 WIDTH, LABEL, RIGHT = 960, 150, 20
 SPAN = WIDTH - LABEL - RIGHT  # pixels of the largest bar

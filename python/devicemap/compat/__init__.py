@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..errors import AccelerateCompatError, InvalidOptionError, InvalidSizeError, UnknownDeviceError
+from ..inputs.dtypes import DtypeLike
 from ..inputs.memory import DeviceKey, _accelerator, available_memory
-from ..sizing.tree import DtypeLike, ModuleTree
+from ..sizing.tree import ModuleTree
 from .accelerate_warnings import (
     log_single_gpu_share,
     log_unassigned_devices,

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from ..inputs.dtypes import DtypeLike, to_dtype
 from ..inputs.memory import DeviceKey, accelerator_count
-from ..sizing.tree import DtypeLike, to_dtype
 from .versions import AccelerateRelease
 
 if TYPE_CHECKING:

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import AccelerateCompatError
+
 if TYPE_CHECKING:
     import torch
 
@@ -143,8 +145,6 @@ class AccelerateRelease:
             return 8
         width = re.search(r"[^\d](\d+)$", str(dtype))
         if width is None:
-            from ..errors import AccelerateCompatError
-
             raise AccelerateCompatError(
                 f"accelerate {'.'.join(map(str, self.version))} cannot size {dtype} tensors (its dtype_byte_size "
                 "raises ValueError); accelerate 1.14 and later can"

@@ -2,8 +2,7 @@
 
 Pure functions of a plan, a :class:`~devicemap.Workload`, a :class:`~devicemap.cost.hardware.Hardware` and the
 model's shape. Each block (the finest placed piece, ``plan.assignments``) runs on its execution device
-(``plan.execution_map``; until plans carry one, blocks stored on CPU/disk run on GPU 0 as accelerate's
-hooks do, or on the CPU when the plan uses no GPU). Per block and phase (``b`` batch, ``s`` seq_len,
+(``plan.execution_map``: its own GPU, the GPU that stages it, or the CPU). Per block and phase (``b`` batch, ``s`` seq_len,
 ``T`` tokens processed: ``b*s`` for prefill, ``b`` for one decoded token):
 
 - **weights read**: the block's weights (and, in decode, its KV cache of ``s`` positions; in prefill the
@@ -31,17 +30,39 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ..errors import InvalidOptionError
-from ..planners.solve import closest_key
+from ..inputs.dtypes import dtype_bits, to_dtype
+from ..inputs.model_config import config_count, config_value, text_config
+from ..inputs.module_names import closest_key
+from ..sizing.tree import ModuleTree
 from ..sizing.workload import Workload
 from .hardware import Hardware
 
 if TYPE_CHECKING:
     import torch
 
-    from ..planners.solve import Plan
+
+@runtime_checkable
+class Placement(Protocol):
+    """What the speed model reads of a plan (a :class:`devicemap.Plan` is one): the speed model sits below
+    the Plan, which offers it as ``Plan.estimate``."""
+
+    @property
+    def assignments(self) -> Mapping[str, Any]:
+        """Every block and the device storing it, in model order."""
+
+    @property
+    def execution_map(self) -> Mapping[str, Any]:
+        """Every block and the device computing it."""
+
+    @property
+    def tree(self) -> ModuleTree | None:
+        """The size tree the plan was made from."""
+
+    def block_bytes(self, name: str) -> int: ...
+
 
 Phase = Literal["prefill", "decode"]
 ExecutionDevice = int | str
@@ -375,21 +396,9 @@ def _link(hw: Hardware, source: int | str, target: int | str) -> float | None:
 # From a plan and a model
 
 
-def execution_devices(plan: Plan) -> dict[str, ExecutionDevice]:
-    """Every block's execution device: ``plan.execution_map`` when the plan has one; otherwise a GPU block
-    runs where it is stored and a CPU/disk block on GPU 0 (accelerate's hooks), or on the CPU when the
-    plan uses no GPU."""
-    given = getattr(plan, "execution_map", None)
-    if callable(given):
-        given = given()
-    has_gpu = any(isinstance(d, int) for d in plan.assignments.values())
-    result: dict[str, ExecutionDevice] = {}
-    for name, storage in plan.assignments.items():
-        device: Any = given.get(name) if isinstance(given, Mapping) else None
-        if device is None:
-            device = storage if isinstance(storage, int) else 0 if has_gpu else "cpu"
-        result[name] = _execution_key(device, name)
-    return result
+def execution_devices(plan: Placement) -> dict[str, ExecutionDevice]:
+    """Every block's execution device, as a GPU index or ``"cpu"``."""
+    return {name: _execution_key(device, name) for name, device in plan.execution_map.items()}
 
 
 def _execution_key(device: Any, name: str) -> ExecutionDevice:
@@ -429,11 +438,10 @@ def _model_of(model_or_config: Any) -> torch.nn.Module:
     )
 
 
-def _compute_bits(model: torch.nn.Module, plan: Plan, dtype: Any) -> int:
+def _compute_bits(model: torch.nn.Module, plan: Placement, dtype: Any) -> int:
     """Bits of the compute dtype: ``dtype``'s; else the width the plan sized the weights at (a model built
     in float32 on the meta device and planned with ``dtype="bfloat16"`` computes in 16 bits), which is
     the model's own floating dtype unless ``plan(dtype=...)`` said otherwise."""
-    from ..sizing.tree import dtype_bits, to_dtype
     from ..sizing.workload import compute_dtype
 
     if dtype is not None:
@@ -448,11 +456,12 @@ def _compute_bits(model: torch.nn.Module, plan: Plan, dtype: Any) -> int:
     return dtype_bits(to_dtype(resolved)) if resolved is not None else 16
 
 
-def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: Any = None) -> list[BlockCost]:
+def block_costs(
+    plan: Placement, model: torch.nn.Module, workload: Workload, dtype: Any = None
+) -> list[BlockCost]:
     """The :class:`BlockCost` of every block of ``plan`` (in ``plan.assignments`` order) for ``model``."""
     import torch
 
-    from ..inputs.model_config import config_count, config_value, text_config
     from ..sizing.compute import expert_share, flops_per_token, is_routed_experts
     from ..sizing.workload import compute_dtype, decoder_layers
 
@@ -526,7 +535,7 @@ def block_costs(plan: Plan, model: torch.nn.Module, workload: Workload, dtype: A
 
 
 def estimate(
-    plan: Plan,
+    plan: Placement,
     workload: Workload | None,
     hardware: Hardware,
     model_or_config: Any,
@@ -559,9 +568,7 @@ def estimate(
         >>> e.dominant, e.tokens_per_second < 1000
         ('weights moved', True)
     """
-    from ..planners.solve import Plan
-
-    if not isinstance(plan, Plan):
+    if not isinstance(plan, Placement):
         raise InvalidOptionError(
             f"plan must be a devicemap.Plan (from devicemap.plan()), got {type(plan).__name__}"
         )
@@ -581,7 +588,7 @@ def estimate(
 
 
 def model_block_costs(
-    plan: Plan, workload: Workload, model_or_config: Any, *, dtype: Any = None
+    plan: Placement, workload: Workload, model_or_config: Any, *, dtype: Any = None
 ) -> tuple[list[BlockCost], float, int]:
     """What :func:`estimate` feeds :func:`estimate_blocks`: the plan's :class:`BlockCost` list, the bytes
     of one token's hidden state crossing a device boundary, and the compute width in bits."""
@@ -593,8 +600,6 @@ def model_block_costs(
     hidden_bytes = 0.0
     config = getattr(model, "config", None)
     if config is not None:
-        from ..inputs.model_config import config_value, text_config
-
         hidden = config_value(text_config(config), "hidden_size", "d_model", "n_embd")
         if hidden:
             hidden_bytes = float(hidden) * bits / 8

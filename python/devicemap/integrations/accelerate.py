@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import DoesNotFitError, OffloadFolderError
 from .common import Unrecognised, check_map_present, is_strategy, plan_for_loader
+from .fallbacks import warn_once
 
 LIBRARY = "accelerate's load_checkpoint_and_dispatch"
 
@@ -50,8 +51,6 @@ def _accelerate_map(arguments: Mapping[str, Any], strategy: str) -> Any:
 
 def make_load_and_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``accelerate.load_checkpoint_and_dispatch``."""
-    from . import warn_once
-
     signature = inspect.signature(original)
 
     @functools.wraps(original)

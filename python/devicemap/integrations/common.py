@@ -18,14 +18,16 @@ from ..inputs.memory import (
     normalize_max_memory,
     parse_size,
 )
-from ..planners.solve import Plan, plan
+from ..planners.api import plan
+from ..plans import Plan
 from ..sizing.quantization import offload_rule
+from .fallbacks import warn_once
 
 if TYPE_CHECKING:
     import torch
 
+    from ..inputs.dtypes import DtypeLike
     from ..inputs.memory import MaxMemory
-    from ..sizing.tree import DtypeLike
 
 
 class Unrecognised(Exception):
@@ -206,8 +208,6 @@ def absent_gpus_unused(
     weight on them (the unchanged call loads on the devices present, so devicemap plans there too); raises
     :class:`UnknownDeviceError` when it would (the call fails in torch as it moves weights there) or when the
     library refuses the call itself."""
-    from . import warn_once
-
     absent = absent_devices(budget)
     if not absent:
         return budget
@@ -344,8 +344,6 @@ def _warn_staging_beyond_budget(beyond: int, library: str) -> None:
     (behind every hooked loader) reserves it only when it fits, and otherwise streams the offloaded layers
     through the CPU beyond ``max_memory["cpu"]``: the unchanged call loads. The hooked one plans the CPU with
     the least extra room that makes devicemap's plan runnable, and says how much."""
-    from . import warn_once
-
     warn_once(
         f"max_memory['cpu'] leaves no room to stage the offloaded layers on the CPU that runs them; as {library} "
         f"uses the CPU beyond that budget to stream them, devicemap plans {format_bytes(beyond)} more CPU memory"

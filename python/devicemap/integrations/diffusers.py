@@ -34,6 +34,7 @@ from .common import (
     keep_in_fp32_dtypes,
     plan_for_loader,
 )
+from .fallbacks import warn_once
 
 MODEL_LIBRARY = "diffusers' from_pretrained"
 PIPELINE_LIBRARY = "diffusers' pipeline device_map='balanced'"
@@ -41,7 +42,6 @@ PIPELINE_LIBRARY = "diffusers' pipeline device_map='balanced'"
 
 def make_determine(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for diffusers' ``_determine_device_map``."""
-    from . import warn_once
 
     def _determine_device_map(
         model: Any,
@@ -114,8 +114,6 @@ def _without_absent_gpus(budgets: dict[Any, int], absent: list[Any], theirs: Any
     here: no component on a missing GPU, and none on the CPU without a GPU 0 (diffusers runs CPU components
     from GPU 0: ``dispatch_model(..., main_device=0)``). Otherwise the unchanged call fails in torch as it
     moves weights, and :class:`UnknownDeviceError` says so now."""
-    from . import warn_once
-
     names = ", ".join(f"GPU {d}" if isinstance(d, int) else repr(d) for d in absent)
     refused = f"max_memory names {names}, which this machine lacks (it has {accelerator_count()} GPU(s))"
     used = set(theirs) if isinstance(theirs, Mapping) else set(absent)
@@ -138,7 +136,6 @@ def make_assign_components(original: Callable[..., Any]) -> Callable[..., Any]:
     every CPU component included (diffusers keeps only the last one under ``"cpu"``; the others load on the
     CPU anyway since they have no entry).
     """
-    from . import warn_once
 
     def _assign_components_to_devices(
         module_sizes: Any, device_memory: Any, device_mapping_strategy: str = "balanced"

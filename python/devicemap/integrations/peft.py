@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .common import StrategyName, Unrecognised, plan_for_loader
+from .fallbacks import warn_once
 from .transformers import REQUEST_ATTRIBUTE
 
 LIBRARY = "PEFT's re-plan in PeftModel.from_pretrained"
@@ -56,7 +57,6 @@ def _copied(max_memory: Any) -> Any:
 
 def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``peft.peft_model.infer_auto_device_map``."""
-    from . import warn_once
 
     def infer_auto_device_map(model: Any, max_memory: Any = None, *args: Any, **kwargs: Any) -> Any:
         if args or set(kwargs) - {"no_split_module_classes"}:

@@ -21,6 +21,7 @@ from .common import (
     keep_in_fp32_dtypes,
     plan_for_loader,
 )
+from .fallbacks import warn_once
 
 REQUEST_ATTRIBUTE = "_devicemap_request"
 """Set on a model planned through a hook: ``{"strategy": ..., "max_memory": ...}``, so a later re-plan
@@ -73,7 +74,6 @@ def plan_pretrained(
 
 def make_get_device_map(original: Callable[..., Any]) -> Callable[..., Any]:
     """The replacement for ``transformers.modeling_utils._get_device_map``."""
-    from . import warn_once
 
     def _get_device_map(model: Any, device_map: Any, max_memory: Any, hf_quantizer: Any) -> Any:
         if not is_strategy(device_map):

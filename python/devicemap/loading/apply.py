@@ -23,6 +23,7 @@ import torch
 from .. import _core
 from ..errors import CheckpointError, InvalidOptionError, OffloadFolderError, UnknownDeviceError
 from ..inputs.arguments import check_flag, check_path
+from ..inputs.dtypes import DtypeLike, to_dtype
 from ..inputs.memory import (
     DeviceKey,
     MaxMemory,
@@ -32,11 +33,11 @@ from ..inputs.memory import (
     check_devices_present,
     device_key,
 )
+from ..inputs.module_names import device_for
 from ..inputs.options import Strategy
-from ..planners.solve import Plan, device_for, plan
-from ..sizing.checkpoint import plan_checkpoint
+from ..planners.api import plan, plan_checkpoint
+from ..plans import Plan
 from ..sizing.quantization import check_quantizer_runs
-from ..sizing.tree import DtypeLike, to_dtype
 from ..sizing.workload import Workload
 from .checkpoint_conversion import (
     convert_groups,

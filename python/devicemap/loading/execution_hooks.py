@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..inputs.memory import accelerator_type
 from .offload_writer import write_offloaded
 
 if TYPE_CHECKING:
@@ -134,8 +135,6 @@ def _is_cpu(device: Any) -> bool:
 
 
 def _torch_device(device: Any) -> Any:
-    from ..inputs.memory import accelerator_type
-
     if isinstance(device, int):
         return f"{accelerator_type()}:{device}"
     return device

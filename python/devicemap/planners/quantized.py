@@ -23,12 +23,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DoesNotFitError
+from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.memory import DeviceKey, MaxMemory, normalize_max_memory
 from ..inputs.options import PlacementOptions
+from ..plans import Plan
 from ..sizing.quantization import OffloadRule, offload_rule, quantized_sizer
-from ..sizing.tree import DtypeLike, ModuleTree, target_bits
+from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory
-from .solve import Plan, solve_tree
+from .solve import solve_tree
 
 if TYPE_CHECKING:
     import torch

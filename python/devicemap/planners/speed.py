@@ -57,18 +57,21 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..cost.estimate import ExecutionDevice, activation_time, block_time, model_block_costs
+from ..cost.hardware import Hardware
 from ..errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError
 from ..formatting import format_bytes
+from ..inputs.memory import normalize_max_memory
+from ..inputs.module_names import closest_key
+from .solve import solve_once
 
 if TYPE_CHECKING:
     import torch
 
-    from ..cost.hardware import Hardware
     from ..inputs.memory import DeviceKey
     from ..inputs.options import PlacementOptions
+    from ..plans import Plan
     from ..sizing.tree import ModuleTree
     from ..sizing.workload import RuntimeMemory, Workload
-    from .solve import Plan
 
 Mode = int | Literal["cpu", "disk"]
 """Where a block lives in the program: GPU ``i`` (stored and run there), ``"cpu"`` (stored and run on the
@@ -310,8 +313,6 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
 
 def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
     """Blocks sharing a tied tensor with an earlier block (not pinned: the core places them with it)."""
-    from .solve import closest_key
-
     index = dict.fromkeys(blocks, True)
     followers: set[str] = set()
     for group in tree.tied_groups:
@@ -325,8 +326,6 @@ def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
 def _runtime_per_block(blocks: Sequence[str], runtime: RuntimeMemory) -> dict[str, int]:
     """Runtime bytes of each block: a value on a module inside a block goes to it, one on a split module
     to the first block under it (as the core attaches them)."""
-    from .solve import closest_key
-
     per_block = dict.fromkeys(blocks, 0)
     index = dict.fromkeys(blocks, True)
     for name, bits in runtime.per_module:
@@ -351,11 +350,7 @@ def plan_for_speed(
 ) -> Plan:
     """The plan with the least predicted decode time (module docstring); ``unit``: bytes per unit
     (default: the largest capacity / :data:`UNITS`)."""
-    from ..cost.hardware import Hardware as HardwareType
-    from ..inputs.memory import normalize_max_memory
-    from .solve import solve_once
-
-    if not isinstance(hardware, HardwareType):
+    if not isinstance(hardware, Hardware):
         raise InvalidOptionError(
             "objective='speed' needs hardware=devicemap.Hardware (e.g. Hardware.preset('rtx-4090', "
             f"host='desktop-ddr5')) to predict decode time, got {hardware!r}"

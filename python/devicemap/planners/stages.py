@@ -22,10 +22,13 @@ import torch
 from ..errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError, UnknownDeviceError
 from ..formatting import format_bytes
 from ..inputs.arguments import check_choice
+from ..inputs.dtypes import DtypeLike
 from ..inputs.memory import Size, absent_devices, accelerator_count, parse_size
+from ..inputs.module_names import covering_key
 from ..inputs.options import Balance
-from ..sizing.tree import DtypeLike, ModuleTree
-from .solve import Plan, covering_key, plan
+from ..plans import Plan
+from ..sizing.tree import ModuleTree
+from .api import plan
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Plan a safetensors checkpoint from its headers alone: no model, no tensor data.
+"""The size tree of a safetensors checkpoint from its headers alone: no model, no tensor data
+(:func:`devicemap.plan_checkpoint` plans it).
 
     plan = devicemap.plan_checkpoint("path/to/model", max_memory={0: "80GiB", 1: "80GiB"},
                                      dtype="bfloat16")
@@ -26,14 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import _core
-from ..errors import CheckpointError, InvalidOptionError
+from ..errors import CheckpointError
 from ..inputs.arguments import check_mapping, check_path, check_strings
+from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.files import read_json_object, regular_file_status
-from ..inputs.memory import MaxMemory, Size
-from ..inputs.options import PlacementOptions, Strategy
-from ..planners.solve import Plan, solve_tree
-from .quantization import offload_rule
-from .tree import DtypeLike, ModuleTree, target_bits
+from .tree import ModuleTree
 from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
 
 BLOCK_CLASS = _core.BLOCK_CLASS
@@ -153,58 +151,7 @@ def checkpoint_tree(
     return tree
 
 
-def plan_checkpoint(
-    path: str | Path,
-    max_memory: MaxMemory | None = None,
-    *,
-    strategy: Strategy = "auto",
-    dtype: DtypeLike | None = None,
-    pins: Mapping[str, object] | None = None,
-    offload_buffers: bool = False,
-    block_pattern: str | Iterable[str] | None = None,
-    config: Mapping[str, Any] | None = None,
-    gpu0_reserve: Size | None = None,
-    workload: Workload | None = None,
-) -> Plan:
-    """Plan a checkpoint too big to instantiate, reading only its safetensors headers (in Rust).
-
-    Headers are validated as the safetensors library validates them before loading: a truncated
-    file, a header length of 0, past the end or over 100 MB, a header that is not UTF-8 or not a JSON
-    object, a ``__metadata__`` that is not a string-to-string map, unknown dtypes, offsets that are not
-    non-negative integers, shapes overflowing 64 bits, sizes not matching shapes, tensors that overlap
-    or leave a gap or unused bytes in the data section, a tensor listed twice with different entries,
-    tensor names that cannot be module paths (``"a..b"``, ``".a"``, ``""``), index shards that are
-    missing or outside the index's folder (absolute, or ``..`` leaving it) each raise
-    :class:`devicemap.CheckpointError` naming the file and the fault.
-
-    A ``workload`` plans each decoder layer's KV cache with it (as :func:`devicemap.plan` does), sized
-    from the ``config.json``; it needs one. Every entry of the decoder layer list gets one, extra
-    layers past ``num_hidden_layers`` included (so the plan also holds for engines that run them).
-
-    >>> import devicemap, tempfile, torch
-    >>> from safetensors.torch import save_file
-    >>> folder = tempfile.mkdtemp()
-    >>> save_file({f"layers.{i}.weight": torch.zeros(256, 256) for i in range(4)}, f"{folder}/model.safetensors")
-    >>> devicemap.plan_checkpoint(folder, max_memory={0: "600KiB", 1: "600KiB"}, block_pattern="layers.*").device_map
-    {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
-    """
-    options = PlacementOptions.parse(
-        strategy=strategy, pins=pins, offload_buffers=offload_buffers, gpu0_reserve=gpu0_reserve
-    )
-    path = check_path("checkpoint path", path)
-    check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
-    if workload is not None and not isinstance(workload, Workload):
-        raise InvalidOptionError(f"workload must be a devicemap.Workload, got {workload!r}")
-    config = dict(config) if config is not None else find_config(path) or {}
-    tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
-    runtime = _workload_memory(tree, config, workload, dtype) if workload is not None else None
-    # A pre-quantized checkpoint keeps its quantizer's offload rule (bitsandbytes: no CPU/disk beside GPUs).
-    quantization = config.get("quantization_config")
-    rule = offload_rule(quantization, pre_quantized=True) if isinstance(quantization, Mapping) else None
-    return solve_tree(tree, max_memory, options, runtime, offload=rule)
-
-
-def _workload_memory(
+def checkpoint_runtime_memory(
     tree: ModuleTree, config: Mapping[str, Any], workload: Workload, dtype: DtypeLike | None
 ) -> RuntimeMemory:
     """KV cache per decoder block, logits with ``lm_head``, activations: from the config alone."""

@@ -39,6 +39,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidOptionError
+from ..inputs.dtypes import storage_bits, to_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,6 @@ __all__ = [
     "check_quantizer_runs",
     "offload_rule",
     "quantized_sizer",
-    "storage_bits",
     "torchao_quantization",
 ]
 
@@ -61,25 +61,6 @@ BNB_NESTED_CODE_ENTRIES = 256  # the dynamic 8-bit map of the double-quantized a
 # ``nested_offset`` (a float's repr) inside the JSON record: its length depends on the value; this is
 # the usual ``repr`` of a float32 mean (e.g. ``0.02983711287379265``), so the record is right to a byte or two.
 _OFFSET_REPR = "0.0" + "1" * 16
-
-
-def storage_bits(dtype: torch.dtype) -> int:
-    """Bits one element of ``dtype`` occupies in memory, sub-byte and packed dtypes included.
-
-    torch stores every sub-byte dtype one element per byte (``int4``, ``uint4``, ``int2``, ... and the
-    packed ``float4_e2m1fn_x2``, ``bits4x2``, whose element is a pair of 4-bit values): they take 8 bits,
-    never 0. ``bool`` counts 1 bit, as accelerate counts it.
-
-    >>> import torch
-    >>> storage_bits(torch.bits4x2), storage_bits(torch.uint4), storage_bits(torch.bfloat16)
-    (8, 8, 16)
-    """
-    import torch
-
-    if dtype == torch.bool:
-        return 1
-    packed = {torch.quint4x2: 4, torch.quint2x4: 2}.get(dtype)  # legacy quantized dtypes do pack
-    return packed if packed is not None else int(dtype.itemsize) * 8
 
 
 @dataclass(frozen=True)
@@ -286,8 +267,6 @@ def quantized_sizer(
     {'0.weight': 32768, '0.weight.absmax': 4096, '0.weight.quant_map': 64}
     """
     import torch
-
-    from .tree import to_dtype
 
     load_dtype = to_dtype(dtype) if dtype is not None else _model_dtype(model)
     keep_fp32 = _keep_fp32_names(model, load_dtype)

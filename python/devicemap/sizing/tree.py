@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..errors import InvalidOptionError
-from .quantization import QuantizedSizer, quantized_sizer, storage_bits
+from ..errors import InvalidOptionError, InvalidSizeError, UnknownModuleError
+from ..inputs.dtypes import DtypeLike, dtype_bits, memory_bits, target_bits, to_dtype
+from .quantization import QuantizedSizer, quantized_sizer
 
 if TYPE_CHECKING:
     import torch
@@ -27,66 +27,6 @@ PARAMETER = _core.KIND_PARAMETER
 BUFFER = _core.KIND_BUFFER
 NON_PERSISTENT_BUFFER = _core.KIND_NON_PERSISTENT_BUFFER
 PARAMETER_ALIAS = _core.KIND_PARAMETER_ALIAS
-DtypeLike = Union[str, "torch.dtype"]
-
-
-def dtype_bits(dtype: torch.dtype) -> int:
-    """Bits per element: ``bool`` 1 bit (as accelerate counts it), sub-byte dtypes as torch stores them
-    (``uint4``, ``int4``, ``float4_e2m1fn_x2``: one element per byte), others their width.
-
-    >>> import torch
-    >>> dtype_bits(torch.bfloat16), dtype_bits(torch.bool), dtype_bits(torch.uint4)
-    (16, 1, 8)
-    """
-    return storage_bits(dtype)
-
-
-def memory_bits(dtype: torch.dtype) -> int:
-    """Bits per element a tensor takes in memory: :func:`dtype_bits`, except that a ``bool`` takes the byte
-    torch stores per element (accelerate counts a bit, which under-counts attention-mask buffers 8x).
-
-    >>> import torch
-    >>> memory_bits(torch.bool), memory_bits(torch.bfloat16)
-    (8, 16)
-    """
-    import torch
-
-    return 8 if dtype == torch.bool else dtype_bits(dtype)
-
-
-def target_bits(dtype: DtypeLike, option: str = "dtype") -> int:
-    """Bits per element of a dtype weights are sized *as* (``dtype=``, ``special_dtypes``): a dtype
-    holding less than a byte per value is refused, since converting to it is a quantizer's job.
-
-    >>> target_bits("bfloat16"), target_bits("float8_e4m3fn")
-    (16, 8)
-    """
-    import torch
-
-    resolved = to_dtype(dtype, option)
-    width = re.search(r"\d+", str(resolved).removeprefix("torch."))
-    if resolved != torch.bool and width is not None and int(width.group()) < 8:
-        raise InvalidOptionError(
-            f"{option} {dtype!r} packs values below a byte, which only a quantizer produces; size 4-bit "
-            "weights with quantization_config= (bitsandbytes, torchao) or plan the quantized checkpoint"
-        )
-    return dtype_bits(resolved)
-
-
-def to_dtype(dtype: DtypeLike, option: str = "dtype") -> torch.dtype:
-    """Accept ``torch.float16``, ``"float16"`` or ``"torch.float16"``; ``option`` names the argument in
-    the error raised for anything else."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        found = getattr(torch, dtype.replace("torch.", ""), None)
-        if isinstance(found, torch.dtype):
-            return found
-    raise InvalidOptionError(
-        f"unknown {option} {dtype!r}: use a torch.dtype or its name, e.g. 'float16' or 'bfloat16'"
-    )
 
 
 class _Sizer:
@@ -243,8 +183,6 @@ class ModuleTree:
             # name state_dict lists is placed; accelerate ties parameters only, so its port does not.
             groups += walk.buffer_groups()
         if walk.total_bits > 2**64 - 1:  # the core counts bits in 64-bit integers
-            from ..errors import InvalidSizeError
-
             raise InvalidSizeError(
                 f"{type(model).__name__} holds {walk.total_bits // 8} bytes of weights, more than the 2 EiB "
                 "devicemap can plan with; check the model's shapes"
@@ -276,8 +214,6 @@ class ModuleTree:
         """
         node = self._core.find(name)
         if node is None:
-            from ..errors import UnknownModuleError
-
             close = self._core.suggest(name)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UnknownModuleError(f"unknown module {name!r} in this tree{hint}")

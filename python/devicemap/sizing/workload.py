@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOptionError, InvalidSizeError
+from ..inputs.dtypes import DtypeLike, dtype_bits, to_dtype
 from ..inputs.memory import MAX_SIZE
 from ..inputs.model_config import config_count, config_value, text_config
-from .tree import DtypeLike, ModuleTree, dtype_bits, to_dtype
+from .tree import ModuleTree
 
 
 def compute_dtype(dtype: DtypeLike | None) -> DtypeLike | None:
