@@ -174,7 +174,7 @@ def _accelerate_load(setup: Setup, plan: Any) -> torch.nn.Module:
 
     # In a rehearsal every GPU index becomes devicemap's CPU stand-in, which accelerate treats as a GPU
     # (resident layers stay put, offloaded ones are streamed in by its own hooks).
-    device_map = devicemap.execution_map(plan.device_map, rehearse=setup.rehearse)
+    device_map = devicemap.dispatch_map(plan.device_map, rehearse=setup.rehearse)
     return load_checkpoint_and_dispatch(
         _empty_model(setup.config),
         str(setup.checkpoint),

@@ -162,4 +162,15 @@ def test_offloaded_layers_run_on_the_gpu_holding_the_staging_room():
         model, max_memory={0: "20KiB", 1: "40KiB", "cpu": "1MiB"}, strategy="balanced_low_0"
     )
     assert plan.reserve_bytes.get(0) and 0 not in plan.device_map.values()  # GPU 0 only stages
-    assert _main_device(plan, dict(plan.device_map)) == 0  # execution_map() would refuse GPUs absent here
+    assert _main_device(plan, dict(plan.device_map)) == 0  # dispatch_map() would refuse GPUs absent here
+
+
+def test_dispatch_map_is_the_storage_map_and_execution_map_its_old_name():
+    """``dispatch_map`` hands accelerate where each block is stored; the old name, which read like
+    ``Plan.execution_map`` (where each block computes), still works and says it moved."""
+    device_map = {"model.layers.0": "cuda:0", "model.layers.1": "cpu", "lm_head": "disk"}
+    stored = devicemap.dispatch_map(device_map, rehearse=True)
+    assert stored["model.layers.1"] == "cpu" and stored["lm_head"] == "disk"
+    assert type(stored["model.layers.0"]).__name__ == "RehearsalDevice"
+    with pytest.warns(DeprecationWarning, match="dispatch_map"):
+        assert devicemap.execution_map(device_map, rehearse=True).keys() == stored.keys()

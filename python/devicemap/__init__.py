@@ -35,7 +35,7 @@ from .errors import (
 from .inputs.memory import available_memory, normalize_max_memory, parse_size
 from .inputs.options import STRATEGIES, Balance, Strategy
 from .integrations import install, install_from_environment, installed, uninstall
-from .loading.apply import dispatch, execution_map, from_pretrained, load_checkpoint
+from .loading.apply import dispatch, dispatch_map, execution_map, from_pretrained, load_checkpoint
 from .planners.api import plan, plan_checkpoint
 from .planners.stages import Stage, StagePlan, pipeline, plan_stages
 from .plans import DeviceUsage, Offload, Plan
@@ -76,6 +76,7 @@ __all__ = [
     "available_memory",
     "checkpoint_tree",
     "dispatch",
+    "dispatch_map",
     "execution_map",
     "from_pretrained",
     "install",

@@ -87,14 +87,19 @@ class RehearsalDevice(str):
         return "RehearsalDevice('cpu')"
 
 
-def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, Any]:
-    """The device map to hand to accelerate: GPU indices as is, or a :class:`RehearsalDevice` (the
-    CPU acting as that GPU) when rehearsing."""
+def dispatch_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, Any]:
+    """The device map to hand to accelerate's ``dispatch_model``: where each block is stored, GPU indices as
+    is, or a :class:`RehearsalDevice` (the CPU acting as that GPU) when rehearsing. (Where each block
+    computes is ``Plan.execution_map``.)
+
+    >>> dispatch_map({"model.layers.0": "cuda:0", "lm_head": "cpu"}, rehearse=True)["lm_head"]
+    'cpu'
+    """
     check_flag("rehearse", rehearse)
     if isinstance(plan_or_map, Plan):
         if not rehearse:  # the devices that run offloaded blocks must exist too, not only those storing them
             check_devices_present(plan_or_map.execution_map, ABSENT_DEVICE_HINT)
-        return execution_map(plan_or_map.device_map, rehearse)
+        return dispatch_map(plan_or_map.device_map, rehearse)
     if not isinstance(plan_or_map, Mapping):
         raise InvalidOptionError(
             f"plan must be a devicemap.Plan or a device map like {{'model.layers.0': 0, ...}}, got {plan_or_map!r}"
@@ -112,6 +117,18 @@ def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, An
         return device_map
     stand_in = RehearsalDevice()
     return {k: stand_in if isinstance(v, int) or v == "mps" else v for k, v in device_map.items()}
+
+
+def execution_map(plan_or_map: PlanLike, rehearse: bool = False) -> dict[str, Any]:
+    """Deprecated name of :func:`dispatch_map` (it read like ``Plan.execution_map``, which says where each
+    block computes, while this returns where each is stored, for accelerate)."""
+    warnings.warn(
+        "devicemap.execution_map() is now devicemap.dispatch_map(): the same storage map for accelerate "
+        "(Plan.execution_map is where each block computes)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return dispatch_map(plan_or_map, rehearse)
 
 
 def _check_disjoint(device_map: Mapping[str, Any]) -> None:
@@ -209,7 +226,7 @@ def dispatch(
 
     _check_model(model)
     check_flag("offload_buffers", offload_buffers)
-    device_map = execution_map(plan, rehearse)
+    device_map = dispatch_map(plan, rehearse)
     _check_covers(model, device_map)
     if main_device is not None:
         main_device = _main_device_arg(main_device, device_map, rehearse)
@@ -367,7 +384,7 @@ def load_checkpoint(
     check_flag("progress", progress)
     check_flag("offload_buffers", offload_buffers)
     checkpoint = check_path("checkpoint", checkpoint)
-    device_map = execution_map(plan, rehearse)
+    device_map = dispatch_map(plan, rehearse)
     target = _load_dtype(dtype)
     folder = refuse_non_folder(_folder_arg(offload_dir)) if offload_dir is not None else None
     tensors = _core.checkpoint_tensors(checkpoint)
@@ -661,7 +678,7 @@ def from_pretrained(
         )
     # The check dispatch and load_checkpoint make, before any weight is read: a GPU this machine lacks raises
     # UnknownDeviceError (suggesting rehearse=True) instead of torch's "Found no NVIDIA driver" mid-load.
-    execution_map(result, rehearse)
+    dispatch_map(result, rehearse)
     quantized = "quantization_config" in kwargs or getattr(config, "quantization_config", None) is not None
     quantizer = kwargs.get("quantization_config", getattr(config, "quantization_config", None))
     if quantizer is not None:
