@@ -13,6 +13,7 @@ __all__ = [
     "solve",
     "infer_auto_device_map",
     "balanced_budget",
+    "parse_device",
     "parse_size",
     "tree_from_checkpoint",
     "checkpoint_tensors",
@@ -35,7 +36,10 @@ __all__ = [
     "KIND_BUFFER",
     "KIND_NON_PERSISTENT_BUFFER",
     "KIND_PARAMETER_ALIAS",
+    "ACCELERATORS",
+    "BALANCES",
     "BLOCK_CLASS",
+    "STRATEGIES",
     "__version__",
 ]
 
@@ -52,6 +56,12 @@ KIND_BUFFER: Final[int]
 KIND_NON_PERSISTENT_BUFFER: Final[int]
 KIND_PARAMETER_ALIAS: Final[int]
 BLOCK_CLASS: Final[str]
+STRATEGIES: Final[list[str]]
+ACCELERATORS: Final[list[str]]
+"""Device types whose ``"<type>:N"`` keys are GPU ``N``."""
+"""The strategy names the core parses, in the order the docs list them."""
+BALANCES: Final[list[str]]
+"""The balance modes the core parses."""
 """Class name of the blocks a checkpoint tree groups its layers into."""
 
 # pyclasses without `subclass` cannot be subclassed at runtime.
@@ -190,6 +200,7 @@ def balanced_budget(
     tree: Tree, no_split_module_classes: list[str], share_devices: int
 ) -> tuple[int, int]: ...
 def parse_size(text: str) -> int: ...
+def parse_device(key: str) -> int | str: ...
 def tree_from_checkpoint(
     path: str | PathLike[str],  # the binding takes a PathBuf
     block_patterns: list[str],

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ..errors import InvalidOptionError
 from ..inputs.dtypes import dtype_bits, to_dtype
+from ..inputs.memory import device_key
 from ..inputs.model_config import config_count, config_value, text_config
 from ..inputs.module_names import closest_key
 from ..sizing.tree import ModuleTree
@@ -402,13 +403,9 @@ def execution_devices(plan: Placement) -> dict[str, ExecutionDevice]:
 
 
 def _execution_key(device: Any, name: str) -> ExecutionDevice:
-    if isinstance(device, int) and not isinstance(device, bool):
-        return device
-    text = str(device)
-    if text == "cpu":
-        return "cpu"
-    if ":" in text and text.rsplit(":", 1)[1].isdigit():
-        return int(text.rsplit(":", 1)[1])  # "cuda:1", torch.device("cuda", 1)
+    key = device_key(device)
+    if isinstance(key, int) or key == "cpu":
+        return key
     raise InvalidOptionError(f"block {name!r} executes on {device!r}; expected a GPU index or 'cpu'")
 
 

@@ -3,6 +3,7 @@ option, the value and what is accepted, instead of a TypeError deep inside (or a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -25,7 +26,17 @@ def check_choice(option: str, value: object, choices: Iterable[Choice]) -> Choic
     for choice in choices:
         if isinstance(value, str) and value == choice:
             return choice
-    raise InvalidOptionError(f"unknown {option} {value!r}: use one of {', '.join(repr(c) for c in choices)}")
+    raise InvalidOptionError(f"invalid {option} {_quoted(value)}; use {one_of(choices)}")
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """``"a", "b" or "c"``: the wording of the core's message for an option value it does not know."""
+    quoted = [_quoted(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _quoted(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def check_class_names(option: str, value: object) -> list[str] | None:

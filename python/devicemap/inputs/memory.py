@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, overload
 
 from .. import _core
-from ..errors import InvalidSizeError, UnknownDeviceError
+from ..errors import DuplicateDeviceError, InvalidSizeError, UnknownDeviceError
 
 DeviceKey = int | str
 """A device as accelerate names it: an ``int`` GPU index, ``"mps"``, ``"cpu"`` or ``"disk"``."""
@@ -66,9 +66,9 @@ def _within_limit(size: Size, value: int) -> int:
     return value
 
 
-ACCELERATORS = ("cuda", "xpu", "npu", "mlu", "musa", "sdaa", "hpu", "mtia", "gpu")
+ACCELERATORS: tuple[str, ...] = tuple(_core.ACCELERATORS)
 """Device types whose index is a GPU index in a plan (accelerate's convention: one accelerator type per
-machine, its devices numbered 0, 1, ...)."""
+machine, its devices numbered 0, 1, ...); the core's list, which parses every device key."""
 
 
 def device_key(key: object) -> DeviceKey:
@@ -95,17 +95,7 @@ def device_key(key: object) -> DeviceKey:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     if isinstance(key, str):
-        text = key.strip()
-        if text in _ORDER:
-            return text
-        if text.isdigit():
-            return int(text)
-        kind, colon, index = text.partition(":")
-        if kind in ACCELERATORS:
-            if not colon:
-                return 0  # "hpu", torch.device("xpu"): the first device
-            if index.isdigit():
-                return int(index)
+        return _core.parse_device(key)  # type: ignore[return-value]  # an index or "mps"/"cpu"/"disk"
     raise UnknownDeviceError(
         f"unknown device {key!r}: use an integer GPU index (0, 1, ...), an accelerator device such as "
         "'cuda:N', 'xpu:N' or 'npu:N', or 'mps', 'cpu' or 'disk'"
@@ -267,7 +257,7 @@ def normalize_max_memory(max_memory: MaxMemory | None) -> dict[DeviceKey, int | 
     for raw_key, raw_size in max_memory.items():
         key = device_key(raw_key)
         if key in result:
-            raise UnknownDeviceError(
+            raise DuplicateDeviceError(
                 f"device {raw_key!r} appears twice in max_memory (as {key!r}); give it once"
             )
         if key == "disk":

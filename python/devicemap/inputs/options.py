@@ -2,8 +2,9 @@
 
 ``plan``, ``plan_checkpoint``, the pipeline stages and the CLI all take the same options; each checks them
 here, so a wrong one is named (option, value, what is accepted) before a model is sized, and the solver
-receives values it does not need to check again. ``Strategy`` and ``Balance`` are the accepted strings as
-types; the Rust core accepts exactly the same names (a test keeps them equal).
+receives values it does not need to check again. The names the core parses (``_core.STRATEGIES``,
+``_core.BALANCES``) are the accepted values; ``Strategy`` and ``Balance`` are the same names as types, for
+type checkers (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from .. import _core
 from ..errors import InvalidSizeError, UnknownDeviceError, UnknownModuleError
 from .arguments import check_choice, check_class_names, check_flag, check_mapping
 from .memory import Size, bytes_to_bits, device_key, parse_size
@@ -23,8 +25,8 @@ Balance = Literal["memory", "compute"]
 Objective = Literal["memory", "speed"]
 """What ``plan()`` optimises: the memory plan of ``strategy``, or the least predicted decode time."""
 
-STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
-BALANCES: tuple[Balance, ...] = get_args(Balance)
+STRATEGIES: tuple[Strategy, ...] = tuple(_core.STRATEGIES)  # type: ignore[arg-type]
+BALANCES: tuple[Balance, ...] = tuple(_core.BALANCES)  # type: ignore[arg-type]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
 

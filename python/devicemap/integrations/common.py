@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ..errors import DoesNotFitError, InvalidOptionError, InvalidSizeError, UnknownDeviceError
 from ..formatting import format_bytes
@@ -18,6 +18,7 @@ from ..inputs.memory import (
     normalize_max_memory,
     parse_size,
 )
+from ..inputs.options import STRATEGIES, Strategy
 from ..planners.api import plan
 from ..plans import Plan
 from ..sizing.quantization import offload_rule
@@ -34,14 +35,9 @@ class Unrecognised(Exception):
     """The hook does not handle this call; the message says why and the library's own planner runs."""
 
 
-StrategyName = Literal["auto", "balanced", "balanced_low_0", "sequential"]
-"""The strategy strings every hooked loader accepts (the same four as :func:`devicemap.plan`)."""
-STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
-
-
-def is_strategy(device_map: object) -> TypeGuard[StrategyName]:
+def is_strategy(device_map: object) -> TypeGuard[Strategy]:
     """Whether ``device_map`` is one of the strategy strings the loaders plan themselves."""
-    return isinstance(device_map, str) and device_map in STRATEGY_NAMES
+    return isinstance(device_map, str) and device_map in STRATEGIES
 
 
 @contextmanager
@@ -242,7 +238,7 @@ def check_map_present(device_map: Mapping[str, Any], library: str) -> None:
 def plan_for_loader(
     model: torch.nn.Module,
     max_memory: MaxMemory | None,
-    strategy: StrategyName,
+    strategy: Strategy,
     *,
     library: str,
     no_split_module_classes: Iterable[str] | None,

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .common import StrategyName, Unrecognised, plan_for_loader
+from ..inputs.options import Strategy
+from .common import Unrecognised, plan_for_loader
 from .fallbacks import warn_once
 from .transformers import REQUEST_ATTRIBUTE
 
@@ -62,7 +63,7 @@ def make_infer_auto_device_map(original: Callable[..., Any]) -> Callable[..., An
         if args or set(kwargs) - {"no_split_module_classes"}:
             warn_once("PEFT re-planned with arguments devicemap does not know; PEFT's own planner runs")
             return original(model, max_memory, *args, **kwargs)
-        strategy: StrategyName
+        strategy: Strategy
         if isinstance(max_memory, BalancedRequest):
             strategy = "balanced_low_0" if max_memory.low_zero else "auto"
             budget = max_memory.requested

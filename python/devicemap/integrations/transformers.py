@@ -12,9 +12,9 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..inputs.options import Strategy
 from ..sizing.tree import declared_no_split_classes
 from .common import (
-    StrategyName,
     Unrecognised,
     check_map_present,
     is_strategy,
@@ -37,7 +37,7 @@ rest for memory spikes while converting weights): the hook plans on the same bud
 
 def plan_pretrained(
     model: Any,
-    strategy: StrategyName,
+    strategy: Strategy,
     max_memory: Any,
     hf_quantizer: Any,
     library_map: Callable[[], Any] | None = None,

@@ -14,7 +14,8 @@ to end before renting GPUs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,6 @@ def load_checkpoint(
 
         model = devicemap.load_checkpoint(empty_model, "ckpt/", plan, offload_dir="offload/", dtype="bfloat16")
     """
-    from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
 
     _check_model(model)
@@ -394,111 +394,160 @@ def load_checkpoint(
     _check_names(model, checkpoint, conversion.model_entries(tensors) if conversion else tensors, tie_groups)
     source = conversion.renamed if conversion else {name: name for name, *_ in tensors}
     direct = [
-        (source[key], stored, shape, file, key)
+        _Direct(source[key], stored, shape, file, key)
         for key, stored, shape, file, _b, _e in tensors
         if key in source
     ]
     fused = conversion.fused if conversion else []
-
-    placement = {name: device_for(name, device_map) for name, *_ in direct}
-    cast = {name for name, stored, *_ in direct if target is not None and _floating(stored)}
+    load = _Load(model, device_map, target)
+    load.cast = {t.name for t in direct if target is not None and _floating(t.stored)}
     target_name = _safetensors_name(target) if target is not None else None
     converting = {
-        name
-        for name, stored, *_ in direct
-        if name in cast and placement[name] == "disk" and stored != target_name
+        t.name
+        for t in direct
+        if t.name in load.cast and load.device(t.name) == "disk" and t.stored != target_name
     }
-    fused_disk = {name for group in fused for name in group.targets if device_for(name, device_map) == "disk"}
+    fused_disk = {name for group in fused for name in group.targets if load.device(name) == "disk"}
     if fused_disk:
-        writer: ConvertedWeights | None = converted_writer(
+        load.writer = converted_writer(
             folder, checkpoint, tensors, target, converting | fused_disk, fused_disk
         )
     else:
-        writer = _converted_weights(folder, checkpoint, tensors, target, converting)
-    ready = writer.complete() if writer is not None else None  # written by an earlier load: reuse
-
-    index: dict[str, dict[str, str]] = {}
-    by_file: dict[str, list[tuple[str, str, list[int]]]] = {}
-    for name, _stored, shape, file, key in direct:
-        by_file.setdefault(file, []).append((name, key, shape))
+        load.writer = _converted_weights(folder, checkpoint, tensors, target, converting)
+    load.ready = (
+        load.writer.complete() if load.writer is not None else None
+    )  # written by an earlier load: reuse
     try:
         with tqdm(total=len(tensors), desc="Loading weights", disable=not progress, unit="tensor") as bar:
-            for file, names in by_file.items():
-                batch: dict[str, torch.Tensor] = {}
-                with open_safetensors(file) as handle:
-                    for name, key, shape in names:
-                        device = placement[name]
-                        if device == "disk":
-                            if name not in converting:
-                                index[name] = {"safetensors_file": file, "weight_name": key}
-                            elif ready is not None:
-                                index[name] = {"safetensors_file": str(ready[name]), "weight_name": name}
-                            else:
-                                batch[name] = handle.get_tensor(key).to(target)
-                            if name in cast:
-                                # The hooks cast streamed weights to the placeholder's dtype: make it the target.
-                                placeholder = torch.empty(shape, dtype=target, device="meta")
-                                set_module_tensor_to_device(
-                                    model, name, "meta", value=placeholder, dtype=target
-                                )
-                        else:
-                            set_module_tensor_to_device(
-                                model,
-                                name,
-                                _target(device),
-                                value=handle.get_tensor(key),
-                                dtype=target if name in cast else None,
-                            )
-                        bar.update(1)
-                if batch:
-                    assert writer is not None
-                    writer.write(batch)
-            on_disk = set(ready or {}) & fused_disk
-            for group, values in convert_groups(fused, model, skip=on_disk):
-                batch = {}
-                for name in group.targets:
-                    device = device_for(name, device_map)
-                    meta = _model_tensor(model, name)
-                    cast_it = target is not None and meta.is_floating_point()
-                    if device != "disk":
-                        value, dtype_to = values[name], target if cast_it else None
-                        set_module_tensor_to_device(model, name, _target(device), value=value, dtype=dtype_to)
-                        continue
-                    if name in on_disk:
-                        assert ready is not None
-                        index[name] = {"safetensors_file": str(ready[name]), "weight_name": name}
-                    else:
-                        batch[name] = (values[name].to(target) if cast_it else values[name]).contiguous()
-                    if cast_it:
-                        # The hooks cast streamed weights to the placeholder's dtype: make it the target.
-                        placeholder = torch.empty(meta.shape, dtype=target, device="meta")
-                        set_module_tensor_to_device(model, name, "meta", value=placeholder, dtype=target)
-                if batch:
-                    assert writer is not None
-                    writer.write(batch)
-                bar.update(len(group.sources))
-        if writer is not None and ready is None:
-            for name, path in writer.commit().items():
-                index[name] = {"safetensors_file": str(path), "weight_name": name}
+            load.direct_tensors(direct, converting, bar.update)
+            load.fused_tensors(fused, fused_disk, bar.update)
+        load.commit()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if load.writer is not None:
+            load.writer.abort()
         raise
-    _retie(model, tie_groups, index)
+    _retie(model, tie_groups, load.index)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # type: ignore[operator]  # torch types Module.__getattr__ as Tensor | Module
     per_block = _per_block_execution(plan, device_map, rehearse)
     if per_block is not None:  # some offloaded blocks run on the CPU, or on different GPUs
         return attach_execution_hooks(
-            model, device_map, per_block, offload_index=index or None, offload_buffers=offload_buffers
+            model, device_map, per_block, offload_index=load.index or None, offload_buffers=offload_buffers
         )
     return _dispatch_model(
         model,
         device_map=device_map,
         main_device=_main_device(plan, device_map, rehearse),
-        offload_index=index or None,
+        offload_index=load.index or None,
         offload_buffers=offload_buffers,
     )
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """A checkpoint tensor loaded as it is stored (perhaps renamed): the model's name, the stored dtype
+    (safetensors' name), its shape, its file and its key in that file."""
+
+    name: str
+    stored: str
+    shape: list[int]
+    file: str
+    key: str
+
+
+@dataclass
+class _Load:
+    """One load_checkpoint in progress: weights go to their planned devices; disk weights are read in place
+    from the checkpoint (``index``) or, when converted, from the ``writer``'s folder."""
+
+    model: torch.nn.Module
+    device_map: dict[str, Any]
+    target: torch.dtype | None
+    cast: set[str] = field(default_factory=set)
+    """Floating weights converted to ``target`` on load."""
+    writer: ConvertedWeights | None = None
+    ready: dict[str, Path] | None = None
+    """Converted weights an earlier load already wrote (reused as they are)."""
+    index: dict[str, dict[str, str]] = field(default_factory=dict)
+    """accelerate's offload index: where each disk weight is read from."""
+
+    def device(self, name: str) -> Any:
+        return device_for(name, self.device_map)
+
+    def place(self, name: str, device: Any, value: torch.Tensor, cast: bool) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        dtype = self.target if cast else None
+        set_module_tensor_to_device(self.model, name, _target(device), value=value, dtype=dtype)
+
+    def leave_on_disk(self, name: str, shape: Sequence[int], cast: bool) -> None:
+        """The model keeps a meta placeholder; the hooks cast streamed weights to its dtype, so a weight
+        converted on load gets the target's."""
+        if cast:
+            from accelerate.utils import set_module_tensor_to_device
+
+            placeholder = torch.empty(list(shape), dtype=self.target, device="meta")
+            set_module_tensor_to_device(self.model, name, "meta", value=placeholder, dtype=self.target)
+
+    def read_converted(self, name: str) -> None:
+        assert self.ready is not None
+        self.index[name] = {"safetensors_file": str(self.ready[name]), "weight_name": name}
+
+    def write(self, batch: dict[str, torch.Tensor]) -> None:
+        if batch:
+            assert self.writer is not None
+            self.writer.write(batch)
+
+    def direct_tensors(
+        self, direct: list[_Direct], converting: set[str], advance: Callable[[int], object]
+    ) -> None:
+        """Every tensor loaded as stored, one checkpoint file at a time."""
+        by_file: dict[str, list[_Direct]] = {}
+        for tensor in direct:
+            by_file.setdefault(tensor.file, []).append(tensor)
+        for file, tensors in by_file.items():
+            batch: dict[str, torch.Tensor] = {}
+            with open_safetensors(file) as handle:
+                for t in tensors:
+                    device, cast = self.device(t.name), t.name in self.cast
+                    if device != "disk":
+                        self.place(t.name, device, handle.get_tensor(t.key), cast)
+                    elif t.name not in converting:
+                        self.index[t.name] = {"safetensors_file": file, "weight_name": t.key}
+                    elif self.ready is not None:
+                        self.read_converted(t.name)
+                    else:
+                        batch[t.name] = handle.get_tensor(t.key).to(self.target)
+                    if device == "disk":
+                        self.leave_on_disk(t.name, t.shape, cast)
+                    advance(1)
+            self.write(batch)
+
+    def fused_tensors(self, fused: list, fused_disk: set[str], advance: Callable[[int], object]) -> None:
+        """Tensors transformers' conversions combine from several checkpoint tensors (fused experts)."""
+        on_disk = set(self.ready or {}) & fused_disk
+        for group, values in convert_groups(fused, self.model, skip=on_disk):
+            batch: dict[str, torch.Tensor] = {}
+            for name in group.targets:
+                device = self.device(name)
+                meta = _model_tensor(self.model, name)
+                cast = self.target is not None and meta.is_floating_point()
+                if device != "disk":
+                    self.place(name, device, values[name], cast)
+                    continue
+                if name in on_disk:
+                    self.read_converted(name)
+                else:
+                    batch[name] = (values[name].to(self.target) if cast else values[name]).contiguous()
+                self.leave_on_disk(name, meta.shape, cast)
+            self.write(batch)
+            advance(len(group.sources))
+
+    def commit(self) -> None:
+        """The converted weights written by this load, renamed into place and indexed."""
+        if self.writer is not None and self.ready is None:
+            for name, path in self.writer.commit().items():
+                self.index[name] = {"safetensors_file": str(path), "weight_name": name}
 
 
 def _model_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:

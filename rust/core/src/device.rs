@@ -30,8 +30,14 @@ pub enum Device {
     Disk,
 }
 
+/// Device types whose index is a GPU index in a plan (accelerate's convention: one accelerator type per
+/// machine, its devices numbered 0, 1, ...).
+pub const ACCELERATORS: [&str; 9] = ["cuda", "xpu", "npu", "mlu", "musa", "sdaa", "hpu", "mtia", "gpu"];
+
 impl Device {
-    /// Parse accelerate's device keys: an integer (GPU index), "mps", "cpu" or "disk".
+    /// Parse a device key as accelerate normalises it: an integer or `"<accelerator>:N"` (`"cuda:1"`,
+    /// `"xpu:1"`: GPU 1), a bare accelerator type (`"hpu"`: its first device), `"mps"`, `"cpu"` or `"disk"`.
+    /// The one parser of device keys: the Python layer hands every string key to it.
     pub fn parse(key: &str) -> Result<Device> {
         let trimmed = key.trim();
         match trimmed {
@@ -40,15 +46,17 @@ impl Device {
             "mps" => return Ok(Device::Mps),
             _ => {}
         }
-        if let Some(index) = trimmed.strip_prefix("cuda:").or_else(|| trimmed.strip_prefix("gpu:")) {
-            if let Ok(i) = index.parse::<u32>() {
-                return Ok(Device::Gpu(i));
-            }
-        }
-        if let Ok(i) = trimmed.parse::<u32>() {
-            return Ok(Device::Gpu(i));
-        }
-        Err(PlacementError::UnknownDevice {
+        let (kind, index) = match trimmed.split_once(':') {
+            Some((kind, index)) => (kind, Some(index)),
+            None => (trimmed, None),
+        };
+        let index = match index {
+            None if ACCELERATORS.contains(&kind) => Some(0),
+            None => digits(kind),
+            Some(index) if ACCELERATORS.contains(&kind) => digits(index),
+            Some(_) => None,
+        };
+        index.map(Device::Gpu).ok_or_else(|| PlacementError::UnknownDevice {
             key: key.to_string(),
             pin: None,
         })
@@ -69,6 +77,14 @@ impl fmt::Display for Device {
             Device::Disk => f.write_str("disk"),
         }
     }
+}
+
+/// A GPU index written in ASCII digits only (no sign, no spaces), as Python's `str.isdigit` keys are read.
+fn digits(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// The devices a plan may use, in placement order, each with a capacity in bits (`None`: unbounded,
@@ -246,6 +262,28 @@ mod tests {
         let order: Vec<Device> = spec.devices().iter().map(|(d, _)| *d).collect();
         assert_eq!(order, vec![Device::Gpu(0), Device::Gpu(1), Device::Cpu, Device::Disk]);
         assert!(Device::parse("tpu").is_err());
+    }
+
+    #[test]
+    fn accelerator_keys_are_gpu_indices_and_nothing_else_is() {
+        for (key, index) in [
+            ("xpu:2", 2),
+            ("npu:0", 0),
+            ("hpu", 0),
+            (" cuda:3 ", 3),
+            ("gpu:1", 1),
+            ("7", 7),
+        ] {
+            assert_eq!(Device::parse(key).unwrap(), Device::Gpu(index), "{key}");
+        }
+        for bad in [
+            "tpu:0", "cuda:-1", "cuda:+1", "cuda:", "cuda:1:2", "-1", "+1", "", "cpu:0", "xpu:a",
+        ] {
+            assert!(
+                matches!(Device::parse(bad), Err(PlacementError::UnknownDevice { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -334,7 +334,7 @@ impl std::fmt::Display for Shortfall {
 fn device_hint(pin: Option<&str>) -> String {
     match pin {
         Some(pin) => format!("pin {pin:?} names a device that is not in max_memory; add it there or pin elsewhere"),
-        None => "use an integer GPU index (0, 1, ...), \"cuda:N\", \"mps\", \"cpu\" or \"disk\"".into(),
+        None => "use an integer GPU index (0, 1, ...), an accelerator device such as \"cuda:N\", \"xpu:N\" or \"npu:N\", or \"mps\", \"cpu\" or \"disk\"".into(),
     }
 }
 

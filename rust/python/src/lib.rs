@@ -281,6 +281,13 @@ fn parse_size(py: Python<'_>, text: String) -> PyResult<u64> {
     guarded(py, move || devicemap_core::parse_size(&text))
 }
 
+/// A device key as accelerate normalises it (the one parser, see `Device::parse`): a GPU index, or
+/// "mps", "cpu", "disk".
+#[pyfunction]
+fn parse_device(py: Python<'_>, key: String) -> PyResult<DeviceKey> {
+    guarded(py, move || Device::parse(&key)).map(DeviceKey::from)
+}
+
 /// Raise InternalError from a deliberate panic (tests check that panics never abort Python).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -298,6 +305,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(infer_auto_device_map, m)?)?;
     m.add_function(wrap_pyfunction!(balanced_budget, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_device, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::tree_from_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
@@ -313,6 +321,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(name, kind as u8)?;
     }
     m.add("BLOCK_CLASS", devicemap_core::checkpoint_tree::BLOCK_CLASS)?;
+    // The option names the core parses: Python types and checks its arguments against these.
+    m.add("STRATEGIES", Strategy::ALL.map(Strategy::name).to_vec())?;
+    m.add("BALANCES", Balance::ALL.map(Balance::name).to_vec())?;
+    m.add("ACCELERATORS", devicemap_core::device::ACCELERATORS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
