@@ -14,9 +14,9 @@ of devicemap's own byte counts (:mod:`sweep_oracle`, written from the meta model
   each with every simple choice of execution device).
 
 The default run checks a fixed subset (about one architecture in ``DEVICEMAP_SWEEP_EVERY``, 8 by default,
-chosen by a hash of the name, plus those of :data:`architecture_sweep.ALWAYS`); ``DEVICEMAP_SWEEP=all`` checks every one
-(``benches/bench_architecture_sweep.py`` does too, and prints the table). Architectures transformers
-itself cannot build from the default config are skipped, counted and reported with its error.
+chosen by a hash of the name, plus those of :data:`architecture_sweep.ALWAYS`); ``DEVICEMAP_SWEEP=all``
+checks every one (``benches/bench_architecture_sweep.py`` does too, and prints the table). Architectures
+transformers itself cannot build from the default config are skipped, counted and reported with its error.
 """
 
 from __future__ import annotations

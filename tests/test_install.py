@@ -172,7 +172,8 @@ def test_from_pretrained_real_offload_load(llama_path: Path, tmp_path: Path) -> 
 def test_the_disk_is_there_as_the_library_planner_appends_it(llama_path: Path, tmp_path: Path) -> None:
     """accelerate's planner (behind transformers' and accelerate's loaders) appends an unbounded disk to any
     max_memory without one: a CPU budget too small for the model loads without devicemap, so it must with it
-    (not a DoesNotFitError 'add "disk" to max_memory'). devicemap.plan() keeps its rule: disk only when asked."""
+    (not a DoesNotFitError 'add "disk" to max_memory'). devicemap.plan() keeps its rule: disk only when
+    asked."""
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(llama_path)(tokens).logits
