@@ -1,4 +1,4 @@
-"""The architecture sweep of issue 19, in full: every transformers architecture that builds from its
+"""The architecture sweep in full: every transformers architecture that builds from its
 default config (meta device), planned by devicemap under each device spec of
 ``tests/architecture_sweep.py`` with each strategy, every plan checked by an accounting written from the
 model's tensors (weights, buffers of offloaded blocks on their execution device, staging with tied

@@ -5,7 +5,7 @@
     .venv/bin/python benches/bench_floors.py --quick --smoke   # tiny sizes, every section (< 30 s)
     .venv/bin/python benches/bench_floors.py --only headers --only memory   # some sections only
 
-The measurements of issue 14, each best-of-N wall clock in one process (the memory section excepted):
+The measurements, each best-of-N wall clock in one process (the memory section excepted):
 
 1. Header planning: a sharded safetensors checkpoint (160 shards x ~400 tensors; real headers, data
    left as sparse holes) planned with ``devicemap.plan_checkpoint``, against the floor = pure Python
@@ -23,7 +23,7 @@ The measurements of issue 14, each best-of-N wall clock in one process (the memo
    (``transformers_planner.py``), all with the layer kept whole, and how much the returned result
    keeps alive (RSS held while it lives, after ``malloc_trim``).
 
-Each table prints the issue's target next to the measured ratio.
+Each table prints its target next to the measured ratio.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ TIED = {"head.weight": "embed.weight"}
 
 # (label, layers, experts, shards): tensors = 3 + layers * (4 + 3 * experts), spread over the shards
 HEADERS_FULL = [("16 x 400", 8, 265, 16), ("160 x 400", 80, 265, 160)]
-HEADERS_QUICK = HEADERS_FULL  # cheap enough: the issue's 160 x 400 in --quick too (fewer repeats)
+HEADERS_QUICK = HEADERS_FULL  # cheap: the 160 x 400 the target names runs in --quick too (fewer repeats)
 HEADERS_SMOKE = [("4 x ~40", 2, 6, 4)]
 MODULES_FULL = [1_000, 10_000, 100_000, 1_000_000]
 MODULES_QUICK = [1_000, 10_000, 100_000]
@@ -422,7 +422,7 @@ def main() -> None:
     if "memory" in only:
         bench_memory(sizes[-1], tf)
     print(
-        "\nTargets (issue 14): header planning ≤ 1.2x the pure-Python header read; export ≤ 1.5x the raw "
+        "\nTargets: header planning ≤ 1.2x the pure-Python header read; export ≤ 1.5x the raw "
         "dict walk; leaf-only solve < 100 ms at 1M modules; peak planning memory ≤ accelerate's."
     )
 

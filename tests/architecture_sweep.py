@@ -1,4 +1,4 @@
-"""The architecture sweep (issue 19): every transformers architecture that builds from its default
+"""The architecture sweep: every transformers architecture that builds from its default
 config, planned by devicemap under a few memory settings with each strategy, each plan checked by the
 independent accounting of :mod:`sweep_oracle` and each refusal by its search for a runnable plan.
 
@@ -23,8 +23,8 @@ from sweep_oracle import ModelTensors, accelerate_map, find_runnable, loads, wei
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
-# Model classes tried per model type, first that the type has: heads with tied embeddings first (the
-# refusals issue 19 found), then the base model.
+# Model classes tried per model type, first that the type has: heads with tied embeddings first (tie
+# groups are where refusals go wrong), then the base model.
 MAPPINGS = (
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
@@ -39,8 +39,8 @@ def settings(mt: ModelTensors) -> dict[str, dict[Any, int]]:
 
     * ``small_gpu0``: GPU 0 a twentieth of the model beside a GPU 1 of a third, a CPU of half plus the
       largest tensor, no disk: GPU 0 is too small to stage most blocks, another GPU or the CPU must, and
-      the CPU is tight (the setting of issue 19's tied-embedding refusals; a model whose largest tensor is
-      small does not fit at all, a refusal the oracle proves);
+      the CPU is tight (the setting that tests tied-embedding models' refusals; a model whose largest
+      tensor is small does not fit at all, a refusal the oracle proves);
     * ``small_gpu0_roomy``: GPU 0 half the largest tensor, GPU 1 half the model, a CPU of the whole model;
     * ``tight_cpu``: two GPUs of a third of the model each and a CPU of a third plus the largest tensor,
       no disk: everything must fit exactly, staging and kept buffers included;
@@ -82,7 +82,8 @@ def subset(arches: list[tuple[str, str]], every: int) -> list[tuple[str, str]]:
     ]
 
 
-# Architectures the default run always checks: the refusals and over-fills issue 19 reported.
+# Architectures the default run always checks: shapes known to expose wrong refusals and over-fills (tied
+# embeddings beside a small GPU 0, bool attention masks, ...).
 ALWAYS = frozenset(
     {
         "albert",

@@ -242,7 +242,7 @@ def test_a_plan_for_gpus_this_machine_lacks_says_rehearse(model):
 
 
 def test_from_pretrained_for_gpus_this_machine_lacks_says_rehearse(tmp_path):
-    """The README's call on a machine without those GPUs: UnknownDeviceError before any weight is read (it was
+    """The README's call on a machine without those GPUs: UnknownDeviceError before any weight is read (not
     torch's "Found no NVIDIA driver" from inside transformers), the same check dispatch and load_checkpoint make."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

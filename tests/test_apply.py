@@ -166,8 +166,8 @@ def test_offloaded_layers_run_on_the_gpu_holding_the_staging_room():
 
 
 def test_dispatch_map_is_the_storage_map_and_execution_map_its_old_name():
-    """``dispatch_map`` hands accelerate where each block is stored; the old name, which read like
-    ``Plan.execution_map`` (where each block computes), still works and says it moved."""
+    """``dispatch_map`` hands accelerate where each block is stored; ``execution_map()``, its deprecated
+    alias (it reads like ``Plan.execution_map``, where each block computes), still works and warns."""
     device_map = {"model.layers.0": "cuda:0", "model.layers.1": "cpu", "lm_head": "disk"}
     stored = devicemap.dispatch_map(device_map, rehearse=True)
     assert stored["model.layers.1"] == "cpu" and stored["lm_head"] == "disk"

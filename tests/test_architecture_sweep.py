@@ -1,4 +1,4 @@
-"""Issue 19: never worse than the library it replaces, on every transformers architecture.
+"""Never worse than the library it replaces, on every transformers architecture.
 
 Every architecture transformers maps to a model class (``CONFIG_MAPPING`` and the AutoModel mappings; an
 LM head first, where the tied embeddings are) is built from its default config on the meta device and
@@ -14,9 +14,9 @@ of devicemap's own byte counts (:mod:`sweep_oracle`, written from the meta model
   each with every simple choice of execution device).
 
 The default run checks a fixed subset (about one architecture in ``DEVICEMAP_SWEEP_EVERY``, 8 by default,
-chosen by a hash of the name, plus those issue 19 reported); ``DEVICEMAP_SWEEP=all`` checks every one
-(``benches/bench_architecture_sweep.py`` does too, and prints the table). Architectures transformers
-itself cannot build from the default config are skipped, counted and reported with its error.
+chosen by a hash of the name, plus those of :data:`architecture_sweep.ALWAYS`); ``DEVICEMAP_SWEEP=all``
+checks every one (``benches/bench_architecture_sweep.py`` does too, and prints the table). Architectures
+transformers itself cannot build from the default config are skipped, counted and reported with its error.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Issue 13, Must-show item 1: the "huge embedding or small GPU 0" refusals, on real transformers
-architectures.
+"""The "huge embedding or small GPU 0" cases, on real transformers architectures.
 
-devicemap used to stage every offloaded block on GPU 0, so it raised ``DoesNotFitError`` ("0 executes the
-offloaded layers and needs X free to stage them") whenever GPU 0 could not hold the largest offloaded
-block: a big-vocabulary embedding larger than every GPU, or a small GPU 0 beside a roomy GPU 1. Now such
-blocks are staged on another GPU or run on the CPU.
+Staging every offloaded block on GPU 0 (GPU-0-only staging) needs GPU 0 to hold the largest offloaded
+block; it cannot when a big-vocabulary embedding is larger than every GPU, or when a small GPU 0 sits
+beside a roomy GPU 1, and would refuse with ``DoesNotFitError`` ("0 executes the offloaded layers and
+needs X free to stage them"). devicemap stages such blocks on another GPU or runs them on the CPU.
 
 For every architecture below (big-vocabulary LMs first: Gemma 256k, Qwen 152k, BLOOM / mT5 / XLM-R 250k,
 ...), two device specs are checked:
@@ -17,11 +16,11 @@ and, for the small version with real weights, also ``disk``: one GPU of 0.8 x th
 of 1.5 x it and a disk (models with an untied head then go to disk whole, and the CPU keeps room to run
 the embedding from there).
 
-Why the old rule refused each of them is proved from tensor sizes alone, for any plan (see
+That GPU-0-only staging fails in each of them is proved from tensor sizes alone, for any plan (see
 :func:`gpu0_cannot_stage`): a tensor larger than every GPU is offloaded in every plan, or more bytes must
 leave the GPUs than all tensors smaller than GPU 0 add up to; either way some offloaded block is larger
-than GPU 0, which the old rule had to stage there. (``execution_device=0`` is no stand-in for the old
-rule: a forced GPU still lets blocks it cannot stage run on the CPU, so it does not raise.)
+than GPU 0, which GPU-0-only staging has to stage there. (``execution_device=0`` is no stand-in for it: a
+forced GPU still lets blocks it cannot stage run on the CPU, so it does not raise.)
 
 1. The DEFAULT config of each architecture on the meta device gets a plan for both specs, accelerate's
    ``check_device_map`` accepts it, staging room is reserved only on the GPUs that stage, and the blocks
@@ -124,7 +123,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# --- sizes and the old rule ------------------------------------------------------------------------
+# --- sizes and GPU-0-only staging ------------------------------------------------------------------
 
 
 def tensor_bytes(model: torch.nn.Module) -> list[int]:
@@ -140,8 +139,8 @@ def gpu_capacities(memory: dict) -> list[int]:
 
 
 def gpu0_cannot_stage(tensors: list[int], total: int, memory: dict) -> bool:
-    """Whether every plan offloads a block larger than GPU 0, which the old rule (GPU 0 stages every
-    offloaded block, keeping room for the largest) therefore refused.
+    """Whether every plan offloads a block larger than GPU 0, which GPU-0-only staging (GPU 0 stages
+    every offloaded block, keeping room for the largest) therefore refuses.
 
     A tensor is never split: one larger than every GPU is offloaded in every plan. Otherwise at least
     ``total - sum(GPUs)`` bytes are offloaded; if all tensors no larger than GPU 0 add up to less, some
@@ -196,7 +195,7 @@ def check_plan_runs(model: torch.nn.Module, plan: devicemap.Plan, memory: dict, 
     assert all(runs[b] == "cpu" for b in too_big), {b: runs[b] for b in too_big}
     if scenario != "small_gpu0":
         assert too_big, "the largest tensor's block is larger than every GPU"
-    # GPU 0 stages only blocks it has room for; the old rule had it stage them all.
+    # GPU 0 stages only blocks it has room for, not all of them.
     assert all(plan.block_bytes(b) <= gpus[0] for b, d in runs.items() if d == 0)
     assert set(runs.values()) != {0}
 
@@ -222,7 +221,7 @@ def test_default_config_gets_a_plan_gpu0_could_not_stage(model_type, head):
     total = devicemap.ModuleTree.from_module(model).total_bytes
     for scenario in ("embedding", "small_gpu0"):
         memory = scenarios(tensors, total)[scenario]
-        assert gpu0_cannot_stage(tensors, total, memory), scenario  # the old rule refused this spec
+        assert gpu0_cannot_stage(tensors, total, memory), scenario  # GPU-0-only staging refuses it
         plan = devicemap.plan(model, memory)
         check_plan_runs(model, plan, memory, scenario)
 
@@ -262,7 +261,7 @@ def test_the_old_rule_check_is_not_vacuous():
     assert not gpu0_cannot_stage(tensors, total, {0: largest - 1, 1: total, "cpu": 2 * total})  # all fit on 1
     roomy_gpu0 = {0: 2 * largest + 4096, 1: largest // 2, "cpu": 2 * total}
     assert not gpu0_cannot_stage(tensors, total, roomy_gpu0)
-    plan = devicemap.plan(model, roomy_gpu0)  # the old rule's plan: GPU 0 stages every offloaded block
+    plan = devicemap.plan(model, roomy_gpu0)  # GPU-0-only staging's plan: GPU 0 stages everything offloaded
     assert set(offloaded_runs(plan).values()) == {0}
 
 

@@ -1,4 +1,4 @@
-"""benches/bench_floors.py (issue 14's measurements) runs end to end at its smoke sizes."""
+"""benches/bench_floors.py (the planning floors and their targets) runs end to end at its smoke sizes."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ SECTIONS = [
     "## 2. Module export",
     "## 3. Solve",
     "## 4. Peak memory",
-    "Targets (issue 14)",
+    "Targets: header planning",
 ]
 
 

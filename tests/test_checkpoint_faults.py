@@ -1,4 +1,4 @@
-"""Checkpoint header faults (issue 10): headers are accepted exactly when safetensors would load the
+"""Checkpoint header faults: headers are accepted exactly when safetensors would load the
 file, every fault is a CheckpointError naming the file, index shards stay inside the folder, and the
 layer lists are found when the checkpoint holds more or fewer layers than config.json says."""
 
@@ -38,7 +38,7 @@ def safetensors_loads(path) -> bool:
     return True
 
 
-# --- item 10: the data section must be tiled exactly ------------------------------------------------
+# --- the data section must be tiled exactly ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_headers_safetensors_loads_are_planned(tmp_path, case):
     assert tree.total_bytes == data
 
 
-# --- item 11: tensor names that cannot be module paths ---------------------------------------------
+# --- tensor names that cannot be module paths ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["a..b", ".a", "a.", ""], ids=["a..b", ".a", "a.", "empty"])
@@ -175,7 +175,7 @@ def test_a_tensor_nested_under_a_tensor_is_its_state_and_counts_with_it(tmp_path
     assert tree.module_bytes("proj.weight") == 32 and tree.total_bytes == 40
 
 
-# --- item 10: index shards stay inside the checkpoint folder ---------------------------------------
+# --- index shards stay inside the checkpoint folder ------------------------------------------------
 
 
 def write_index(folder, weight_map: dict) -> None:
@@ -228,7 +228,7 @@ def test_index_shards_in_subfolders_are_planned_and_loaded(tmp_path):
         assert torch.equal(loaded.state_dict()[name], value), name
 
 
-# --- item 5: more (or fewer) numbered layers than config.json says ----------------------------------
+# --- more (or fewer) numbered layers than config.json says ------------------------------------------
 
 
 def llama_checkpoint(folder, layers_saved: int, layers_in_config: int, mtp_extras: bool = False) -> dict:
@@ -381,8 +381,8 @@ def small_checkpoint(folder) -> None:
     "which", ["model.safetensors", "model.safetensors.index.json", "shard", "checkpoint"]
 )
 def test_a_fifo_where_a_checkpoint_file_belongs_is_refused_without_blocking(tmp_path, which):
-    """A FIFO named model.safetensors or model.safetensors.index.json hung plan_checkpoint (and `devicemap
-    plan`) forever, and a FIFO shard was reported as "missing"."""
+    """A FIFO named model.safetensors or model.safetensors.index.json would block plan_checkpoint (and
+    `devicemap plan`) forever on open, and a FIFO shard is not a "missing" one: each is refused as a FIFO."""
     import os
 
     folder = tmp_path / "ckpt"
@@ -410,7 +410,8 @@ def test_a_fifo_where_a_checkpoint_file_belongs_is_refused_without_blocking(tmp_
 
 
 def test_an_index_that_is_a_device_or_too_big_is_refused_before_reading(tmp_path):
-    """The index was read with no size limit: a symlink to /dev/zero was read until the memory cap."""
+    """The index is read only as a regular file under a size limit: a symlink to /dev/zero would otherwise
+    be read until the memory cap."""
     folder = tmp_path / "ckpt"
     small_checkpoint(folder)
     (folder / "model.safetensors.index.json").symlink_to("/dev/zero")
@@ -435,7 +436,8 @@ def test_an_index_that_is_a_device_or_too_big_is_refused_before_reading(tmp_path
     ids=["nested-100k", "5000-digit-int", "list"],
 )
 def test_a_hostile_config_json_is_a_checkpoint_error(tmp_path, config, message):
-    """config.json nested 100k deep raised RecursionError; a 5000-digit integer a bare ValueError."""
+    """config.json nested 100k deep (Python's RecursionError) or holding a 5000-digit integer (a bare
+    ValueError) is a CheckpointError saying what is wrong with it."""
     folder = tmp_path / "ckpt"
     small_checkpoint(folder)
     (folder / "config.json").write_text(config)
@@ -445,8 +447,9 @@ def test_a_hostile_config_json_is_a_checkpoint_error(tmp_path, config, message):
 
 @pytest.mark.parametrize("depth", [80_000, 1_000_000])
 def test_names_nested_absurdly_deep_are_refused_in_linear_memory(tmp_path, depth):
-    """One tensor name 80k components deep in a 160 KB header took 6.1 GB and 29 s (full dotted names of
-    every prefix kept); a 2 MB header aborted the process on a Rust allocation failure."""
+    """One tensor name 80k components deep fits in a 160 KB header; keeping the full dotted name of every
+    prefix would take 6.1 GB and 29 s, and a 2 MB header would abort the process on a Rust allocation
+    failure. Such names are refused in memory linear in the header."""
     import resource
 
     name = ".".join(["a"] * depth) + ".w"

@@ -52,7 +52,7 @@ def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-# ----- item 11: tracebacks and wrong messages ---------------------------------------------------------
+# ----- tracebacks and wrong messages ------------------------------------------------------------------
 
 
 def test_unknown_dtypes_are_refused_with_the_accepted_names(capsys):
@@ -104,7 +104,7 @@ def test_bad_config_files_name_the_file_and_the_field(capsys, tmp_path):
         "negative.json": ({**good, "num_hidden_layers": -3}, "num_hidden_layers=-3"),
         "text.json": ({**good, "num_hidden_layers": "x"}, "num_hidden_layers='x'"),
         "field.json": ({**good, "hidden_size": "wide"}, "'hidden_size'"),
-        # last: the old code spent hours building 10**12 layers
+        # last: checked before any layer is built (building 10**12 would take hours)
         "deep.json": ({**good, "num_hidden_layers": 10**12}, "num_hidden_layers=1000000000000"),
     }
     for name, (config, expected) in cases.items():
@@ -130,7 +130,7 @@ def test_missing_paths_say_no_such_file(capsys, tmp_path):
 
 def test_an_empty_model_argument_is_refused(capsys, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(catalog.load_config(SMALL)))
-    monkeypatch.chdir(tmp_path)  # the old code planned the current folder's config.json
+    monkeypatch.chdir(tmp_path)  # an empty path must not resolve to the current folder's config.json
     line = refused(capsys, "plan", "", "--gpus", "1x8GiB")
     assert "the model argument is empty" in line
     refused(capsys, "plan", "  ", "--gpus", "1x8GiB")
@@ -145,7 +145,7 @@ def test_out_is_checked_before_planning(capsys, tmp_path):
     assert "folder.svg" in line and "is a folder" in line
     line = refused(capsys, *base, str(tmp_path / "plan.png"))
     assert "plan.png" in line and ".svg or .html" in line
-    keep = tmp_path / "plan.svg.tmp"  # a file of the user's that the old temporary name overwrote
+    keep = tmp_path / "plan.svg.tmp"  # a file of the user's at a predictable temporary name: kept
     keep.write_text("mine")
     assert cli.main([*base, str(tmp_path / "plan.svg")]) == 0
     assert keep.read_text() == "mine" and (tmp_path / "plan.svg").read_text().startswith("<svg")
@@ -184,7 +184,7 @@ def test_a_bug_exits_3_with_a_traceback_to_report(capsys, monkeypatch):
     assert "Traceback" in err and "simulated bug" in err and "please report" in err
 
 
-# ----- item 12: no silent changes ---------------------------------------------------------------------
+# ----- no silent changes ------------------------------------------------------------------------------
 
 
 def test_a_device_given_twice_in_max_memory_is_refused(capsys):
@@ -292,8 +292,8 @@ def test_version(capsys):
 
 
 def test_a_fifo_or_a_hostile_config_is_one_line_not_a_hang_or_a_traceback(capsys, tmp_path):
-    """`devicemap plan` on a FIFO hung forever; on a config.json nested 100k deep or holding a 5000-digit
-    integer it exited 3 with a traceback."""
+    """`devicemap plan` on a FIFO must not block forever, and a config.json nested 100k deep or holding a
+    5000-digit integer must not end in a traceback (exit 3): each is one line, exit 2."""
     fifo = tmp_path / "config.json"
     os.mkfifo(fifo)
     line = refused(capsys, "plan", str(fifo), "--cpu", "8GiB")
@@ -312,8 +312,8 @@ def test_a_fifo_or_a_hostile_config_is_one_line_not_a_hang_or_a_traceback(capsys
 
 
 def test_names_from_a_checkpoint_reach_the_terminal_escaped_and_cut(tmp_path):
-    """Tensor names went to the terminal raw: escape sequences and a forged second line from a checkpoint
-    reached it; messages quoted header content without a limit (a 50 MB message)."""
+    """Tensor names reach the terminal escaped, so a checkpoint cannot send it escape sequences or a forged
+    second line, and messages quote header content only up to a limit (never a 50 MB message)."""
     import struct
 
     names = ["layers.0.w", "layers.1.\x1b[31mred\x1b[0m\nFORGED LINE.w", "x" * 100_000 + ".w"]

@@ -225,9 +225,9 @@ def run_command(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
 def test_save_writes_into_devices_fifos_and_standard_output_without_replacing_them(
     capsys, tmp_path, small_model
 ):
-    """``--save /dev/null`` run as root replaced the device node with a regular file, and ``--save
-    /dev/stdout`` replaced the symlink, printed nothing and said "written": only regular files are replaced
-    (atomically); a device or FIFO is written into, standard output prints the map."""
+    """Only regular files are replaced (atomically): ``--save /dev/null`` run as root must not replace the
+    device node with a regular file, nor ``--save /dev/stdout`` the symlink (printing nothing and saying
+    "written"). A device or FIFO is written into, standard output prints the map."""
     import threading
 
     expected = library_map(small_model)

@@ -73,7 +73,8 @@ def test_an_unbounded_gpu_reaching_the_core_is_an_invalid_size_naming_the_device
     assert "unbounded" in message and "1: unbounded" not in message
 
 
-# The binding parses balance names with the core's Balance::parse (it used to report an unknown *module*).
+# The binding parses balance names with the core's Balance::parse, so the error names the balance modes,
+# not an unknown *module*.
 def test_an_unknown_balance_from_the_core_is_an_invalid_option_naming_every_mode(tree):
     with pytest.raises(
         devicemap.InvalidOptionError, match='invalid balance "flops"; use "memory" or "compute"'

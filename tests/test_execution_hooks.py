@@ -1,4 +1,4 @@
-"""Blocks compute where the plan says (issue 13, item 1, execution side): dispatch / load_checkpoint attach
+"""Blocks compute where the plan says: dispatch / load_checkpoint attach
 accelerate's hooks with each block's execution device. A CPU-stored block that runs on the CPU keeps its
 weights in CPU memory (no offload hook, nothing streamed); a disk-stored one streams them into the CPU;
 blocks planned on GPUs run on the rehearsal's stand-in GPU. Logits equal the unsplit model."""
@@ -119,8 +119,8 @@ def stack() -> torch.nn.Sequential:
     ids=["gpu0-stages", "gpu1-stages"],
 )
 def test_every_block_on_the_cpu_is_still_staged_on_the_planned_gpu(memory):
-    # accelerate's dispatch_model attaches no hooks to a map whose only device is the CPU: it moved the
-    # model there and every block ran on the CPU instead of the GPU the plan stages it on.
+    # accelerate's dispatch_model attaches no hooks to a map whose only device is the CPU: it would move
+    # the model there and run every block on the CPU instead of the GPU the plan stages it on.
     plan = devicemap.plan(stack(), memory)
     assert plan.device_map == {"": "cpu"} and len(set(plan.execution_map.values())) == 1
     assert "cpu" not in plan.execution_map.values()
@@ -144,7 +144,8 @@ def test_load_checkpoint_stages_a_cpu_only_map_on_the_gpu(saved):
 
 
 def test_rehearsing_a_plan_that_offloads_every_block_to_one_gpu_runs_on_the_stand_in(tmp_path):
-    # No GPU key in the map, one GPU stages everything: the hooks executed on "cuda:0" in a rehearsal.
+    # No GPU key in the map, one GPU stages everything: in a rehearsal the hooks must execute on the
+    # stand-in, not on "cuda:0".
     plan = devicemap.plan(stack(), {0: LAYER + 64, "cpu": LAYER + 64, "disk": 0})
     assert 0 not in plan.device_map.values() and set(plan.execution_map.values()) == {0}
     x = torch.ones(2, 64)

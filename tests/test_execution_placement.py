@@ -1,7 +1,7 @@
-"""Where each block executes (issue 13, item 1): ``plan.execution_map`` and ``execution_device=``.
+"""Where each block executes: ``plan.execution_map`` and ``execution_device=``.
 
 Blocks on a GPU run there; a block stored on the CPU or disk is staged on a GPU chosen by the planner
-(GPU 0 when it has room, as before), or runs on the CPU when no GPU can stage it.
+(GPU 0 when it has room, as accelerate stages), or runs on the CPU when no GPU can stage it.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def runs_on(plan: devicemap.Plan, prefix: str) -> set:
 def test_an_embedding_larger_than_any_gpu_gets_a_plan_that_runs_it_on_the_cpu():
     model = big_vocab_llama()
     memory = {0: "4MB", 1: "4MB", "cpu": "1GiB"}
-    # Before: DoesNotFitError ("0 executes the offloaded layers and needs 8.19 MB free to stage them");
-    # accelerate returns a map for the same input.
+    # accelerate returns a map for this input, so devicemap must too: staging every offloaded block on
+    # GPU 0 cannot work here (it would need 8.19 MB free there).
     assert infer_auto_device_map(
         model, max_memory=dict(memory), no_split_module_classes=model._no_split_modules
     )
@@ -66,7 +66,7 @@ def test_an_embedding_larger_than_any_gpu_gets_a_plan_that_runs_it_on_the_cpu():
     assert runs_on(pinned, "model.embed_tokens") == {"cpu"}
     assert runs_on(pinned, "lm_head") == {"cpu"}
     assert not any(pinned.reserve_bytes.values())
-    assert pinned.device_map == plan.device_map  # what devicemap now does by itself
+    assert pinned.device_map == plan.device_map  # what devicemap does by itself
 
 
 def test_a_small_gpu0_leaves_the_staging_reserve_to_gpu1():
@@ -114,8 +114,8 @@ def test_execution_device_forces_where_offloaded_blocks_run():
         devicemap.plan(model, memory, execution_device="disk")
 
 
-# Device maps the solver made before execution devices existed (devicemap at 9ab958c), on inputs where
-# GPU 0 can stage: they must not change, and every offloaded block runs on GPU 0.
+# Recorded maps for inputs where GPU 0 can stage every offloaded block: there the plan is exactly the
+# one of staging everything on GPU 0 (accelerate's rule), and every offloaded block runs on GPU 0.
 UNCHANGED = [
     (8, {0: 3 * LAYER + 64, 1: 3 * LAYER + 64, "cpu": "1GiB"}, "auto", "OLD_0"),
     (8, {0: 4 * LAYER, "cpu": 2 * LAYER, "disk": 0}, "auto", "OLD_1"),
@@ -163,8 +163,8 @@ def test_plan_json_lists_the_execution_map(capsys):
 
 
 def test_a_block_no_gpu_can_hold_does_not_drag_the_layers_after_it_off_the_gpus():
-    # gemma-2-9b's 1.7 GiB embedding is larger than each 1.5 GiB GPU: before, the GPUs held nothing (the
-    # chain from the embedding on went to the CPU); the embedding alone is now planned off the GPUs.
+    # gemma-2-9b's 1.7 GiB embedding is larger than each 1.5 GiB GPU: the embedding alone is planned off
+    # the GPUs, not the whole chain from it on (which would leave the GPUs empty).
     from devicemap import catalog
 
     model = catalog.build_meta_model("gemma-2-9b")
@@ -197,7 +197,7 @@ def small_bert():
 
 
 def test_tied_groups_staged_elsewhere_run_on_the_cpu_or_past_the_cpu_rehearse_to_the_unsplit_logits(tmp_path):
-    """Issue 19: where the tied weights live and which device computes them, as accelerate's hooks run
+    """Where the tied weights live and which device computes them, as accelerate's hooks run
     the plan (a CPU rehearsal: each hook computes where the plan says, the logits are the unsplit
     model's)."""
     import copy
@@ -214,7 +214,7 @@ def test_tied_groups_staged_elsewhere_run_on_the_cpu_or_past_the_cpu_rehearse_to
     transform = tree.module_bytes("cls.predictions.transform")
     roomy = {0: 3 * layer, 1: 2 * group, "cpu": tree.total_bytes}
     plans = {
-        # refused before: the transform after the last layer fits only in room left on GPU 0
+        # the transform after the last layer fits only in room left on GPU 0 (no refusal)
         "tail": devicemap.plan(
             model, {0: layer - 1, 1: group + layer + transform // 2, "cpu": 3 * layer + transform // 2}
         ),

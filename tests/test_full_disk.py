@@ -1,5 +1,5 @@
 """A full disk while devicemap writes offloaded weights: an OffloadFolderError before anything is half
-written, never a dead process (accelerate's np.memmap writes died of SIGBUS, exit 135) nor a
+written, never a dead process (accelerate's np.memmap writes die of SIGBUS, exit 135) nor a
 safetensors error.
 
 The real case runs in a private mount namespace (``unshare -rm``) with a 1 MiB tmpfs as the offload folder;

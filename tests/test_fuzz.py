@@ -587,7 +587,7 @@ def test_a_truncated_seed_is_still_a_checkpoint_error(tmp_path: Path):
         devicemap.plan_checkpoint(tmp_path, max_memory={"cpu": "1MiB"})
 
 
-# ----- the newer surfaces: hardware, quantization configs, the speed objective, estimate ----------------
+# ----- hardware, quantization configs, the speed objective, estimate ------------------------------------
 
 numbers = st.one_of(st.floats(min_value=1e-3, max_value=1e16), st.integers(1, 10**15))
 junk_numbers = st.one_of(junk, st.sampled_from([0, -1, 10**400, float("inf"), float("nan"), True, "1"]))

@@ -1,6 +1,7 @@
-"""The newer surfaces check their inputs on the way in: every fault is an InvalidOptionError naming the input
-(never a TypeError, OverflowError, KeyError, AssertionError or AttributeError from deep inside), counts are
-bounded before anything is allocated, and messages quote a bounded part of what they were given."""
+"""Hardware, estimates, quantization configs and the speed objective check their inputs on the way in:
+every fault is an InvalidOptionError naming the input (never a TypeError, OverflowError, KeyError,
+AssertionError or AttributeError from deep inside), counts are bounded before anything is allocated, and
+messages quote a bounded part of what they were given."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_hardware_fields_are_checked_on_the_way_in(build, message):
 
 @pytest.mark.parametrize("count", [10**9, 10**12])
 def test_a_huge_gpu_count_is_refused_at_once(count):
-    """Hardware.preset('rtx-4090', gpus=10**9) ran for minutes and took gigabytes; 10**12: MemoryError."""
+    """The count is checked before anything is built: Hardware.preset('rtx-4090', gpus=10**9) would run for
+    minutes and take gigabytes, 10**12 end in MemoryError."""
     with pytest.raises(devicemap.InvalidOptionError, match="gpus must be an int from 0 to 4096"):
         Hardware.preset("rtx-4090", gpus=count)
 
@@ -100,7 +102,8 @@ def test_bad_quantization_configs_are_invalid_option_errors(tiny_llama, config, 
     ids=["execution_device", "strategy", "balance"],
 )
 def test_the_speed_objective_refuses_options_it_would_ignore(tiny_llama, option):
-    """With objective='speed', execution_device=, strategy and balance were silently ignored."""
+    """objective='speed' chooses every block's device itself: execution_device=, strategy and balance would
+    be silently ignored, so they are refused."""
     name = next(iter(option))
     with pytest.raises(
         devicemap.InvalidOptionError, match=rf"objective='speed' .*{name}=.* would be ignored"

@@ -172,7 +172,8 @@ def test_from_pretrained_real_offload_load(llama_path: Path, tmp_path: Path) -> 
 def test_the_disk_is_there_as_the_library_planner_appends_it(llama_path: Path, tmp_path: Path) -> None:
     """accelerate's planner (behind transformers' and accelerate's loaders) appends an unbounded disk to any
     max_memory without one: a CPU budget too small for the model loads without devicemap, so it must with it
-    (it raised DoesNotFitError 'add "disk" to max_memory'). devicemap.plan() keeps its rule: disk only when asked."""
+    (not a DoesNotFitError 'add "disk" to max_memory'). devicemap.plan() keeps its rule: disk only when
+    asked."""
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(llama_path)(tokens).logits
@@ -614,8 +615,8 @@ print(m._get_device_map.__module__)
 
 
 def test_install_while_another_thread_imports_the_library() -> None:
-    """install() while another thread was still importing transformers.modeling_utils: is_installed() said
-    True but _get_device_map was never patched (the import had passed the finder already)."""
+    """install() while another thread is still importing transformers.modeling_utils (past the import
+    finder already) still patches _get_device_map: is_installed() saying True means the hook is there."""
     import subprocess
     import sys
 

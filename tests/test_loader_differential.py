@@ -1,4 +1,4 @@
-"""Differential harness for the loader hooks (issue 19): unchanged code that works without devicemap must not
+"""Differential harness for the loader hooks: unchanged code that works without devicemap must not
 fail with it.
 
 Every case runs the same loader call twice on small random models saved here: **plain** (devicemap not

@@ -59,8 +59,8 @@ def dispatch_folders(offload_dir: Path) -> list[Path]:
 
 
 def test_a_forked_worker_that_exits_keeps_its_parents_folder(tmp_path: Path) -> None:
-    """gunicorn --preload / multiprocessing fork: the worker's normal exit (atexit, finalizers) used to
-    delete the parent's live folder; the parent's next forward then failed with FileNotFoundError."""
+    """gunicorn --preload / multiprocessing fork: the worker's normal exit (atexit, finalizers) must not
+    delete the parent's live folder, or the parent's next forward fails with FileNotFoundError."""
     offload = tmp_path / "offload"
     run(
         """
@@ -125,7 +125,7 @@ def dead_pid() -> int:
 
 def test_a_live_folder_of_another_pid_namespace_is_kept(tmp_path: Path) -> None:
     """Two containers sharing a volume (same hostname, each its own PID namespace): a live folder whose
-    marker names a pid that is dead *here* used to be taken for stale and deleted. The lock decides now."""
+    marker names a pid that is dead *here* is not stale; the lock decides."""
     offload = tmp_path / "offload"
     holder = subprocess.Popen(
         [sys.executable, "-c", DISPATCH + HOLD, str(offload)],

@@ -171,7 +171,7 @@ def test_loads_of_one_checkpoint_share_one_complete_folder(tiny_checkpoints, tmp
 
 def test_a_checkpoint_replaced_with_its_modification_time_kept_is_converted_again(tiny_checkpoints, tmp_path):
     """``cp -p`` / ``rsync -a`` / ``tar x`` of another checkpoint of the same architecture over the first keeps
-    every size and modification time: the converted disk weights of the first used to be reused, mixed into
+    every size and modification time: the first's converted disk weights must not be reused, mixed into
     the second's CPU weights (wrong outputs, no error)."""
     import shutil
 

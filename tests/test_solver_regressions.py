@@ -1,5 +1,6 @@
-"""Regressions of the solver found on real model shapes (issue 10, items 6, 7, 8, 9 and 13), each
-through the public API."""
+"""Solver cases taken from real model shapes, each through the public API: pins to the executing
+device, a model listed in its own no-split classes, tied units staged a layer at a time, tie groups on
+any GPU, "does not fit" messages with numbers, and gpu0_reserve as headroom."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def linears(count: int, out_features: int = 25) -> torch.nn.Sequential:
     return torch.nn.Sequential(*[torch.nn.Linear(10, out_features, bias=False) for _ in range(count)])
 
 
-# Item 6: without a GPU the CPU executes, so a pin to it is no offload and needs no staging room.
+# Without a GPU the CPU executes, so a pin to it is no offload and needs no staging room.
 @pytest.mark.parametrize("executor", ["cpu", "mps"])
 def test_a_pin_to_the_executing_device_needs_no_staging_room(executor):
     model = linears(4)
@@ -33,7 +34,7 @@ def test_a_pin_to_the_executing_device_needs_no_staging_room(executor):
     assert not any(plan.reserve_bytes.values())
 
 
-# Item 7: a model whose own class is in its `_no_split_modules` (vibevoice's acoustic tokenizer lists
+# A model whose own class is in its `_no_split_modules` (vibevoice's acoustic tokenizer lists
 # itself for its nested copies) is split below the root, as accelerate does.
 class Tokenizer(torch.nn.Module):
     _no_split_modules = ["Tokenizer"]
@@ -51,7 +52,7 @@ def test_a_model_listing_its_own_class_as_no_split_is_still_split():
     assert plan.device_map == {"encoder": 0, "decoder": 1}
 
 
-# Item 8: offloaded blocks run one at a time, so a tied unit of many layers (zamba's hybrid layers
+# Offloaded blocks run one at a time, so a tied unit of many layers (zamba's hybrid layers
 # share one block) is staged one layer (with the shared tensor) at a time, not whole.
 class SharedBlockModel(torch.nn.Module):
     def __init__(self, layers: int):
@@ -73,7 +74,7 @@ def test_an_offloaded_tied_group_reserves_one_layer_not_the_group():
     assert plan.reserve_bytes[0] == 400 + 1200
 
 
-# Item 9: a tie group may sit on any GPU. BERT's decoder is tied with the word embeddings: with the
+# A tie group may sit on any GPU. BERT's decoder is tied with the word embeddings: with the
 # pair next to the last layers, 4 GPUs of exactly four layers each hold the whole model.
 @pytest.fixture(scope="module")
 def bert():
@@ -145,7 +146,7 @@ def test_balanced_with_a_tied_pair_is_the_brute_force_optimum(sizes, pair, capac
         assert max(plan.device_bytes[g] for g in range(len(capacities))) == best
 
 
-# Item 13: "does not fit" messages say everything that is missing, with numbers.
+# "does not fit" messages say everything that is missing, with numbers.
 def test_a_far_too_big_model_reports_the_total_shortfall_with_the_staging_need():
     model = linears(8, out_features=250)  # 8 layers of 10 000 bytes
     with pytest.raises(devicemap.DoesNotFitError) as err:
@@ -178,9 +179,9 @@ def test_the_fit_on_no_device_message_says_where_staging_room_is_kept():
     assert "9.77 KiB of GPU 0 is kept free to stage offloaded layers" in message
 
 
-# Issue 19, item 3: gpu0_reserve is room kept free, not load. On 2 x 24 GiB with a 2 GiB reserve, a 1 GiB
-# model went whole to GPU 1 (the min-max objective weighed GPU 0 as 2 GiB heavier); now it is balanced
-# as on a GPU 0 of 22 GiB, for every strategy (the properties are in the core's proptests).
+# gpu0_reserve is room kept free, not load: on 2 x 24 GiB with a 2 GiB reserve, a 1 GiB model is balanced
+# as on a GPU 0 of 22 GiB, for every strategy, not put whole on GPU 1 as a min-max objective weighing
+# GPU 0 as 2 GiB heavier would (the properties are in the core's proptests).
 def test_gpu0_reserve_is_headroom_not_load():
     with torch.device("meta"):
         model = torch.nn.Sequential(

@@ -227,7 +227,7 @@ def test_plan_offloaded_blocks_run_on_gpu_0_unless_the_plan_says_otherwise() -> 
     assert e.dominant == "weights moved"
     moved = sum(d.weights_moved for d in e.decode.devices)
     assert moved == pytest.approx(len(offloaded) * 1024 * 1024 * 2 / 20e9)
-    # an execution map (as plans carry it once execution placement lands) moves them to the CPU
+    # an execution map that runs them on the CPU, where they are stored, moves no weights
     plan.execution_map = {
         name: "cpu" if name in offloaded else device for name, device in plan.assignments.items()
     }  # type: ignore[attr-defined]

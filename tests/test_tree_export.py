@@ -37,7 +37,7 @@ def assert_sizes_match(model, **kwargs):
 
 def test_a_bool_tensor_counts_a_byte_per_element():
     """An attention mask buffer (gpt-neo, bark, clvp...) takes a byte per element on its device; counted
-    as a bit (accelerate's rule), plans over-filled GPUs by 7/8 of every mask (issue 19's sweep)."""
+    as a bit (accelerate's rule), a plan would over-fill GPUs by 7/8 of every mask."""
     module = torch.nn.Module()
     module.register_buffer("mask", torch.ones(64, 64, dtype=torch.bool), persistent=False)
     assert devicemap.ModuleTree.from_module(module).total_bytes == 64 * 64

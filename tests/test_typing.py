@@ -1,6 +1,6 @@
 """mypy over the package (with the settings in pyproject.toml) and over the calls users write: a typed
 ``dict[int, int]`` or ``dict[str, str]`` is a valid ``max_memory`` (a Mapping is invariant in its key, so
-``Mapping[object, ...]`` refused both)."""
+``Mapping[object, ...]`` would refuse both)."""
 
 import subprocess
 import sys

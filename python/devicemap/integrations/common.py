@@ -227,7 +227,7 @@ def absent_gpus_unused(
 
 def check_map_present(device_map: Mapping[str, Any], library: str) -> None:
     """A device map given to a loader hook places nothing on a device this machine lacks (the library would
-    fail in torch while moving weights there): :class:`UnknownDeviceError` now instead."""
+    fail in torch while moving weights there): :class:`UnknownDeviceError` up front instead."""
     check_devices_present(
         device_map,
         f"{library} would fail moving weights there; map those modules to devices this machine has "
@@ -307,7 +307,7 @@ def _check_quantized_disk_runs(planned: Plan, quantization_config: Any) -> None:
     """bitsandbytes with ``llm_int8_enable_fp32_cpu_offload`` leaves modules mapped to the CPU or disk
     unquantized only when the map has several entries: a model mapped whole to the disk (``{"": "disk"}``) is
     quantized, and accelerate streams int8/4-bit weights back from the disk only through GPU 0
-    (``.to(0)``). Without a GPU that load fails on its first forward: say so now."""
+    (``.to(0)``). Without a GPU that load fails on its first forward: say so up front."""
     if (
         quantization_config is None
         or dict(planned.device_map) != {"": "disk"}

@@ -113,7 +113,7 @@ def _without_absent_gpus(budgets: dict[Any, int], absent: list[Any], theirs: Any
     """The GPU budgets without those this machine lacks, when diffusers' own assignment (``theirs``) would load
     here: no component on a missing GPU, and none on the CPU without a GPU 0 (diffusers runs CPU components
     from GPU 0: ``dispatch_model(..., main_device=0)``). Otherwise the unchanged call fails in torch as it
-    moves weights, and :class:`UnknownDeviceError` says so now."""
+    moves weights, and :class:`UnknownDeviceError` says so up front."""
     names = ", ".join(f"GPU {d}" if isinstance(d, int) else repr(d) for d in absent)
     refused = f"max_memory names {names}, which this machine lacks (it has {accelerator_count()} GPU(s))"
     used = set(theirs) if isinstance(theirs, Mapping) else set(absent)

@@ -16,7 +16,7 @@ loads the way transformers loads it:
   are written once into devicemap's own converted-weights folder (see :mod:`devicemap.loading.offload_folder`).
 
 :func:`devicemap.load_checkpoint` uses this when a ``transformers.PreTrainedModel`` meets checkpoint names
-it does not have; models whose names match load exactly as before.
+it does not have; models whose names match load as stored, with no conversion.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-//! The checkpoint tree builder as it was before issue 14 (a generic map per path component, an
-//! allocating sibling sort), kept only for tests: the faster builder in `checkpoint_tree.rs` and the
-//! sibling order in `natural_order.rs` must give the very same trees, errors and order.
+//! A plain reference checkpoint tree builder (a generic map per path component, an allocating sibling
+//! sort), for tests only: the faster builder in `checkpoint_tree.rs` and the sibling order in
+//! `natural_order.rs` must give the very same trees, errors and order.
 
 use crate::checkpoint_tree::{CheckpointTreeOptions, BLOCK_CLASS};
 use crate::error::{PlacementError, Result};

@@ -790,7 +790,7 @@ mod tests {
 
     proptest! {
         /// The trie builder gives the same tree (names, order, sizes, classes, ties) or the same error
-        /// as the builder before it, on random names: nested states, empty components, numbered lists,
+        /// as the plain reference builder, on random names: nested states, empty components, numbered lists,
         /// repeats, ties with and without `*suffix` names.
         #[test]
         fn builds_the_same_tree_as_the_reference_builder(

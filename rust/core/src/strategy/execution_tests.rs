@@ -192,7 +192,7 @@ fn rule_d_a_pinned_block_follows_the_same_rules() {
     let plan = solve(&t, &gpus_cpu(&[500, 500], 10_000), &pinned).unwrap();
     assert_eq!(runs(&t, &plan, "head"), Device::Cpu);
     assert!(plan.usage.iter().all(|u| u.reserve_bits == 0));
-    // Without GPUs the CPU runs everything, staging disk blocks as before.
+    // Without GPUs the CPU runs everything and stages the disk blocks.
     let s = spec(&[(Device::Cpu, Some(2000)), (Device::Disk, None)]);
     let to_disk = SolveOptions {
         pins: vec![("head".into(), Device::Disk)],
@@ -324,7 +324,7 @@ proptest::proptest! {
         let staging = plan.usage.iter().filter(|u| u.reserve_bits > 0).map(|u| u.device).collect::<Vec<_>>();
         proptest::prop_assert!(within_capacity(&plan));
         if let Some(k) = per_gpu[0] {
-            // Rule a: as before, GPU 0 stages.
+            // Rule a: GPU 0 can stage, so it stages everything offloaded.
             proptest::prop_assert_eq!(on_gpus, k);
             proptest::prop_assert!(staging.iter().all(|d| *d == Device::Gpu(0)));
             proptest::prop_assert!(plan.offloaded.iter().all(|o| plan.execution_of(o.node) == Some(Device::Gpu(0))));
@@ -380,10 +380,10 @@ fn tied_lm(embed: u64, n: usize, layer: u64, transform: u64) -> ModuleTree {
 
 #[test]
 fn a_tied_model_refused_for_its_last_small_blocks_puts_them_in_room_left_on_a_gpu() {
-    // Issue 19's sweep (bert, ernie, data2vec-text with a small GPU 0): GPU 0 cannot hold a layer, GPU 1
+    // The shape of bert, ernie and data2vec-text with a small GPU 0: GPU 0 cannot hold a layer, GPU 1
     // takes the tied embedding + decoder and one layer, the CPU all other layers but not the small
     // transform after them, and there is no disk. accelerate's map keeps the transform on GPU 1 with the
-    // tied head's module; devicemap refused. The tail now goes to room left on a GPU.
+    // tied head's module, so a refusal would be wrong: the tail goes to room left on a GPU.
     let t = tied_lm(30, 4, 20, 2);
     let s = gpus_cpu(&[15, 60], 60);
     for strategy in Strategy::ALL {
@@ -410,7 +410,7 @@ fn a_tied_model_refused_for_its_last_small_blocks_puts_them_in_room_left_on_a_gp
         // Nothing is staged: no GPU keeps staging room.
         assert!(plan.usage.iter().all(|u| u.reserve_bits == 0), "{strategy:?}");
     }
-    // With a disk the tail goes there, as before (plans that were not refused do not change).
+    // With a disk the tail goes there: the move to GPU room applies only to plans refused otherwise.
     let s = spec(&[
         (Device::Gpu(0), Some(15)),
         (Device::Gpu(1), Some(60)),

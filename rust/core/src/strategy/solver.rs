@@ -227,8 +227,8 @@ impl<'a> Solver<'a> {
             self.check_leftover(&free, &placement, &self.ledger)?;
             return Ok(self.finish(placement, None));
         }
-        // Plans that fit in model order stay exactly as they were; only a model refused that way gets
-        // its leftover tail placed in room the GPUs' runs left (see `tail_to_gpus`).
+        // A model that fits in model order keeps that plan; only a model refused that way gets its
+        // leftover tail placed in room the GPUs' runs left (see `tail_to_gpus`).
         let (staging, attempt) = match self.choose_execution(&free, &indexed, forced, false) {
             Ok(found) => found,
             Err(error) => self

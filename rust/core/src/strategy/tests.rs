@@ -531,8 +531,8 @@ fn layers_with_costs(sizes: &[u64], tied: bool) -> (ModuleTree, Vec<(NodeId, u64
 
 #[test]
 fn gpu0_reserve_is_headroom_not_load_for_the_balanced_split() {
-    // Issue 19: 2 x 24 GiB with gpu0_reserve="2GiB" put a small model whole on GPU 1, because the
-    // min-max objective counted the 2 GiB as GPU 0's load. The reserve only shrinks what GPU 0 can hold.
+    // The reserve only shrinks what GPU 0 can hold; it is not load. Counted as GPU 0's load, the min-max
+    // objective would put a small model whole on GPU 1 (2 x 24 GiB with gpu0_reserve="2GiB").
     let t = decoder(8, 100); // 50 + 8 x 100 + 1 = 851 bytes
     let s = spec(&[(Device::Gpu(0), Some(2400)), (Device::Gpu(1), Some(2400))]);
     let plain = solve(&t, &s, &opts(Strategy::Balanced)).unwrap();
