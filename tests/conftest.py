@@ -34,18 +34,12 @@ def tiny_mixtral():
 
 
 def _tiny_configs():
-    from transformers import LlamaConfig, MixtralConfig, T5Config
+    from transformers import MixtralConfig, T5Config
+
+    from tiny_models import tiny_llama_config
 
     return {
-        "llama": LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
+        "llama": tiny_llama_config(vocab_size=512, tie_word_embeddings=True),
         "mixtral": MixtralConfig(
             vocab_size=256,
             hidden_size=32,

@@ -47,7 +47,7 @@ def test_the_same_device_under_two_names_is_refused(model):
 
 
 def test_an_unknown_device_type_names_the_accepted_forms(model):
-    with pytest.raises(devicemap.UnknownDeviceError, match="'xpu:N'"):
+    with pytest.raises(devicemap.UnknownDeviceError, match='"xpu:N"'):
         devicemap.plan(model, {"tpu:0": "1GiB"})
 
 

@@ -9,6 +9,7 @@ import torch
 import devicemap
 from devicemap import compat
 from devicemap.inputs.memory import accelerator_count
+from tiny_models import tiny_llama_config
 
 HUGE = 10**30  # bytes: beyond the 2 EiB the core counts in 64-bit bits
 MEMORY = {0: "1GiB", "cpu": "1GiB"}
@@ -65,9 +66,9 @@ PLAN_CASES = [
     (
         dict(max_memory=MEMORY, strategy=3),
         devicemap.InvalidOptionError,
-        ["strategy", "3", "'balanced_low_0'"],
+        ["strategy", "3", '"balanced_low_0"'],
     ),
-    (dict(max_memory=MEMORY, balance=None), devicemap.InvalidOptionError, ["balance", "None", "'compute'"]),
+    (dict(max_memory=MEMORY, balance=None), devicemap.InvalidOptionError, ["balance", "None", '"compute"']),
     (
         dict(max_memory=MEMORY, pins=["lm_head"]),
         devicemap.InvalidOptionError,
@@ -152,8 +153,8 @@ def test_workload_beyond_the_core_limit(tiny_llama):
         (dict(hosts=["80GiB"]), devicemap.InvalidOptionError, ["hosts[0]", "'80GiB'"]),
         (dict(hosts=[]), devicemap.InvalidOptionError, ["no GPU"]),
         (dict(hosts=[["1GiB", "lots"]]), devicemap.InvalidSizeError, ["hosts[0][1]", "lots"]),
-        (dict(hosts=[["1GiB"]], tied="share"), devicemap.InvalidOptionError, ["tied", "'share'", "'copy'"]),
-        (dict(hosts=[["1GiB"]], balance="flops"), devicemap.InvalidOptionError, ["balance", "'flops'"]),
+        (dict(hosts=[["1GiB"]], tied="share"), devicemap.InvalidOptionError, ["tied", '"share"', '"copy"']),
+        (dict(hosts=[["1GiB"]], balance="flops"), devicemap.InvalidOptionError, ["balance", '"flops"']),
         (dict(hosts=[["1GiB"]], dtype="float77"), devicemap.InvalidOptionError, ["dtype", "'float77'"]),
         (
             dict(hosts=[["1GiB"]], no_split_module_classes=5),
@@ -246,7 +247,7 @@ def test_from_pretrained_for_gpus_this_machine_lacks_says_rehearse(tmp_path):
     torch's "Found no NVIDIA driver" from inside transformers), the same check dispatch and load_checkpoint make."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
     )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
@@ -284,7 +285,7 @@ def test_pipeline_stage_on_a_device_this_machine_lacks(model, device):
     [
         ({"": "cpu", "0": "disk"}, devicemap.InvalidOptionError, "overlap"),
         ({"0": "cpu"}, devicemap.InvalidOptionError, "1.weight"),  # 1.* has no device
-        ({"": "tpu"}, devicemap.UnknownDeviceError, "'tpu'"),
+        ({"": "tpu"}, devicemap.UnknownDeviceError, '"tpu"'),
         ({3: "cpu"}, devicemap.InvalidOptionError, "module name string"),
         ([("", "cpu")], devicemap.InvalidOptionError, "devicemap.Plan"),
     ],

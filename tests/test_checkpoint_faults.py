@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import devicemap
+from tiny_models import tiny_llama_config
 
 CPU = {"cpu": "1GiB"}
 
@@ -236,16 +237,10 @@ def llama_checkpoint(folder, layers_saved: int, layers_in_config: int, mtp_extra
     ``layers_in_config``. ``mtp_extras`` adds DeepSeek-V3-style projection tensors to the last layer.
     Returns the config as saved."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers_saved,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+    config = tiny_llama_config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers_saved
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

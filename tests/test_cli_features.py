@@ -20,6 +20,7 @@ from devicemap import catalog
 from devicemap.cli import command as cli
 from devicemap.cli import inputs as cli_inputs
 from optional_libraries import import_torchao_quantization
+from tiny_models import tiny_llama_config
 
 SMALL = "llama-3.2-1b"  # the cheapest bundled model to build
 DEVICES = ("--gpus", "2x1GiB", "--cpu", "8GiB", "--dtype", "bf16")
@@ -273,18 +274,10 @@ def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(capsys, t
 def test_saved_map_loads_with_from_pretrained(capsys, tmp_path):
     """The file is what transformers takes: a tiny Llama saved to disk loads with it, cpu and disk."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     original = LlamaForCausalLM(config)
     folder = tmp_path / "tiny"
     original.save_pretrained(folder)

@@ -83,7 +83,7 @@ def test_an_unknown_balance_from_the_core_is_an_invalid_option_naming_every_mode
 
 
 def test_the_cli_still_reports_a_rust_panic_as_a_bug_with_exit_3(capsys, monkeypatch):
-    from devicemap import cli
+    from devicemap.cli import command as cli
 
     monkeypatch.setattr(cli, "run_models", _core._panic_for_tests)
     assert cli.main(["models"]) == 3

@@ -44,7 +44,7 @@ def test_sizes_use_accelerate_units():
 
 
 def test_unknown_device_key(model):
-    with pytest.raises(devicemap.UnknownDeviceError, match="'tpu'.*'cpu'"):
+    with pytest.raises(devicemap.UnknownDeviceError, match='"tpu".*"cpu"'):
         devicemap.plan(model, max_memory={"tpu": "1GiB"})
     with pytest.raises(devicemap.UnknownDeviceError, match="twice"):
         devicemap.plan(model, max_memory={0: "1GiB", "cuda:0": "1GiB"})

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import devicemap
 from devicemap import compat
+from tiny_models import tiny_llama_config
 
 from exploration import seed as exploration_seed
 from model_strategies import CLASS_NAMES, models
@@ -698,11 +699,9 @@ quantization_configs = st.one_of(
 
 @pytest.fixture(scope="module")
 def tiny_meta_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
-    )
+    config = tiny_llama_config(num_hidden_layers=2, vocab_size=512, num_key_value_heads=4)
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 

@@ -10,15 +10,14 @@ import torch
 
 import devicemap
 from devicemap import GPU, Hardware, Host
+from tiny_models import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
-    )
+    config = tiny_llama_config(num_hidden_layers=2, vocab_size=512, num_key_value_heads=4)
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 

@@ -17,6 +17,7 @@ import torch
 import devicemap
 from devicemap import integrations as dm_install
 from devicemap.integrations import fallbacks
+from tiny_models import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -27,7 +28,6 @@ from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    LlamaConfig,
     T5Config,
 )
 
@@ -56,15 +56,7 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (tied embeddings) saved with random weights."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tie_word_embeddings=True)
     path = tmp_path_factory.mktemp("llama")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
@@ -525,7 +517,7 @@ import {first}
 import devicemap.integrations as dm_install
 from accelerate import load_checkpoint_and_dispatch
 import transformers.modeling_utils as modeling_utils, peft.peft_model as peft_model
-replaced = dm_install._replacements
+replaced = dm_install.patching._replacements
 assert load_checkpoint_and_dispatch is replaced[("accelerate", "load_checkpoint_and_dispatch")]
 assert modeling_utils._get_device_map is replaced[("transformers.modeling_utils", "_get_device_map")]
 assert peft_model.infer_auto_device_map is replaced[("peft.peft_model", "infer_auto_device_map")]

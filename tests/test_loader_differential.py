@@ -38,6 +38,7 @@ import devicemap
 from devicemap import integrations as dm_install
 from devicemap.inputs.memory import accelerator_count
 from devicemap.integrations import fallbacks
+from tiny_models import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -64,15 +65,7 @@ class Saved:
 
 
 def _llama_config(tied: bool) -> Any:
-    return transformers.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    return tiny_llama_config(tie_word_embeddings=tied)
 
 
 def _save_sd_pipeline(path: Path) -> None:

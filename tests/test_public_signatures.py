@@ -55,5 +55,5 @@ def test_strategy_and_balance_literals_name_exactly_what_the_core_accepts():
 
 def test_plan_checkpoint_names_a_wrong_option_before_reading_any_file(tmp_path):
     # Options are parsed first: a typo is named even when the checkpoint would also fail.
-    with pytest.raises(devicemap.InvalidOptionError, match="'balance'"):
+    with pytest.raises(devicemap.InvalidOptionError, match='invalid strategy "balance"'):
         devicemap.plan_checkpoint(tmp_path / "missing", {0: "1GiB"}, strategy="balance")

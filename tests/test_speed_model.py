@@ -23,6 +23,7 @@ from devicemap.cost.hardware import (
     measure_host,
     pcie_bandwidth,
 )
+from tiny_models import tiny_llama_config
 
 GIB = 2**30
 
@@ -241,10 +242,7 @@ def test_plan_offloaded_blocks_run_on_gpu_0_unless_the_plan_says_otherwise() -> 
 
 def test_config_gives_the_same_estimate_as_the_model() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000,
-    )  # fmt: skip
+    config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_hidden_layers=4)  # fmt: skip
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     plan = devicemap.plan(model, max_memory={0: "3MiB", "cpu": "1GiB"})

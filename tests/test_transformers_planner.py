@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_llama_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
 
 import transformers_planner as tp  # noqa: E402
@@ -45,17 +47,8 @@ def test_from_pretrained_calls_the_function_we_call():
 
 
 def _config(tied: bool):
-    from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    return tiny_llama_config(vocab_size=1024, intermediate_size=160, tie_word_embeddings=tied)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

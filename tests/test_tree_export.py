@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devicemap
+from tiny_models import tiny_llama_config
 
 from model_strategies import models
 
@@ -115,16 +116,9 @@ def test_a_60k_module_tree_exports():
 
 
 def _tied_llama_config():
-    from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
+    return tiny_llama_config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, tie_word_embeddings=True
     )
 
 

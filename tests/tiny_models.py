@@ -7,6 +7,22 @@ import transformers
 
 BF16 = torch.bfloat16
 
+TINY_LLAMA = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+"""The tiny Llama most tests build (random weights, no download); each test overrides what it is about."""
+
+
+def tiny_llama_config(**overrides) -> transformers.LlamaConfig:
+    """:data:`TINY_LLAMA` with ``overrides`` (e.g. ``tie_word_embeddings=True``, ``num_hidden_layers=2``)."""
+    return transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+
 
 def quantizable_llama_config(layers: int) -> transformers.LlamaConfig:
     """A Llama whose Linear layers bitsandbytes and torchao quantize on the CPU. Intermediate 688: 688 * 256 /

@@ -21,7 +21,7 @@ from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory, Workload
 from ..sizing.workload import runtime_memory as workload_runtime
 from .quantized import plan_quantized
-from .solve import solve_tree
+from .solve import plan_tree
 from .speed import plan_for_speed
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def plan(
         return plan_quantized(
             model, tree, max_memory, options, runtime, compute, quantization_config, dtype, unquantized
         )
-    return solve_tree(tree, max_memory, options, runtime, compute)
+    return plan_tree(tree, max_memory, options, runtime, compute)
 
 
 def plan_checkpoint(
@@ -250,4 +250,4 @@ def plan_checkpoint(
     # A pre-quantized checkpoint keeps its quantizer's offload rule (bitsandbytes: no CPU/disk beside GPUs).
     quantization = config.get("quantization_config")
     rule = offload_rule(quantization, pre_quantized=True) if isinstance(quantization, Mapping) else None
-    return solve_tree(tree, max_memory, options, runtime, offload=rule)
+    return plan_tree(tree, max_memory, options, runtime, offload=rule)

@@ -30,7 +30,7 @@ from ..plans import Plan
 from ..sizing.quantization import OffloadRule, offload_rule, quantized_sizer
 from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory
-from .solve import solve_tree
+from .solve import plan_tree
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def plan_quantized(
         k: 0 if v is None else max(0, v - headroom) if isinstance(k, int) else v for k, v in limits.items()
     }
     if rule.offloaded_quantized:
-        plan = solve_tree(tree, capacities, options, runtime, compute, offload=rule)
+        plan = plan_tree(tree, capacities, options, runtime, compute, offload=rule)
     else:
         plan = _fit_unquantized_offload(
             tree, unquantized_tree(), capacities, limits, options, runtime, compute, rule
@@ -103,7 +103,7 @@ def _fit_unquantized_offload(
     first = dict(capacities)
     for _ in range(_ROUNDS):
         try:
-            plan = solve_tree(quantized, capacities, options, runtime, compute, offload=rule)
+            plan = plan_tree(quantized, capacities, options, runtime, compute, offload=rule)
         except DoesNotFitError as err:
             if capacities == first:
                 raise

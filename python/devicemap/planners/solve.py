@@ -1,6 +1,6 @@
 """The memory planner: a sized tree and checked options in, a Plan out, through the core's solve.
 
-:func:`solve_tree` is what the front door (:mod:`devicemap.planners.api`) calls: it applies a quantizer's
+:func:`plan_tree` is what the front door (:mod:`devicemap.planners.api`) calls: it applies a quantizer's
 offload rule and plans again past blocks larger than every GPU. :func:`solve_once` is one call into the core
 as it is, the building block the speed and quantized planners combine.
 """
@@ -21,7 +21,7 @@ from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory, check_runtime_bits
 
 
-def solve_tree(
+def plan_tree(
     tree: ModuleTree,
     max_memory: MaxMemory | None,
     options: PlacementOptions,
@@ -44,7 +44,7 @@ def solve_tree(
             f"{offload.reason if offload else ''}, and max_memory names no GPU; give it one"
         )
     try:
-        return _solve_past_oversized_blocks(tree, usable, options, runtime, compute or [])
+        return _plan_past_oversized_blocks(tree, usable, options, runtime, compute or [])
     except DoesNotFitError as err:
         if offload is None or usable == memory:
             raise
@@ -63,7 +63,7 @@ def solve_tree(
         ) from None
 
 
-def _solve_past_oversized_blocks(
+def _plan_past_oversized_blocks(
     tree: ModuleTree,
     memory: Mapping[DeviceKey, int | None],
     options: PlacementOptions,
@@ -82,8 +82,8 @@ def _solve_past_oversized_blocks(
     first: Plan | None = None
     first_result: _core.SolveResult | None = None
     try:
-        first_result = core_solve(tree, memory, options, runtime, compute)
-        first = plan_of_result(first_result, tree)
+        first_result = _core_result(tree, memory, options, runtime, compute)
+        first = _plan_from_core(first_result, tree)
     except DoesNotFitError as err:
         refusal = err
     largest_gpu = max((cap or 0 for key, cap in memory.items() if isinstance(key, int)), default=None)
@@ -99,7 +99,7 @@ def _solve_past_oversized_blocks(
         cut = (
             first_result
             if first_result is not None
-            else core_solve(
+            else _core_result(
                 tree,
                 {k: (2**50 if isinstance(k, int) else v) for k, v in memory.items()},
                 options,
@@ -150,10 +150,10 @@ def solve_once(
 ) -> Plan:
     """One call into the core with checked options and canonical devices, as it is (no second attempt
     around blocks larger than every GPU, no quantizer rule): the building block of the planners."""
-    return plan_of_result(core_solve(tree, memory, options, runtime, compute), tree)
+    return _plan_from_core(_core_result(tree, memory, options, runtime, compute), tree)
 
 
-def core_solve(
+def _core_result(
     tree: ModuleTree,
     memory: Mapping[DeviceKey, int | None],
     options: PlacementOptions,
@@ -180,7 +180,7 @@ def core_solve(
     )
 
 
-def plan_of_result(result: _core.SolveResult, tree: ModuleTree) -> Plan:
+def _plan_from_core(result: _core.SolveResult, tree: ModuleTree) -> Plan:
     """The :class:`Plan` of a core result. The core hands back bytes (rounded once, in Rust) and devices
     as accelerate's keys; the three maps come as dicts sharing one string per block name."""
     device_map, assignments, execution_map = result.maps()
