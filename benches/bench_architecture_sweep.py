@@ -10,7 +10,7 @@ tensors) and every refusal by a search for a runnable plan (``tests/sweep_oracle
 
 Prints one line per architecture with a finding, then the table (the README's numbers). Exits non-zero
 if a plan over-fills a device, a refusal had a runnable plan, or planning raised anything else. The
-same checks run as a test (``tests/test_architecture_sweep.py``; ``DEVICEMAP_SWEEP=all`` for every
+same checks run as a test (``tests/planners/test_architecture_sweep.py``; ``DEVICEMAP_SWEEP=all`` for every
 architecture).
 """
 

@@ -4,7 +4,7 @@
   ``importlib.metadata`` agrees with ``accelerate.__version__``), to put first on ``PYTHONPATH``
   (``tests/compat_matrix.py`` runs the compat tests so against several releases);
 - :func:`modeling_tests`: the release's own ``tests/test_modeling_utils.py``, from its sdist
-  (``tests/test_accelerate_suite.py`` runs its device-map tests against devicemap.compat).
+  (``tests/compat/test_accelerate_suite.py`` runs its device-map tests against devicemap.compat).
 
 Everything lands in ``$DEVICEMAP_CACHE/accelerate`` (default ``~/.cache/devicemap/accelerate``) and is
 reused; nothing of accelerate is kept in this repository. A download that fails raises

@@ -2,7 +2,7 @@
 config, planned by devicemap under a few memory settings with each strategy, each plan checked by the
 independent accounting of :mod:`sweep_oracle` and each refusal by its search for a runnable plan.
 
-Used by ``tests/test_architecture_sweep.py`` (a fixed subset, or every architecture with
+Used by ``tests/planners/test_architecture_sweep.py`` (a fixed subset, or every architecture with
 ``DEVICEMAP_SWEEP=all``) and ``benches/bench_architecture_sweep.py`` (every architecture, a table).
 """
 

@@ -29,10 +29,10 @@ from accelerate_sources import FetchError, release_dir  # noqa: E402
 
 DEFAULT_VERSIONS = "1.1.1,1.3.0,1.7.0,1.11.0,1.15.0,1.16.0"
 TESTS = [
-    "tests/test_compat_accelerate.py",
-    "tests/test_compat_warnings.py",
-    "tests/test_compat_versions.py",
-    "tests/test_accelerate_suite.py",
+    "tests/compat/test_compat_accelerate.py",
+    "tests/compat/test_compat_warnings.py",
+    "tests/compat/test_compat_versions.py",
+    "tests/compat/test_accelerate_suite.py",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """An independent check of whether a device map runs, and a small search for one that does.
 
 Written from the model's tensors and a plan's ``device_map`` / execution map alone: nothing here reads
-devicemap's byte counts, so it can judge devicemap's plans (``tests/test_architecture_sweep.py``,
+devicemap's byte counts, so it can judge devicemap's plans (``tests/planners/test_architecture_sweep.py``,
 ``benches/bench_architecture_sweep.py``).
 
 What a plan needs on each device, as accelerate's hooks place tensors (``offload_buffers=False``):

@@ -26,7 +26,7 @@ library's own function, with one warning per reason; a device map that is not a 
 silently, unless it names a GPU this machine lacks (:class:`~devicemap.UnknownDeviceError` instead of torch's
 error midway). :func:`uninstall` puts back the exact original function objects.
 
-Unchanged code that loads without devicemap loads with it (``tests/test_loader_differential.py`` runs every
+Unchanged code that loads without devicemap loads with it (``tests/integrations/test_loader_differential.py`` runs every
 loader both ways): each hook plans on the budget the library's own planner uses, ``max_memory`` (or the
 machine's free memory) plus the unbounded disk accelerate's planner appends (accelerate's loader without an
 ``offload_folder`` cannot use it: :class:`~devicemap.OffloadFolderError` when the model needs it); a CPU budget

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import devicemap
+from repo import REPO
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pipeline_llama.py"
+EXAMPLE = REPO / "examples" / "pipeline_llama.py"
 
 
 @pytest.mark.parametrize("processes", [2, 4])

@@ -14,10 +14,10 @@ import textwrap
 import pytest
 import torch
 from accelerate import init_empty_weights
+from test_apply import assert_same, empty_like, memory, outputs
 
 import devicemap
 from conftest import _tiny_configs
-from test_apply import assert_same, empty_like, memory, outputs
 
 
 def load_converted(model, folder, offload_dir, **options):

@@ -17,6 +17,7 @@ import torch
 import devicemap
 from devicemap import integrations as dm_install
 from devicemap.integrations import fallbacks
+from repo import REPO
 from tiny_models import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
@@ -487,7 +488,7 @@ def test_startup_file_installs_only_when_asked(tmp_path: Path, value: str) -> No
     import subprocess
     import sys
 
-    shipped = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap_hooks.pth"
+    shipped = REPO / "python" / "devicemap.data" / "purelib" / "devicemap_hooks.pth"
     assert shipped.read_text().strip() == dm_install.STARTUP_LINE
     site_dir = tmp_path / "site"
     site_dir.mkdir()
@@ -571,7 +572,7 @@ def test_the_installed_package_ships_the_startup_file() -> None:
 
     import devicemap_startup
 
-    source = Path(__file__).parent.parent / "python" / "devicemap.data" / "purelib" / "devicemap_startup.py"
+    source = REPO / "python" / "devicemap.data" / "purelib" / "devicemap_startup.py"
     assert Path(devicemap_startup.__file__).read_text() == source.read_text(), "stale build: run `make build`"
 
     script = "import sys, transformers.modeling_utils as m; print('devicemap' in sys.modules, m._get_device_map.__module__)"

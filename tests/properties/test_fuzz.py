@@ -4,7 +4,7 @@ headers. Whatever goes in, devicemap returns a plan or raises a ``PlacementError
 aborts the interpreter.
 
 It runs in every ``make test`` for a bounded number of examples. A longer hunt:
-``DEVICEMAP_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz.py`` (header mutations scale
+``DEVICEMAP_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/properties/test_fuzz.py`` (header mutations scale
 with it too).
 """
 

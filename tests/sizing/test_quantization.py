@@ -271,7 +271,7 @@ def test_offload_rules_agree_with_transformers(config, pre_quantized):
         if offload == "disk" and not pre_quantized and isinstance(config, transformers.TorchAoConfig):
             # transformers accepts the map, but the model then fails on its first forward: accelerate cannot
             # re-create torchao's tensors as it streams a layer back to the disk (the torchao rows of
-            # tests/test_loader_differential.py). devicemap refuses the disk instead.
+            # tests/integrations/test_loader_differential.py). devicemap refuses the disk instead.
             assert not refused and not rule.allows(offload)
             continue
         assert refused == (not rule.allows(offload)), (offload, rule)

@@ -9,14 +9,14 @@ captured from inside from_pretrained's own call before it would move weights.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from repo import REPO
 from tiny_models import tiny_llama_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+sys.path.insert(0, str(REPO / "benches"))
 
 import transformers_planner as tp  # noqa: E402
 

@@ -27,7 +27,7 @@ from devicemap.compat.versions import installed_accelerate
 
 from model_strategies import describe, max_memories, models, no_split_classes
 
-# DEVICEMAP_EXAMPLES=5000 pytest tests/test_compat_accelerate.py  for a longer hunt.
+# DEVICEMAP_EXAMPLES=5000 pytest tests/compat/test_compat_accelerate.py  for a longer hunt.
 EXAMPLES = int(os.environ.get("DEVICEMAP_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 dtypes = st.sampled_from([None, "float16", torch.bfloat16, torch.float32])

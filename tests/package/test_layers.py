@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo import REPO
+
+ROOT = REPO
 PACKAGE = ROOT / "python" / "devicemap"
 README = ROOT / "README.md"
 

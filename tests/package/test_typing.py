@@ -5,9 +5,10 @@
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo import REPO
+
+ROOT = REPO
 
 USER_CALLS = """
     import torch

@@ -3,9 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benches" / "gpu_check.py"
+from repo import REPO
+
+SCRIPT = REPO / "benches" / "gpu_check.py"
 SKIP_LINE = (
     "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure — "
     "run it on a machine with CUDA GPUs"

@@ -3,9 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benches" / "bench_floors.py"
+from repo import REPO
+
+SCRIPT = REPO / "benches" / "bench_floors.py"
 SECTIONS = [
     "## 1. Header planning",
     "## 2. Module export",

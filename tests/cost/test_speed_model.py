@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from devicemap.cost.hardware import (
     measure_host,
     pcie_bandwidth,
 )
+from repo import REPO
 from tiny_models import tiny_llama_config
 
 GIB = 2**30
@@ -325,7 +325,7 @@ def test_measure_host_reports_positive_rates_and_how_it_measured(tmp_path: objec
 def test_cpu_forward_bench_runs_and_reports_every_phase() -> None:
     """The measured check of the CPU terms is a benchmark (a ratio of timings depends on the machine's load);
     this only checks that it still runs and prints a row per dtype and phase."""
-    script = Path(__file__).resolve().parent.parent / "benches" / "bench_speed_model_cpu.py"
+    script = REPO / "benches" / "bench_speed_model_cpu.py"
     done = subprocess.run(
         [sys.executable, str(script), "--smoke"],
         capture_output=True,
