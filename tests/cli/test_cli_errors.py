@@ -345,3 +345,14 @@ def test_names_from_a_checkpoint_reach_the_terminal_escaped_and_cut(tmp_path):
         devicemap.plan_checkpoint(path, max_memory={"cpu": "1GiB"})
     message = str(caught.value)
     assert len(message) <= 8200 and "characters cut" in message and str(path) in message
+
+
+def test_main_leaves_the_callers_logging_as_it_found_it():
+    """The command quiets accelerate's per-GPU warnings while it runs; a program (or a test run) calling
+    main() in-process keeps its own logging settings afterwards."""
+    import logging
+
+    accelerate_logger = logging.getLogger("accelerate")
+    before = accelerate_logger.level
+    assert cli.main(["models"]) == 0
+    assert accelerate_logger.level == before

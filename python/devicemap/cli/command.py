@@ -607,7 +607,17 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code (see the module docstring). Bad input never shows a traceback."""
     # accelerate warns about every GPU index this machine lacks; planning for other machines is the point.
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    # Quiet only while the command runs: a program calling main() keeps its own logging settings.
+    accelerate_logger = logging.getLogger("accelerate")
+    level = accelerate_logger.level
+    accelerate_logger.setLevel(logging.ERROR)
+    try:
+        return _run_reporting_errors(argv)
+    finally:
+        accelerate_logger.setLevel(level)
+
+
+def _run_reporting_errors(argv: list[str] | None) -> int:
     try:
         code = run(build_parser().parse_args(argv))
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
