@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
-from . import _core
+from . import _core, dtype_names
 from .errors import InvalidOptionError
 from .quantization import QuantizedSizer, quantized_sizer, storage_bits
 
@@ -61,6 +61,9 @@ def target_bits(dtype: DtypeLike, option: str = "dtype") -> int:
     >>> target_bits("bfloat16"), target_bits("float8_e4m3fn")
     (16, 8)
     """
+    named = dtype_names.known(dtype)
+    if named is not None:  # a common name: answered without importing torch
+        return named.bits
     import torch
 
     resolved = to_dtype(dtype, option)
