@@ -12,10 +12,12 @@ accelerate's ``dispatch_model`` / ``load_checkpoint_and_dispatch``. ``devicemap.
 drop-in replacements for accelerate's ``infer_auto_device_map`` and ``get_balanced_memory``.
 """
 
-from . import compat
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
 from ._core import __version__
-from .apply import dispatch, execution_map, from_pretrained, load_checkpoint
-from .checkpoint import checkpoint_tree, plan_checkpoint
 from .errors import (
     AccelerateCompatError,
     CheckpointError,
@@ -32,15 +34,58 @@ from .errors import (
     UnknownDeviceError,
     UnknownModuleError,
 )
-from .estimate import Estimate
-from .hardware import GPU, Hardware, Host, measure_host
-from .integrations import install, install_from_environment, installed, uninstall
-from .memory import available_memory, normalize_max_memory, parse_size
-from .options import STRATEGIES, Balance, Strategy
-from .planning import DeviceUsage, Offload, Plan, plan
-from .stages import Stage, StagePlan, pipeline, plan_stages
-from .tree import ModuleTree
-from .workload import Workload
+
+if TYPE_CHECKING:  # what the names below are, for type checkers and IDEs; imported on first use
+    from . import compat
+    from .apply import dispatch, execution_map, from_pretrained, load_checkpoint
+    from .checkpoint import checkpoint_tree, plan_checkpoint
+    from .estimate import Estimate
+    from .hardware import GPU, Hardware, Host, measure_host
+    from .integrations import install, installed, uninstall
+    from .integrations import install_from_environment as install_from_environment
+    from .memory import available_memory, normalize_max_memory, parse_size
+    from .options import STRATEGIES, Balance, Strategy
+    from .planning import DeviceUsage, Offload, Plan, plan
+    from .stages import Stage, StagePlan, pipeline, plan_stages
+    from .tree import ModuleTree
+    from .workload import Workload
+
+# Public name -> the submodule defining it, imported on first use (PEP 562), so that `import devicemap`
+# (and the `devicemap` command) load torch only when something needs it: the loaders do, a plan from a
+# ModuleTree, a catalog shape or a checkpoint's headers does not.
+_LAZY = {
+    "compat": "compat",
+    **dict.fromkeys(("dispatch", "execution_map", "from_pretrained", "load_checkpoint"), "apply"),
+    **dict.fromkeys(("checkpoint_tree", "plan_checkpoint"), "checkpoint"),
+    "Estimate": "estimate",
+    **dict.fromkeys(("install", "install_from_environment", "installed", "uninstall"), "integrations"),
+    **dict.fromkeys(("GPU", "Hardware", "Host", "measure_host"), "hardware"),
+    **dict.fromkeys(("available_memory", "normalize_max_memory", "parse_size"), "memory"),
+    **dict.fromkeys(("STRATEGIES", "Balance", "Strategy"), "options"),
+    **dict.fromkeys(("DeviceUsage", "Offload", "Plan", "plan"), "planning"),
+    **dict.fromkeys(("Stage", "StagePlan", "pipeline", "plan_stages"), "stages"),
+    "ModuleTree": "tree",
+    "Workload": "workload",
+}
+
+
+if not TYPE_CHECKING:  # type checkers read the imports above, and flag a misspelt name as usual
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        import importlib
+
+        found = importlib.import_module(f"{__name__}.{module}")
+        value = found if name == module else getattr(found, name)
+        globals()[name] = value  # later lookups find it directly
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "STRATEGIES",
@@ -92,5 +137,9 @@ __all__ = [
 ]
 
 # DEVICEMAP=1: existing from_pretrained/load_checkpoint_and_dispatch calls use devicemap's plans (the
-# devicemap_hooks.pth start-up line does this even for programs that never import devicemap).
-install_from_environment()
+# devicemap_hooks.pth start-up line does this even for programs that never import devicemap). The
+# integrations (and importlib.metadata, ~40 ms) are imported only when the variable is set at all.
+if os.environ.get("DEVICEMAP", "").strip():
+    from .integrations import install_from_environment as _install_from_environment
+
+    _install_from_environment()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DoesNotFitError
 from .memory import DeviceKey, MaxMemory, normalize_max_memory
 from .options import Strategy
 from .planning import Plan, plan
 from .tree import DtypeLike, ModuleTree
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 2**20
 Placer = Callable[[int], dict]

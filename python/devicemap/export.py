@@ -14,13 +14,15 @@ Each exporter counts the model's decoder layers on every GPU, in order (GPU i is
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import PlacementError
 from .memory import DeviceKey
 from .planning import Plan, device_for
 from .workload import decoder_layers
+
+if TYPE_CHECKING:
+    import torch
 
 TARGETS = ("vllm", "llama.cpp", "deepspeed", "pipelining")
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .arguments import check_choice
 from .errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError, UnknownDeviceError
@@ -26,6 +24,9 @@ from .memory import Size, absent_devices, accelerator_count, parse_size
 from .options import Balance
 from .planning import Plan, covering_key, plan
 from .tree import DtypeLike, ModuleTree
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ def pipeline(
 def _stage_device(device: object) -> torch.device:
     """The device ``pipeline`` builds a stage on: one this machine has, or :class:`UnknownDeviceError` (never
     torch's own error when the stage's weights move there)."""
+    import torch
+
     try:
         found = torch.device(device or "cpu")  # type: ignore[call-overload]  # checked here, not by the types
     except (RuntimeError, TypeError):
