@@ -51,8 +51,8 @@ rust-test:
 # built binding (stubtest). They come with the test extras; installed here too so `make lint` runs alone.
 lint: build
 	$(BIN)/python -m pip install --quiet "ruff>=0.6" "mypy>=1.10"
-	$(BIN)/ruff check python tests benches examples
-	$(BIN)/ruff format --check python tests benches examples
+	$(BIN)/ruff check python tests benches examples scripts
+	$(BIN)/ruff format --check python tests benches examples scripts
 	$(BIN)/python -m mypy
 	$(BIN)/python -m mypy.stubtest devicemap._core
 
