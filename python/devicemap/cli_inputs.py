@@ -166,7 +166,12 @@ def no_split_classes(texts: list[str] | None, model: Any) -> list[str] | None:
     (the model's own ``_no_split_modules`` then apply). A name no module has is a typo, not a no-op."""
     if not texts:
         return None
-    present = sorted({type(module).__name__ for module in model.modules()})
+    from .catalog.trees import CatalogShape
+
+    if isinstance(model, CatalogShape):  # a bundled model as data: its module classes are listed
+        present = list(model.module_class_names)
+    else:
+        present = sorted({type(module).__name__ for module in model.modules()})
     for name in texts:
         if name not in present:
             close = difflib.get_close_matches(name, present, n=3)
@@ -344,6 +349,15 @@ class ModelSource:
                     )
                 return name
         return None
+
+    def shape(self) -> Any:
+        """A bundled model as data (:class:`devicemap.catalog.trees.CatalogShape`: planned without torch), or
+        None: not a catalog name, or its data does not match its config (then build it: :meth:`meta_model`)."""
+        if self.kind != "catalog":
+            return None
+        from .catalog import trees
+
+        return trees.shape(self.text)
 
     def meta_model(self, command: str):
         """The model on the meta device (for commands that need its modules, not only its headers)."""

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .catalog.planning import plan_shape
+from .catalog.trees import CatalogShape
 from .errors import DoesNotFitError
 from .memory import DeviceKey, MaxMemory, normalize_max_memory
 from .options import Strategy
@@ -41,7 +43,12 @@ class Side:
 
 def accelerate_device_map(model, max_memory: Mapping, strategy: str, no_split: list[str], dtype) -> dict:
     """What transformers does for ``device_map=strategy``: get_balanced_memory (unless sequential), then
-    infer_auto_device_map."""
+    infer_auto_device_map. For a bundled model as data (a CatalogShape), devicemap.compat's port of the
+    installed accelerate computes the same map without torch (see devicemap.catalog.planning)."""
+    if isinstance(model, CatalogShape):
+        from .catalog.planning import accelerate_device_map as from_shape
+
+        return from_shape(model, max_memory, strategy, no_split, dtype)
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
     memory = dict(max_memory)
@@ -87,10 +94,12 @@ def compare(
     dtype: DtypeLike | None = None,
     no_split_module_classes: list[str] | None = None,
 ) -> tuple[Side, Side]:
-    """(devicemap, accelerate) on the same inputs."""
+    """(devicemap, accelerate) on the same inputs. ``model`` may be a bundled model as data (a CatalogShape):
+    both sides then come from its data, without torch."""
     memory = normalize_max_memory(max_memory)
     gpus = [k for k in memory if isinstance(k, int)]
-    tree = ModuleTree.from_module(model, dtype=dtype)
+    shape = model if isinstance(model, CatalogShape) else None
+    tree = shape.tree(dtype) if shape is not None else ModuleTree.from_module(model, dtype=dtype)
     no_split = list(no_split_module_classes or tree.no_split_module_classes)
     # accelerate always may spill to disk, and get_balanced_memory crashes on a "disk" key.
     acc_memory = {k: v for k, v in memory.items() if k != "disk"}
@@ -113,9 +122,12 @@ def compare(
 
     start = time.perf_counter()  # end to end, like accelerate's call: size export + solve
     # The caller's max_memory, not the normalized one: that holds None for disk, which is no Size.
-    mine = plan(
-        model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
-    )
+    if shape is not None:
+        mine = plan_shape(shape, max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype)
+    else:
+        mine = plan(
+            model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
+        )
     mine_seconds = time.perf_counter() - start
     start = time.perf_counter()
     other = accelerate_device_map(model, acc_memory, acc_strategy, no_split, dtype)

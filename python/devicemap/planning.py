@@ -362,10 +362,11 @@ def plan(
         )
     if dtype is not None:
         target_bits(dtype)
-    # A ModuleTree is planned without importing torch (a catalog shape, a checkpoint's tree).
-    is_tree = isinstance(model_or_tree, ModuleTree)
-    model = model_or_tree if not is_tree and isinstance(model_or_tree, torch_module()) else None
-    if is_tree:
+    model = None
+    # A ModuleTree is planned without importing torch (a catalog shape's, a checkpoint's).
+    if not isinstance(model_or_tree, ModuleTree) and isinstance(model_or_tree, torch_module()):
+        model = model_or_tree
+    if isinstance(model_or_tree, ModuleTree):
         if dtype is not None or special_dtypes is not None or quantization_config is not None:
             raise InvalidOptionError(
                 "dtype/special_dtypes/quantization_config apply when sizing a model: pass them to "
