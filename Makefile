@@ -72,6 +72,7 @@ bench: build
 	$(BIN)/python benches/bench_stages.py
 	$(BIN)/python benches/bench_speed.py
 	$(BIN)/python benches/bench_startup.py
+	$(BIN)/python benches/bench_cli_startup.py
 
 # Pictures for the README: the plans as SVG and, rasterised with cairosvg (installed here if missing;
 # it needs the cairo library, Debian's libcairo2), as PNG in docs/. Not part of `make test`.
