@@ -26,7 +26,6 @@ import logging
 import os
 import stat
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -43,7 +42,6 @@ from .formatting import shown_message
 from .memory import DeviceKey, device_key, parse_size
 from .options import OBJECTIVES, STRATEGIES, PlacementOptions
 from .planning import Plan, plan
-from .render import plan_to_html, plan_to_svg
 from .tree import ModuleTree, declared_no_split_classes
 from .workload import Workload
 
@@ -255,6 +253,8 @@ def workload_from_args(
 
 
 def write_picture(result: Plan, path: Path, title: str) -> None:
+    from .render import plan_to_html, plan_to_svg  # here: only pictures need it
+
     text = plan_to_html(result, title) if path.suffix.lower() == ".html" else plan_to_svg(result, title)
     write_atomically(path, text, "the picture")
 
@@ -316,6 +316,8 @@ def _own_stream(status: os.stat_result) -> TextIO | None:
 def _replace_regular_file(path: Path, text: str, what: str) -> None:
     temporary: str | None = None
     try:
+        import tempfile  # here: it imports shutil, bz2 and lzma, which every other command would pay for
+
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)

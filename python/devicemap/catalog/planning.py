@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from .. import _core
@@ -153,6 +152,8 @@ def _warn_offloaded_buffers(
     total = shape.accelerate_buffer_bytes(offloaded, dtype, release)
     if not total > 0:
         return
+    from fractions import Fraction  # here: it imports decimal
+
     gpus = [key for key in memory if key not in ("cpu", "disk")]
     room = any(memory[key] >= total + Fraction(used_bits.get(str(key), 0), 8) for key in gpus)
     if gpus and not room:

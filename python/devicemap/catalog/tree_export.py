@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .trees import FORMAT, STRUCTURE, config_digest, full_names
+from .trees import FORMAT, STRUCTURE, full_names
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ def shape_data(model: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, A
             fields[field] = value
     return {
         "format": FORMAT,
-        "config_sha256": config_digest(config),
+        "source_config": dict(config),  # the file is used only with this config
         "model_class": type(model).__name__,
         "nodes": {key: columns[key] for key in STRUCTURE},
         "tie": columns["tie"],

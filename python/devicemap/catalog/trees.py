@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -219,12 +218,6 @@ def _subtree_ends(parents: Sequence[int]) -> list[int]:
     return ends
 
 
-def config_digest(config: Mapping[str, Any]) -> str:
-    """A digest of a config dict: a data file is used only with the config it was made from."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _element_bits(own: int, name: str, target: int | None) -> int:
     """``_Sizer.element_bits``: a tensor's bits per element, shrunk to ``target`` unless it keeps its width."""
     keeps_width = name.startswith(("uint", "int", "bool"))
@@ -265,6 +258,6 @@ def shape(name: str) -> CatalogShape | None:
 
     data = _load(name)
     config = _configs().get(name)
-    if data is None or config is None or data.get("config_sha256") != config_digest(config):
+    if data is None or config is None or data.get("source_config") != config:
         return None
     return CatalogShape(name, data)
