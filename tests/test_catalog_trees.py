@@ -81,7 +81,8 @@ def test_trees_are_the_trees_of_the_built_models(models, name):
 
 
 @pytest.mark.parametrize("name", catalog.names())
-def test_what_planning_reads_of_the_model_is_recorded(models, name):
+def test_what_planning_reads_of_the_model_is_recorded(models, catalog_data_as_built, name):
+    catalog_data_as_built(name)
     model, shape = models[name], trees.shape(name)
     assert shape is not None
     assert shape.parameter_count == sum(p.numel() for p in model.parameters())

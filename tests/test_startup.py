@@ -64,8 +64,19 @@ COMMANDS = [
 ]
 
 
+def _needs_torch_for_accelerate(args: str) -> bool:
+    """compare (and the demo) before accelerate 1.15 run accelerate itself: it counts GPUs through torch."""
+    from devicemap.catalog.planning import port_applies
+
+    return args.startswith(("compare", "demo")) and not port_applies({0: 1, "cpu": 1})
+
+
 @pytest.mark.parametrize("args", COMMANDS)
 def test_catalog_commands_load_no_torch(args):
+    if _needs_torch_for_accelerate(args):
+        pytest.skip(
+            "the installed accelerate (< 1.15) counts GPUs through torch: compare runs it on the model"
+        )
     assert loaded(command(*args.split())) == []
 
 
@@ -82,6 +93,10 @@ except SystemExit as stop:
 
 
 def test_the_demo_loads_no_torch(tmp_path):
+    if _needs_torch_for_accelerate("demo"):
+        pytest.skip(
+            "the installed accelerate (< 1.15) counts GPUs through torch: the demo runs it on the model"
+        )
     assert loaded(f"import os; os.chdir({str(tmp_path)!r})\n" + command("demo")) == []
 
 

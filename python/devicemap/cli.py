@@ -517,6 +517,9 @@ def shared_inputs_json(args, source, model, memory, dtype, no_split, **placement
 def run_compare(args: argparse.Namespace) -> int:
     # --hardware costs both maps with the speed model, which reads the model's modules
     source, model, memory, dtype, no_split = model_memory_dtype(args, "compare", args.hardware)
+    if isinstance(model, CatalogShape) and not port_applies(memory):
+        # an accelerate older than 1.15 counts GPUs through torch: run it on the model, as before
+        source, model, memory, dtype, no_split = model_memory_dtype(args, "compare", True)
     machine = hardware_from_args(args, memory)
     sides = compare(model, memory, strategy=args.strategy, dtype=dtype, no_split_module_classes=no_split)
     speeds: list[float] = []
@@ -550,7 +553,7 @@ def run_compare(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
-    if isinstance(model, CatalogShape) and port_applies(memory):
+    if isinstance(model, CatalogShape):
         print(f"{port_note()} (so its time is the port's)")
     return 0
 
@@ -609,8 +612,10 @@ def run_demo() -> int:
     from . import catalog
     from .catalog import trees
 
-    model: Any = trees.shape(DEMO_MODEL) or catalog.build_meta_model(DEMO_MODEL)
     memory = {**cli_inputs.gpu_sizes(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
+    # the bundled model as data, unless the installed accelerate needs torch to count GPUs (before 1.15)
+    shape = trees.shape(DEMO_MODEL) if port_applies(memory) else None
+    model: Any = shape or catalog.build_meta_model(DEMO_MODEL)
     start = time.perf_counter()
     if isinstance(model, CatalogShape):  # the bundled model as data: no torch, no transformers
         result = plan_shape(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
@@ -623,8 +628,7 @@ def run_demo() -> int:
     theirs = accelerate_device_map(model, memory, "balanced", model_no_split(model), "bfloat16")
     acc_time = time.perf_counter() - start
     offloaded = [k for k, v in theirs.items() if v in ("cpu", "disk")]
-    shape = isinstance(model, CatalogShape)
-    tree = model.tree("bfloat16") if shape else ModuleTree.from_module(model, dtype="bfloat16")
+    tree = shape.tree("bfloat16") if shape else ModuleTree.from_module(model, dtype="bfloat16")
     loads: dict = {}
     for name, device in theirs.items():
         loads[device] = loads.get(device, 0) + tree.module_bytes(name)
@@ -634,7 +638,7 @@ def run_demo() -> int:
     more = " ..." if len(offloaded) > 4 else ""
     print(f"  {len(offloaded)} module(s) off the GPUs: {', '.join(offloaded[:4])}{more}")
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
-    if shape and port_applies(memory):
+    if shape:
         print(f"time: devicemap {ours * 1e3:.1f} ms ({port_note()}, so not timed)")
     else:
         print(

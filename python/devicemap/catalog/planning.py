@@ -89,7 +89,7 @@ def accelerate_device_map(
     from ..compat_versions import installed_accelerate
 
     release = installed_accelerate()
-    if not port_applies(max_memory):
+    if not port_applies(max_memory) or "disk" in max_memory:
         from ..compare import accelerate_device_map as with_accelerate
         from . import build_meta_model
 
@@ -118,11 +118,11 @@ def accelerate_device_map(
 
 def port_applies(max_memory: Mapping[DeviceKey, object]) -> bool:
     """Whether :func:`accelerate_device_map` computes accelerate's map with devicemap's port (without torch)
-    for this device spec: GPU indices and ``"cpu"`` only, and an installed accelerate (1.15 or later) that
-    counts GPUs by their keys, not through torch."""
+    for this device spec: GPU indices and ``"cpu"`` (``"disk"``, which accelerate's side leaves out, aside),
+    and an installed accelerate (1.15 or later) that counts GPUs by their keys, not through torch."""
     from ..compat_versions import installed_accelerate
 
-    keys_ok = all(isinstance(key, int) or key == "cpu" for key in max_memory)
+    keys_ok = all(isinstance(key, int) or key in ("cpu", "disk") for key in max_memory)
     return keys_ok and installed_accelerate().counts_integer_keys_directly
 
 
