@@ -5,7 +5,8 @@ torch (issue 21).
     .venv/bin/python benches/bench_cli_startup.py --runs 30
     .venv/bin/python benches/bench_cli_startup.py --smoke      # 1 run each (what the test runs)
 
-Each row runs its command in a new interpreter ``--runs`` times and gives the median and the fastest run;
+Each row runs its command in a new interpreter ``--runs`` times, after one run that writes the modules'
+bytecode (as pip does at install; ``PYTHONDONTWRITEBYTECODE`` is ignored), and gives the median and the fastest run;
 one more run with ``PYTHONPROFILEIMPORTTIME=1`` says which of torch / transformers / accelerate it imported.
 The commands: ``import devicemap``; ``devicemap --help``; a plan of a bundled model (``llama-3-70b`` on
 4 x 24 GiB, from its shape shipped as data); the same plan building the model with transformers on the meta
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="one run of each command (for the tests)")
     args = parser.parse_args(argv)
     runs = 1 if args.smoke else max(1, args.runs)
-    env = {**os.environ, "DEVICEMAP": ""}
+    # Modules compiled once, as an installed package runs (pip compiles them at install): a
+    # PYTHONDONTWRITEBYTECODE in this environment would have every run recompile devicemap's sources.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["DEVICEMAP"] = ""
     dm = devicemap_command()
     print(f"# devicemap start-up ({runs} run(s) each, fresh processes; {os.cpu_count()} CPUs)\n")
     print("| command | median | fastest | imported (of torch, transformers, accelerate) |")
