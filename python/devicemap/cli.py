@@ -371,7 +371,7 @@ def catalog_shape(source: cli_inputs.ModelSource, *needs_modules: object) -> Cat
     name, or when one of ``needs_modules`` (flags such as --quant or --hardware) asks for the model itself."""
     if any(needs_modules):
         return None
-    return source.shape()  # type: ignore[no-any-return]
+    return source.shape()
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -12,12 +12,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from .input_files import read_json_object, regular_file_status
 from .memory import DeviceKey, device_key, parse_size
 from .quantization import torchao_quantization
+
+if TYPE_CHECKING:
+    from .catalog.trees import CatalogShape
 
 MIB = 2**20
 MAX_GPUS = 1024
@@ -350,7 +353,7 @@ class ModelSource:
                 return name
         return None
 
-    def shape(self) -> Any:
+    def shape(self) -> CatalogShape | None:
         """A bundled model as data (:class:`devicemap.catalog.trees.CatalogShape`: planned without torch), or
         None: not a catalog name, or its data does not match its config (then build it: :meth:`meta_model`)."""
         if self.kind != "catalog":
