@@ -51,8 +51,8 @@ rust-test:
 # built binding (stubtest). They come with the test extras; installed here too so `make lint` runs alone.
 lint: build
 	$(BIN)/python -m pip install --quiet "ruff>=0.6" "mypy>=1.10"
-	$(BIN)/ruff check python tests benches examples
-	$(BIN)/ruff format --check python tests benches examples
+	$(BIN)/ruff check python tests benches examples scripts
+	$(BIN)/ruff format --check python tests benches examples scripts
 	$(BIN)/python -m mypy
 	$(BIN)/python -m mypy.stubtest devicemap._core
 
@@ -72,6 +72,7 @@ bench: build
 	$(BIN)/python benches/bench_stages.py
 	$(BIN)/python benches/bench_speed.py
 	$(BIN)/python benches/bench_startup.py
+	$(BIN)/python benches/bench_cli_startup.py
 
 # Pictures for the README: the plans as SVG and, rasterised with cairosvg (installed here if missing;
 # it needs the cairo library, Debian's libcairo2), as PNG in docs/. Not part of `make test`.

@@ -107,3 +107,30 @@ def save_sharded(model, folder, shards: int) -> None:
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     model.config.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def catalog_data_as_built():
+    """``check(name)``: whether the shape of catalog model ``name`` shipped as data (what the command plans) is
+    the tree the installed transformers builds. When it is not, the test is skipped if the data was made with
+    other versions of torch/transformers (the oldest supported transformers builds some models otherwise:
+    the command plans the data's shape), and fails if the versions are the same (the data is stale)."""
+    from devicemap import ModuleTree, catalog
+    from devicemap.catalog import tree_export, trees
+
+    answers: dict[str, bool] = {}
+
+    def check(name: str) -> None:
+        if name not in answers:
+            shape = trees.shape(name)
+            built = ModuleTree.from_module(catalog.build_meta_model(name)).core.columns()
+            answers[name] = shape is not None and shape.tree().core.columns() == built
+        if answers[name]:
+            return
+        recorded = (trees._load(name) or {}).get("generated_with")
+        installed = tree_export.versions()
+        if recorded != installed:
+            pytest.skip(f"{name}'s data was made with {recorded}; {installed} builds it otherwise")
+        pytest.fail(f"{name}'s data is stale: rerun `.venv/bin/python scripts/export_catalog_trees.py`")
+
+    return check

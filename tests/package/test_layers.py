@@ -26,13 +26,14 @@ README = ROOT / "README.md"
 LAYERS: list[tuple[str, ...]] = [
     ("devicemap._core", "devicemap.errors", "devicemap.formatting"),
     ("devicemap.inputs",),
-    ("devicemap.sizing", "devicemap.catalog"),
+    ("devicemap.sizing",),
     ("devicemap.cost",),
     ("devicemap.plans",),
     ("devicemap.planners",),
     ("devicemap.loading",),
     ("devicemap.compat",),
     ("devicemap.integrations",),
+    ("devicemap.catalog",),
     ("devicemap.cli",),
 ]
 HEAVY_LIBRARIES = {"torch", "transformers", "accelerate", "diffusers", "peft", "safetensors", "numpy"}

@@ -12,16 +12,15 @@ Build any of them on the meta device to plan it without downloading anything::
 
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 import inspect
-import json
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
 from ..errors import InvalidOptionError, UnknownModuleError
+from . import trees
+from .configs import load_config, names
 
 __all__ = ["MAX_LAYERS", "build_meta_model", "load_config", "names", "parameter_count"]
 
@@ -29,34 +28,6 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_
 MAX_LAYERS = 10_000
 """The deepest config devicemap builds: far beyond any published model (a few hundred layers), while a
 typo such as 10**12 would otherwise keep transformers building layers for hours."""
-
-
-@functools.cache
-def _configs() -> dict[str, dict[str, Any]]:
-    folder = resources.files(__name__) / "configs"
-    found = {}
-    for entry in folder.iterdir():
-        if entry.name.endswith(".json"):
-            found[entry.name[: -len(".json")]] = json.loads(entry.read_text())
-    return found
-
-
-def names() -> list[str]:
-    """The bundled model names, sorted."""
-    return sorted(_configs())
-
-
-def load_config(name: str) -> dict[str, Any]:
-    """The config dict of a bundled model (a copy).
-
-    Raises :class:`devicemap.UnknownModuleError` naming close matches for an unknown name.
-    """
-    configs = _configs()
-    if name not in configs:
-        close = difflib.get_close_matches(name, list(configs), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(names())}"
-        raise UnknownModuleError(f"unknown model {name!r} in the devicemap catalog{hint}")
-    return copy.deepcopy(configs[name])
 
 
 def build_meta_model(name_or_config: str | Mapping[str, Any], num_hidden_layers: int | None = None):
@@ -187,4 +158,7 @@ def _gist(err: BaseException) -> str:
 @functools.cache
 def parameter_count(name: str) -> int:
     """Parameters of a bundled model (each tied storage counted once)."""
+    shape = trees.shape(name)  # recorded with its shape: no model to build
+    if shape is not None:
+        return shape.parameter_count
     return sum(p.numel() for p in build_meta_model(name).parameters())

@@ -26,7 +26,6 @@ import logging
 import os
 import stat
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +33,9 @@ from typing import Any, TextIO
 
 from .. import catalog
 from .._core import __version__
+from ..catalog import trees
+from ..catalog.planning import plan_shape
+from ..catalog.trees import CatalogShape
 from ..errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from ..formatting import shown_message
 from ..inputs.memory import DeviceKey, device_key, parse_size
@@ -44,7 +46,8 @@ from ..sizing.tree import ModuleTree, declared_no_split_classes
 from ..sizing.workload import Workload
 from . import inputs as cli_inputs
 from . import json_output as cli_json
-from .compare import accelerate_device_map, compare, plan_of_map
+from .accelerate_side import accelerate_device_map, port_applies, port_note
+from .compare import compare, plan_of_map
 from .export import TARGETS, export
 from .render import plan_to_html, plan_to_svg
 
@@ -258,6 +261,7 @@ def workload_from_args(
 
 
 def write_picture(result: Plan, path: Path, title: str) -> None:
+
     text = plan_to_html(result, title) if path.suffix.lower() == ".html" else plan_to_svg(result, title)
     write_atomically(path, text, "the picture")
 
@@ -319,6 +323,8 @@ def _own_stream(status: os.stat_result) -> TextIO | None:
 def _replace_regular_file(path: Path, text: str, what: str) -> None:
     temporary: str | None = None
     try:
+        import tempfile  # here: it imports shutil, bz2 and lzma, which every other command would pay for
+
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
@@ -362,7 +368,17 @@ def placement_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) 
 
 def model_no_split(model) -> list[str]:
     """The classes a transformers model declares unsplittable (what the library uses by default)."""
+    if isinstance(model, CatalogShape):
+        return list(model.no_split_module_classes)
     return declared_no_split_classes(model)
+
+
+def catalog_shape(source: cli_inputs.ModelSource, *needs_modules: object) -> CatalogShape | None:
+    """The bundled model as data, planned without torch or transformers; None when the source is no catalog
+    name, or when one of ``needs_modules`` (flags such as --quant or --hardware) asks for the model itself."""
+    if any(needs_modules):
+        return None
+    return source.shape()
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -405,6 +421,21 @@ def run_plan(args: argparse.Namespace) -> int:
             workload=workload,
             **placement,
         )
+    elif (shape := catalog_shape(source, args.quant, args.objective == "speed", machine)) is not None:
+        model = shape
+        no_split = cli_inputs.no_split_classes(args.no_split, shape)
+        result = plan_shape(
+            shape,
+            max_memory=memory,
+            strategy=args.strategy,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            workload=workload,
+            balance=args.balance,
+            execution_device=execution_device,
+            **placement,
+        )
+        no_split = no_split if no_split is not None else model_no_split(shape)
     else:
         model = source.meta_model("plan")
         no_split = cli_inputs.no_split_classes(args.no_split, model)
@@ -466,13 +497,14 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_memory_dtype(args: argparse.Namespace, command: str):
-    """The inputs `compare` and `export` share: the model source, meta model, device spec, dtype and
-    the --no-split classes (None: the model's own)."""
+def model_memory_dtype(args: argparse.Namespace, command: str, *needs_modules: object):
+    """The inputs `compare` and `export` share: the model source, meta model (a catalog model as data unless
+    one of ``needs_modules`` asks for its modules), device spec, dtype and the --no-split classes (None: the
+    model's own)."""
     source = cli_inputs.model_source(args.model)
     memory = memory_from_args(args)
     dtype = cli_inputs.weights_dtype(args.dtype, source)
-    model = source.meta_model(command)
+    model = catalog_shape(source, *needs_modules) or source.meta_model(command)
     return source, model, memory, dtype, cli_inputs.no_split_classes(args.no_split, model)
 
 
@@ -490,7 +522,11 @@ def shared_inputs_json(args, source, model, memory, dtype, no_split, **placement
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    source, model, memory, dtype, no_split = model_memory_dtype(args, "compare")
+    # --hardware costs both maps with the speed model, which reads the model's modules
+    source, model, memory, dtype, no_split = model_memory_dtype(args, "compare", args.hardware)
+    if isinstance(model, CatalogShape) and not port_applies(memory):
+        # an accelerate older than 1.15 counts GPUs through torch: run it on the model, as before
+        source, model, memory, dtype, no_split = model_memory_dtype(args, "compare", True)
     machine = hardware_from_args(args, memory)
     sides = compare(model, memory, strategy=args.strategy, dtype=dtype, no_split_module_classes=no_split)
     speeds: list[float] = []
@@ -524,24 +560,37 @@ def run_compare(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+    if isinstance(model, CatalogShape):
+        print(f"{port_note()} (so its time is the port's)")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    source, model, memory, dtype, no_split = model_memory_dtype(args, "export")
+    needs_modules = (args.quant, args.objective == "speed")
+    source, model, memory, dtype, no_split = model_memory_dtype(args, "export", *needs_modules)
     placement = placement_from_args(args, memory)
     machine = hardware_from_args(args, memory)
-    result = plan(
-        model,
-        max_memory=memory,
-        strategy=args.strategy,
-        no_split_module_classes=no_split,
-        dtype=dtype,
-        quantization_config=cli_inputs.quantization(args.quant),
-        objective=args.objective,
-        hardware=machine if args.objective == "speed" else None,
-        **placement,
-    )
+    if isinstance(model, CatalogShape):
+        result = plan_shape(
+            model,
+            max_memory=memory,
+            strategy=args.strategy,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            **placement,
+        )
+    else:
+        result = plan(
+            model,
+            max_memory=memory,
+            strategy=args.strategy,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            quantization_config=cli_inputs.quantization(args.quant),
+            objective=args.objective,
+            hardware=machine if args.objective == "speed" else None,
+            **placement,
+        )
     text = export(result, model, args.to)
     if args.json:
         inputs = shared_inputs_json(
@@ -565,10 +614,15 @@ def run_models() -> int:
 
 def run_demo() -> int:
     """The main job on the bundled default: plan, show, and compare with accelerate's 'balanced'."""
-    model = catalog.build_meta_model(DEMO_MODEL)
     memory = {**cli_inputs.gpu_sizes(DEMO_GPUS), "cpu": parse_size(DEMO_CPU)}
+    # the bundled model as data, unless the installed accelerate needs torch to count GPUs (before 1.15)
+    shape = trees.shape(DEMO_MODEL) if port_applies(memory) else None
+    model: Any = shape or catalog.build_meta_model(DEMO_MODEL)
     start = time.perf_counter()
-    result = plan(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
+    if isinstance(model, CatalogShape):  # the bundled model as data: no torch, no transformers
+        result = plan_shape(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
+    else:
+        result = plan(model, max_memory=memory, strategy="balanced", dtype="bfloat16")
     ours = time.perf_counter() - start
     print(f"{DEMO_MODEL} (bfloat16) on GPUs {DEMO_GPUS} + CPU {DEMO_CPU}\n")
     print(result)
@@ -576,7 +630,7 @@ def run_demo() -> int:
     theirs = accelerate_device_map(model, memory, "balanced", model_no_split(model), "bfloat16")
     acc_time = time.perf_counter() - start
     offloaded = [k for k, v in theirs.items() if v in ("cpu", "disk")]
-    tree = ModuleTree.from_module(model, dtype="bfloat16")
+    tree = shape.tree("bfloat16") if shape else ModuleTree.from_module(model, dtype="bfloat16")
     loads: dict = {}
     for name, device in theirs.items():
         loads[device] = loads.get(device, 0) + tree.module_bytes(name)
@@ -586,7 +640,12 @@ def run_demo() -> int:
     more = " ..." if len(offloaded) > 4 else ""
     print(f"  {len(offloaded)} module(s) off the GPUs: {', '.join(offloaded[:4])}{more}")
     print(f"devicemap: {len(result.offloaded)} block(s) off the GPUs")
-    print(f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)")
+    if shape:
+        print(f"time: devicemap {ours * 1e3:.1f} ms ({port_note()}, so not timed)")
+    else:
+        print(
+            f"time: devicemap {ours * 1e3:.1f} ms, accelerate {acc_time * 1e3:.1f} ms ({acc_time / ours:.1f}x)"
+        )
     write_picture(result, Path(DEMO_PICTURE), f"{DEMO_MODEL} on {DEMO_GPUS}")
     print(f"picture of the plan: {DEMO_PICTURE}")
     return 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..catalog.planning import plan_shape
+from ..catalog.trees import CatalogShape
 from ..errors import DoesNotFitError
 from ..inputs.dtypes import DtypeLike
 from ..inputs.memory import DeviceKey, MaxMemory, normalize_max_memory
@@ -15,6 +16,10 @@ from ..inputs.options import Strategy
 from ..planners.api import plan
 from ..plans import Plan
 from ..sizing.tree import ModuleTree
+from .accelerate_side import accelerate_device_map
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 2**20
 Placer = Callable[[int], dict]
@@ -37,20 +42,6 @@ class Side:
     def peak_over_mean(self) -> float:
         gpus = [v for k, v in self.device_bytes.items() if isinstance(k, int)]
         return max(gpus) / (sum(gpus) / len(gpus)) if gpus and sum(gpus) else float("nan")
-
-
-def accelerate_device_map(model, max_memory: Mapping, strategy: str, no_split: list[str], dtype) -> dict:
-    """What transformers does for ``device_map=strategy``: get_balanced_memory (unless sequential), then
-    infer_auto_device_map."""
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
-    memory = dict(max_memory)
-    kwargs = dict(no_split_module_classes=no_split, dtype=dtype)
-    if strategy != "sequential":
-        memory = get_balanced_memory(
-            model, max_memory=memory, low_zero=strategy == "balanced_low_0", **kwargs
-        )
-    return dict(infer_auto_device_map(model, max_memory=memory, **kwargs))
 
 
 def min_equal_gpu_memory(place: Placer, low: int, high: int) -> int:
@@ -87,10 +78,12 @@ def compare(
     dtype: DtypeLike | None = None,
     no_split_module_classes: list[str] | None = None,
 ) -> tuple[Side, Side]:
-    """(devicemap, accelerate) on the same inputs."""
+    """(devicemap, accelerate) on the same inputs. ``model`` may be a bundled model as data (a CatalogShape):
+    both sides then come from its data, without torch."""
     memory = normalize_max_memory(max_memory)
     gpus = [k for k in memory if isinstance(k, int)]
-    tree = ModuleTree.from_module(model, dtype=dtype)
+    shape = model if isinstance(model, CatalogShape) else None
+    tree = shape.tree(dtype) if shape is not None else ModuleTree.from_module(model, dtype=dtype)
     no_split = list(no_split_module_classes or tree.no_split_module_classes)
     # accelerate always may spill to disk, and get_balanced_memory crashes on a "disk" key.
     acc_memory = {k: v for k, v in memory.items() if k != "disk"}
@@ -113,9 +106,12 @@ def compare(
 
     start = time.perf_counter()  # end to end, like accelerate's call: size export + solve
     # The caller's max_memory, not the normalized one: that holds None for disk, which is no Size.
-    mine = plan(
-        model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
-    )
+    if shape is not None:
+        mine = plan_shape(shape, max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype)
+    else:
+        mine = plan(
+            model, max_memory=max_memory, strategy=strategy, no_split_module_classes=no_split, dtype=dtype
+        )
     mine_seconds = time.perf_counter() - start
     start = time.perf_counter()
     other = accelerate_device_map(model, acc_memory, acc_strategy, no_split, dtype)

@@ -14,21 +14,30 @@ Each exporter counts the model's decoder layers on every GPU, in order (GPU i is
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..catalog.trees import CatalogShape
 from ..errors import PlacementError
 from ..inputs.memory import DeviceKey
 from ..inputs.module_names import device_for
 from ..plans import Plan
 from ..sizing.workload import decoder_layers
 
+if TYPE_CHECKING:
+    import torch
+
 TARGETS = ("vllm", "llama.cpp", "deepspeed", "pipelining")
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[str]:
+    if isinstance(model, CatalogShape):  # a bundled model as data: its layers are listed
+        return list(model.decoder_layer_names)
+    return decoder_layers(model, getattr(model, "config", None) or _no_config(model))
 
 
 def layer_devices(plan: Plan, model: torch.nn.Module) -> list[tuple[str, DeviceKey]]:
     """Every decoder layer and the device it is planned on, in model order."""
-    layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
+    layers = _decoder_layers(model)
     if not layers:
         raise PlacementError(f"cannot find the decoder layers of {type(model).__name__} to export a split")
     return [(name, _layer_device(name, plan.device_map)) for name in layers]
@@ -56,7 +65,7 @@ def _layer_device(name: str, device_map: dict[str, DeviceKey]) -> DeviceKey:
 
 def cpu_expert_layers(plan: Plan, model: torch.nn.Module) -> list[int]:
     """Indices of the decoder layers whose routed experts the plan keeps off the GPUs."""
-    layers = decoder_layers(model, getattr(model, "config", None) or _no_config(model))
+    layers = _decoder_layers(model)
     found = []
     for index, name in enumerate(layers):
         experts = [key for key in _keys_inside(name, plan.device_map) if _is_expert_key(key)]

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import catalog
+from ..catalog import trees
+from ..catalog.trees import CatalogShape
 from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from ..inputs.files import read_json_object, regular_file_status
@@ -168,7 +170,10 @@ def no_split_classes(texts: list[str] | None, model: Any) -> list[str] | None:
     (the model's own ``_no_split_modules`` then apply). A name no module has is a typo, not a no-op."""
     if not texts:
         return None
-    present = sorted({type(module).__name__ for module in model.modules()})
+    if isinstance(model, CatalogShape):  # a bundled model as data: its module classes are listed
+        present = list(model.module_class_names)
+    else:
+        present = sorted({type(module).__name__ for module in model.modules()})
     for name in texts:
         if name not in present:
             close = difflib.get_close_matches(name, present, n=3)
@@ -344,6 +349,13 @@ class ModelSource:
                     )
                 return name
         return None
+
+    def shape(self) -> CatalogShape | None:
+        """A bundled model as data (:class:`devicemap.catalog.trees.CatalogShape`: planned without torch), or
+        None: not a catalog name, or its data does not match its config (then build it: :meth:`meta_model`)."""
+        if self.kind != "catalog":
+            return None
+        return trees.shape(self.text)
 
     def meta_model(self, command: str):
         """The model on the meta device (for commands that need its modules, not only its headers)."""

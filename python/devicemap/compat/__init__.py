@@ -266,6 +266,19 @@ def get_balanced_memory(
         accelerate_tie_order=True,
         element_bits=release.element_bits,
     )
+    return balanced_memory_of_tree(tree, memory, no_split_module_classes, low_zero, num_devices, release)
+
+
+def balanced_memory_of_tree(
+    tree: ModuleTree,
+    memory: dict[DeviceKey, int | float],
+    no_split_module_classes: object,
+    low_zero: bool,
+    num_devices: int,
+    release: AccelerateRelease,
+) -> dict[DeviceKey, int | float]:
+    """The rest of :func:`get_balanced_memory` once ``memory`` is read (``get_max_memory``'s order) and its
+    ``num_devices`` accelerators counted: the per-GPU budgets for ``tree`` (sized as accelerate sizes it)."""
     share = num_devices - 1 if low_zero else num_devices
     total_bits, per_gpu_bits = _core.balanced_budget(
         tree.core, _no_split(no_split_module_classes, release), share

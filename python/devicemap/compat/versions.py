@@ -129,13 +129,19 @@ class AccelerateRelease:
         >>> [AccelerateRelease(v).element_bits(torch.float8_e5m2) for v in [(1, 7, 0), (1, 8, 0)]]
         [0, 8]
         """
-        import torch
+        return self.element_bits_of(str(dtype).removeprefix("torch."), int(dtype.itemsize))
 
-        if dtype == torch.bool:
+    def element_bits_of(self, name: str, itemsize: int) -> int:
+        """:meth:`element_bits` of the dtype torch names ``name`` (``str(dtype)`` without ``torch.``), whose
+        elements take ``itemsize`` bytes: the same answer without torch (for the catalog's data trees).
+
+        >>> AccelerateRelease((1, 7, 0)).element_bits_of("bool", 1), NEWEST.element_bits_of("uint4", 1)
+        (1, 8)
+        """
+        if name == "bool":
             return 1
         if self._at_least(1, 16):
-            return int(dtype.itemsize) * 8
-        name = str(dtype).removeprefix("torch.")
+            return itemsize * 8
         float8 = {"float8_e4m3fn"}
         if self._at_least(1, 8):
             float8.add("float8_e5m2")
@@ -143,10 +149,10 @@ class AccelerateRelease:
             float8.update({"float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"})
         if name in float8:
             return 8
-        width = re.search(r"[^\d](\d+)$", str(dtype))
+        width = re.search(r"[^\d](\d+)$", f"torch.{name}")
         if width is None:
             raise AccelerateCompatError(
-                f"accelerate {'.'.join(map(str, self.version))} cannot size {dtype} tensors (its dtype_byte_size "
+                f"accelerate {'.'.join(map(str, self.version))} cannot size torch.{name} tensors (its dtype_byte_size "
                 "raises ValueError); accelerate 1.14 and later can"
             )
         return int(width.group(1)) // 8 * 8

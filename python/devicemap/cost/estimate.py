@@ -37,8 +37,9 @@ from ..inputs.dtypes import dtype_bits, to_dtype
 from ..inputs.memory import device_key
 from ..inputs.model_config import config_count, config_value, text_config
 from ..inputs.module_names import closest_key
+from ..sizing.compute import expert_share, flops_per_token, is_routed_experts
 from ..sizing.tree import ModuleTree
-from ..sizing.workload import Workload
+from ..sizing.workload import Workload, compute_dtype, decoder_layers
 from .hardware import Hardware
 
 if TYPE_CHECKING:
@@ -439,8 +440,6 @@ def _compute_bits(model: torch.nn.Module, plan: Placement, dtype: Any) -> int:
     """Bits of the compute dtype: ``dtype``'s; else the width the plan sized the weights at (a model built
     in float32 on the meta device and planned with ``dtype="bfloat16"`` computes in 16 bits), which is
     the model's own floating dtype unless ``plan(dtype=...)`` said otherwise."""
-    from ..sizing.workload import compute_dtype
-
     if dtype is not None:
         resolved = compute_dtype(dtype)
         return dtype_bits(to_dtype(resolved)) if resolved is not None else 16
@@ -458,9 +457,6 @@ def block_costs(
 ) -> list[BlockCost]:
     """The :class:`BlockCost` of every block of ``plan`` (in ``plan.assignments`` order) for ``model``."""
     import torch
-
-    from ..sizing.compute import expert_share, flops_per_token, is_routed_experts
-    from ..sizing.workload import compute_dtype, decoder_layers
 
     assignments = plan.assignments
     execution = execution_devices(plan)

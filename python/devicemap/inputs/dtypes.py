@@ -6,6 +6,7 @@ import re
 from typing import TYPE_CHECKING, Union
 
 from ..errors import InvalidOptionError
+from . import dtype_names
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,9 @@ def target_bits(dtype: DtypeLike, option: str = "dtype") -> int:
     >>> target_bits("bfloat16"), target_bits("float8_e4m3fn")
     (16, 8)
     """
+    named = dtype_names.known(dtype)
+    if named is not None:  # a common name: answered without importing torch
+        return named.bits
     import torch
 
     resolved = to_dtype(dtype, option)

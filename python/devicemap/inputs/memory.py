@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, overload
 
@@ -87,13 +88,10 @@ def device_key(key: object) -> DeviceKey:
         if key < 0:
             raise UnknownDeviceError(f"unknown device {key!r}: GPU indices start at 0")
         return key
-    try:
-        import torch
-
-        if isinstance(key, torch.device):
-            key = str(key)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    # A torch.device exists only once torch is imported: no need to import it for an int or a str.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(key, torch.device):
+        key = str(key)
     if isinstance(key, str):
         return _core.parse_device(key)  # type: ignore[return-value]  # an index or "mps"/"cpu"/"disk"
     raise UnknownDeviceError(

@@ -148,7 +148,10 @@ def plan(
         )
     if dtype is not None:
         target_bits(dtype)
-    model = model_or_tree if isinstance(model_or_tree, _torch_module()) else None
+    model = None
+    # A ModuleTree is planned without importing torch (a catalog shape's, a checkpoint's).
+    if not isinstance(model_or_tree, ModuleTree) and isinstance(model_or_tree, _torch_module()):
+        model = model_or_tree
     if isinstance(model_or_tree, ModuleTree):
         if dtype is not None or special_dtypes is not None or quantization_config is not None:
             raise InvalidOptionError(

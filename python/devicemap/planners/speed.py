@@ -62,6 +62,8 @@ from ..errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError
 from ..formatting import format_bytes
 from ..inputs.memory import normalize_max_memory
 from ..inputs.module_names import closest_key
+from ..sizing.compute import expert_share, is_routed_experts
+from ..sizing.workload import decoder_layers
 from .solve import solve_once
 
 if TYPE_CHECKING:
@@ -273,9 +275,6 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
     """The no-split classes for the speed objective: ``classes``, except that for a mixture-of-experts
     model each decoder layer is opened so its routed experts are a block of their own (module docstring)."""
     import torch
-
-    from ..sizing.compute import expert_share, is_routed_experts
-    from ..sizing.workload import decoder_layers
 
     config = getattr(model, "config", None)
     count, _ = expert_share(config)

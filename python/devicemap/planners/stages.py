@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidOptionError, InvalidSizeError, TiedPinConflictError, UnknownDeviceError
 from ..formatting import format_bytes
@@ -29,6 +27,9 @@ from ..inputs.options import Balance
 from ..plans import Plan
 from ..sizing.tree import ModuleTree
 from .api import plan
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ def pipeline(
 def _stage_device(device: object) -> torch.device:
     """The device ``pipeline`` builds a stage on: one this machine has, or :class:`UnknownDeviceError` (never
     torch's own error when the stage's weights move there)."""
+    import torch
+
     try:
         found = torch.device(device or "cpu")  # type: ignore[call-overload]  # checked here, not by the types
     except (RuntimeError, TypeError):

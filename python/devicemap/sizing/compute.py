@@ -5,11 +5,12 @@ actually uses. Embedding lookups cost nothing; in mixture-of-experts layers only
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..inputs.model_config import config_value, text_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def expert_share(config: Any | None) -> tuple[int, float]:
@@ -26,6 +27,8 @@ def expert_share(config: Any | None) -> tuple[int, float]:
 def is_routed_experts(local_name: str, module: torch.nn.Module, experts: int) -> bool:
     """The routed experts of an MoE layer: a list of ``experts`` modules, or a fused ``*Experts`` module,
     held under a name mentioning experts (shared experts always run and are not scaled)."""
+    import torch
+
     if "expert" not in local_name.lower() or "shared" in local_name.lower():
         return False
     if isinstance(module, torch.nn.ModuleList):
@@ -37,6 +40,8 @@ def flops_per_token(model: torch.nn.Module) -> list[tuple[str, int]]:
     """``[(module name, FLOPs per token)]`` for every module holding parameters directly. A module
     registered under several names counts once, under its first (as ``named_modules`` lists it), so
     shared and cyclic module graphs are walked in linear time."""
+    import torch
+
     experts, share = expert_share(getattr(model, "config", None))
     result: list[tuple[str, int]] = []
     stack: list[tuple[str, torch.nn.Module, float]] = [("", model, 1.0)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import importlib.metadata
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -436,6 +435,8 @@ def check_quantizer_runs(quantization_config: Any, device_map: Mapping[str, Any]
 
 
 def _installed_version(distribution: str) -> str:
+    import importlib.metadata  # here: it costs the command's start-up ~15 ms
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

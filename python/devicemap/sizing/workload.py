@@ -15,15 +15,23 @@ device, GPU 0), so devicemap plans it there instead of discovering it as an out-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidOptionError, InvalidSizeError
+from ..inputs import dtype_names
 from ..inputs.dtypes import DtypeLike, dtype_bits, to_dtype
 from ..inputs.memory import MAX_SIZE
 from ..inputs.model_config import config_count, config_value, text_config
 from .tree import ModuleTree
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _element_bits(dtype: DtypeLike, option: str = "dtype") -> int:
+    """:func:`dtype_bits` of a dtype or its name (common names without importing torch)."""
+    named = dtype_names.known(dtype)
+    return named.bits if named is not None else dtype_bits(to_dtype(dtype, option))
 
 
 def compute_dtype(dtype: DtypeLike | None) -> DtypeLike | None:
@@ -32,6 +40,9 @@ def compute_dtype(dtype: DtypeLike | None) -> DtypeLike | None:
     weight sizes, which quantized models still compute in 16 bits."""
     if dtype is None:
         return None
+    named = dtype_names.known(dtype)
+    if named is not None:  # a name: answered without torch, as the name
+        return named.name if named.floating and named.bits >= 16 else None
     resolved = to_dtype(dtype)
     return resolved if resolved.is_floating_point and dtype_bits(resolved) >= 16 else None
 
@@ -66,11 +77,11 @@ class Workload:
                 f"Workload.logits_tokens must be a non-negative int or None, got {tokens!r}"
             )
         if self.kv_dtype is not None:
-            dtype_bits(to_dtype(self.kv_dtype, "Workload.kv_dtype"))
+            _element_bits(self.kv_dtype, "Workload.kv_dtype")
 
     def _bytes_per(self, dtype: DtypeLike | None, fallback: DtypeLike | None) -> int:
-        chosen = dtype if dtype is not None else fallback if fallback is not None else torch.float16
-        return dtype_bits(to_dtype(chosen)) // 8
+        chosen = dtype if dtype is not None else fallback if fallback is not None else "float16"
+        return _element_bits(chosen) // 8
 
     def kv_cache_bytes_per_layer(self, config: Any, dtype: DtypeLike | None = None) -> int:
         """KV cache of one decoder layer, from the model config (transformers naming, T5 naming)."""
@@ -105,6 +116,8 @@ class Workload:
 
 def decoder_layers(model: torch.nn.Module, config: Any) -> list[str]:
     """Names of the layers that hold a KV cache: the ModuleList with one entry per decoder layer."""
+    import torch
+
     c = text_config(config)
     count = config_value(c, "num_decoder_layers", "num_hidden_layers", "num_layers", "n_layer")
     candidates = [

@@ -665,6 +665,30 @@ impl ModuleTree {
         &self.tie_groups
     }
 
+    /// The columns of this tree as [`ModuleTree::from_columns`] takes them: local names, tie numbers as
+    /// positions in [`ModuleTree::tie_groups`], a tensor counted under an earlier name at 0 bits.
+    /// Building a tree from them gives this tree again (to store a tree as data, or compare two).
+    pub fn to_columns(&self) -> TreeColumns {
+        let n = self.len();
+        let mut tie = vec![-1i64; n];
+        for (group, members) in self.tie_groups.iter().enumerate() {
+            for &member in members {
+                tie[member as usize] = group as i64;
+            }
+        }
+        let nodes = 0..n as NodeId;
+        TreeColumns {
+            names: nodes.clone().map(|i| self.local_name(i).to_string()).collect(),
+            parents: nodes.map(|i| self.parent(i).map_or(-1, i64::from)).collect(),
+            kinds: self.kind.iter().map(|&k| k as u8).collect(),
+            classes: self.class.clone(),
+            class_names: self.class_names.clone(),
+            bits: self.own_bits.clone(),
+            duplicate: self.duplicate.clone(),
+            tie,
+        }
+    }
+
     /// The node with this full name, found by descending from the root one dotted part at a time
     /// (no name index to build or keep: a lookup costs the depth times the siblings compared).
     pub fn find(&self, name: &str) -> Option<NodeId> {
@@ -894,6 +918,23 @@ mod tests {
         );
         assert!(t.is_strict_descendant(t.find("layers.1.w").unwrap(), layers));
         assert!(!t.is_strict_descendant(layers, layers));
+    }
+
+    #[test]
+    fn columns_rebuild_the_same_tree() {
+        let t = small();
+        let columns = t.to_columns();
+        assert_eq!(columns.names[..3], ["".to_string(), "emb".into(), "weight".into()]);
+        assert_eq!(columns.tie.iter().filter(|&&g| g == 0).count(), 2);
+        let again = ModuleTree::from_columns(columns.clone()).unwrap();
+        let same = again.to_columns();
+        assert_eq!(
+            (same.names, same.parents, same.kinds, same.classes),
+            (columns.names, columns.parents, columns.kinds, columns.classes)
+        );
+        assert_eq!((same.class_names, same.bits), (columns.class_names, columns.bits));
+        assert_eq!((same.duplicate, same.tie), (columns.duplicate, columns.tie));
+        assert_eq!(again.subtree_bits(0), t.subtree_bits(0));
     }
 
     #[test]

@@ -18,6 +18,18 @@ use pyo3::prelude::*;
 use records::{named_devices, DeviceKey, DeviceUsageRecord, OffloadRecord, SolveResult};
 use std::sync::Arc;
 
+/// `Tree.columns()`: what `Tree(...)` takes, in its argument order.
+type ColumnTuple = (
+    Vec<String>,
+    Vec<i64>,
+    Vec<u16>,
+    Vec<u32>,
+    Vec<String>,
+    Vec<u64>,
+    Vec<bool>,
+    Vec<i64>,
+);
+
 /// An immutable module size tree owned by Rust (build it with `devicemap.ModuleTree`).
 #[pyclass(frozen, module = "devicemap._core")]
 struct Tree {
@@ -91,6 +103,24 @@ impl Tree {
             .iter()
             .map(|g| g.iter().map(|&m| self.inner.name(m).to_string()).collect())
             .collect()
+    }
+
+    /// The columns `Tree(...)` takes, read back: (names, parents, kinds, classes, class_names, bits,
+    /// duplicate, tie); `Tree(*tree.columns())` is the same tree.
+    fn columns(&self) -> ColumnTuple {
+        let c = self.inner.to_columns();
+        // kinds as ints: pyo3 would hand a Vec<u8> to Python as bytes
+        let kinds = c.kinds.into_iter().map(u16::from).collect();
+        (
+            c.names,
+            c.parents,
+            kinds,
+            c.classes,
+            c.class_names,
+            c.bits,
+            c.duplicate,
+            c.tie,
+        )
     }
 
     fn suggest(&self, name: &str) -> Vec<String> {
