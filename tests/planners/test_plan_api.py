@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psutil
+import pytest
 import torch
 from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
@@ -82,3 +83,31 @@ def test_plan_accepts_a_tree_and_explains_offloads():
     assert all("did not fit on the GPUs" in o.reason for o in result.offloaded)
     text = str(result)
     assert "sequential" in text and "cpu" in text and "offloaded (4 blocks)" in text
+
+
+class _CountingMemory(dict):
+    """A max_memory that counts how often it is read."""
+
+    reads = 0
+
+    def items(self):  # type: ignore[override]
+        type(self).reads += 1
+        return super().items()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+        {"strategy": "balanced", "gpu0_reserve": "1KiB"},
+    ],
+    ids=["memory", "quantized", "balanced"],
+)
+def test_max_memory_is_read_once_whichever_planner_runs(tiny_llama, options):
+    """The front door checks max_memory once into a budget the planners share (the quantized planner
+    no longer normalises it again, turning the disk's unbounded None into 0 and back)."""
+    _CountingMemory.reads = 0
+    memory = _CountingMemory({0: "40MiB", 1: "40MiB", "cpu": "1GiB", "disk": "0"})
+    devicemap.plan(tiny_llama, memory, **options)
+    assert _CountingMemory.reads == 1

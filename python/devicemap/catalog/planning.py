@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidOptionError
 from ..inputs.dtypes import DtypeLike
-from ..inputs.memory import DeviceKey, MaxMemory, Size
+from ..inputs.memory import DeviceKey, MaxMemory, Size, normalize_max_memory
 from ..inputs.options import Balance, PlacementOptions, Strategy
 from ..planners.solve import plan_tree
 from ..plans import Plan
@@ -64,4 +64,4 @@ def plan_shape(
     tree = shape.tree(dtype)
     runtime = shape.runtime(workload, tree, dtype) if workload is not None else RuntimeMemory()
     compute = list(shape.flops) if options.balance == "compute" else []
-    return plan_tree(tree, max_memory, options, runtime, compute)
+    return plan_tree(tree, normalize_max_memory(max_memory), options, runtime, compute)

@@ -16,6 +16,9 @@ DeviceKey = int | str
 Size = int | float | str
 
 MaxMemory = Mapping[Any, Size]
+Budget = dict["DeviceKey", "int | None"]
+"""``max_memory`` once checked (:func:`normalize_max_memory`): bytes per device in placement order, ``None``
+for the unbounded disk. The planners take this, so the user's ``max_memory`` is read once, at the front door."""
 """``max_memory`` as callers give it. The key is ``Any`` because a Mapping is invariant in its key type: a
 ``dict[int, str]`` is not a ``Mapping[object, str]``. :func:`device_key` checks every key at run time."""
 
@@ -234,7 +237,7 @@ def available_memory() -> dict[DeviceKey, int]:
     return found
 
 
-def normalize_max_memory(max_memory: MaxMemory | None) -> dict[DeviceKey, int | None]:
+def normalize_max_memory(max_memory: MaxMemory | None) -> Budget:
     """Validate ``max_memory`` and return ``{device: bytes}`` in placement order (disk: ``None``,
     unbounded). ``None`` reads the machine's free memory.
 

@@ -11,7 +11,7 @@ from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError
 from ..inputs.arguments import check_flag, check_mapping, check_path
 from ..inputs.dtypes import DtypeLike, target_bits
-from ..inputs.memory import DeviceKey, MaxMemory, Size
+from ..inputs.memory import DeviceKey, MaxMemory, Size, normalize_max_memory
 from ..inputs.options import Balance, Objective, PlacementOptions, Strategy
 from ..plans import Plan
 from ..sizing.checkpoint import checkpoint_runtime_memory, checkpoint_tree, find_config
@@ -123,6 +123,7 @@ def plan(
         objective=objective,
     )
     check_flag("untie", untie)
+    budget = normalize_max_memory(max_memory)
     if options.objective == "speed":
         ignored = [
             f"{name}={value!r}"
@@ -191,18 +192,16 @@ def plan(
             raise InvalidOptionError(
                 "objective='speed' does not plan quantized models yet; use objective='memory'"
             )
-        return plan_for_speed(
-            model, tree, max_memory, options, runtime, workload or Workload(), hardware, dtype
-        )
+        return plan_for_speed(model, tree, budget, options, runtime, workload or Workload(), hardware, dtype)
     if quantization_config is not None and model is not None:
 
         def unquantized() -> ModuleTree:
             return ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
 
         return plan_quantized(
-            model, tree, max_memory, options, runtime, compute, quantization_config, dtype, unquantized
+            model, tree, budget, options, runtime, compute, quantization_config, dtype, unquantized
         )
-    return plan_tree(tree, max_memory, options, runtime, compute)
+    return plan_tree(tree, budget, options, runtime, compute)
 
 
 def plan_checkpoint(
@@ -244,6 +243,7 @@ def plan_checkpoint(
         strategy=strategy, pins=pins, offload_buffers=offload_buffers, gpu0_reserve=gpu0_reserve
     )
     path = check_path("checkpoint path", path)
+    budget = normalize_max_memory(max_memory)
     check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     if workload is not None and not isinstance(workload, Workload):
         raise InvalidOptionError(f"workload must be a devicemap.Workload, got {workload!r}")
@@ -253,4 +253,4 @@ def plan_checkpoint(
     # A pre-quantized checkpoint keeps its quantizer's offload rule (bitsandbytes: no CPU/disk beside GPUs).
     quantization = config.get("quantization_config")
     rule = offload_rule(quantization, pre_quantized=True) if isinstance(quantization, Mapping) else None
-    return plan_tree(tree, max_memory, options, runtime, offload=rule)
+    return plan_tree(tree, budget, options, runtime, offload=rule)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DoesNotFitError
 from ..inputs.dtypes import DtypeLike, target_bits
-from ..inputs.memory import DeviceKey, MaxMemory, normalize_max_memory
+from ..inputs.memory import Budget, DeviceKey
 from ..inputs.options import PlacementOptions
 from ..plans import Plan
 from ..sizing.quantization import OffloadRule, offload_rule, quantized_sizer
@@ -46,7 +46,7 @@ _ROUNDS = 16  # each round shrinks an overflowing device by at least its overflo
 def plan_quantized(
     model: torch.nn.Module,
     tree: ModuleTree,
-    max_memory: MaxMemory | None,
+    limits: Budget,
     options: PlacementOptions,
     runtime: RuntimeMemory,
     compute: list[tuple[str, int]],
@@ -58,11 +58,9 @@ def plan_quantized(
     ``unquantized_tree`` builds the same model's tree without the quantizer, for offloaded layers that
     load unquantized."""
     rule = offload_rule(quantization_config)
-    limits = normalize_max_memory(max_memory)
     headroom = load_headroom(model, quantization_config, dtype)
-    # disk is unbounded whatever size is given for it (normalize_max_memory reports it as None)
-    capacities: dict[DeviceKey, int] = {
-        k: 0 if v is None else max(0, v - headroom) if isinstance(k, int) else v for k, v in limits.items()
+    capacities: Budget = {
+        k: max(0, v - headroom) if isinstance(k, int) and v is not None else v for k, v in limits.items()
     }
     if rule.offloaded_quantized:
         plan = plan_tree(tree, capacities, options, runtime, compute, offload=rule)
@@ -91,8 +89,8 @@ def load_headroom(model: torch.nn.Module, quantization_config: Any, dtype: Dtype
 def _fit_unquantized_offload(
     quantized: ModuleTree,
     unquantized: ModuleTree,
-    capacities: dict[DeviceKey, int],
-    limits: dict[DeviceKey, int | None],
+    capacities: Budget,
+    limits: Budget,
     options: PlacementOptions,
     runtime: RuntimeMemory,
     compute: list[tuple[str, int]],
@@ -117,7 +115,9 @@ def _fit_unquantized_offload(
         if not overflow:
             return _with_real_sizes(plan, extra, unquantized)
         for device, excess in overflow.items():
-            capacities[device] = max(0, capacities[device] - excess)
+            capacity = capacities[device]
+            assert capacity is not None, "overflow is only counted on bounded devices"
+            capacities[device] = max(0, capacity - excess)
     raise DoesNotFitError(_UNQUANTIZED_DO_NOT_FIT)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from .. import _core
 from ..errors import DoesNotFitError, PlacementError, UnknownDeviceError
 from ..formatting import format_bytes
-from ..inputs.memory import DeviceKey, MaxMemory, bytes_to_bits, normalize_max_memory
+from ..inputs.memory import Budget, DeviceKey, bytes_to_bits
 from ..inputs.options import PlacementOptions
 from ..plans import DeviceUsage, Offload, Plan
 from ..sizing.quantization import OffloadRule
@@ -23,7 +23,7 @@ from ..sizing.workload import RuntimeMemory, check_runtime_bits
 
 def plan_tree(
     tree: ModuleTree,
-    max_memory: MaxMemory | None,
+    memory: Budget,
     options: PlacementOptions,
     runtime: RuntimeMemory | None = None,
     compute: list[tuple[str, int]] | None = None,
@@ -32,10 +32,9 @@ def plan_tree(
     """Place a sized tree with checked options: what :func:`plan` and :func:`devicemap.plan_checkpoint`
     share once each has sized its input. ``offload``: a quantizer's rule on CPU/disk placement."""
     runtime = runtime or RuntimeMemory()
-    memory = normalize_max_memory(max_memory)
     if set(memory) == {"disk"}:
         raise UnknownDeviceError(
-            f"max_memory {dict(max_memory or {})!r} names only 'disk': weights can be stored there, but layers "
+            "max_memory names only 'disk': weights can be stored there, but layers "
             "run on a GPU or the CPU; add 'cpu' (e.g. {'cpu': '64GiB', 'disk': 0}) or a GPU"
         )
     usable = offload.usable(memory) if offload is not None else memory

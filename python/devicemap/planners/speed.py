@@ -60,7 +60,7 @@ from ..cost.estimate import ExecutionDevice, activation_time, block_time, model_
 from ..cost.hardware import Hardware
 from ..errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError
 from ..formatting import format_bytes
-from ..inputs.memory import normalize_max_memory
+from ..inputs.memory import Budget
 from ..inputs.module_names import closest_key
 from ..sizing.compute import expert_share, is_routed_experts
 from ..sizing.workload import decoder_layers
@@ -339,7 +339,7 @@ def _runtime_per_block(blocks: Sequence[str], runtime: RuntimeMemory) -> dict[st
 def plan_for_speed(
     model: torch.nn.Module,
     tree: ModuleTree,
-    max_memory: Any,
+    memory: Budget,
     options: PlacementOptions,
     runtime: RuntimeMemory,
     workload: Workload,
@@ -356,7 +356,6 @@ def plan_for_speed(
         )
     if options.pins:
         raise InvalidOptionError("objective='speed' chooses every block's device; it does not take pins yet")
-    memory = normalize_max_memory(max_memory)
     gpus = [k for k in memory if k not in ("cpu", "disk")]
     if any(not isinstance(k, int) or k != i for i, k in enumerate(gpus)):
         raise InvalidOptionError(
