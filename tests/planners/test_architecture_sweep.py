@@ -67,7 +67,7 @@ def test_architecture_plans_fit_and_refusals_are_justified(model_type, class_nam
 
 def test_the_subset_is_fixed_and_covers_the_reported_architectures():
     every = architectures()
-    assert len(every) > 500  # transformers 5 maps this many model types to a class
+    assert len(every) > 400  # transformers 5.0 maps 422 model types to a class, later 5.x more
     assert subset(every, EVERY) == subset(list(reversed(every)), EVERY)[::-1]
     chosen = {a for a, _ in subset(every, EVERY)}
     assert {"albert", "big_bird", "blenderbot-small", "openai-gpt", "wavtokenizer"} <= chosen
