@@ -13,7 +13,8 @@ process started with ``DEVICEMAP=1``. The rule checked for every case:
   :class:`devicemap.PlacementError`, never another exception type.
 
 A load whose outputs are meta tensors (weights never loaded) is a failure. A case that no run can load for an
-upstream limit, the same for plain and installed, skips naming it (``tests/optional_libraries.py``):
+upstream limit, the same for plain and installed, skips naming it (``tests/optional_libraries.py``): a library
+the case needs cannot import with this torch, transformers cannot swap quantized layers in with this torch, or
 transformers cannot run the map both runs planned, the whole model on disk.
 
 The cases are a table (:data:`CASES`): a loader path and the options it is called with. The module writes a
@@ -43,7 +44,12 @@ import devicemap
 from devicemap import integrations as dm_install
 from devicemap.inputs.memory import accelerator_count
 from devicemap.integrations import fallbacks
-from optional_libraries import transformers_whole_disk_problem
+from optional_libraries import (
+    import_bitsandbytes_for_transformers,
+    import_torchao_quantization,
+    import_with_torchao,
+    transformers_whole_disk_problem,
+)
 from tiny_models import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
@@ -854,13 +860,15 @@ def _always_uninstalled() -> Iterator[None]:
 
 def _needs(case: Case, request: pytest.FixtureRequest) -> Saved:
     if case.path in (DIFFUSERS_MODEL, DIFFUSERS_PIPELINE):
+        import_with_torchao("diffusers")
         return request.getfixturevalue("diffusers_models")
     if case.path == PEFT:
+        import_with_torchao("peft")
         return request.getfixturevalue("adapter")
     if case.kwargs.get("quantization_config", "").startswith("bnb"):
-        pytest.importorskip("bitsandbytes")
+        import_bitsandbytes_for_transformers()
     if case.kwargs.get("quantization_config", "").startswith("torchao"):
-        pytest.importorskip("torchao")
+        import_torchao_quantization()
     return request.getfixturevalue("saved")
 
 
