@@ -10,6 +10,10 @@ feature that is missing, never by a version number:
 - transformers 5 swaps quantized layers in with ``torch.nn.Module.set_submodule``, which torch 2.4 lacks,
   so no bitsandbytes model loads there.
 
+One upstream limit of transformers 5.0 stops loads whatever the torch: its ``from_pretrained`` attaches
+accelerate's offload hooks only to a map naming two devices or more, so a model mapped whole to disk keeps its
+weights on the meta device (:func:`transformers_whole_disk_problem`, detected by trying such a load).
+
 Any other import failure still fails the test.
 """
 
@@ -19,6 +23,7 @@ import functools
 import importlib
 import importlib.metadata
 import re
+import tempfile
 from types import ModuleType
 
 import pytest
@@ -75,3 +80,43 @@ def import_bitsandbytes_for_transformers() -> ModuleType:
             f"torch.nn.Module.set_submodule, which torch {torch.__version__} lacks"
         )
     return module
+
+
+@functools.cache
+def transformers_whole_disk_problem() -> str | None:
+    """Why transformers' ``from_pretrained`` cannot run a model it maps whole to disk; None when it can.
+
+    transformers 5.0 dispatches the loaded model (attaches accelerate's hooks, which load offloaded weights
+    as each module runs) only when the map names two devices or more: with a map whose only device is
+    ``"disk"`` the weights stay on the meta device, and the forward pass fails (Llama: ``unknown device type
+    for autocast``) or returns meta tensors (T5). Later 5.x dispatch any map naming the disk. Tried on a
+    tiny Llama with ``device_map={"": "disk"}``, outside devicemap (which passes a dict map through)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            folder, device_map={"": "disk"}, offload_folder=f"{folder}/offload"
+        )
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([[1, 2, 3]])).logits
+        except Exception as error:  # what a model left on the meta device raises
+            detail = f"{type(error).__name__}: {error}"
+        else:
+            if not logits.is_meta:
+                return None
+            detail = "its outputs are meta tensors"
+    return (
+        f"transformers {importlib.metadata.version('transformers')} cannot run a model mapped whole to disk: "
+        "from_pretrained attaches accelerate's offload hooks only to a map naming two devices or more, and "
+        f"leaves the weights of a map naming only the disk on the meta device ({detail[:160]})"
+    )

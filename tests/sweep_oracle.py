@@ -15,6 +15,10 @@ What a plan needs on each device, as accelerate's hooks place tensors (``offload
   tensor is counted): the device needs room for the largest such block. A CPU-stored block that runs on
   the CPU is not streamed.
 
+The model is judged as its loader holds it, whichever transformers built it: the ties transformers declares
+between meta tensors made (5.0 builds them untied and ties them after loading, later 5.x at construction),
+and the no-split classes its loader gathers from every sub-model (:meth:`ModelTensors.of`).
+
 Blocks are the units accelerate and devicemap reserve staging room for: a module whose class is in
 ``no_split_module_classes`` or that has no child module, and, for a module with both children and
 tensors of its own, each of its own tensors.
@@ -57,8 +61,11 @@ class ModelTensors:
 
     @classmethod
     def of(cls, model: torch.nn.Module, no_split: Iterable[str] | None = None) -> ModelTensors:
+        """The tensors of ``model`` as its loader holds them: a meta-device model with the ties transformers
+        declares made (:func:`declared_ties`), split as transformers' loader splits it (:func:`loader_no_split`)
+        unless ``no_split`` says otherwise."""
         if no_split is None:
-            no_split = getattr(model, "_no_split_modules", None) or []
+            no_split = loader_no_split(model)
         tensors: dict[str, Tensor] = {}
         modules: dict[str, tuple[str, list[str], list[str]]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -75,6 +82,14 @@ class ModelTensors:
                     own.append(full)
             children = [prefix + c for c, child in module._modules.items() if child is not None]
             modules[name] = (type(module).__name__, children, own)
+        for tied, source in declared_ties(model).items():
+            if tied in tensors and source in tensors and tensors[tied].key != tensors[source].key:
+                untied = tensors[tied].key
+                for name, tensor in tensors.items():  # every name the tied tensor has
+                    if tensor.key == untied:
+                        tensors[name] = Tensor(
+                            tensors[source].key, tensors[source].bytes, tensors[source].buffer
+                        )
         return cls(tensors, modules, frozenset(no_split), list(tensors))
 
     def total(self) -> int:
@@ -116,6 +131,37 @@ class ModelTensors:
     def staged_bytes(self, block: str) -> int:
         """What streaming the block loads at once: every parameter it uses, each shared one once."""
         return sum({t.key: t.bytes for n in self.under(block) if not (t := self.tensors[n]).buffer}.values())
+
+
+def declared_ties(model: torch.nn.Module) -> dict[str, str]:
+    """``{tied name: source name}`` of the ties transformers declares (``all_tied_weights_keys``) between
+    meta-device tensors, which the model that runs has: transformers 5.0 builds a model with them not made
+    (``from_pretrained`` makes them with ``tie_weights`` after loading), later 5.x make them at
+    construction. A materialized model runs as it is in memory: no tie is added to it."""
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    found = {}
+    for tied, source in dict(declared).items():
+        try:
+            tensors = [model.get_parameter(tied), model.get_parameter(source)]
+        except AttributeError:  # a name this model (or its config) does not have
+            continue
+        if all(t.is_meta for t in tensors):
+            found[str(tied)] = str(source)
+    return found
+
+
+def loader_no_split(model: torch.nn.Module) -> list[str]:
+    """The module classes transformers' loader keeps whole under a ``device_map`` strategy: transformers 5.0
+    gathers every sub-model's ``_no_split_modules`` in ``_get_no_split_modules`` when it plans
+    (BertForMaskedLM declares none itself, its BertModel declares BertLayer), later 5.x into the model's own
+    ``_no_split_modules`` at construction."""
+    gather = getattr(model, "_get_no_split_modules", None)
+    if callable(gather):
+        try:
+            return sorted(gather("auto"))
+        except ValueError:  # a sub-model declares nothing: transformers refuses device maps for it
+            pass
+    return sorted(getattr(model, "_no_split_modules", None) or [])
 
 
 def covering(name: str, device_map: Mapping[str, Any]) -> str | None:
@@ -394,7 +440,7 @@ def accelerate_map(model: torch.nn.Module, memory: Mapping[Any, int], strategy: 
 
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
-    no_split = getattr(model, "_no_split_modules", None) or []
+    no_split = loader_no_split(model)
     gpus = [d for d in memory if _is_gpu(d)]
     budget = dict(memory)
     quiet = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available" on this machine

@@ -10,6 +10,7 @@ import torch
 
 import devicemap
 from devicemap import GPU, Hardware, Host
+from optional_libraries import import_torchao_quantization
 from tiny_models import tiny_llama_config
 
 
@@ -91,6 +92,11 @@ def test_estimate_arguments_are_checked(tiny_llama):
     ids=["torchao-no-type", "torchao-str-type", "bnb-skip-junk"],
 )
 def test_bad_quantization_configs_are_invalid_option_errors(tiny_llama, config, message):
+    """transformers validates a torchao dict only after importing torchao (its TorchAoConfig does), and
+    devicemap says first when torchao cannot import (tests/test_quantization.py checks that message): the
+    torchao cases need a torchao that imports with this torch."""
+    if config["quant_method"] == "torchao":
+        import_torchao_quantization()
     with pytest.raises(devicemap.InvalidOptionError, match=message):
         devicemap.plan(tiny_llama, max_memory={"cpu": "1GiB"}, quantization_config=config)
 

@@ -29,7 +29,7 @@ import torch
 
 import devicemap
 
-from architecture_sweep import CannotBuild, Report, architectures, build, check_architecture, subset
+from architecture_sweep import ALWAYS, CannotBuild, Report, architectures, build, check_architecture, subset
 from sweep_oracle import ModelTensors, find_runnable, in_order, loads, runs_within
 
 EVERY = int(os.environ.get("DEVICEMAP_SWEEP_EVERY", "8"))
@@ -66,11 +66,16 @@ def test_architecture_plans_fit_and_refusals_are_justified(model_type, class_nam
 
 
 def test_the_subset_is_fixed_and_covers_the_reported_architectures():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     every = architectures()
-    assert len(every) > 500  # transformers 5 maps this many model types to a class
+    assert len(every) > 400  # transformers 5.0 maps 422 model types to a class, later 5.x more
     assert subset(every, EVERY) == subset(list(reversed(every)), EVERY)[::-1]
     chosen = {a for a, _ in subset(every, EVERY)}
-    assert {"albert", "big_bird", "blenderbot-small", "openai-gpt", "wavtokenizer"} <= chosen
+    assert {"albert", "big_bird", "blenderbot-small", "openai-gpt"} <= chosen
+    # wavtokenizer is newer than transformers 5.0: always checked where this transformers has it
+    assert ALWAYS & {a for a, _ in every} <= chosen
+    assert "wavtokenizer" in chosen or "wavtokenizer" not in CONFIG_MAPPING_NAMES
 
 
 # --- the oracle itself ------------------------------------------------------------------------------------
