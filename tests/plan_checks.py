@@ -9,6 +9,8 @@ from accelerate.utils import check_device_map
 
 import devicemap
 from devicemap.inputs.module_names import device_for as device_of
+from devicemap.loading.apply import RehearsalDevice
+from devicemap.loading.execution_hooks import by_execution
 
 
 def covering_keys(name: str, device_map: dict) -> list[str]:
@@ -49,3 +51,29 @@ def check_plan(model: torch.nn.Module, plan: devicemap.Plan, pins: dict | None =
         for tensor in tensor_names(model):
             if tensor == name or tensor.startswith(name + "."):
                 assert device_of(tensor, plan.device_map) == device
+
+
+def check_hooks_follow_the_plan(model: torch.nn.Module, plan: devicemap.Plan) -> None:
+    """Each key's accelerate hook computes where the plan says: the CPU itself for CPU-executed blocks,
+    the rehearsal's stand-in for a GPU otherwise (in a rehearsal equal logits alone cannot tell)."""
+    _, runs_on = by_execution(plan.device_map, plan.execution_map)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, device in runs_on.items():
+        if key not in modules:  # a tensor-level key (final_logits_bias, a buffer): no hook of its own
+            continue
+        # the key's module, or (offloaded) each of its modules holding tensors, carries the hook
+        hooks = [
+            hook
+            for module in modules[key].modules()
+            for hook in getattr(
+                getattr(module, "_hf_hook", None), "hooks", [getattr(module, "_hf_hook", None)]
+            )
+            if getattr(hook, "execution_device", None) is not None
+        ]
+        assert hooks, key
+        for hook in hooks:
+            actual = hook.execution_device
+            if device == "cpu":
+                assert type(actual) is str and actual == "cpu", (key, actual)
+            else:
+                assert isinstance(actual, RehearsalDevice), (key, actual)

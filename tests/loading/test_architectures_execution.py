@@ -48,8 +48,8 @@ from accelerate.utils import check_device_map
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import devicemap
-from devicemap.loading.apply import RehearsalDevice
-from devicemap.loading.execution_hooks import by_execution
+
+from plan_checks import check_hooks_follow_the_plan
 
 CAUSAL, SEQ2SEQ, MASKED = "causal", "seq2seq", "masked"
 AUTO = {CAUSAL: AutoModelForCausalLM, SEQ2SEQ: AutoModelForSeq2SeqLM, MASKED: AutoModelForMaskedLM}
@@ -362,32 +362,6 @@ def rehearsed(model_type: str, head: str, config, folder: Path, plan: devicemap.
         return devicemap.dispatch(model, plan, rehearse=True, offload_dir=offload)
     empty = empty_model(head, config)
     return devicemap.load_checkpoint(empty, folder, plan, rehearse=True, offload_dir=offload, progress=False)
-
-
-def check_hooks_follow_the_plan(model: torch.nn.Module, plan: devicemap.Plan) -> None:
-    """Each key's accelerate hook computes where the plan says: the CPU itself for CPU-executed blocks,
-    the rehearsal's stand-in for a GPU otherwise (in a rehearsal equal logits alone cannot tell)."""
-    _, runs_on = by_execution(plan.device_map, plan.execution_map)
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for key, device in runs_on.items():
-        if key not in modules:  # a tensor-level key (final_logits_bias, a buffer): no hook of its own
-            continue
-        # the key's module, or (offloaded) each of its modules holding tensors, carries the hook
-        hooks = [
-            hook
-            for module in modules[key].modules()
-            for hook in getattr(
-                getattr(module, "_hf_hook", None), "hooks", [getattr(module, "_hf_hook", None)]
-            )
-            if getattr(hook, "execution_device", None) is not None
-        ]
-        assert hooks, key
-        for hook in hooks:
-            actual = hook.execution_device
-            if device == "cpu":
-                assert type(actual) is str and actual == "cpu", (key, actual)
-            else:
-                assert isinstance(actual, RehearsalDevice), (key, actual)
 
 
 # accelerate's check_device_map warns about tensor-level keys (final_logits_bias), which it emits itself

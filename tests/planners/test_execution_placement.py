@@ -16,6 +16,8 @@ import devicemap
 from devicemap.cli import main
 from tiny_models import big_vocab_llama_config
 
+from plan_checks import check_hooks_follow_the_plan
+
 
 def stack(n: int, width: int = 256) -> torch.nn.Sequential:
     with torch.device("meta"):
@@ -201,8 +203,6 @@ def test_tied_groups_staged_elsewhere_run_on_the_cpu_or_past_the_cpu_rehearse_to
     the plan (a CPU rehearsal: each hook computes where the plan says, the logits are the unsplit
     model's)."""
     import copy
-
-    from test_architectures_execution import check_hooks_follow_the_plan
 
     model = small_bert()
     ids = torch.randint(3, 4000, (1, 9), generator=torch.Generator().manual_seed(1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .. import _core
-from ..errors import InvalidSizeError, UnknownDeviceError, UnknownModuleError
+from ..errors import InvalidOptionError, InvalidSizeError, UnknownDeviceError, UnknownModuleError
 from .arguments import check_choice, check_class_names, check_flag, check_mapping
 from .memory import Size, bytes_to_bits, device_key, parse_size
 
@@ -86,6 +86,22 @@ class PlacementOptions:
                     "(0, 1, ...), an accelerator device such as 'cuda:1', or 'cpu'"
                 )
             executor = str(key)
+        if checked_objective == "speed":
+            # The speed objective picks each block's device and where it runs: these would be ignored.
+            ignored = [
+                f"{name}={value!r}"
+                for name, value, default in (
+                    ("strategy", checked_strategy, "auto"),
+                    ("balance", checked_balance, "memory"),
+                    ("execution_device", executor, None),
+                )
+                if value != default
+            ]
+            if ignored:
+                raise InvalidOptionError(
+                    f"objective='speed' chooses each block's device and where it runs itself, so "
+                    f"{', '.join(ignored)} would be ignored: drop it, or use objective='memory' to plan with it"
+                )
         return cls(
             strategy=checked_strategy,
             no_split_module_classes=None if classes is None else tuple(classes),

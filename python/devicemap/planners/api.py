@@ -124,21 +124,6 @@ def plan(
     )
     check_flag("untie", untie)
     budget = normalize_max_memory(max_memory)
-    if options.objective == "speed":
-        ignored = [
-            f"{name}={value!r}"
-            for name, value, default in (
-                ("strategy", options.strategy, "auto"),
-                ("balance", options.balance, "memory"),
-                ("execution_device", options.execution_device, None),
-            )
-            if value != default
-        ]
-        if ignored:
-            raise InvalidOptionError(
-                f"objective='speed' chooses each block's device and where it runs itself, so {', '.join(ignored)} "
-                "would be ignored: drop it, or use objective='memory' to plan with it"
-            )
     if hardware is not None and options.objective != "speed":
         raise InvalidOptionError(
             "hardware= is used by objective='speed'; for the memory plan use plan.estimate()"
@@ -149,59 +134,70 @@ def plan(
         )
     if dtype is not None:
         target_bits(dtype)
-    model = None
-    # A ModuleTree is planned without importing torch (a catalog shape's, a checkpoint's).
-    if not isinstance(model_or_tree, ModuleTree) and isinstance(model_or_tree, _torch_module()):
-        model = model_or_tree
+    model, tree = _sized(model_or_tree, dtype, special_dtypes, untie, quantization_config)
+    needs_model = [
+        what
+        for what, asked in (
+            ("workload", workload is not None),
+            ("balance='compute'", options.balance == "compute"),
+            ("objective='speed'", options.objective == "speed"),
+        )
+        if asked
+    ]
+    if model is None and needs_model:
+        raise InvalidOptionError(f"{needs_model[0]} needs the model itself (its config), not a ModuleTree")
+    runtime = RuntimeMemory()
+    if model is not None and workload is not None:
+        runtime = workload_runtime(model, tree, workload, dtype)
+    compute = flops_per_token(model) if model is not None and options.balance == "compute" else []
+    if options.objective == "speed":
+        if quantization_config is not None:
+            raise InvalidOptionError(
+                "objective='speed' does not plan quantized models yet; use objective='memory'"
+            )
+        assert model is not None
+        return plan_for_speed(model, tree, budget, options, runtime, workload or Workload(), hardware, dtype)
+    if quantization_config is not None and model is not None:
+        quantized = model
+
+        def unquantized() -> ModuleTree:
+            return ModuleTree.from_module(quantized, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
+
+        return plan_quantized(
+            model, tree, budget, options, runtime, compute, quantization_config, dtype, unquantized
+        )
+    return plan_tree(tree, budget, options, runtime, compute)
+
+
+def _sized(
+    model_or_tree: Any,
+    dtype: DtypeLike | None,
+    special_dtypes: Mapping[str, DtypeLike] | None,
+    untie: bool,
+    quantization_config: Any,
+) -> tuple[torch.nn.Module | None, ModuleTree]:
+    """The model (None for a ModuleTree) and its size tree. A ModuleTree is planned without importing torch
+    (a catalog shape's, a checkpoint's)."""
     if isinstance(model_or_tree, ModuleTree):
         if dtype is not None or special_dtypes is not None or quantization_config is not None:
             raise InvalidOptionError(
                 "dtype/special_dtypes/quantization_config apply when sizing a model: pass them to "
                 "ModuleTree.from_module()"
             )
-        tree = model_or_tree
-    elif model is not None:
-        tree = ModuleTree.from_module(
-            model,
-            dtype=dtype,
-            special_dtypes=special_dtypes,
-            untie=untie,
-            quantization_config=quantization_config,
-        )
-    else:
+        return None, model_or_tree
+    if not isinstance(model_or_tree, _torch_module()):
         raise InvalidOptionError(
             f"plan() needs a torch.nn.Module (on the meta device is fine) or a devicemap.ModuleTree, "
             f"got {type(model_or_tree).__name__}"
         )
-    runtime = RuntimeMemory()
-    if workload is not None:
-        if model is None:
-            raise InvalidOptionError("workload needs the model itself (its config), not a ModuleTree")
-        runtime = workload_runtime(model, tree, workload, dtype)
-    compute: list[tuple[str, int]] = []
-    if options.balance == "compute":
-        if model is None:
-            raise InvalidOptionError("balance='compute' needs the model itself, not a ModuleTree")
-        compute = flops_per_token(model)
-    if options.objective == "speed":
-        if model is None:
-            raise InvalidOptionError(
-                "objective='speed' needs the model itself (its config), not a ModuleTree"
-            )
-        if quantization_config is not None:
-            raise InvalidOptionError(
-                "objective='speed' does not plan quantized models yet; use objective='memory'"
-            )
-        return plan_for_speed(model, tree, budget, options, runtime, workload or Workload(), hardware, dtype)
-    if quantization_config is not None and model is not None:
-
-        def unquantized() -> ModuleTree:
-            return ModuleTree.from_module(model, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
-
-        return plan_quantized(
-            model, tree, budget, options, runtime, compute, quantization_config, dtype, unquantized
-        )
-    return plan_tree(tree, budget, options, runtime, compute)
+    tree = ModuleTree.from_module(
+        model_or_tree,
+        dtype=dtype,
+        special_dtypes=special_dtypes,
+        untie=untie,
+        quantization_config=quantization_config,
+    )
+    return model_or_tree, tree
 
 
 def plan_checkpoint(
