@@ -9,13 +9,13 @@ runs on the model.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from .. import _core, catalog
 from ..catalog.trees import CatalogShape
 from ..compat import _bits, _no_split, balanced_memory_of_tree
+from ..compat.accelerate_warnings import warn_if_buffers_fit_no_gpu
 from ..compat.versions import AccelerateRelease, installed_accelerate
 from ..inputs.dtypes import DtypeLike
 from ..inputs.memory import DeviceKey
@@ -109,20 +109,9 @@ def _warn_offloaded_buffers(
     used_bits: Mapping[str, int],
     offloaded: list[str],
 ) -> None:
-    """:func:`devicemap.compat_warnings.warn_offloaded_buffers` from the shape: the buffers of the modules
-    placed whole on CPU/disk (which stay on a GPU at run time) fit on no GPU."""
+    """accelerate's warning (:mod:`devicemap.compat.accelerate_warnings`) from the shape: the buffers of the
+    modules placed whole on CPU/disk (which stay on a GPU at run time) fit on no GPU."""
     if not offloaded:
         return
     total = shape.accelerate_buffer_bytes(offloaded, dtype, release)
-    if not total > 0:
-        return
-    from fractions import Fraction  # here: it imports decimal
-
-    gpus = [key for key in memory if key not in ("cpu", "disk")]
-    room = any(memory[key] >= total + Fraction(used_bits.get(str(key), 0), 8) for key in gpus)
-    if gpus and not room:
-        warnings.warn(
-            f"Current model requires {total} bytes of buffer for offloaded layers, which seems does not fit any "
-            "GPU's remaining memory. If you are experiencing a OOM later, please consider using offload_buffers=True.",
-            stacklevel=3,
-        )
+    warn_if_buffers_fit_no_gpu(total, memory, used_bits, stacklevel=3)

@@ -110,6 +110,14 @@ def warn_offloaded_buffers(
     total: Bytes = 0
     for name, _ in offloaded_modules:
         total += _buffer_bytes(model.get_submodule(name), dtype, special_dtypes, element_bits)
+    warn_if_buffers_fit_no_gpu(total, memory, used_bits, stacklevel=3)
+
+
+def warn_if_buffers_fit_no_gpu(
+    total: Bytes, memory: Mapping[DeviceKey, Bytes], used_bits: Mapping[str, int], stacklevel: int
+) -> None:
+    """accelerate's warning when ``total`` bytes of offloaded modules' buffers (which stay on a GPU at run
+    time) fit beside no GPU's placed weights (``used_bits`` per device key); ``stacklevel`` as the caller's."""
     if not total > 0:
         return
     gpus = [key for key in memory if key not in ("cpu", "disk")]
@@ -118,7 +126,7 @@ def warn_offloaded_buffers(
         warnings.warn(
             f"Current model requires {total} bytes of buffer for offloaded layers, which seems does not fit any "
             "GPU's remaining memory. If you are experiencing a OOM later, please consider using offload_buffers=True.",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
 
 
