@@ -203,8 +203,9 @@ def test_the_readme_layout_names_every_module(module: str) -> None:
     )
 
 
-def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
-    """The rules above catch what they are for: an import from a lower layer to a higher one."""
+def test_the_checker_reads_real_imports() -> None:
+    """The rules above are not vacuous: the reader finds the package's imports and tells heavy modules from
+    light ones."""
     lower, higher = "devicemap.inputs.memory", "devicemap.planners.solve"
     assert layer_of(lower) < layer_of(higher)
     assert any(
