@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import devicemap
 from devicemap.cost.hardware import Hardware
 from devicemap.errors import InvalidOptionError
-from devicemap.planners.speed import Chain, ChainBlock, Mode, evaluate, solve_chain
+from devicemap.planners.speed_program import Chain, ChainBlock, Mode, evaluate, solve_chain
 
 transformers = pytest.importorskip("transformers")
 
