@@ -143,8 +143,9 @@ class Plan:
             raise PlacementError("this plan carries no size tree; make it with devicemap.plan()")
         return self.tree.module_bytes(name)
 
-    def table(self, limit: int | None = 10) -> str:
-        """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all)."""
+    def table(self, limit: int | None = 10, more: str = "plan.explain() lists all") -> str:
+        """A readable per-device table; at most ``limit`` offloaded blocks listed (None: all), and then
+        ``more``: how the reader gets the rest."""
         rows = [("device", "weights", "runtime", "reserve", "capacity", "use", "", "blocks")]
         for u in self.usage:
             cap = "unbounded" if u.capacity is None else format_bytes(u.capacity)
@@ -173,7 +174,7 @@ class Plan:
                     f"  {shown_name(o.name)} -> {o.device} ({format_bytes(o.bytes)}): {shown_name(o.reason, 400)}"
                 )
             if len(shown) < len(self.offloaded):
-                lines.append(f"  ... and {len(self.offloaded) - len(shown)} more (plan.explain() lists all)")
+                lines.append(f"  ... and {len(self.offloaded) - len(shown)} more ({more})")
         return "\n".join(lines)
 
 

@@ -467,3 +467,18 @@ def test_compare_predicts_both_placements_speed_on_the_same_hardware(capsys, sma
         )
         assert speed == pytest.approx(costed.tokens_per_second)
     assert "predicted_decode_tokens_per_second" not in command_json(capsys, *args)["sides"][0]
+
+
+def test_explain_lists_every_offloaded_block_with_its_reason(capsys):
+    args = ["plan", "llama-3-8b", "--gpus", "1x4GiB", "--cpu", "64GiB", "--dtype", "bf16"]
+    assert cli.main(args) == 0
+    short = capsys.readouterr().out
+    assert "more (devicemap plan --explain lists all)" in short
+    assert cli.main([*args, "--explain"]) == 0
+    full = capsys.readouterr().out
+    plan = devicemap.plan(
+        catalog.build_meta_model("llama-3-8b"), {0: "4GiB", "cpu": "64GiB"}, dtype="bfloat16"
+    )
+    assert "lists all" not in full and len(plan.offloaded) > 10
+    for offload in plan.offloaded:
+        assert f"{offload.name} -> {offload.device} " in full and offload.reason in full

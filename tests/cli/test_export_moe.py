@@ -11,7 +11,7 @@ import pytest
 import devicemap
 from devicemap import catalog
 from devicemap.cli import command as cli
-from devicemap.cli.export import cpu_expert_layers, export
+from devicemap.cli.export import cpu_expert_layers, export, layer_devices
 from devicemap.cost.hardware import Hardware
 
 HARDWARE = Hardware.preset("rtx-4090", gpus=1, host="desktop-ddr5")
@@ -33,7 +33,13 @@ def test_llama_cpp_flags_name_exactly_the_layers_whose_experts_run_on_the_cpu(na
         assert experts and all(plan.execution_map[k] == "cpu" for k in experts)
     flags = export(plan, model, "llama.cpp")
     layers = model.config.num_hidden_layers
-    assert f"--n-gpu-layers {layers}" in flags  # attention and norms of every layer stay on the GPU
+    # Layers whose attention and norms the plan keeps off the GPU: the first ones (fewer --n-gpu-layers)
+    # or named by a whole-layer override.
+    dense_off = [i for i, (_, device) in enumerate(layer_devices(plan, model)) if not isinstance(device, int)]
+    gpu_layers = int(re.search(r"--n-gpu-layers (\d+)", flags).group(1))
+    whole = re.search(r'-ot "blk\\\.\(([\d|]+)\)\\\.=CPU"', flags)
+    named_off = [int(i) for i in whole.group(1).split("|")] if whole else list(range(layers - gpu_layers))
+    assert named_off == dense_off and (whole is None or gpu_layers == layers)
     moe = re.search(r"--n-cpu-moe (\d+)", flags)
     override = re.search(r'-ot "blk\\\.\(([\d|]+)\)\\\.ffn_\.\*_exps\\\.=CPU"', flags)
     named = list(range(int(moe.group(1)))) if moe else [int(i) for i in override.group(1).split("|")]
@@ -60,7 +66,7 @@ def test_the_command_exports_a_speed_plan(capsys):
         "llama.cpp",
     ]
     assert cli.main([*args, "--objective", "speed", "--hardware", "rtx-4090"]) == 0
-    assert "--n-cpu-moe" in capsys.readouterr().out
+    assert "_exps\\.=CPU" in capsys.readouterr().out  # experts of some layers run on the CPU
     assert cli.main(args) == 0  # the memory plan streams whole layers: no expert override
     memory_flags = capsys.readouterr().out
     assert "--n-cpu-moe" not in memory_flags and "-ot" not in memory_flags

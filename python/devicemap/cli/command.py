@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spec (h100-sxm, a100-80gb-sxm, l40s, rtx-4090, ...) and a host preset (desktop-ddr5, server-ddr5-12ch, "
         "...) or 'measure' for this machine; uses --batch/--seq-len (default batch 1, 2048 tokens)",
     )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="list every block on the CPU or disk and why it is there (default: the first 10)",
+    )
     p.add_argument("--out", help="write a picture of the plan: a .svg or .html file")
     p.add_argument(
         "--save",
@@ -483,7 +488,7 @@ def run_plan(args: argparse.Namespace) -> int:
             printed["estimate"] = cli_json.estimate_json(speed)
         print(json.dumps(printed, indent=2))
     else:
-        print(result)
+        print(result.explain() if args.explain else result.table(more="devicemap plan --explain lists all"))
         if speed is not None:
             print(speed)
     if picture is not None:

@@ -131,18 +131,27 @@ def to_vllm(plan: Plan, model: torch.nn.Module) -> str:
 
 
 def to_llama_cpp(plan: Plan, model: torch.nn.Module) -> str:
-    """llama.cpp flags: layers on GPUs (``--n-gpu-layers``), their proportions (``--tensor-split``), and
+    r"""llama.cpp flags: layers on GPUs (``--n-gpu-layers``), their proportions (``--tensor-split``), and
     routed experts kept and run on the CPU while the rest of their layer is on a GPU (what
     ``objective="speed"`` chooses for MoE models): ``--n-cpu-moe N`` when they are the first N layers'
     experts, else an ``-ot`` override naming the layers (llama.cpp's ``blk.N.ffn_*_exps`` tensors).
 
-    llama.cpp keeps the *first* layers on the CPU when only part fits; the counts carry over."""
+    llama.cpp keeps the *first* layers on the CPU when only part fits; the counts carry over. In a plan
+    that splits layers (experts apart), whole layers off the GPUs other than the first ones (a speed plan
+    may keep a layer's attention on the CPU to leave room for experts that save more) are named by an
+    ``-ot "blk\.(i|j)\.=CPU"`` override, with every layer counted on the GPUs."""
     stages = gpu_stages(plan, model, allow_offload=True)
     counts = [len(layers) for _, layers in stages]
-    flags = f"--n-gpu-layers {sum(counts)}"
+    on_cpu = cpu_expert_layers(plan, model)
+    layers = layer_devices(plan, model)
+    off_gpu = [i for i, (_, device) in enumerate(layers) if not isinstance(device, int)]
+    named = bool(on_cpu) and off_gpu != list(range(len(off_gpu)))
+    flags = f"--n-gpu-layers {len(layers) if named else sum(counts)}"
     if len(counts) > 1:
         flags += f" --split-mode layer --tensor-split {','.join(map(str, counts))}"
-    on_cpu = cpu_expert_layers(plan, model)
+    if named:
+        flags += f' -ot "blk\\.({"|".join(map(str, off_gpu))})\\.=CPU"'
+
     if on_cpu and on_cpu == list(range(len(on_cpu))):
         flags += f" --n-cpu-moe {len(on_cpu)}"
     elif on_cpu:

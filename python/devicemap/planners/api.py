@@ -11,7 +11,7 @@ from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError
 from ..inputs.arguments import check_flag, check_mapping, check_path
 from ..inputs.dtypes import DtypeLike, target_bits
-from ..inputs.memory import DeviceKey, MaxMemory, Size, normalize_max_memory
+from ..inputs.memory import Budget, DeviceKey, MaxMemory, Size, normalize_max_memory
 from ..inputs.options import Balance, Objective, PlacementOptions, Strategy
 from ..plans import Plan
 from ..sizing.checkpoint import checkpoint_runtime_memory, checkpoint_tree, find_config
@@ -20,7 +20,7 @@ from ..sizing.quantization import offload_rule
 from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory, Workload
 from ..sizing.workload import runtime_memory as workload_runtime
-from .quantized import plan_quantized
+from .quantized import Planner, plan_quantized
 from .solve import plan_tree
 from .speed import plan_for_speed
 
@@ -91,11 +91,17 @@ def plan(
             only, or raises :class:`DoesNotFitError`).
         objective: ``"memory"`` (default: the plan of ``strategy``) or ``"speed"``: the placement with the
             least predicted time of one decoded token (``workload`` or ``Workload()``) on ``hardware``,
-            within memory. Blocks are resident on a GPU or stored and run on the CPU (experts of
+            within memory that keeps that workload's KV cache, activations and logits as ``workload=``
+            does. Blocks are resident on a GPU or stored and run on the CPU (experts of
             mixture-of-experts layers are blocks of their own, so attention can stay on a GPU while the
             experts run on the CPU); an exact dynamic program over the block chain chooses
             (:mod:`devicemap.planners.speed`), compared with the staging plans of the memory objective.
-            Needs the model (not a ModuleTree) and ``hardware``; takes no pins or quantization_config.
+            Needs the model (not a ModuleTree) and ``hardware``; pins hold whole blocks. With
+            ``quantization_config`` blocks are sized and read as the quantizer stores them, with its
+            offload rule and load headroom, as for the memory objective (bitsandbytes'
+            ``llm_int8_enable_fp32_cpu_offload``: CPU blocks are counted at their unquantized size; their
+            decode time is still predicted from the quantized bytes). Each offloaded block's reason says
+            why: runs faster on the CPU, no room on the GPUs, streamed to a GPU, or pinned.
         hardware: a :class:`devicemap.Hardware` (``objective="speed"`` only): GPU ``i`` of
             ``max_memory`` is ``hardware.gpus[i]``.
 
@@ -146,17 +152,21 @@ def plan(
     ]
     if model is None and needs_model:
         raise InvalidOptionError(f"{needs_model[0]} needs the model itself (its config), not a ModuleTree")
+    if options.objective == "speed" and workload is None:
+        # The speed objective predicts a workload's decode, so it keeps that workload's memory too.
+        workload = Workload()
     runtime = RuntimeMemory()
     if model is not None and workload is not None:
         runtime = workload_runtime(model, tree, workload, dtype)
     compute = flops_per_token(model) if model is not None and options.balance == "compute" else []
+    planner: Planner | None = None
     if options.objective == "speed":
-        if quantization_config is not None:
-            raise InvalidOptionError(
-                "objective='speed' does not plan quantized models yet; use objective='memory'"
-            )
-        assert model is not None
-        return plan_for_speed(model, tree, budget, options, runtime, workload or Workload(), hardware, dtype)
+        assert model is not None and workload is not None
+        speed_model, speed_workload = model, workload
+
+        def planner(sized: ModuleTree, room: Budget) -> Plan:
+            return plan_for_speed(speed_model, sized, room, options, runtime, speed_workload, hardware, dtype)
+
     if quantization_config is not None and model is not None:
         quantized = model
 
@@ -164,8 +174,10 @@ def plan(
             return ModuleTree.from_module(quantized, dtype=dtype, special_dtypes=special_dtypes, untie=untie)
 
         return plan_quantized(
-            model, tree, budget, options, runtime, compute, quantization_config, dtype, unquantized
+            model, tree, budget, options, runtime, compute, quantization_config, dtype, unquantized, planner
         )
+    if planner is not None:
+        return planner(tree, budget)
     return plan_tree(tree, budget, options, runtime, compute)
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cost.estimate import activation_time, block_time, model_block_costs
 from ..cost.hardware import Hardware
-from ..errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError
+from ..errors import DoesNotFitError, InvalidOptionError, TiedPinConflictError, UnknownDeviceError
 from ..formatting import format_bytes
 from ..inputs.memory import Budget
 from ..inputs.module_names import closest_key
@@ -39,6 +39,7 @@ from ..sizing.compute import expert_share, is_routed_experts
 from ..sizing.workload import decoder_layers
 from .solve import solve_once
 from .speed_program import CPU_UNITS, UNITS, Chain, ChainBlock, Mode, execution_of, solve_chain
+from .speed_reasons import explain_offloads
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +105,36 @@ def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
     return followers
 
 
+def _pinned_modes(
+    tree: ModuleTree, blocks: Sequence[str], pins: Sequence[tuple[str, str]], modes: Sequence[Mode]
+) -> dict[str, Mode]:
+    """The mode each pinned block must take: a pin on a block or on a module holding blocks applies to
+    every block under it (the innermost pin wins). A pin inside a block would split what the speed
+    objective keeps whole, so it is refused with the block to pin instead."""
+    index = dict.fromkeys(blocks, True)
+    chosen: dict[str, tuple[int, Mode]] = {}
+    for pin, device in pins:
+        tree.module_bytes(pin)  # an unknown module is named, with the closest names
+        mode: Mode = int(device) if device.isdigit() else device  # type: ignore[assignment]
+        if mode not in modes:
+            raise UnknownDeviceError(
+                f"pin {pin!r} -> {device!r}: max_memory has no device {device!r}; add it to max_memory "
+                "or pin to one of " + ", ".join(repr(str(m)) for m in modes)
+            )
+        holder = closest_key(pin, index)
+        if holder is not None and holder != pin:
+            raise InvalidOptionError(
+                f"pin {pin!r} names a part of block {holder!r}; objective='speed' places whole blocks, so "
+                f"pin {holder!r} instead"
+            )
+        depth = pin.count(".") + 1 if pin else 0
+        for block in blocks:
+            covered = not pin or block == pin or block.startswith(pin + ".")
+            if covered and (block not in chosen or chosen[block][0] <= depth):
+                chosen[block] = (depth, mode)
+    return {block: mode for block, (_, mode) in chosen.items()}
+
+
 def _runtime_per_block(blocks: Sequence[str], runtime: RuntimeMemory) -> dict[str, int]:
     """Runtime bytes of each block: a value on a module inside a block goes to it, one on a split module
     to the first block under it (as the core attaches them)."""
@@ -136,8 +167,6 @@ def plan_for_speed(
             "objective='speed' needs hardware=devicemap.Hardware (e.g. Hardware.preset('rtx-4090', "
             f"host='desktop-ddr5')) to predict decode time, got {hardware!r}"
         )
-    if options.pins:
-        raise InvalidOptionError("objective='speed' chooses every block's device; it does not take pins yet")
     gpus = [k for k in memory if k not in ("cpu", "disk")]
     if any(not isinstance(k, int) or k != i for i, k in enumerate(gpus)):
         raise InvalidOptionError(
@@ -153,17 +182,20 @@ def plan_for_speed(
         strategy="sequential",
     )
     # The blocks as the core cuts them: any plan lists them all; one with everything on the CPU is cheap.
-    probe = solve_once(tree, {"cpu": 1 << 56}, replace(speed_options, execution_device=None), runtime, [])
+    probe = solve_once(
+        tree, {"cpu": 1 << 56}, replace(speed_options, execution_device=None, pins=()), runtime, []
+    )
     names = list(probe.assignments)
     costs, hidden_bytes, bits = model_block_costs(probe, workload, model, dtype=dtype)
     runtime_bytes = _runtime_per_block(names, runtime)
     modes: list[Mode] = [*range(len(gpus)), "cpu"]
     if "disk" in memory:
         modes.append("disk")
+    pinned = _pinned_modes(tree, names, options.pins, modes)
     blocks = []
     for name, cost in zip(names, costs, strict=True):
         seconds: dict[Mode, float] = {}
-        for mode in modes:
+        for mode in [pinned[name]] if name in pinned else modes:
             if mode == "cpu" and "cpu" not in memory:
                 continue
             storage: int | str = mode
@@ -223,4 +255,5 @@ def plan_for_speed(
         )
     best = min(candidates, key=lambda p: p.estimate(workload, hardware, model, dtype=dtype).decode.seconds)
     best.strategy = "speed"
+    explain_offloads(best, options.pins, workload, hardware, model, dtype)
     return best
