@@ -27,7 +27,7 @@ from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.memory import Budget, DeviceKey
 from ..inputs.options import PlacementOptions
 from ..plans import Plan
-from ..sizing.quantization import OffloadRule, offload_rule, quantized_sizer
+from ..sizing.quantization import offload_rule, quantized_sizer
 from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory
 from .solve import plan_tree
@@ -41,6 +41,8 @@ _UNQUANTIZED_DO_NOT_FIT = (
     "disk given; give the CPU or the GPUs more memory, or add 'disk' to max_memory"
 )
 _ROUNDS = 16  # each round shrinks an overflowing device by at least its overflow; a few always suffice
+Planner = Callable[[ModuleTree, Budget], Plan]
+"""Places a size tree within per-device capacities."""
 
 
 def plan_quantized(
@@ -53,21 +55,26 @@ def plan_quantized(
     quantization_config: Any,
     dtype: DtypeLike | None,
     unquantized_tree: Callable[[], ModuleTree],
+    planner: Planner | None = None,
 ) -> Plan:
     """Plan ``tree`` (sized with the quantizer) for loading through ``quantization_config``.
     ``unquantized_tree`` builds the same model's tree without the quantizer, for offloaded layers that
-    load unquantized."""
+    load unquantized. ``planner`` places a tree within capacities the quantizer allows (default: the
+    memory planner with ``options``; the speed objective passes its own)."""
     rule = offload_rule(quantization_config)
     headroom = load_headroom(model, quantization_config, dtype)
     capacities: Budget = {
         k: max(0, v - headroom) if isinstance(k, int) and v is not None else v for k, v in limits.items()
     }
+
+    def memory_plan(sized: ModuleTree, room: Budget) -> Plan:
+        return plan_tree(sized, room, options, runtime, compute, offload=rule)
+
+    place = memory_plan if planner is None else lambda sized, room: planner(sized, rule.usable(room))
     if rule.offloaded_quantized:
-        plan = plan_tree(tree, capacities, options, runtime, compute, offload=rule)
+        plan = place(tree, capacities)
     else:
-        plan = _fit_unquantized_offload(
-            tree, unquantized_tree(), capacities, limits, options, runtime, compute, rule
-        )
+        plan = _fit_unquantized_offload(tree, unquantized_tree(), capacities, limits, place)
     return _as_loaded(plan, limits, headroom)
 
 
@@ -87,21 +94,14 @@ def load_headroom(model: torch.nn.Module, quantization_config: Any, dtype: Dtype
 
 
 def _fit_unquantized_offload(
-    quantized: ModuleTree,
-    unquantized: ModuleTree,
-    capacities: Budget,
-    limits: Budget,
-    options: PlacementOptions,
-    runtime: RuntimeMemory,
-    compute: list[tuple[str, int]],
-    rule: OffloadRule,
+    quantized: ModuleTree, unquantized: ModuleTree, capacities: Budget, limits: Budget, place: Planner
 ) -> Plan:
     """A plan where blocks on accelerators count their quantized bytes and offloaded blocks their
     unquantized bytes: the CPU/disk budget shrinks by what overflows until the offloaded blocks fit."""
     first = dict(capacities)
     for _ in range(_ROUNDS):
         try:
-            plan = plan_tree(quantized, capacities, options, runtime, compute, offload=rule)
+            plan = place(quantized, capacities)
         except DoesNotFitError as err:
             if capacities == first:
                 raise
