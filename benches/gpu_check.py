@@ -9,7 +9,8 @@ On a CPU-only machine it prints one line saying there is nothing to measure and 
 
 What it does:
 
-1. Builds a Llama-style model from a config (``--model tiny | small | medium``; random weights, seeded),
+1. Builds a Llama-style model from a config (``--model tiny | small | medium``; or Mixtral-style,
+   ``moe-tiny | moe-small``, whose experts the speed plan runs on the CPU; random weights, seeded),
    saves it as safetensors to a temporary folder, and computes the reference logits of the unsplit model
    on the CPU in float32: one prefill of ``--seq-len`` tokens and ``--decode`` decode steps (the decode
    tokens are the reference's greedy choices, fed to every variant, so logits are comparable).
@@ -86,8 +87,30 @@ MODELS: dict[str, dict[str, int]] = {
         num_key_value_heads=8,
     ),
 }
-
-NO_SPLIT = ["LlamaDecoderLayer"]
+MOE_MODELS: dict[str, dict[str, int]] = {
+    # Mixtral-style: 8 routed experts, 2 per token. The speed objective keeps attention on the GPU and runs
+    # experts it has no room for on the CPU: the CPU-run path of the speed model, measured.
+    "moe-tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        vocab_size=4096,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "moe-small": dict(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        vocab_size=32000,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+}
 GPU_NAMES = (  # substrings of torch.cuda.get_device_name() -> devicemap GPU preset
     ("H100 PCIe", "h100-pcie"),
     ("H100", "h100-sxm"),
@@ -163,7 +186,8 @@ def _accelerate_plan(setup: Setup) -> Any:
     layers run on the map's first GPU, as accelerate's dispatch runs them)."""
     from devicemap.cli.compare import accelerate_device_map, plan_of_map
 
-    device_map = accelerate_device_map(setup.meta_model, setup.max_memory, "balanced", NO_SPLIT, setup.dtype)
+    no_split = list(setup.meta_model._no_split_modules or [])
+    device_map = accelerate_device_map(setup.meta_model, setup.max_memory, "balanced", no_split, setup.dtype)
     return plan_of_map(setup.meta_model, device_map, setup.dtype)
 
 
@@ -175,13 +199,22 @@ def _accelerate_load(setup: Setup, plan: Any) -> torch.nn.Module:
     # In a rehearsal every GPU index becomes devicemap's CPU stand-in, which accelerate treats as a GPU
     # (resident layers stay put, offloaded ones are streamed in by its own hooks).
     device_map = devicemap.dispatch_map(plan.device_map, rehearse=setup.rehearse)
+    if setup.config.model_type == "mixtral":
+        # transformers 5 saves Mixtral's fused experts in the per-expert layout of the Hub and converts them
+        # back while loading; accelerate's own loader does not, so the model is loaded by transformers on
+        # the CPU and dispatched with accelerate's hooks (the same hooks, placed on a model in memory).
+        from accelerate import dispatch_model
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(setup.checkpoint, dtype=setup.dtype).eval()
+        return dispatch_model(loaded, device_map=device_map, offload_dir=str(setup.offload_dir))
     return load_checkpoint_and_dispatch(
         _empty_model(setup.config),
         str(setup.checkpoint),
         device_map=device_map,
         offload_folder=str(setup.offload_dir),
         dtype=setup.dtype,
-        no_split_module_classes=NO_SPLIT,
+        no_split_module_classes=list(setup.meta_model._no_split_modules or []),
     )
 
 
@@ -198,17 +231,25 @@ VARIANTS: list[Variant] = [
 
 
 def build_config(size: str) -> Any:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig
 
+    if size in MOE_MODELS:
+        return MixtralConfig(**MOE_MODELS[size], tie_word_embeddings=False, max_position_embeddings=4096)
     return LlamaConfig(**MODELS[size], tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def causal_lm(config: Any) -> torch.nn.Module:
+    """The model of ``config`` (Llama or Mixtral), on the current default device."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _empty_model(config: Any) -> torch.nn.Module:
     from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
 
     with init_empty_weights():
-        return LlamaForCausalLM(config).eval()
+        return causal_lm(config)
 
 
 def _sync() -> None:
@@ -386,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompt, few steps")
     parser.add_argument("--rehearse", action="store_true", help="run on the CPU with GPUs played by it")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: small (quick: tiny)")
+    parser.add_argument(
+        "--model",
+        choices=sorted({**MODELS, **MOE_MODELS}),
+        default=None,
+        help="default: small (quick: tiny); moe-*: Mixtral-style, experts run on the CPU by the speed plan",
+    )
     parser.add_argument(
         "--gpus", type=int, default=None, help="GPUs to plan over (default: all visible; 1 rehearsing)"
     )
@@ -414,15 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     dtype = getattr(torch, args.dtype)
 
-    from transformers import LlamaForCausalLM
-
     import devicemap
     from devicemap.cost.estimate import estimate
 
     with workspace() as work:
         config = build_config(size)
         torch.manual_seed(args.seed)
-        reference_model = LlamaForCausalLM(config).eval()
+        reference_model = causal_lm(config)
         reference_model.save_pretrained(work / "ckpt", max_shard_size="100GB")
         generator = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, config.vocab_size, (1, seq_len), generator=generator)
@@ -431,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
         with torch.device("meta"):
-            meta_model = LlamaForCausalLM(config).to(dtype).eval()
+            meta_model = causal_lm(config).to(dtype)
         total = devicemap.ModuleTree.from_module(meta_model, dtype=dtype).total_bytes
         per_gpu = int(total * args.gpu_fraction / gpus)
         max_memory: dict[Any, int] = dict.fromkeys(range(gpus), per_gpu)
@@ -451,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         print(
-            f"gpu_check: Llama-style {size} model ({_bytes(total)} in {args.dtype}), {gpus} GPU(s) of "
+            f"gpu_check: {type(meta_model).__name__} {size} model ({_bytes(total)} in {args.dtype}), {gpus} GPU(s) of "
             f"{_bytes(per_gpu)} each + CPU; prefill {seq_len} tokens, {steps} decode steps, best of {repeat}"
         )
         print(f"hardware for the estimates: {hardware_line}")

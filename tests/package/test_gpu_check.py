@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from repo import REPO
 
 SCRIPT = REPO / "benches" / "gpu_check.py"
@@ -34,8 +36,9 @@ def test_without_cuda_it_prints_one_clear_line_and_exits_0():
     assert result.stdout.strip() == SKIP_LINE
 
 
-def test_rehearsal_loads_every_variant_and_prints_the_table():
-    result = run("--rehearse", "--quick")
+@pytest.mark.parametrize("model", ["tiny", "moe-tiny"])
+def test_rehearsal_loads_every_variant_and_prints_the_table(model):
+    result = run("--rehearse", "--quick", "--model", model)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| variant |"))
@@ -57,3 +60,5 @@ def test_rehearsal_loads_every_variant_and_prints_the_table():
     assert "cpu" in rows["accelerate"][1] and "GPU 0" in rows["accelerate"][1]  # something is offloaded
     assert rows["accelerate"][2] == "GPU 0"  # accelerate streams offloaded layers to GPU 0
     assert rows["devicemap execution_device=cpu"][2] == "cpu"
+    if model.startswith("moe"):  # the speed plan runs experts on the CPU, measured beside its estimate
+        assert "cpu" in rows["devicemap speed"][2]
