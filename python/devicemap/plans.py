@@ -53,6 +53,17 @@ class Offload:
     reason: str
 
 
+@dataclass(frozen=True)
+class PrefillStream:
+    """A block stored and run on the CPU that is copied to a GPU to compute a long pass (a prefill), where
+    moving its weights over the link takes less time than computing the pass on the CPU."""
+
+    device: int
+    """The GPU it computes long passes on."""
+    min_tokens: int
+    """Tokens of a pass (batch x sequence) from which it is streamed; shorter passes (decode) run on the CPU."""
+
+
 class Plan:
     """Where every module of a model lives.
 
@@ -87,6 +98,10 @@ class Plan:
                 for name, device in assignments.items()
             }
         self.execution_map = execution_map
+        self.prefill_streams: dict[str, PrefillStream] = {}
+        """Blocks run on the CPU that compute long passes (prefill) on a GPU instead, streamed there for
+        each such pass (``objective="speed"`` chooses them; the hooks of :func:`devicemap.dispatch` and
+        :func:`devicemap.load_checkpoint` do it)."""
         """Every block and the device that computes it, in model order: its own GPU; for a block on the
         CPU or disk, the GPU that stages it (GPU 0 unless it has no room: see ``plan()``) or ``"cpu"``.
         ``device_map`` stays accelerate's format; hooks read this for the execution devices."""

@@ -21,6 +21,10 @@ model's shape. Each block (the finest placed piece, ``plan.assignments``) runs o
 - **activations moved**: where consecutive blocks execute on different devices, the hidden states
   (``T x hidden_size x bytes``) cross the link (the slower GPU's host link) plus a fixed latency.
 
+A block run on the CPU that the plan streams to a GPU for long passes (``plan.prefill_streams``: stored on
+the CPU, copied to the GPU for a pass of at least its threshold of tokens) is costed on that GPU, with its
+weights moved, in such a pass (a prefill), and on the CPU otherwise.
+
 Blocks run one after another, so a phase takes the sum over blocks. Not modelled: kernel-launch and
 Python overheads (a few microseconds per op), overlap of copies with compute (accelerate has none),
 GPU-to-GPU NVLink (copies are charged at PCIe speed), tensor-parallel or pipelined execution.
@@ -29,7 +33,7 @@ GPU-to-GPU NVLink (copies are charged at PCIe speed), tensor-parallel or pipelin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ..errors import InvalidOptionError
@@ -101,6 +105,16 @@ class BlockCost:
     """Bytes of embedding tables inside the block: a token reads one row of each, not the table."""
     lookup_rows: int = 1
     """Rows of those tables (a pass of ``T`` tokens reads at most ``min(T, rows)`` of them)."""
+    prefill_execution: ExecutionDevice | None = None
+    """Where the block computes a pass of at least ``prefill_min_tokens`` tokens, when not ``execution``
+    (a CPU-run block streamed to a GPU for prefill: :attr:`devicemap.Plan.prefill_streams`)."""
+    prefill_min_tokens: int = 0
+
+    def for_tokens(self, tokens: int) -> BlockCost:
+        """The block as it runs a pass of ``tokens`` tokens (streamed to its prefill GPU above the threshold)."""
+        if self.prefill_execution is None or tokens < self.prefill_min_tokens:
+            return self
+        return replace(self, execution=self.prefill_execution, prefill_execution=None)
 
     def __repr__(self) -> str:  # the doctest above shows the leading fields only
         shown = ", ".join(
@@ -280,7 +294,7 @@ def _phase(
     per_device: dict[ExecutionDevice, dict[str, float]] = {}
     bottleneck = dict.fromkeys(TERMS, 0.0)
     previous: ExecutionDevice | None = None
-    for block in blocks:
+    for block in (b.for_tokens(tokens) for b in blocks):
         device = block.execution
         read, compute, moved, disk = _block_terms(block, hw, phase, batch, seq_len, tokens, bits)
         activations = 0.0
@@ -369,7 +383,9 @@ def block_time(
     """
     b, s = workload.batch_size, workload.seq_len
     tokens = b if phase == "decode" else b * s
-    read, compute, moved, disk = _block_terms(block, hardware, phase, b, s, tokens, dtype_bits)
+    read, compute, moved, disk = _block_terms(
+        block.for_tokens(tokens), hardware, phase, b, s, tokens, dtype_bits
+    )
     return max(read, compute) + moved + disk
 
 
@@ -496,6 +512,7 @@ def block_costs(
     lookups = dict.fromkeys(assignments, 0)
     rows = dict.fromkeys(assignments, 1)
     count, share = expert_share(config)
+    streams = getattr(plan, "prefill_streams", None) or {}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     head_weight = getattr(head, "weight", None)
@@ -522,6 +539,8 @@ def block_costs(
             expert_share=share if experts[name] else 1.0,
             lookup_bytes=min(lookups[name], plan.block_bytes(name)),
             lookup_rows=rows[name],
+            prefill_execution=streams[name].device if name in streams else None,
+            prefill_min_tokens=streams[name].min_tokens if name in streams else 0,
         )
         for name, storage in assignments.items()
     ]

@@ -56,6 +56,7 @@ from .offload_folder import (
     session_folder,
 )
 from .offload_writer import write_offloaded
+from .prefill_streaming import attach_prefill_streaming
 
 PlanLike = Plan | Mapping[str, DeviceKey]
 
@@ -169,6 +170,18 @@ def _main_device(plan_or_map: PlanLike, device_map: Mapping[str, Any], rehearse:
     return RehearsalDevice() if rehearse else min(gpus)
 
 
+def _with_prefill_streams(model: torch.nn.Module, plan: PlanLike, rehearse: bool) -> torch.nn.Module:
+    """``model`` with the plan's CPU-run blocks streamed to their GPU for long passes (prefill)."""
+    if isinstance(plan, Plan) and plan.prefill_streams:
+        stand_in = RehearsalDevice()
+        attach_prefill_streaming(
+            model,
+            plan.prefill_streams,
+            lambda gpu: stand_in if rehearse else torch.device(accelerator_type(), gpu),
+        )
+    return model
+
+
 def _offloaded_executors(plan: Plan) -> set[Any]:
     """The devices that run the plan's CPU- and disk-stored blocks."""
     return {plan.execution_map[b] for b, d in plan.assignments.items() if d in ("cpu", "disk")}
@@ -246,12 +259,16 @@ def dispatch(
     if per_block is not None:  # some offloaded blocks run on the CPU, or on different GPUs
         return owned_by_result(
             folder,
-            lambda: attach_execution_hooks(
-                model,
-                _without_disk_root(model, device_map),
-                per_block,
-                offload_dir=str(folder) if folder is not None else None,
-                offload_buffers=offload_buffers,
+            lambda: _with_prefill_streams(
+                attach_execution_hooks(
+                    model,
+                    _without_disk_root(model, device_map),
+                    per_block,
+                    offload_dir=str(folder) if folder is not None else None,
+                    offload_buffers=offload_buffers,
+                ),
+                plan,
+                rehearse,
             ),
         )
 
@@ -431,9 +448,10 @@ def load_checkpoint(
         model.tie_weights()  # type: ignore[operator]  # torch types Module.__getattr__ as Tensor | Module
     per_block = _per_block_execution(plan, device_map, rehearse)
     if per_block is not None:  # some offloaded blocks run on the CPU, or on different GPUs
-        return attach_execution_hooks(
+        hooked = attach_execution_hooks(
             model, device_map, per_block, offload_index=load.index or None, offload_buffers=offload_buffers
         )
+        return _with_prefill_streams(hooked, plan, rehearse)
     return _dispatch_model(
         model,
         device_map=device_map,

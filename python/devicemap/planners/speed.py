@@ -37,6 +37,7 @@ from ..inputs.memory import Budget
 from ..inputs.module_names import closest_key
 from ..sizing.compute import expert_share, is_routed_experts
 from ..sizing.workload import decoder_layers
+from .prefill import prefill_rooms, with_capacities, with_prefill_streams
 from .solve import solve_once
 from .speed_program import CPU_UNITS, UNITS, Chain, ChainBlock, Mode, execution_of, solve_chain
 from .speed_reasons import explain_offloads
@@ -160,8 +161,52 @@ def plan_for_speed(
     dtype: Any,
     unit: int | None = None,
 ) -> Plan:
-    """The plan with the least predicted decode time (module docstring); ``unit``: bytes per unit
-    (default: the largest capacity / :data:`UNITS`)."""
+    """The plan with the least predicted decode time, or with ``workload.new_tokens`` the least time of a
+    request (module docstring); ``unit``: bytes per unit (default: the largest capacity / :data:`UNITS`)."""
+    best = _decode_plan(model, tree, memory, options, runtime, workload, hardware, dtype, unit)
+    assert isinstance(hardware, Hardware)  # _decode_plan refused anything else
+
+    def finished(plan: Plan, capacities: Budget) -> Plan:
+        # Reasons first, within the capacities the plan was made for: room kept for prefill is not free.
+        explain_offloads(plan, options.pins, workload, hardware, model, dtype)
+        return with_prefill_streams(with_capacities(plan, capacities), workload, hardware, model, dtype)
+
+    best = finished(best, memory)
+    new_tokens = workload.new_tokens
+    if new_tokens is None:
+        return best
+
+    def request_seconds(plan: Plan) -> float:
+        predicted = plan.estimate(workload, hardware, model, dtype=dtype)
+        return predicted.prefill.seconds + new_tokens * predicted.decode.seconds
+
+    # Room on a GPU for the prefill to stream CPU-run blocks through costs decode speed: tried per GPU.
+    fastest = request_seconds(best)
+    for gpu, room in prefill_rooms(best, memory, workload, hardware, model, dtype).items():
+        narrower = {**memory, gpu: room}
+        try:
+            candidate = _decode_plan(model, tree, narrower, options, runtime, workload, hardware, dtype, unit)
+        except DoesNotFitError:
+            continue
+        candidate = finished(candidate, memory)
+        seconds = request_seconds(candidate)
+        if seconds < fastest:
+            best, fastest = candidate, seconds
+    return best
+
+
+def _decode_plan(
+    model: torch.nn.Module,
+    tree: ModuleTree,
+    memory: Budget,
+    options: PlacementOptions,
+    runtime: RuntimeMemory,
+    workload: Workload,
+    hardware: Hardware | None,
+    dtype: Any,
+    unit: int | None,
+) -> Plan:
+    """The plan with the least predicted decode time (module docstring)."""
     if not isinstance(hardware, Hardware):
         raise InvalidOptionError(
             "objective='speed' needs hardware=devicemap.Hardware (e.g. Hardware.preset('rtx-4090', "
@@ -255,5 +300,4 @@ def plan_for_speed(
         )
     best = min(candidates, key=lambda p: p.estimate(workload, hardware, model, dtype=dtype).decode.seconds)
     best.strategy = "speed"
-    explain_offloads(best, options.pins, workload, hardware, model, dtype)
     return best

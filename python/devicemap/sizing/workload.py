@@ -65,12 +65,19 @@ class Workload:
     logits_tokens: int | None = 1
     """Positions whose logits exist at once: 1 for ``generate`` (it keeps only the last position's);
     ``None`` means ``seq_len``, for full forward passes such as evaluation."""
+    new_tokens: int | None = None
+    """Tokens generated per request after the prefill of ``seq_len`` tokens. Given, ``objective="speed"``
+    minimises a request's time (prefill + ``new_tokens`` x one decoded token) and may keep room on a GPU
+    to stream CPU-run blocks there for the prefill; ``None``: it minimises one decoded token's time."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidOptionError(f"Workload.{name} must be a positive int, got {value!r}")
+        new = self.new_tokens
+        if new is not None and (not isinstance(new, int) or isinstance(new, bool) or new < 0):
+            raise InvalidOptionError(f"Workload.new_tokens must be a non-negative int or None, got {new!r}")
         tokens = self.logits_tokens
         if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
             raise InvalidOptionError(
