@@ -38,7 +38,7 @@ from ..inputs.module_names import closest_key
 from ..sizing.compute import expert_share, is_routed_experts
 from ..sizing.workload import decoder_layers
 from .solve import solve_once
-from .speed_program import CPU_UNITS, UNITS, Chain, ChainBlock, Mode, execution_of, solve_chain
+from .speed_program import Chain, ChainBlock, Mode, execution_of, solve_chain, units_for
 
 if TYPE_CHECKING:
     import torch
@@ -129,8 +129,8 @@ def plan_for_speed(
     dtype: Any,
     unit: int | None = None,
 ) -> Plan:
-    """The plan with the least predicted decode time (module docstring); ``unit``: bytes per unit
-    (default: the largest capacity / :data:`UNITS`)."""
+    """The plan with the least predicted decode time (module docstring); ``unit``: bytes per GPU unit
+    (default: :func:`~devicemap.planners.speed_program.units_for`)."""
     if not isinstance(hardware, Hardware):
         raise InvalidOptionError(
             "objective='speed' needs hardware=devicemap.Hardware (e.g. Hardware.preset('rtx-4090', "
@@ -182,10 +182,8 @@ def plan_for_speed(
         activation=-(-runtime.activation_bits // 8),
         switch=lambda a, b: activation_time(hardware, a, b, tokens * hidden_bytes),
     )
-    if unit is None:
-        unit = max(1, -(-max(gpu_caps, default=1) // UNITS))
-    cpu_unit = max(1, -(-int(cpu_cap or 1) // CPU_UNITS))
-    found = solve_chain(chain, unit, cpu_unit)
+    default_unit, cpu_unit = units_for(chain)
+    found = solve_chain(chain, unit or default_unit, cpu_unit)
     candidates: list[Plan] = []
     if found is not None:
         _, chosen = found

@@ -347,7 +347,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
         let mut kept = 0u64;
         for (key, candidates) in next.iter_mut().enumerate() {
             states[key].clear();
-            prune(candidates, &mut states[key], &mut arena)?;
+            prune(candidates, gpus as u32, &mut states[key], &mut arena)?;
             kept += states[key].len() as u64;
             candidates.clear();
         }
@@ -361,9 +361,14 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
         .iter()
         .flatten()
         .min_by(|a, b| {
-            (a.seconds, a.gpu_bytes, a.cpu_bytes)
-                .partial_cmp(&(b.seconds, b.gpu_bytes, b.cpu_bytes))
-                .unwrap_or(std::cmp::Ordering::Equal)
+            let rank = |l: &Label| {
+                arena
+                    .get(l.node as usize)
+                    .map_or(0, |&(_, mode)| tie_rank(mode, gpus as u32))
+            };
+            a.seconds
+                .total_cmp(&b.seconds)
+                .then((a.gpu_bytes, a.cpu_bytes, rank(a)).cmp(&(b.gpu_bytes, b.cpu_bytes, rank(b))))
         })
         .copied();
     let Some(best) = best else {
@@ -412,7 +417,7 @@ fn offer(
 
 /// Keep the candidates of one key that no other beats: one per (GPU cell, CPU cell), the fastest (then
 /// the fewest bytes), and of those only the ones faster than every kept one in a cell no larger in both.
-fn prune(candidates: &mut [Candidate], kept: &mut Vec<Label>, arena: &mut Vec<(u32, u32)>) -> Result<()> {
+fn prune(candidates: &mut [Candidate], gpus: u32, kept: &mut Vec<Label>, arena: &mut Vec<(u32, u32)>) -> Result<()> {
     if candidates.is_empty() {
         return Ok(());
     }
@@ -421,6 +426,7 @@ fn prune(candidates: &mut [Candidate], kept: &mut Vec<Label>, arena: &mut Vec<(u
             .cmp(&(b.gpu_cell, b.cpu_cell))
             .then(a.seconds.total_cmp(&b.seconds))
             .then((a.gpu_bytes, a.cpu_bytes).cmp(&(b.gpu_bytes, b.cpu_bytes)))
+            .then((tie_rank(a.mode, gpus), a.parent).cmp(&(tie_rank(b.mode, gpus), b.parent)))
     });
     // CPU cells, compressed, index a Fenwick tree of the least seconds kept at or below each.
     let mut cells: Vec<u64> = candidates.iter().map(|c| c.cpu_cell).collect();
@@ -460,6 +466,16 @@ fn prune(candidates: &mut [Candidate], kept: &mut Vec<Label>, arena: &mut Vec<(u
         });
     }
     Ok(())
+}
+
+/// Among equally fast labels with equal bytes, the one whose last block went to the CPU, then disk, then
+/// the lowest GPU: ties keep the front of the model on the GPUs, as the core's sequential fill does.
+fn tie_rank(mode: u32, gpus: u32) -> u32 {
+    match mode {
+        m if m == gpus => 0,
+        m if m == gpus + 1 => 1,
+        m => 2 + m,
+    }
 }
 
 /// The most labels one block may keep: per key, one per (GPU cell, CPU cell) that fits.
