@@ -15,6 +15,7 @@ __all__ = [
     "balanced_budget",
     "parse_device",
     "parse_size",
+    "speed_program",
     "tree_from_checkpoint",
     "checkpoint_tensors",
     "_panic_for_tests",
@@ -205,6 +206,17 @@ def balanced_budget(
 ) -> tuple[int, int]: ...
 def parse_size(text: str) -> int: ...
 def parse_device(key: str) -> int | str: ...
+def speed_program(
+    weights: list[int],
+    runtimes: list[int],
+    costs: list[list[float | None]],
+    gpu_capacity: list[int],
+    cpu_capacity: int | None,
+    activation: int,
+    switch: list[list[float]],
+    unit: int,
+    cpu_unit: int,
+) -> tuple[tuple[float, list[int]] | None, tuple[int, int, int]]: ...
 def tree_from_checkpoint(
     path: str | PathLike[str],  # the binding takes a PathBuf
     block_patterns: list[str],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 import devicemap
 from devicemap.cost.hardware import Hardware
 from devicemap.errors import InvalidOptionError
-from devicemap.planners.speed_program import Chain, ChainBlock, Mode, evaluate, solve_chain
+from devicemap.planners.speed_program import (
+    Chain,
+    ChainBlock,
+    Mode,
+    evaluate,
+    solve_chain,
+    solve_chain_counted,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,6 +82,67 @@ def test_coarse_units_only_ever_return_placements_that_fit() -> None:
     assert solve_chain(chain, unit=1) == (3 * 1.0 + 5.0, [0, 0, 0, "cpu"])
     seconds, modes = solve_chain(chain, unit=16) or (0.0, [])  # merged states: still within capacity
     assert evaluate(chain, modes) == seconds
+
+
+@settings(max_examples=150, deadline=None)
+@given(chains(), st.integers(1, 12), st.integers(1, 12))
+def test_coarse_units_fit_and_beat_every_placement_of_the_reduced_capacities(
+    chain: Chain, unit: int, cpu_unit: int
+) -> None:
+    """The guarantee of the module docstring: with units ``u`` and ``u_cpu`` the answer fits, and no
+    placement of the GPU capacities reduced by ``n x u`` and the CPU by ``(n + 1) x u_cpu`` is faster."""
+    found, work = solve_chain_counted(chain, unit, cpu_unit)
+    assert work.largest <= work.bound
+    if found is not None:
+        assert evaluate(chain, found[1]) == pytest.approx(found[0])
+    n = len(chain.blocks)
+    reduced = replace(
+        chain,
+        gpu_capacity=tuple(max(0, c - n * unit) for c in chain.gpu_capacity),
+        cpu_capacity=None if chain.cpu_capacity is None else max(0, chain.cpu_capacity - (n + 1) * cpu_unit),
+    )
+    slowest_allowed = brute_force(reduced)
+    if slowest_allowed is not None:
+        assert found is not None
+        assert found[0] <= slowest_allowed + 1e-9
+
+
+def expert_chain(layers: int, gpus: int, cpu_capacity: int) -> Chain:
+    """Attention (small, far faster on a GPU) and experts (large) per layer, CPU tight, disk allowed."""
+    blocks = []
+    for layer in range(layers):
+        attention: dict[Mode, float] = {**dict.fromkeys(range(gpus), 1.0), "cpu": 12.0, "disk": 12.1}
+        experts: dict[Mode, float] = {**dict.fromkeys(range(gpus), 8.0), "cpu": 100.0, "disk": 128.0}
+        blocks += [ChainBlock(f"a{layer}", 90, 8, attention), ChainBlock(f"e{layer}", 2800, 0, experts)]
+    return Chain(
+        tuple(blocks),
+        gpu_capacity=(24_000,) * gpus,
+        cpu_capacity=cpu_capacity,
+        activation=4,
+        switch=lambda a, b: 0.01,
+    )
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_the_labels_kept_stay_within_the_stated_bound(gpus: int) -> None:
+    """Work, not time: after each block at most one label per key and (GPU unit, CPU unit) cell."""
+    chain = expert_chain(32, gpus, cpu_capacity=16_000)
+    unit, cpu_unit = 24_000 // 64, 16_000 // 32
+    found, work = solve_chain_counted(chain, unit, cpu_unit)
+    assert found is not None and evaluate(chain, found[1]) == pytest.approx(found[0])
+    levels = 3  # read room: none, an attention block, an experts block (rounded up to CPU units)
+    keys_and_gpu_cells = (1 + gpus * (24_000 // unit + 1)) * 3 * levels
+    assert work.bound == keys_and_gpu_cells * (16_000 // cpu_unit + 1)
+    assert 0 < work.largest <= work.bound
+    assert work.labels <= work.bound * len(chain.blocks)
+    roomy = solve_chain_counted(replace(chain, cpu_capacity=10**9), unit, cpu_unit)[1]
+    assert roomy.bound == (1 + gpus * (24_000 // unit + 1)) * 3  # the CPU untracked: one cell, one level
+
+
+def test_bad_units_name_themselves() -> None:
+    chain = expert_chain(1, 1, cpu_capacity=100)
+    with pytest.raises(InvalidOptionError, match="units"):
+        solve_chain(chain, unit=0)
 
 
 def small_moe(**overrides: object) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from ..sizing.compute import expert_share, is_routed_experts
 from ..sizing.workload import decoder_layers
 from .prefill import prefill_rooms, with_capacities, with_prefill_streams
 from .solve import solve_once
-from .speed_program import CPU_UNITS, UNITS, Chain, ChainBlock, Mode, execution_of, solve_chain
+from .speed_program import Chain, ChainBlock, Mode, execution_of, solve_chain, units_for
 from .speed_reasons import explain_offloads
 
 if TYPE_CHECKING:
@@ -162,7 +162,8 @@ def plan_for_speed(
     unit: int | None = None,
 ) -> Plan:
     """The plan with the least predicted decode time, or with ``workload.new_tokens`` the least time of a
-    request (module docstring); ``unit``: bytes per unit (default: the largest capacity / :data:`UNITS`)."""
+    request (module docstring); ``unit``: bytes per GPU unit (default:
+    :func:`~devicemap.planners.speed_program.units_for`)."""
     best = _decode_plan(model, tree, memory, options, runtime, workload, hardware, dtype, unit)
     assert isinstance(hardware, Hardware)  # _decode_plan refused anything else
 
@@ -259,10 +260,8 @@ def _decode_plan(
         activation=-(-runtime.activation_bits // 8),
         switch=lambda a, b: activation_time(hardware, a, b, tokens * hidden_bytes),
     )
-    if unit is None:
-        unit = max(1, -(-max(gpu_caps, default=1) // UNITS))
-    cpu_unit = max(1, -(-int(cpu_cap or 1) // CPU_UNITS))
-    found = solve_chain(chain, unit, cpu_unit)
+    default_unit, cpu_unit = units_for(chain)
+    found = solve_chain(chain, unit or default_unit, cpu_unit)
     candidates: list[Plan] = []
     if found is not None:
         _, chosen = found

@@ -10,34 +10,49 @@ the sum :func:`devicemap.cost.estimate.estimate` reports for the decode phase.
 **Memory**, as the memory plan counts it: a GPU holds the weights and runtime memory (KV cache, logits)
 of the blocks resident on it plus one activation buffer if it runs anything (``gpu0_reserve`` is taken
 off GPU 0); the CPU holds the weights of CPU-stored blocks, the runtime memory of every block it runs and
-one activation buffer if it runs anything; disk is unbounded.
+one activation buffer if it runs anything; disk is unbounded. A block stored on disk is read into RAM to
+run, so the CPU also keeps room for the largest disk-stored block (as the core reserves it).
 
-A block stored on disk is read into RAM to run, so the CPU also keeps room for the largest disk-stored
-block (as the core reserves it); that term is a maximum, so the program runs once per bound ``R`` on it
-(each distinct block size, and no disk) with disk allowed only for blocks up to ``R`` and ``R`` taken off
-the CPU, and the best run wins.
+**The program** runs in the Rust core (``rust/core/src/speed_program.rs``, called through
+``devicemap._core.speed_program``; this module converts). GPUs are filled in order: the GPU-resident blocks
+form contiguous runs in model order on GPUs of increasing index (CPU-run blocks may sit anywhere between
+them), which is what the core places. Scanning blocks in model order, a *label* is a placement of the
+prefix: its seconds, its bytes on the current GPU and its bytes on the CPU (read room included). Labels are
+grouped by *key*: the current GPU, whether the CPU has run anything and whether it ran the last block, and
+the read room (the largest disk-stored block so far, one level per distinct disk-eligible block size, so
+the program runs once, not once per size). Each block moves a label to the current GPU, a later GPU
+(opened with its activation buffer), the CPU or disk. Within a key a label is dropped when another one is
+no slower and lies in a cell no larger: sizes are counted in units of ``u`` bytes on GPUs and ``u_cpu`` on
+the CPU, and a cell is (GPU bytes // ``u``, CPU bytes // ``u_cpu``). The CPU is not tracked (one cell) when
+it can hold every block at once plus the read room.
 
-**Exact dynamic program.** GPUs are filled in order: the GPU-resident blocks form contiguous runs in model
-order on GPUs of increasing index (CPU-run blocks may sit anywhere between them), which is what the core
-places. Scanning blocks in model order, a state is ``(current GPU, units used on it, units used on the
-CPU, whether the last block ran on the CPU, whether the CPU runs anything)`` and its value the least
-decode time of the prefix; each block moves a state to: the current GPU, a later GPU (opened with its
-activation buffer), the CPU, or disk. The CPU dimension is dropped (kept at 0) when the CPU can hold
-every block at once, so it never binds. States of the same key except GPU units are pruned to those not
-dominated (more units and no less time). Sizes are counted in units of ``u`` bytes, block sizes rounded
-up and capacities down, so every answer fits; it is optimal among placements that fit the capacities
-reduced by ``n x u`` (``n`` blocks), and exact with ``u = 1`` (the tests). ``plan_for_speed`` (:mod:`devicemap.planners.speed`) picks ``u`` so no
-device has more than :data:`UNITS` units. Time and space: ``O(n x G x (C/u) x modes)`` states per block
-with ``G`` GPUs, ``C`` the largest capacity (times ``C_cpu/u`` only when the CPU binds).
+**Bound on the work.** A key keeps at most one label per cell, so one block keeps at most
+``(1 + sum over GPUs of (C_i // u + 1)) x 3 x L x (C_cpu // u_cpu + 1)`` labels (``L`` read-room levels; the
+last factor 1 when the CPU is not tracked): :class:`ProgramWork` reports that bound and the labels kept, and
+the tests check one against the other. Each kept label costs ``O(G + 2)`` transitions and a sort.
+
+**Guarantee.** Bytes are counted exactly, so every answer fits the capacities. Replacing a label by one in a
+cell no larger loses less than one unit per block, so the answer is no slower than any placement that fits
+GPU capacities reduced by ``n x u`` and the CPU reduced by ``(n + 1) x u_cpu`` (``n`` blocks; the extra unit:
+the read room is rounded up to CPU units). With ``u = u_cpu = 1`` it is exact (the tests check both against
+brute force, in Python and in Rust). ``plan_for_speed`` (:mod:`devicemap.planners.speed`) takes its units
+from :func:`units_for`: ``u = ceil(largest GPU capacity / 2048)`` when the CPU is not tracked (one dimension),
+else ``u = ceil(largest GPU capacity / 512)`` and ``u_cpu = ceil(C_cpu / 64)``: for 24 GiB GPUs and
+16 GiB of CPU, cells of 48 MiB and 256 MiB against blocks of 40 MiB to 5 GiB in the bundled shapes.
+
+**Planning time** (``benches/bench_speed.py --planning-time``): the CPU untracked, a few milliseconds; a tight
+CPU with disk, where labels spread over both dimensions, up to seconds on the largest mixture-of-experts
+shapes (the labels kept, not the cells, set the work: the bound above is far from reached).
 
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
+from .. import _core
 from ..cost.estimate import ExecutionDevice
 from ..errors import InvalidOptionError
 
@@ -45,9 +60,11 @@ Mode = int | Literal["cpu", "disk"]
 """Where a block lives in the program: GPU ``i`` (stored and run there), ``"cpu"`` (stored and run on the
 CPU) or ``"disk"`` (stored on disk, run on the CPU)."""
 UNITS = 2048
-"""At most this many units per GPU in :func:`plan`'s program (``u = ceil(largest GPU capacity / UNITS)``)."""
-CPU_UNITS = 256
-"""At most this many units of CPU memory (only tracked when the CPU cannot hold every block)."""
+"""GPU units per GPU when the CPU is not tracked (:func:`units_for`: ``u = ceil(largest GPU capacity / UNITS)``)."""
+TRACKED_UNITS = 512
+"""GPU units per GPU when the CPU is tracked too (a tight CPU): the labels then spread over two dimensions."""
+CPU_UNITS = 64
+"""Units of CPU memory when the CPU is tracked (it cannot hold every block at once)."""
 
 
 def execution_of(mode: Mode) -> ExecutionDevice:
@@ -122,109 +139,79 @@ def evaluate(chain: Chain, modes: Sequence[Mode]) -> float | None:
     return seconds
 
 
-def _units(size: int, unit: int) -> int:
-    return -(-size // unit)
+def cpu_is_tracked(chain: Chain) -> bool:
+    """Whether the CPU can run out: it cannot hold every block at once plus the largest disk-stored one."""
+    if chain.cpu_capacity is None:
+        return False
+    room = max((b.weight for b in chain.blocks if "disk" in b.cost), default=0)
+    return chain.activation + room + sum(b.weight + b.runtime for b in chain.blocks) > chain.cpu_capacity
+
+
+def units_for(chain: Chain) -> tuple[int, int]:
+    """``(u, u_cpu)`` for ``chain``: :data:`UNITS` per GPU when the CPU is not tracked, else
+    :data:`TRACKED_UNITS` per GPU and :data:`CPU_UNITS` on the CPU (the guarantee: module docstring)."""
+    largest = max(chain.gpu_capacity, default=1)
+    if not cpu_is_tracked(chain):
+        return max(1, -(-largest // UNITS)), 1
+    cpu = chain.cpu_capacity or 1
+    return max(1, -(-largest // TRACKED_UNITS)), max(1, -(-cpu // CPU_UNITS))
 
 
 def solve_chain(chain: Chain, unit: int = 1, cpu_unit: int | None = None) -> tuple[float, list[Mode]] | None:
     """The least decode time over all placements :func:`evaluate` accepts, and one placement reaching it
-    (``None``: nothing fits). Bytes are counted exactly; states whose GPU bytes fall in the same ``unit``
+    (``None``: nothing fits). Bytes are counted exactly; labels whose GPU bytes fall in the same ``unit``
     (CPU bytes in the same ``cpu_unit``, default ``unit``) are merged, keeping the fastest. Exact with
-    ``unit=1``; with larger units see the module docstring."""
+    ``unit=1``; with larger units see the module docstring (the guarantee).
+
+    >>> blocks = tuple(ChainBlock(f"b{i}", 10, 0, {0: 1.0, "cpu": 5.0}) for i in range(3))
+    >>> solve_chain(Chain(blocks, gpu_capacity=(25,), cpu_capacity=None))
+    (7.0, [0, 0, 'cpu'])
+    """
+    return solve_chain_counted(chain, unit, cpu_unit)[0]
+
+
+@dataclass(frozen=True)
+class ProgramWork:
+    """What the program did, to check against its bound without timing it (module docstring)."""
+
+    labels: int
+    """Labels kept, summed over the blocks."""
+    largest: int
+    """The most labels kept after one block."""
+    bound: int
+    """The most labels one block may keep: one per key and (GPU unit, CPU unit) cell."""
+
+
+def solve_chain_counted(
+    chain: Chain, unit: int = 1, cpu_unit: int | None = None
+) -> tuple[tuple[float, list[Mode]] | None, ProgramWork]:
+    """:func:`solve_chain`'s answer and the :class:`ProgramWork` it took."""
     cpu_unit = unit if cpu_unit is None else cpu_unit
-    if unit < 1 or cpu_unit < 1:
-        raise InvalidOptionError(f"units must be positive numbers of bytes, got {unit!r} and {cpu_unit!r}")
-    if chain.cpu_capacity is None or not any("disk" in b.cost for b in chain.blocks):
-        return _program(chain, unit, cpu_unit)
-    # The CPU keeps room to read the largest disk-stored block (a max, not a sum): try each bound on it.
-    best: tuple[float, list[Mode]] | None = None
-    for bound in sorted({0, *(b.weight for b in chain.blocks if "disk" in b.cost)}):
-        blocks = tuple(
-            b
-            if "disk" not in b.cost or (bound and b.weight <= bound)
-            else replace(b, cost={m: c for m, c in b.cost.items() if m != "disk"})
-            for b in chain.blocks
-        )
-        if chain.cpu_capacity < bound or any(not b.cost for b in blocks):
-            continue
-        found = _program(
-            replace(chain, blocks=blocks, cpu_capacity=chain.cpu_capacity - bound), unit, cpu_unit
-        )
-        if found is not None and (best is None or found[0] < best[0]):
-            best = found
-    return best
+    for value in (unit, cpu_unit):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidOptionError(
+                f"units must be positive numbers of bytes, got {unit!r} and {cpu_unit!r}"
+            )
+    gpus = len(chain.gpu_capacity)
+    modes: list[Mode] = [*range(gpus), "cpu", "disk"]
+    devices: list[ExecutionDevice] = [*range(gpus), "cpu"]
+    found, (labels, largest, bound) = _core.speed_program(
+        [b.weight for b in chain.blocks],
+        [b.runtime for b in chain.blocks],
+        [[_seconds(b.cost.get(m)) for m in modes] for b in chain.blocks],
+        list(chain.gpu_capacity),
+        chain.cpu_capacity,
+        chain.activation,
+        [[0.0 if a == b else float(chain.switch(a, b)) for b in devices] for a in devices],
+        unit,
+        cpu_unit,
+    )
+    work = ProgramWork(labels, largest, bound)
+    if found is None:
+        return None, work
+    seconds, chosen = found
+    return (seconds, [modes[i] for i in chosen]), work
 
 
-def _program(chain: Chain, unit: int, cpu_unit: int) -> tuple[float, list[Mode]] | None:
-    """The dynamic program of :func:`solve_chain` with disk blocks needing no CPU room to be read."""
-    caps = chain.gpu_capacity
-    act = chain.activation
-    total_cpu = chain.activation + sum(b.weight + b.runtime for b in chain.blocks)
-    track_cpu = chain.cpu_capacity is not None and total_cpu > chain.cpu_capacity
-    cpu_cap = chain.cpu_capacity if chain.cpu_capacity is not None else 0
-    # key: (gpu, GPU bytes // unit, CPU bytes // cpu_unit, last ran on cpu, cpu runs)
-    # value: (seconds, GPU bytes, CPU bytes, path as a linked list)
-    states: dict[Any, tuple[float, int, int, Any]] = {(-1, 0, 0, False, False): (0.0, 0, 0, None)}
-    first = True
-    for block in chain.blocks:
-        size = block.weight + block.runtime
-        following: dict[Any, tuple[float, int, int, Any]] = {}
-        for (gpu, _, _, last_cpu, cpu_runs), (seconds, used, cpu, path) in states.items():
-            last: ExecutionDevice | None = None if first else ("cpu" if last_cpu else gpu)
-            for mode, cost in block.cost.items():
-                device = execution_of(mode)
-                step = cost + (chain.switch(last, device) if last is not None and last != device else 0.0)
-                if isinstance(mode, int):
-                    if mode < gpu or mode >= len(caps):
-                        continue
-                    new_used = used + size if mode == gpu else act + size
-                    if new_used > caps[mode]:
-                        continue
-                    key = (mode, new_used // unit, cpu // cpu_unit, False, cpu_runs)
-                    _offer(following, key, (seconds + step, new_used, cpu, (mode, path)))
-                else:
-                    new_cpu = cpu
-                    if track_cpu:
-                        new_cpu += (0 if cpu_runs else act) + (size if mode == "cpu" else block.runtime)
-                        if new_cpu > cpu_cap:
-                            continue
-                    key = (gpu, used // unit, new_cpu // cpu_unit, True, True)
-                    _offer(following, key, (seconds + step, used, new_cpu, (mode, path)))
-        states = _prune(following)
-        first = False
-        if not states:
-            return None
-    seconds, _, _, path = min(states.values(), key=lambda state: state[:3])
-    modes: list[Mode] = []
-    while path is not None:
-        modes.append(path[0])
-        path = path[1]
-    modes.reverse()
-    return seconds, modes
-
-
-def _offer(
-    states: dict[Any, tuple[float, int, int, Any]], key: Any, value: tuple[float, int, int, Any]
-) -> None:
-    """Keep the better of a state already reached and a new one: faster, then fewer GPU and CPU bytes."""
-    held = states.get(key)
-    if held is None or value[:3] < held[:3]:
-        states[key] = value
-
-
-def _prune(states: dict[Any, tuple[float, int, int, Any]]) -> dict[Any, tuple[float, int, int, Any]]:
-    """Drop states another state of the same key (GPU bytes aside) beats with no more GPU bytes and no more
-    time (CPU bytes are equal within a key when ``cpu_unit`` is 1, else within one unit)."""
-    groups: dict[tuple[Any, ...], list[tuple[int, int, Any]]] = {}
-    for key, (_, used, cpu, _) in states.items():
-        gpu, _, cpu_bucket, last_cpu, cpu_runs = key
-        groups.setdefault((gpu, cpu_bucket, last_cpu, cpu_runs), []).append((used, cpu, key))
-    kept: dict[Any, tuple[float, int, int, Any]] = {}
-    for members in groups.values():
-        best = float("inf")
-        for _, _, key in sorted(members):  # fewer GPU bytes first: keep only strictly faster ones after
-            seconds = states[key][0]
-            if seconds < best:
-                best = seconds
-                kept[key] = states[key]
-    return kept
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else float(value)

@@ -6,6 +6,7 @@ mod errors;
 mod module_walk;
 mod records;
 
+use devicemap_core::speed_program::{solve_chain as solve_speed_chain, Mode as SpeedMode, SpeedBlock, SpeedChain};
 use devicemap_core::strategy::accelerate_budget::balanced_budget as core_budget;
 use devicemap_core::strategy::accelerate_compat::{self, CompatOptions};
 use devicemap_core::strategy::accelerate_version::AccelerateVersion;
@@ -162,6 +163,8 @@ fn parse_devices(devices: Vec<(String, Option<u64>)>) -> Result<Vec<(Device, Opt
 }
 
 type NamedDevice = (String, String);
+/// `speed_program`'s answer (seconds, mode index per block) if any, and (labels, largest, bound).
+type SpeedProgramResult = (Option<(f64, Vec<usize>)>, (u64, u64, u64));
 /// accelerate's map (devices as its keys: int GPU index or str), and the facts behind its warnings: bits
 /// used per device, modules placed whole on CPU/disk, devices left empty (device, bits needed, the names
 /// those bits come from).
@@ -318,6 +321,68 @@ fn parse_device(py: Python<'_>, key: String) -> PyResult<DeviceKey> {
     guarded(py, move || Device::parse(&key)).map(DeviceKey::from)
 }
 
+/// The speed objective's program over a chain (`devicemap_core::speed_program`): per block its weight and
+/// runtime bytes and its seconds per mode (GPU 0..G, CPU, disk; `None`: not allowed). Returns the answer
+/// (seconds, one mode index per block) or `None` when nothing fits, and the work done
+/// (labels kept, most kept after one block, the bound on that).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn speed_program(
+    py: Python<'_>,
+    weights: Vec<u64>,
+    runtimes: Vec<u64>,
+    costs: Vec<Vec<Option<f64>>>,
+    gpu_capacity: Vec<u64>,
+    cpu_capacity: Option<u64>,
+    activation: u64,
+    switch: Vec<Vec<f64>>,
+    unit: u64,
+    cpu_unit: u64,
+) -> PyResult<SpeedProgramResult> {
+    guarded(py, move || {
+        if weights.len() != runtimes.len() || weights.len() != costs.len() {
+            return Err(CoreError::InvalidOption {
+                what: "speed program blocks".into(),
+                value: format!(
+                    "{} weights, {} runtimes, {} cost lists",
+                    weights.len(),
+                    runtimes.len(),
+                    costs.len()
+                ),
+                expected: vec!["one of each per block".into()],
+            });
+        }
+        let blocks = weights
+            .into_iter()
+            .zip(runtimes)
+            .zip(costs)
+            .map(|((weight, runtime), cost)| SpeedBlock { weight, runtime, cost })
+            .collect();
+        let gpus = gpu_capacity.len();
+        let chain = SpeedChain {
+            blocks,
+            gpu_capacity,
+            cpu_capacity,
+            activation,
+            switch,
+        };
+        let (answer, stats) = solve_speed_chain(&chain, unit, cpu_unit)?;
+        let answer = answer.map(|a| {
+            let modes = a
+                .modes
+                .iter()
+                .map(|m| match *m {
+                    SpeedMode::Gpu(g) => g as usize,
+                    SpeedMode::Cpu => gpus,
+                    SpeedMode::Disk => gpus + 1,
+                })
+                .collect();
+            (a.seconds, modes)
+        });
+        Ok((answer, (stats.labels, stats.largest, stats.bound)))
+    })
+}
+
 /// Raise InternalError from a deliberate panic (tests check that panics never abort Python).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -336,6 +401,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balanced_budget, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(parse_device, m)?)?;
+    m.add_function(wrap_pyfunction!(speed_program, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::tree_from_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::checkpoint_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
