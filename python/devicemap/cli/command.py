@@ -114,7 +114,8 @@ def add_placement_options(p: argparse.ArgumentParser) -> None:
         choices=tuple(cli_inputs.QUANT_PRESETS),
         help="size weights as this quantizer stores them and keep its offload rules (bnb-*: bitsandbytes, "
         "nf4 4-bit / double-quant / fp4 / LLM.int8 / LLM.int8 with fp32 CPU offload; torchao-*: weight-only "
-        "int8 / fp8); a pre-quantized checkpoint needs none, its headers give the sizes",
+        "int8 / fp8; gguf-*: the tensors llama.cpp loads from a GGUF file of that type, for --to llama.cpp); a "
+        "pre-quantized checkpoint needs none, its headers give the sizes",
     )
     p.add_argument(
         "--offload-buffers",

@@ -21,6 +21,8 @@ from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from ..inputs.files import read_json_object, regular_file_status
 from ..inputs.memory import DeviceKey, device_key, parse_size
+from ..sizing.gguf import FILE_TYPES as GGUF_FILE_TYPES
+from ..sizing.gguf import GGUF
 from ..sizing.quantization import torchao_quantization
 
 MIB = 2**20
@@ -221,6 +223,8 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
     },
     "torchao-int8": {"quant_method": "torchao", "torchao": "Int8WeightOnlyConfig"},
     "torchao-fp8": {"quant_method": "torchao", "torchao": "Float8WeightOnlyConfig"},
+    # the weights llama.cpp loads from a GGUF file of this type (devicemap.GGUF), for --to llama.cpp
+    **{f"gguf-{t.lower()}": {"quant_method": "gguf", "file_type": t} for t in GGUF_FILE_TYPES},
 }
 
 
@@ -231,6 +235,8 @@ def quantization(text: str | None) -> Any:
     preset = QUANT_PRESETS.get(text.strip().lower())
     if preset is None:
         raise InvalidOptionError(f"--quant {text!r}: use one of {', '.join(QUANT_PRESETS)}")
+    if preset["quant_method"] == "gguf":
+        return GGUF(preset["file_type"])
     if preset["quant_method"] != "torchao":
         return dict(preset)
     ao = torchao_quantization(f"--quant {text}")

@@ -27,6 +27,7 @@ from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.memory import Budget, DeviceKey
 from ..inputs.options import PlacementOptions
 from ..plans import Plan
+from ..sizing.gguf import GGUF
 from ..sizing.quantization import offload_rule, quantized_sizer
 from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory
@@ -81,6 +82,8 @@ def plan_quantized(
 def load_headroom(model: torch.nn.Module, quantization_config: Any, dtype: DtypeLike | None) -> int:
     """Bytes a GPU needs while the quantizer converts a weight: the largest weight it quantizes, at the
     dtype it is read in (``dtype``, else the weight's own)."""
+    if isinstance(quantization_config, GGUF):
+        return 0  # llama.cpp reads stored tensors as they are: nothing is converted on the GPU
     names = quantized_sizer(model, quantization_config, dtype).quantized_names
     load_bits = target_bits(dtype) if dtype is not None else None
     largest = 0

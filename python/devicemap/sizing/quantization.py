@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidOptionError
 from ..inputs.dtypes import storage_bits, to_dtype
+from .gguf import GGUF, gguf_bits
 
 if TYPE_CHECKING:
     import torch
@@ -159,6 +160,7 @@ def offload_rule(quantization_config: Any, *, pre_quantized: bool = False) -> Of
     if method == "mxfp4" and not pre_quantized:
         return OffloadRule(disk=False, reason="mxfp4 refuses disk offload when it quantizes on the fly")
     if method == "gguf":
+        # transformers refuses disk entries for GGUF files; llama.cpp maps the file and has no disk tier.
         return OffloadRule(disk=False, reason="gguf refuses disk offload")
     return OffloadRule()
 
@@ -271,6 +273,10 @@ def quantized_sizer(
     keep_fp32 = _keep_fp32_names(model, load_dtype)
     if quantization_config is None:
         return QuantizedSizer(None, OffloadRule(), {}, keep_fp32)
+    if isinstance(quantization_config, GGUF):  # the weights llama.cpp loads (sizing/gguf.py)
+        stored = gguf_bits(model, quantization_config.file_type)
+        rule = offload_rule(quantization_config)
+        return QuantizedSizer("gguf", rule, {name: {name: bits} for name, bits in stored.items()}, ())
     config = _as_config(quantization_config)
     method = _method(config)
     rule = offload_rule(config, pre_quantized=pre_quantized)
