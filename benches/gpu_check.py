@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import inspect
 import shutil
@@ -352,9 +353,11 @@ def guess_preset() -> str | None:
 
 def hardware_for(args: argparse.Namespace, gpus: int, directory: Path) -> tuple[Any, str]:
     """The Hardware to estimate with, and a line saying what it is."""
+    from devicemap.cost.engine import Engine
     from devicemap.cost.hardware import GPU, Hardware
 
     measured = Hardware.measure_host(None, 0, quick=True, directory=directory).host
+    engine = Engine.preset(args.engine)
     if args.rehearse:
         stand_in = GPU(
             name="cpu-stand-in",
@@ -367,8 +370,21 @@ def hardware_for(args: argparse.Namespace, gpus: int, directory: Path) -> tuple[
             memory_efficiency=1.0,
             compute_efficiency=1.0,
         )
-        hardware = Hardware(gpus=(stand_in,) * gpus, host=measured)
-        return hardware, f"rehearsal: {gpus} GPU(s) played by this CPU (measured host numbers)"
+        # No link to copy over (the engine's share of the link rate and its cost per hop are about a PCIe
+        # copy), and the "GPUs" run the same CPU kernels as the CPU: a CPU-only share would only bias
+        # between identical devices. The per-pass overhead stays.
+        engine = dataclasses.replace(
+            engine,
+            name=f"{engine.name} (rehearsal)",
+            stream_efficiency_pageable=1.0,
+            hop_seconds=0.0,
+            cpu_dense_efficiency=1.0,
+            cpu_expert_efficiency=1.0,
+        )
+        hardware = Hardware(gpus=(stand_in,) * gpus, host=measured, engine=engine)
+        return hardware, (
+            f"rehearsal: {gpus} GPU(s) played by this CPU (measured host numbers); engine {engine.name}"
+        )
     preset = args.gpu_preset if args.gpu_preset != "auto" else guess_preset()
     note = ""
     if preset is None:
@@ -376,8 +392,8 @@ def hardware_for(args: argparse.Namespace, gpus: int, directory: Path) -> tuple[
             "rtx-4090",
             f" (no preset matches {torch.cuda.get_device_name(0)!r}: pass --gpu-preset)",
         )
-    hardware = Hardware.preset(preset, gpus=gpus, host=measured)
-    return hardware, f"GPUs: {gpus} x {preset}{note}; host: measured"
+    hardware = Hardware.preset(preset, gpus=gpus, host=measured, engine=engine)
+    return hardware, f"GPUs: {gpus} x {preset}{note}; host: measured; engine {engine.name}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument(
         "--gpu-preset", default="auto", help="devicemap GPU preset for the estimate (auto: by name)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("accelerate", "ideal"),
+        default="accelerate",
+        help="speed-model engine of the estimates and the speed plan (devicemap.cost.engine); accelerate: "
+        "the calibrated default, ideal: the uncalibrated formulas (to compare)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

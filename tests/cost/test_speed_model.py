@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import devicemap
+from devicemap.cost.engine import Engine
 from devicemap.cost.estimate import TERMS, BlockCost, estimate, estimate_blocks, execution_devices
 from devicemap.cost.hardware import (
     GPU,
@@ -58,7 +59,13 @@ def gpu(name: str = "test-gpu") -> GPU:
 
 
 def hardware(gpus: int = 1, latency: float = 0.0) -> Hardware:
-    return Hardware(gpus=tuple(gpu(f"g{i}") for i in range(gpus)), host=host(), link_latency=latency)
+    """Round-number GPUs and host run by the ``ideal`` engine (no software loss): the formulas alone."""
+    return Hardware(
+        gpus=tuple(gpu(f"g{i}") for i in range(gpus)),
+        host=host(),
+        link_latency=latency,
+        engine=Engine.preset("ideal"),
+    )
 
 
 def linear_stack(layers: int = 4, width: int = 1024) -> torch.nn.Module:
@@ -137,7 +144,7 @@ def test_cpu_executed_block_uses_the_host_and_moves_activations_both_ways() -> N
 
 
 def test_fp32_uses_fp32_flops_and_a_slow_bf16_matvec_limits_16_bit_reads() -> None:
-    slow = Hardware(gpus=(gpu(),), host=host(memory_bandwidth_bf16=25e9))
+    slow = Hardware(gpus=(gpu(),), host=host(memory_bandwidth_bf16=25e9), engine=Engine.preset("ideal"))
     block = BlockCost("b", storage="cpu", execution="cpu", weight_bytes=10**9, flops_per_token=1e12)
     wl = devicemap.Workload(seq_len=1)
     bf16 = estimate_blocks([block], wl, slow, dtype_bits=16)
@@ -264,7 +271,9 @@ def test_mixture_of_experts_plan_counts_routed_share() -> None:
     with torch.device("meta"):
         model = transformers.MixtralForCausalLM(config)
     plan = devicemap.plan(model, max_memory={"cpu": "1GiB"})
-    e = estimate(plan, devicemap.Workload(seq_len=1), Hardware(gpus=(), host=host()), model)
+    e = estimate(
+        plan, devicemap.Workload(seq_len=1), Hardware(gpus=(), host=host(), engine=Engine("ideal")), model
+    )
     total = sum(plan.block_bytes(name) for name in plan.assignments)
     read = e.decode.devices[0].weights_read * 100e9
     assert read < 0.6 * total  # 2 of 8 experts read per token, not all

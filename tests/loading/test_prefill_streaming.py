@@ -16,8 +16,10 @@ from devicemap.plans import PrefillStream
 
 transformers = pytest.importorskip("transformers")
 
-# Without a fixed cost per hop, attention stays on the GPU and experts with no room there run on the CPU.
-HARDWARE = dataclasses.replace(Hardware.preset("rtx-4090", host="desktop-ddr5"), link_latency=0.0)
+# Without a fixed cost per hop (no engine hop either), attention stays on the GPU and experts with no room there run on the CPU.
+HARDWARE = dataclasses.replace(
+    Hardware.preset("rtx-4090", host="desktop-ddr5", engine="ideal"), link_latency=0.0
+)
 
 
 def tiny_moe() -> torch.nn.Module:

@@ -15,19 +15,27 @@ model's shape. Each block (the finest placed piece, ``plan.assignments``) runs o
 - a block costs ``max(weights read, compute)`` (roofline: reads and arithmetic overlap), plus, not
   overlapped (accelerate's hooks copy synchronously before the block runs):
 - **weights moved**: a block stored on CPU/disk and executed on a GPU copies *all* its weights
-  host->device on every forward pass (``bytes / host_to_device``);
+  host->device on every forward pass (``bytes / (host_to_device x engine stream efficiency)``);
 - **disk read**: a block stored on disk is read from it on every pass (``bytes / disk_read``; the page
   cache may hold it when RAM is free, so this is the cold-read upper bound);
 - **activations moved**: where consecutive blocks execute on different devices, the hidden states
-  (``T x hidden_size x bytes``) cross the link (the slower GPU's host link) plus a fixed latency.
+  (``T x hidden_size x bytes``) cross the link (the slower GPU's host link) plus a fixed latency
+  (``link_latency``, and the engine's ``hop_seconds`` where one side is the CPU);
+- **overhead**: the engine's fixed time per forward pass (``token_overhead_seconds``), once per phase.
 
 A block run on the CPU that the plan streams to a GPU for long passes (``plan.prefill_streams``: stored on
 the CPU, copied to the GPU for a pass of at least its threshold of tokens) is costed on that GPU, with its
 weights moved, in such a pass (a prefill), and on the CPU otherwise.
 
-Blocks run one after another, so a phase takes the sum over blocks. Not modelled: kernel-launch and
-Python overheads (a few microseconds per op), overlap of copies with compute (accelerate has none),
-GPU-to-GPU NVLink (copies are charged at PCIe speed), tensor-parallel or pipelined execution.
+
+The engine (``hardware.engine``, :mod:`devicemap.cost.engine`) scales the hardware's rates: GPU reads by
+``gpu_read_efficiency``; CPU reads of routed experts by ``cpu_expert_efficiency``, of everything else by
+``cpu_dense_efficiency``; GPU FLOP/s in prefill by ``prefill_efficiency``; streamed copies by its stream
+efficiency (pageable or pinned). Its presets are fitted on published measurements (``benches/calibrate.py``).
+
+Blocks run one after another, so a phase takes the sum over blocks plus the overhead. Not modelled: overlap
+of copies with compute (accelerate has none), GPU-to-GPU NVLink (copies are charged at PCIe speed),
+tensor-parallel or pipelined execution.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ class Placement(Protocol):
 Phase = Literal["prefill", "decode"]
 ExecutionDevice = int | str
 """A GPU index or ``"cpu"``."""
-TERMS = ("weights read", "compute", "weights moved", "disk read", "activations moved")
+TERMS = ("weights read", "compute", "weights moved", "disk read", "activations moved", "overhead")
 """The terms a phase's time is split into, in table order."""
 
 
@@ -139,6 +147,8 @@ class DeviceTime:
     disk_read: float
     activations_moved: float
     total: float
+    overhead: float = 0.0
+    """Always 0: the engine's per-pass overhead belongs to the phase (:attr:`PhaseEstimate.overhead`)."""
 
     def term(self, name: str) -> float:
         """Seconds of one of :data:`TERMS`."""
@@ -157,6 +167,9 @@ class PhaseEstimate:
     bottlenecks: tuple[tuple[str, float], ...]
     """Seconds each term adds to ``seconds`` (per block, the larger of reads and compute counts as that
     term); they sum to ``seconds``. Largest first."""
+    overhead: float = 0.0
+    """The engine's fixed seconds per forward pass, outside every device's total: ``seconds`` is the sum of
+    the devices' totals plus this."""
 
     @property
     def dominant(self) -> str:
@@ -213,7 +226,15 @@ class Estimate:
                 rows.append(
                     (phase.phase, label, str(d.blocks), *(_ms(d.term(t)) for t in TERMS), _ms(d.total))
                 )
-            rows.append((phase.phase, "all", "", *[""] * len(TERMS), _ms(phase.seconds)))
+            rows.append(
+                (
+                    phase.phase,
+                    "all",
+                    "",
+                    *[_ms(phase.overhead) if t == "overhead" else "" for t in TERMS],
+                    _ms(phase.seconds),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [
             f"devicemap speed estimate (batch {self.workload.batch_size}, seq_len {self.workload.seq_len})"
@@ -255,7 +276,7 @@ def estimate_blocks(
     A GPU-only decode reads every weight once per token:
 
     >>> from devicemap.cost.hardware import Hardware
-    >>> hw = Hardware.preset("a100-80gb-sxm")
+    >>> hw = Hardware.preset("a100-80gb-sxm", engine="ideal")  # the formulas alone, no software loss
     >>> block = BlockCost("model", storage=0, execution=0, weight_bytes=14 * 10**9, flops_per_token=14e9)
     >>> e = estimate_blocks([block], Workload(batch_size=1, seq_len=1), hw)
     >>> round(e.decode.seconds, 5) == round(14e9 / (2039e9 * 0.8), 5), e.dominant
@@ -316,6 +337,8 @@ def _phase(
         bottleneck["weights moved"] += moved
         bottleneck["disk read"] += disk
         bottleneck["activations moved"] += activations
+    overhead = hw.engine.token_overhead_seconds
+    bottleneck["overhead"] = overhead
     devices = tuple(
         DeviceTime(
             device=device,
@@ -330,7 +353,8 @@ def _phase(
         for device, t in sorted(per_device.items(), key=lambda item: _device_order(item[0]))
     )
     ranked = tuple(sorted(bottleneck.items(), key=lambda item: -item[1]))
-    return PhaseEstimate(phase, tokens, sum(d.total for d in devices), devices, ranked)
+    seconds = sum(d.total for d in devices) + overhead
+    return PhaseEstimate(phase, tokens, seconds, devices, ranked, overhead)
 
 
 def _block_terms(
@@ -338,13 +362,10 @@ def _block_terms(
 ) -> tuple[float, float, float, float]:
     """Seconds of one block's weights read, compute, weights moved and disk read in a phase."""
     device = block.execution
-    if isinstance(device, int):
-        gpu = hw.gpu(device)
-        read_rate, flop_rate = gpu.read_rate(bits), gpu.flop_rate(bits)
-    else:
-        read_rate, flop_rate = hw.host.read_rate(bits), hw.host.flop_rate(bits)
+    engine = hw.engine
     touched = 1.0 - (1.0 - block.expert_share) ** tokens if block.expert_bytes else 1.0
-    read_bytes = block.weight_bytes - block.expert_bytes * (1.0 - touched)
+    expert_read = block.expert_bytes * touched
+    read_bytes = float(block.weight_bytes - block.expert_bytes)
     if block.lookup_bytes:
         read_bytes -= block.lookup_bytes * (1.0 - min(1.0, tokens / max(1, block.lookup_rows)))
     # KV cache: decode reads s cached positions per sequence; prefill writes s of them.
@@ -352,14 +373,24 @@ def _block_terms(
     # Query-key pairs: a causal prefill's query i sees i keys; a decoded token sees all s.
     pairs = batch * seq_len * (seq_len + 1) / 2 if phase == "prefill" else batch * seq_len
     flops = tokens * block.flops_per_token + pairs * block.attention_flops
+    if isinstance(device, int):
+        gpu = hw.gpu(device)
+        rate = gpu.read_rate(bits) * engine.gpu_read_efficiency
+        read = (read_bytes + expert_read) / rate
+        flop_rate = gpu.flop_rate(bits) * (engine.prefill_efficiency if phase == "prefill" else 1.0)
+    else:
+        rate = hw.host.read_rate(bits)
+        read = read_bytes / (rate * engine.cpu_dense_efficiency)
+        read += expert_read / (rate * engine.cpu_expert_efficiency)
+        flop_rate = hw.host.flop_rate(bits)
     moved = disk = 0.0
     if block.storage != device:
         if block.storage == "disk":
             disk = block.weight_bytes / hw.host.disk_read
         link = _link(hw, block.storage, device)
         if link is not None:
-            moved = block.weight_bytes / link
-    return read_bytes / read_rate, flops / flop_rate, moved, disk
+            moved = block.weight_bytes / (link * engine.stream_efficiency)
+    return read, flops / flop_rate, moved, disk
 
 
 def block_time(
@@ -378,7 +409,8 @@ def block_time(
     >>> hw = Hardware.preset("a100-80gb-sxm")
     >>> block = BlockCost("model", storage=0, execution=0, weight_bytes=14 * 10**9, flops_per_token=14e9)
     >>> w = Workload(batch_size=1, seq_len=1)
-    >>> block_time(block, w, hw) == estimate_blocks([block], w, hw).decode.seconds
+    >>> overhead = hw.engine.token_overhead_seconds  # once per pass, in no block
+    >>> block_time(block, w, hw) + overhead == estimate_blocks([block], w, hw).decode.seconds
     True
     """
     b, s = workload.batch_size, workload.seq_len
@@ -393,11 +425,13 @@ def activation_time(
     hardware: Hardware, previous: ExecutionDevice, device: ExecutionDevice, activation_bytes: float
 ) -> float:
     """Seconds to hand ``activation_bytes`` of hidden states from a block executed on ``previous`` to one
-    on ``device`` (0 on the same device): the link's latency plus the bytes over the slower host link."""
+    on ``device`` (0 on the same device): the link's latency (plus the engine's ``hop_seconds`` between a GPU
+    and the CPU) and the bytes over the slower host link."""
     if previous == device:
         return 0.0
     link = _link(hardware, previous, device)
-    return hardware.link_latency + (activation_bytes / link if link else 0.0)
+    hop = hardware.engine.hop_seconds if "cpu" in (previous, device) else 0.0
+    return hardware.link_latency + hop + (activation_bytes / link if link else 0.0)
 
 
 def _device_order(device: ExecutionDevice) -> tuple[int, int]:

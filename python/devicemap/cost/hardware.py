@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import InvalidOptionError
+from .engine import Engine
 
 _GB = 1e9
 _TFLOPS = 1e12
@@ -191,14 +192,17 @@ class Hardware:
     >>> Hardware.preset("h200")
     Traceback (most recent call last):
         ...
-    devicemap.InvalidOptionError: unknown GPU 'h200'; known: a100-40gb, a100-80gb-pcie, a100-80gb-sxm, a10g, h100-pcie, h100-sxm, l4, l40s, rtx-3090, rtx-4090, t4 (or describe it with devicemap.GPU(...))
+    devicemap.InvalidOptionError: unknown GPU 'h200'; known: a100-40gb, a100-80gb-pcie, a100-80gb-sxm, a10g, h100-pcie, h100-sxm, l4, l40s, rtx-2080, rtx-3090, rtx-4090, t4, titan-rtx (or describe it with devicemap.GPU(...))
     """
 
     gpus: tuple[GPU, ...]
     host: Host
     link_latency: float = 10e-6
     """Fixed cost of one activation copy between devices (s): a synchronous ``cudaMemcpy`` of a small
-    pageable tensor costs ~10 us; it dominates the tiny copies of decode."""
+    pageable tensor costs ~10 us; the engine adds its own per hand-off (``engine.hop_seconds``)."""
+    engine: Engine = field(default_factory=lambda: Engine.preset("accelerate"))
+    """The software running the plan and its fitted efficiencies (:mod:`devicemap.cost.engine`); default:
+    accelerate's hooks under Hugging Face ``generate``. ``Hardware.preset(..., engine="llama.cpp")``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, Host):
@@ -213,6 +217,11 @@ class Hardware:
             raise InvalidOptionError(f"Hardware.gpus must be devicemap.GPU objects, got {_short(self.gpus)}")
         object.__setattr__(self, "gpus", gpus)
         _number("Hardware", "link_latency (seconds)", self.link_latency, positive=False)
+        if not isinstance(self.engine, Engine):
+            raise InvalidOptionError(
+                f"Hardware.engine must be a devicemap.cost.engine.Engine (Engine.preset('llama.cpp') builds "
+                f"one), got {_short(self.engine)}"
+            )
 
     @classmethod
     def preset(
@@ -220,16 +229,24 @@ class Hardware:
         gpu: str | GPU | Sequence[str | GPU] | None,
         gpus: int = 1,
         host: str | Host = "desktop-ddr5",
+        engine: str | Engine = "accelerate",
     ) -> Hardware:
-        """``gpus`` copies of a preset GPU (or a list of GPUs, one per index) on a preset or given host.
+        """``gpus`` copies of a preset GPU (or a list of GPUs, one per index) on a preset or given host, run
+        by a preset or given engine (:mod:`devicemap.cost.engine`).
 
         >>> [g.name for g in Hardware.preset(["rtx-4090", "rtx-3090"]).gpus]
         ['rtx-4090', 'rtx-3090']
         >>> Hardware.preset(None, host="desktop-ddr4").gpus
         ()
+        >>> Hardware.preset("rtx-4090", engine="llama.cpp").engine.name
+        'llama.cpp'
         """
         count = _check_count(gpus)
-        return cls(gpus=_gpu_list(gpu, count), host=host if isinstance(host, Host) else Host.preset(host))
+        return cls(
+            gpus=_gpu_list(gpu, count),
+            host=host if isinstance(host, Host) else Host.preset(host),
+            engine=Engine.preset(engine),
+        )
 
     @classmethod
     def measure_host(
@@ -264,6 +281,8 @@ class Hardware:
         >>> print(Hardware.preset("t4", host="desktop-ddr4").describe())  # doctest: +NORMALIZE_WHITESPACE
         GPU 0  t4            mem 320 GB/s x0.8   bf16 65.0 TFLOP/s x0.6   fp32 8.1 TFLOP/s   H2D 12.6 GB/s
         host   desktop-ddr4  mem 51.2 GB/s x0.7  bf16 1.0 TFLOP/s x0.5   fp32 1.0 TFLOP/s  disk 7.0 GB/s
+        engine accelerate  stream x0.33 (pageable)  GPU read x1  CPU dense x0.86, experts x0.57  hop 100 us
+        overhead 23.50 ms/pass
         """
         rows = []
         for i, g in enumerate(self.gpus):
@@ -294,7 +313,15 @@ class Hardware:
             ]
         )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        e = self.engine
+        lines.append(
+            f"engine {e.name}  stream x{e.stream_efficiency:g} "
+            f"({'pinned' if e.pinned else 'pageable'})  GPU read x{e.gpu_read_efficiency:g}  "
+            f"CPU dense x{e.cpu_dense_efficiency:g}, experts x{e.cpu_expert_efficiency:g}  "
+            f"hop {e.hop_seconds * 1e6:.0f} us  overhead {e.token_overhead_seconds * 1e3:.2f} ms/pass"
+        )
+        return "\n".join(lines)
 
 
 def _flops(value: float) -> str:
@@ -429,6 +456,17 @@ GPU_PRESETS: dict[str, GPU] = {
         _gpu("t4", 16, 320, 65, 8.1, 3, "NVIDIA T4 Tensor Core GPU datasheet (fp16; no bf16 tensor cores)"),
         # NVIDIA L4 Tensor Core GPU datasheet: 24 GB GDDR6 300 GB/s, BF16 242 TFLOPS sparse (121 dense), FP32 30.3.
         _gpu("l4", 24, 300, 121, 30.3, 4, "NVIDIA L4 Tensor Core GPU datasheet"),
+        # NVIDIA's Titan RTX announcement as reported by Tom's Hardware ("Nvidia Titan RTX specs, pricing",
+        # 2018-12-03): TU102, 24 GB GDDR6 672 GB/s, 130 tensor TFLOPS, FP32 16.3. TU102 takes PCIe 3.0 x16 (the
+        # Quadro RTX 6000 datasheet, same chip, which counts its tensor rate with FP16 or FP32 accumulate).
+        # Turing has fp16 tensor cores only (no bf16). The GPUs of accelerate's big-model-inference benchmark.
+        _gpu("titan-rtx", 24, 672, 130, 16.3, 3, "Tom's Hardware, Nvidia Titan RTX specs (2018-12-03); fp16"),
+        # GeForce RTX 2080 (TU104): 8 GB GDDR6 on a 256-bit bus at 14 Gbps = 448 GB/s, FP32 10.1 TFLOPS, "60
+        # TFLOPs" for deep learning (ddd.cn/tech/d37565862.html; the accumulate width is not stated, so prefill
+        # on this card is not calibrated); PCIe 3.0 x16 as every Turing card. fp16 only (no bf16).
+        _gpu(
+            "rtx-2080", 8, 448, 60, 10.1, 3, "ddd.cn RTX 2080 specifications (256-bit, 14 Gbps GDDR6); fp16"
+        ),
     )
 }
 
