@@ -29,7 +29,17 @@ it can hold every block at once plus the read room.
 **Bound on the work.** A key keeps at most one label per cell, so one block keeps at most
 ``(1 + sum over GPUs of (C_i // u + 1)) x 3 x L x (C_cpu // u_cpu + 1)`` labels (``L`` read-room levels; the
 last factor 1 when the CPU is not tracked): :class:`ProgramWork` reports that bound and the labels kept, and
-the tests check one against the other. Each kept label costs ``O(G + 2)`` transitions and a sort.
+the tests check one against the other. Each kept label costs ``O(G + 2)`` transitions; the candidates of a
+key are reduced to one per cell through a table indexed by cell, then scanned in cell order.
+
+**Branch and bound.** The program first runs with 64 cells per GPU and 16 on the CPU; that answer fits, so
+its seconds bound the run asked for, which drops every label whose seconds plus a lower bound on the rest of
+the chain exceed them. The lower bound (``rust/core/src/speed_bound.rs``) relaxes the rest into a knapsack:
+switches left out, GPU bytes pooled and priced at a few rates per byte (Lagrangian relaxation) while CPU
+bytes and the disk read room are counted in cells (sizes rounded down, room up), solved backwards once per
+chain. A dropped label leads to nothing faster than the answer in hand, so the guarantee below holds for the
+better of the two answers, which is returned. Where everything fits the GPUs a block keeps a handful of
+labels instead of one per way of splitting the layers between GPUs.
 
 **Guarantee.** Bytes are counted exactly, so every answer fits the capacities. Replacing a label by one in a
 cell no larger loses less than one unit per block, so the answer is no slower than any placement that fits
@@ -41,8 +51,8 @@ else ``u = ceil(largest GPU capacity / 512)`` and ``u_cpu = ceil(C_cpu / 64)``: 
 16 GiB of CPU, cells of 48 MiB and 256 MiB against blocks of 40 MiB to 5 GiB in the bundled shapes.
 
 **Planning time** (``benches/bench_speed.py --planning-time``): the CPU untracked, a few milliseconds; a tight
-CPU with disk, where labels spread over both dimensions, up to seconds on the largest mixture-of-experts
-shapes (the labels kept, not the cells, set the work: the bound above is far from reached).
+CPU with disk, where labels spread over both dimensions, up to about 0.4 s on the largest mixture-of-experts
+shapes (the labels kept, not the cells, set the work: the bound on the work above is far from reached).
 
 """
 

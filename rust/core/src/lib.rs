@@ -18,6 +18,7 @@ mod header_json;
 mod natural_order;
 pub mod plan;
 pub mod safetensors;
+mod speed_bound;
 pub mod speed_program;
 pub mod strategy;
 pub mod tree;

@@ -23,8 +23,17 @@
 //! placement that fits GPU capacities reduced by `n x unit` and the CPU capacity reduced by
 //! `(n + 1) x cpu_unit` (`n` blocks). With `unit = cpu_unit = 1` cells are bytes and it is exact.
 //! The CPU is not tracked at all when it can hold every block at once (plus the read room).
+//!
+//! **Bound.** [`solve_chain`] first runs the program with a few cells per device (64 per GPU, 16 on the
+//! CPU): its answer fits, so its seconds bound the run asked for, which drops every label whose seconds
+//! plus a lower bound on the rest ([`crate::speed_bound`]: a knapsack relaxation over the room left)
+//! exceed them (branch and bound). A dropped label cannot lead to anything faster than the answer in
+//! hand, so the guarantee above holds for the better of the two answers, which is returned; the bound
+//! changes the work, not what is promised ([`solve_chain_with`] runs without it, and the tests compare).
+//! Where everything fits the GPUs it leaves a handful of labels per block instead of thousands.
 
 use crate::error::{PlacementError, Result};
+use crate::speed_bound::{ReadRoom, RestBound};
 
 /// One block of the chain.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +91,10 @@ pub struct ProgramStats {
     pub largest: u64,
     /// The most labels any block may keep: one per key and (GPU unit, CPU unit) cell.
     pub bound: u64,
+    /// Candidates dropped because their seconds plus the least the rest costs exceed a placement found.
+    pub pruned: u64,
+    /// Labels kept by the first pass (coarse cells), which found that placement.
+    pub first_pass_labels: u64,
 }
 
 const NONE: u32 = u32::MAX;
@@ -117,6 +130,38 @@ struct Setup {
 }
 
 impl Setup {
+    fn new(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Setup {
+        let gpus = chain.gpu_capacity.len();
+        let disk_weights: Vec<u64> = chain
+            .blocks
+            .iter()
+            .filter(|b| b.cost.get(gpus + 1).copied().flatten().is_some())
+            .map(|b| b.weight)
+            .collect();
+        let everything = chain
+            .blocks
+            .iter()
+            .fold(chain.activation, |sum, b| {
+                sum.saturating_add(b.weight).saturating_add(b.runtime)
+            })
+            .saturating_add(disk_weights.iter().copied().max().unwrap_or(0));
+        let tracked = chain.cpu_capacity.is_some_and(|cap| everything > cap);
+        let mut levels = vec![0u64];
+        if tracked {
+            levels.extend(disk_weights.iter().map(|&w| round_up(w, cpu_unit)));
+            levels.sort_unstable();
+            levels.dedup();
+        }
+        Setup {
+            gpus,
+            tracked,
+            cpu_capacity: chain.cpu_capacity.unwrap_or(u64::MAX),
+            levels,
+            unit,
+            cpu_unit,
+        }
+    }
+
     /// Key index of (current GPU or none, host flag 0/1/2, level).
     fn key(&self, gpu: Option<usize>, flag: usize, level: usize) -> usize {
         (gpu.map_or(0, |g| g + 1) * 3 + flag) * self.levels.len() + level
@@ -226,42 +271,105 @@ fn check(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<()> {
 /// assert_eq!(answer.modes, vec![Mode::Cpu, Mode::Gpu(0), Mode::Gpu(0)]);
 /// ```
 pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Option<SpeedAnswer>, ProgramStats)> {
+    solve_chain_with(chain, unit, cpu_unit, true)
+}
+
+/// [`solve_chain`], with the first pass and the time bound (`bounded`) or without them (every label the
+/// cells keep, as the guarantee is stated; the tests compare both).
+pub fn solve_chain_with(
+    chain: &SpeedChain,
+    unit: u64,
+    cpu_unit: u64,
+    bounded: bool,
+) -> Result<(Option<SpeedAnswer>, ProgramStats)> {
     check(chain, unit, cpu_unit)?;
-    let gpus = chain.gpu_capacity.len();
-    let cost = |block: &SpeedBlock, mode: usize| block.cost.get(mode).copied().flatten();
-    let disk_weights: Vec<u64> = chain
-        .blocks
-        .iter()
-        .filter(|b| cost(b, gpus + 1).is_some())
-        .map(|b| b.weight)
-        .collect();
-    let everything = chain
-        .blocks
-        .iter()
-        .fold(chain.activation, |sum, b| {
-            sum.saturating_add(b.weight).saturating_add(b.runtime)
-        })
-        .saturating_add(disk_weights.iter().copied().max().unwrap_or(0));
-    let tracked = chain.cpu_capacity.is_some_and(|cap| everything > cap);
-    let mut levels = vec![0u64];
-    if tracked {
-        levels.extend(disk_weights.iter().map(|&w| round_up(w, cpu_unit)));
-        levels.sort_unstable();
-        levels.dedup();
+    let setup = Setup::new(chain, unit, cpu_unit);
+    if !bounded {
+        return run(chain, &setup, None);
     }
-    let setup = Setup {
-        gpus,
-        tracked,
-        cpu_capacity: chain.cpu_capacity.unwrap_or(u64::MAX),
-        levels,
-        unit,
-        cpu_unit,
+    let level_of = |weight: u64| setup.level_of(weight);
+    let read = ReadRoom {
+        levels: &setup.levels,
+        level_of: &level_of,
     };
+    let rest = RestBound::new(
+        &chain.blocks,
+        &chain.gpu_capacity,
+        setup.tracked.then_some(setup.cpu_capacity),
+        &read,
+    );
+    // Passes with fewer cells per device find placements that fit (bytes are exact) cheaply; the best
+    // one's seconds bound every later pass, which drops each label that cannot beat it.
+    let largest = chain.gpu_capacity.iter().copied().max().unwrap_or(1);
+    let mut best: Option<SpeedAnswer> = None;
+    let mut first_labels = 0;
+    let mut passes: Vec<(u64, u64)> = FIRST_PASSES
+        .iter()
+        .map(|&(gpu_cells, cpu_cells)| {
+            let cpu = if setup.tracked {
+                cpu_unit.max(setup.cpu_capacity.div_ceil(cpu_cells))
+            } else {
+                cpu_unit
+            };
+            (unit.max(largest.div_ceil(gpu_cells)), cpu)
+        })
+        .filter(|&units| units != (unit, cpu_unit))
+        .collect();
+    passes.dedup();
+    passes.push((unit, cpu_unit));
+    let last = passes.len() - 1;
+    let mut stats = ProgramStats::default();
+    for (pass, &(pass_unit, pass_cpu_unit)) in passes.iter().enumerate() {
+        let limit = best.as_ref().map_or(f64::INFINITY, |a| a.seconds);
+        let bound = limit.is_finite().then_some(TimeBound {
+            rest: &rest,
+            // Only labels surely slower are dropped: the floating sums of a path and of the bound differ
+            // in their last bits.
+            threshold: limit + 1e-9 * limit.abs().max(1e-12),
+        });
+        let pass_setup = Setup::new(chain, pass_unit, pass_cpu_unit);
+        let (answer, pass_stats) = run(chain, &pass_setup, bound.as_ref())?;
+        if pass == last {
+            stats = pass_stats;
+        } else {
+            first_labels += pass_stats.labels;
+        }
+        // A later pass's guarantee covers the placements of its reduced capacities; an earlier pass's
+        // answer may use bytes theirs leave out, and then it is the faster one.
+        if let Some(answer) = answer {
+            if best.as_ref().is_none_or(|b| answer.seconds <= b.seconds) {
+                best = Some(answer);
+            }
+        }
+    }
+    stats.first_pass_labels = first_labels;
+    Ok((best, stats))
+}
+/// (cells per GPU, CPU cells) of the passes before the one asked for (the largest GPU's bytes and the
+/// CPU's over these many), each bounded by the best placement found before it.
+const FIRST_PASSES: [(u64, u64); 1] = [(64, 16)];
+
+/// Drops a label whose seconds plus the least its rest can cost exceed `threshold`.
+struct TimeBound<'a> {
+    rest: &'a RestBound,
+    threshold: f64,
+}
+
+/// One run of the program over `setup`'s cells, dropping labels `bound` rules out.
+fn run(chain: &SpeedChain, setup: &Setup, bound: Option<&TimeBound>) -> Result<(Option<SpeedAnswer>, ProgramStats)> {
+    let gpus = setup.gpus;
+    let tracked = setup.tracked;
+    let cost = |block: &SpeedBlock, mode: usize| block.cost.get(mode).copied().flatten();
     let keys = setup.keys();
     let mut stats = ProgramStats {
-        bound: state_bound(chain, &setup),
+        bound: state_bound(chain, setup),
         ..ProgramStats::default()
     };
+    // GPU bytes from GPU g on (g = gpus: none), for the room the rest of the chain may still get.
+    let mut later_capacity = vec![0u64; gpus + 1];
+    for g in (0..gpus).rev() {
+        later_capacity[g] = later_capacity[g + 1].saturating_add(chain.gpu_capacity[g]);
+    }
     // Arena of kept labels: (parent, mode), so a path is a chain of indices.
     let mut arena: Vec<(u32, u32)> = Vec::new();
     let mut states: Vec<Vec<Label>> = vec![Vec::new(); keys];
@@ -272,6 +380,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
         node: NONE,
     });
     let mut next: Vec<Vec<Candidate>> = vec![Vec::new(); keys];
+    let mut scratch = Scratch::default();
     for (index, block) in chain.blocks.iter().enumerate() {
         let size = block.weight.saturating_add(block.runtime);
         for (key, labels) in states.iter().enumerate() {
@@ -297,7 +406,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
                     for label in labels {
                         let used = label.gpu_bytes.saturating_add(size);
                         if used <= capacity {
-                            offer(&mut next[target], &setup, label, step, used, label.cpu_bytes, mode);
+                            offer(&mut next, setup, target, label, step, used, label.cpu_bytes, mode);
                         }
                     }
                 } else {
@@ -305,7 +414,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
                     let used = chain.activation.saturating_add(size);
                     if used <= capacity {
                         for label in labels {
-                            offer(&mut next[target], &setup, label, step, used, label.cpu_bytes, mode);
+                            offer(&mut next, setup, target, label, step, used, label.cpu_bytes, mode);
                         }
                     }
                 }
@@ -318,7 +427,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
                 for label in labels {
                     let used = label.cpu_bytes.saturating_add(add);
                     if used <= setup.cpu_capacity {
-                        offer(&mut next[target], &setup, label, step, label.gpu_bytes, used, gpus);
+                        offer(&mut next, setup, target, label, step, label.gpu_bytes, used, gpus);
                     }
                 }
             }
@@ -339,7 +448,7 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
                 for label in labels {
                     let used = label.cpu_bytes.saturating_add(add);
                     if used <= setup.cpu_capacity {
-                        offer(&mut next[target], &setup, label, step, label.gpu_bytes, used, gpus + 1);
+                        offer(&mut next, setup, target, label, step, label.gpu_bytes, used, gpus + 1);
                     }
                 }
             }
@@ -347,7 +456,23 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
         let mut kept = 0u64;
         for (key, candidates) in next.iter_mut().enumerate() {
             states[key].clear();
-            prune(candidates, gpus as u32, &mut states[key], &mut arena)?;
+            let (gpu, _, level) = setup.unkey(key);
+            let cut = bound.map(|bound| Cut {
+                bound,
+                setup,
+                position: index + 1,
+                later_capacity: &later_capacity,
+                gpu,
+                reserved: setup.levels[level],
+            });
+            stats.pruned += prune(
+                candidates,
+                gpus as u32,
+                cut.as_ref(),
+                &mut states[key],
+                &mut arena,
+                &mut scratch,
+            )?;
             kept += states[key].len() as u64;
             candidates.clear();
         }
@@ -395,16 +520,19 @@ pub fn solve_chain(chain: &SpeedChain, unit: u64, cpu_unit: u64) -> Result<(Opti
     ))
 }
 
+/// Adds the candidate a label and a step make for the next block to `key`'s.
+#[allow(clippy::too_many_arguments)]
 fn offer(
-    candidates: &mut Vec<Candidate>,
+    next: &mut [Vec<Candidate>],
     setup: &Setup,
+    key: usize,
     label: &Label,
     step: f64,
     gpu_bytes: u64,
     cpu_bytes: u64,
     mode: usize,
 ) {
-    candidates.push(Candidate {
+    next[key].push(Candidate {
         seconds: label.seconds + step,
         gpu_bytes,
         cpu_bytes,
@@ -415,44 +543,150 @@ fn offer(
     });
 }
 
+/// The time bound applied to the candidates of one key after one block.
+struct Cut<'a> {
+    bound: &'a TimeBound<'a>,
+    setup: &'a Setup,
+    /// The position after the block being placed.
+    position: usize,
+    /// GPU bytes from GPU g on (g = gpus: none).
+    later_capacity: &'a [u64],
+    /// The key's GPU and the bytes its read level reserves.
+    gpu: Option<usize>,
+    reserved: u64,
+}
+
+impl Cut<'_> {
+    /// Whether `candidate` cannot beat the placement found: its seconds plus the least the rest costs
+    /// with the room left, counted from the start of its cells (so a candidate in a smaller cell never
+    /// has less, and dominance and the bound agree), exceed the threshold.
+    fn rules_out(&self, candidate: &Candidate) -> bool {
+        let unit = self.setup.unit;
+        let gpu_room = self.gpu.map_or(self.later_capacity[0], |g| {
+            let free = (self.later_capacity[g] - self.later_capacity[g + 1]).saturating_sub(candidate.gpu_cell * unit);
+            self.later_capacity[g + 1].saturating_add(free)
+        });
+        let cpu_room = self
+            .setup
+            .cpu_capacity
+            .saturating_sub(candidate.cpu_cell * self.setup.cpu_unit);
+        self.bound.rest.exceeds(
+            self.position,
+            gpu_room,
+            cpu_room,
+            self.reserved,
+            self.bound.threshold - candidate.seconds,
+        )
+    }
+}
+
+/// Scratch space of [`prune`], kept across keys and blocks so it is allocated once.
+#[derive(Default)]
+struct Scratch {
+    /// Per (GPU cell, CPU cell), the index of its best candidate (`NONE`: none yet).
+    best: Vec<u32>,
+    /// The cells `best` holds, then the order the kept candidates are scanned in.
+    touched: Vec<u64>,
+    order: Vec<u32>,
+    /// A Fenwick tree over CPU cells of the least seconds kept at or below each.
+    fastest: Vec<f64>,
+    cpu_cells: Vec<u64>,
+}
+
+/// At most this many (GPU cell, CPU cell) pairs are indexed directly; beyond, candidates are sorted.
+const DIRECT_CELLS: u64 = 1 << 22;
+
+/// Whether candidate `a` is kept before `b` in the same cell: the fastest, then the fewest bytes, then
+/// [`tie_rank`] and the parent (so answers do not depend on the order candidates came in).
+fn better(a: &Candidate, b: &Candidate, gpus: u32) -> std::cmp::Ordering {
+    a.seconds
+        .total_cmp(&b.seconds)
+        .then((a.gpu_bytes, a.cpu_bytes).cmp(&(b.gpu_bytes, b.cpu_bytes)))
+        .then((tie_rank(a.mode, gpus), a.parent).cmp(&(tie_rank(b.mode, gpus), b.parent)))
+}
+
 /// Keep the candidates of one key that no other beats: one per (GPU cell, CPU cell), the fastest (then
 /// the fewest bytes), and of those only the ones faster than every kept one in a cell no larger in both.
-fn prune(candidates: &mut [Candidate], gpus: u32, kept: &mut Vec<Label>, arena: &mut Vec<(u32, u32)>) -> Result<()> {
+fn prune(
+    candidates: &[Candidate],
+    gpus: u32,
+    cut: Option<&Cut>,
+    kept: &mut Vec<Label>,
+    arena: &mut Vec<(u32, u32)>,
+    scratch: &mut Scratch,
+) -> Result<u64> {
+    let mut dropped = 0;
     if candidates.is_empty() {
-        return Ok(());
+        return Ok(dropped);
     }
-    candidates.sort_unstable_by(|a, b| {
-        (a.gpu_cell, a.cpu_cell)
-            .cmp(&(b.gpu_cell, b.cpu_cell))
-            .then(a.seconds.total_cmp(&b.seconds))
-            .then((a.gpu_bytes, a.cpu_bytes).cmp(&(b.gpu_bytes, b.cpu_bytes)))
-            .then((tie_rank(a.mode, gpus), a.parent).cmp(&(tie_rank(b.mode, gpus), b.parent)))
-    });
-    // CPU cells, compressed, index a Fenwick tree of the least seconds kept at or below each.
-    let mut cells: Vec<u64> = candidates.iter().map(|c| c.cpu_cell).collect();
-    cells.sort_unstable();
-    cells.dedup();
-    let mut fastest = vec![f64::INFINITY; cells.len() + 1];
-    let mut previous: Option<(u64, u64)> = None;
-    for candidate in candidates.iter() {
-        let cell = (candidate.gpu_cell, candidate.cpu_cell);
-        if previous == Some(cell) {
-            continue; // the first of a cell is its fastest
+    let width = candidates.iter().map(|c| c.cpu_cell).max().unwrap_or(0) + 1;
+    let height = candidates.iter().map(|c| c.gpu_cell).max().unwrap_or(0) + 1;
+    let direct = height.checked_mul(width).filter(|&cells| cells <= DIRECT_CELLS);
+    scratch.order.clear();
+    if let Some(cells) = direct {
+        // The best candidate of each cell, then the cells in (GPU cell, CPU cell) order.
+        if scratch.best.len() < cells as usize {
+            scratch.best.resize(cells as usize, NONE);
         }
-        previous = Some(cell);
-        let slot = cells.partition_point(|&c| c < candidate.cpu_cell) + 1;
+        scratch.touched.clear();
+        for (i, c) in candidates.iter().enumerate() {
+            let cell = c.gpu_cell * width + c.cpu_cell;
+            let slot = &mut scratch.best[cell as usize];
+            if *slot == NONE {
+                *slot = i as u32;
+                scratch.touched.push(cell);
+            } else if better(c, &candidates[*slot as usize], gpus).is_lt() {
+                *slot = i as u32;
+            }
+        }
+        scratch.touched.sort_unstable();
+        for &cell in &scratch.touched {
+            scratch
+                .order
+                .push(std::mem::replace(&mut scratch.best[cell as usize], NONE));
+        }
+    } else {
+        scratch.order.extend(0..candidates.len() as u32);
+        scratch.order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (&candidates[a as usize], &candidates[b as usize]);
+            (a.gpu_cell, a.cpu_cell)
+                .cmp(&(b.gpu_cell, b.cpu_cell))
+                .then(better(a, b, gpus))
+        });
+        // The first of a cell is its best.
+        scratch
+            .order
+            .dedup_by_key(|&mut i| (candidates[i as usize].gpu_cell, candidates[i as usize].cpu_cell));
+    }
+    // CPU cells, compressed, index the Fenwick tree.
+    scratch.cpu_cells.clear();
+    scratch
+        .cpu_cells
+        .extend(scratch.order.iter().map(|&i| candidates[i as usize].cpu_cell));
+    scratch.cpu_cells.sort_unstable();
+    scratch.cpu_cells.dedup();
+    scratch.fastest.clear();
+    scratch.fastest.resize(scratch.cpu_cells.len() + 1, f64::INFINITY);
+    for &index in &scratch.order {
+        let candidate = &candidates[index as usize];
+        let slot = scratch.cpu_cells.partition_point(|&c| c < candidate.cpu_cell) + 1;
         let mut best = f64::INFINITY;
         let mut i = slot;
         while i > 0 {
-            best = best.min(fastest[i]);
+            best = best.min(scratch.fastest[i]);
             i &= i - 1;
         }
         if best <= candidate.seconds {
-            continue; // a label in a cell no larger (GPU cell no larger, sorted first) is no slower
+            continue; // a label in a cell no larger (GPU cell no larger, scanned first) is no slower
+        }
+        // Cut after dominance: what a cut candidate dominates (slower, in a cell no smaller) is cut too.
+        if cut.is_some_and(|cut| cut.rules_out(candidate)) {
+            dropped += 1;
+            continue;
         }
         let mut i = slot;
-        while i < fastest.len() {
-            fastest[i] = fastest[i].min(candidate.seconds);
+        while i < scratch.fastest.len() {
+            scratch.fastest[i] = scratch.fastest[i].min(candidate.seconds);
             i += i & i.wrapping_neg();
         }
         let node = u32::try_from(arena.len())
@@ -465,7 +699,7 @@ fn prune(candidates: &mut [Candidate], gpus: u32, kept: &mut Vec<Label>, arena: 
             node,
         });
     }
-    Ok(())
+    Ok(dropped)
 }
 
 /// Among equally fast labels with equal bytes, the one whose last block went to the CPU, then disk, then

@@ -117,6 +117,25 @@ fn chains() -> impl Strategy<Value = SpeedChain> {
     })
 }
 
+/// `chain` with every byte count times `factor` (the same placements fit).
+fn scaled(chain: &SpeedChain, factor: u64) -> SpeedChain {
+    SpeedChain {
+        blocks: chain
+            .blocks
+            .iter()
+            .map(|b| SpeedBlock {
+                weight: b.weight * factor,
+                runtime: b.runtime * factor,
+                cost: b.cost.clone(),
+            })
+            .collect(),
+        gpu_capacity: chain.gpu_capacity.iter().map(|c| c * factor).collect(),
+        cpu_capacity: chain.cpu_capacity.map(|c| c * factor),
+        activation: chain.activation * factor,
+        switch: chain.switch.clone(),
+    }
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
@@ -125,8 +144,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
     #[test]
-    fn with_byte_units_the_program_equals_brute_force(chain in chains()) {
-        let (found, stats) = solve_chain(&chain, 1, 1).unwrap();
+    fn with_byte_units_the_program_equals_brute_force(chain in chains(), bounded in any::<bool>()) {
+        // Bytes x 64, so the first pass (64 cells per GPU) is coarser than bytes and the bound is used.
+        let chain = scaled(&chain, 64);
+        let (found, stats) = solve_chain_with(&chain, 1, 1, bounded).unwrap();
         let expected = brute_force(&chain);
         prop_assert_eq!(found.is_some(), expected.is_some());
         if let (Some(found), Some(expected)) = (found, expected) {
@@ -138,10 +159,29 @@ proptest! {
     }
 
     #[test]
+    fn the_rest_bound_never_exceeds_the_best_placement_of_the_rest(chain in chains(), from in 0usize..6) {
+        // The rest of a chain from `from` on, alone, with every device's room: its best placement costs at
+        // least the bound the whole chain's tables give at `from` (whose room is at most the capacities).
+        let from = from.min(chain.blocks.len());
+        let rest_chain = SpeedChain { blocks: chain.blocks[from..].to_vec(), ..chain.clone() };
+        let setup = Setup::new(&chain, 1, 1);
+        let level_of = |weight: u64| setup.level_of(weight);
+        let read = ReadRoom { levels: &setup.levels, level_of: &level_of };
+        let rest = RestBound::new(&chain.blocks, &chain.gpu_capacity, setup.tracked.then_some(setup.cpu_capacity), &read);
+        if let Some(best) = brute_force(&rest_chain) {
+            let room: u64 = chain.gpu_capacity.iter().sum();
+            prop_assert!(
+                !rest.exceeds(from, room, setup.cpu_capacity, 0, best + 1e-9),
+                "the bound from block {} exceeds its best placement, {}", from, best
+            );
+        }
+    }
+
+    #[test]
     fn coarse_units_fit_and_beat_every_placement_of_the_reduced_capacities(
-        chain in chains(), unit in 1u64..12, cpu_unit in 1u64..12
+        chain in chains(), unit in 1u64..12, cpu_unit in 1u64..12, bounded in any::<bool>()
     ) {
-        let (found, stats) = solve_chain(&chain, unit, cpu_unit).unwrap();
+        let (found, stats) = solve_chain_with(&chain, unit, cpu_unit, bounded).unwrap();
         prop_assert!(stats.largest <= stats.bound);
         let n = chain.blocks.len() as u64;
         let reduced = SpeedChain {
@@ -248,4 +288,33 @@ fn nothing_fits_is_none() {
         block.cost.truncate(2); // no disk
     }
     assert_eq!(solve_chain(&chain, 1, 1).unwrap().0, None);
+}
+
+#[test]
+fn where_everything_fits_the_gpus_the_bound_leaves_a_few_labels_per_block() {
+    for gpus in 2..=4 {
+        let mut chain = expert_layers(24, gpus);
+        chain.gpu_capacity = vec![40_000; gpus]; // 24 layers of 2898 bytes fit 2 GPUs
+        let (unit, cpu_unit) = (40_000 / 512, 16_000 / 64);
+        let (bounded, with) = solve_chain_with(&chain, unit, cpu_unit, true).unwrap();
+        let (plain, without) = solve_chain_with(&chain, unit, cpu_unit, false).unwrap();
+        let (bounded, plain) = (bounded.unwrap(), plain.unwrap());
+        assert!(
+            close(bounded.seconds, plain.seconds),
+            "{} vs {}",
+            bounded.seconds,
+            plain.seconds
+        );
+        assert!(
+            bounded.modes.iter().all(|m| matches!(m, Mode::Gpu(_))),
+            "{:?}",
+            bounded.modes
+        );
+        assert!(with.pruned > 0 && with.first_pass_labels > 0, "{with:?}");
+        // Without the bound each block keeps the labels of every split between the GPUs.
+        assert!(
+            with.largest <= 8 && with.largest * 10 <= without.largest,
+            "{with:?} vs {without:?}"
+        );
+    }
 }
