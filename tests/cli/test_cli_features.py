@@ -386,7 +386,7 @@ def test_compare_json_schema(capsys):
 def test_export_json_schema(capsys, target, values):
     printed = command_json(capsys, "export", SMALL, "--gpus", "2x2GiB", "--dtype", "bf16", "--to", target)
     shape = {"inputs": dict, "target": str, "text": str, "values": dict, "stages": list, "device_map": dict}
-    assert_shape(printed, shape)
+    assert_shape(printed, {**shape, "objective": str, "hardware": type(None)})
     assert_inputs(printed["inputs"])
     assert_shape(printed["values"], values)
     assert cli.main(["export", SMALL, "--gpus", "2x2GiB", "--dtype", "bf16", "--to", target]) == 0
@@ -413,7 +413,7 @@ def test_hardware_prints_the_plans_estimate(capsys, small_model):
     args = ("plan", SMALL, "--gpus", "1x1GiB", "--cpu", "8GiB", "--dtype", "bf16", "--seq-len", "512")
     printed = command_json(capsys, *args, "--hardware", "rtx-4090,server-ddr5-8ch")
     estimate = printed["estimate"]
-    assert estimate["hardware"] == {"gpus": ["rtx-4090"], "host": "server-ddr5-8ch"}
+    assert estimate["hardware"] == {"gpus": ["rtx-4090"], "host": "server-ddr5-8ch", "engine": "accelerate"}
     expected = devicemap.plan(
         small_model,
         max_memory={0: "1GiB", "cpu": "8GiB"},

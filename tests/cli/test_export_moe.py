@@ -4,6 +4,7 @@ pipeline engines, which need whole layers on GPUs, refuse such a plan saying why
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -71,4 +72,24 @@ def test_the_command_exports_a_speed_plan(capsys):
     memory_flags = capsys.readouterr().out
     assert "--n-cpu-moe" not in memory_flags and "-ot" not in memory_flags
     assert cli.main([*args, "--objective", "speed"]) == 2
+    assert "--hardware" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("engine", "expected"), [(None, "llama.cpp"), ("accelerate", "accelerate")])
+def test_an_export_to_llama_cpp_plans_for_llama_cpp_unless_told(capsys, engine, expected):
+    args = ["export", "qwen3-30b-a3b", "--gpus", "1x24GiB", "--cpu", "64GiB", "--dtype", "bf16"]
+    args += ["--to", "llama.cpp", "--objective", "speed", "--hardware", "rtx-4090", "--json"]
+    assert cli.main([*args, *(["--engine", engine] if engine else [])]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["objective"] == "speed" and printed["hardware"]["engine"] == expected
+    model = catalog.build_meta_model("qwen3-30b-a3b")
+    hardware = Hardware.preset("rtx-4090", host="desktop-ddr5", engine=expected)
+    memory = {0: "24GiB", "cpu": "64GiB"}
+    plan = devicemap.plan(model, memory, dtype="bfloat16", objective="speed", hardware=hardware)
+    assert printed["text"] == export(plan, model, "llama.cpp")
+
+
+def test_an_engine_without_hardware_is_refused(capsys):
+    args = ["plan", "qwen3-30b-a3b", "--gpus", "1x24GiB", "--cpu", "64GiB", "--engine", "llama.cpp"]
+    assert cli.main(args) == 2
     assert "--hardware" in capsys.readouterr().err

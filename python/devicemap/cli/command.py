@@ -36,6 +36,7 @@ from .._core import __version__
 from ..catalog import trees
 from ..catalog.planning import plan_shape
 from ..catalog.trees import CatalogShape
+from ..cost.engine import ENGINE_PRESETS
 from ..errors import DoesNotFitError, InternalError, InvalidOptionError, PlacementError
 from ..formatting import shown_message
 from ..inputs.memory import DeviceKey, device_key, parse_size
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "spec (h100-sxm, a100-80gb-sxm, l40s, rtx-4090, ...) and a host preset (desktop-ddr5, server-ddr5-12ch, "
         "...) or 'measure' for this machine; uses --batch/--seq-len (default batch 1, 2048 tokens)",
     )
+    add_engine(p)
     p.add_argument(
         "--explain",
         action="store_true",
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GPU[,HOST]",
         help="also predict each placement's decode tokens/s on this hardware (batch 1, 2048 tokens)",
     )
+    add_engine(c)
     add_no_split(c)
     add_json(c, "both sides")
     e = sub.add_parser("export", help="print the split for another engine")
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on the CPU become llama.cpp's --n-cpu-moe / -ot flags",
     )
     e.add_argument("--hardware", metavar="GPU[,HOST]", help="the hardware --objective speed plans for")
+    add_engine(e, default_note="llama.cpp with --to llama.cpp, else accelerate")
     add_placement_options(e)
     add_no_split(e)
     add_json(e, "the target, the exported text and its numbers")
@@ -343,10 +347,32 @@ def _replace_regular_file(path: Path, text: str, what: str) -> None:
             os.unlink(temporary)
 
 
+def add_engine(parser: argparse.ArgumentParser, default_note: str = "accelerate") -> None:
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINE_PRESETS),
+        help="the software that runs the plan, whose fitted efficiencies the speed model uses with --hardware "
+        f"(devicemap.cost.engine; default: {default_note}); ideal: the uncalibrated formulas",
+    )
+
+
+def engine_from_args(args: argparse.Namespace) -> str:
+    """``--engine``, else llama.cpp's when exporting to it (its plan runs there), else accelerate's."""
+    if args.engine is not None:
+        return str(args.engine)
+    return "llama.cpp" if getattr(args, "to", None) == "llama.cpp" else "accelerate"
+
+
 def hardware_from_args(args: argparse.Namespace, memory: dict[DeviceKey, int]) -> Any:
-    """``--hardware GPU[,HOST]`` for the spec's GPUs (None when absent); ``--objective speed`` needs it."""
+    """``--hardware GPU[,HOST]`` for the spec's GPUs, run by ``--engine`` (None when absent);
+    ``--objective speed`` needs it."""
     if args.hardware is not None:
-        return cli_inputs.hardware(args.hardware, sum(1 for key in memory if isinstance(key, int)))
+        gpus = sum(1 for key in memory if isinstance(key, int))
+        return cli_inputs.hardware(args.hardware, gpus, engine_from_args(args))
+    if args.engine is not None:
+        raise InvalidOptionError(
+            f"--engine {args.engine} says what runs the plan for the speed model: add --hardware GPU[,HOST]"
+        )
     if getattr(args, "objective", "memory") == "speed":
         raise InvalidOptionError(
             "--objective speed predicts decode time on some hardware: add --hardware GPU[,HOST] "
@@ -602,7 +628,15 @@ def run_export(args: argparse.Namespace) -> int:
         inputs = shared_inputs_json(
             args, source, model, memory, dtype, no_split, quant=args.quant, **placement
         )
-        print(json.dumps(cli_json.export_json(result, model, args.to, text, inputs), indent=2))
+        printed = cli_json.export_json(result, model, args.to, text, inputs)
+        printed["objective"] = args.objective
+        # what the speed objective planned for (None: --hardware not given)
+        printed["hardware"] = machine and {
+            "gpus": [g.name for g in machine.gpus],
+            "host": machine.host.name,
+            "engine": machine.engine.name,
+        }
+        print(json.dumps(printed, indent=2))
     else:
         print(text)
     return 0

@@ -7,6 +7,7 @@ unit or a zero batch is refused rather than reinterpreted.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 from .. import catalog
 from ..catalog import trees
 from ..catalog.trees import CatalogShape
+from ..cost.engine import Engine
 from ..cost.hardware import Hardware
 from ..errors import InvalidOptionError, InvalidSizeError, PlacementError, UnknownDeviceError
 from ..inputs.files import read_json_object, regular_file_status
@@ -250,13 +252,15 @@ def quantization(text: str | None) -> Any:
 # ----- hardware --------------------------------------------------------------------------------------
 
 
-def hardware(text: str, gpus: int) -> Any:
+def hardware(text: str, gpus: int, engine: str = "accelerate") -> Any:
     """``--hardware GPU[,HOST]``: a GPU preset for each of the spec's ``gpus`` GPUs and a host preset, or
-    ``measure`` for this machine's host (default: desktop-ddr5) -> a :class:`devicemap.Hardware`."""
+    ``measure`` for this machine's host (default: desktop-ddr5), run by ``engine`` (``--engine``: the
+    software whose fitted efficiencies the speed model uses) -> a :class:`devicemap.Hardware`."""
     gpu, _, host = (part.strip() for part in text.partition(","))
     if host == "measure":
-        return Hardware.measure_host(gpu or None, gpus=gpus, quick=True)
-    return Hardware.preset(gpu or None, gpus=gpus, host=host or "desktop-ddr5")
+        measured = Hardware.measure_host(gpu or None, gpus=gpus, quick=True)
+        return dataclasses.replace(measured, engine=Engine.preset(engine))
+    return Hardware.preset(gpu or None, gpus=gpus, host=host or "desktop-ddr5", engine=engine)
 
 
 # ----- dtypes and counts -----------------------------------------------------------------------------

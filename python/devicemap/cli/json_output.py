@@ -182,7 +182,11 @@ def estimate_json(speed: Any) -> dict[str, Any]:
         }
 
     return {
-        "hardware": {"gpus": [g.name for g in speed.hardware.gpus], "host": speed.hardware.host.name},
+        "hardware": {
+            "gpus": [g.name for g in speed.hardware.gpus],
+            "host": speed.hardware.host.name,
+            "engine": speed.hardware.engine.name,
+        },
         "prefill": phase(speed.prefill),
         "decode": phase(speed.decode),
         "tokens_per_second": speed.tokens_per_second,
