@@ -436,7 +436,6 @@ def run_plan(args: argparse.Namespace) -> int:
                 ("--no-split", args.no_split),
                 ("--quant", args.quant),
                 ("--execution-device", args.execution_device),
-                ("--objective speed", args.objective == "speed"),
             )
             if given
         ]
@@ -451,6 +450,10 @@ def run_plan(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             dtype=dtype,
             workload=workload,
+            # sized from the headers (a pre-quantized checkpoint at its stored width), costed on the
+            # model its config.json describes
+            objective=args.objective,
+            hardware=machine if args.objective == "speed" else None,
             **placement,
         )
     elif (shape := catalog_shape(source, args.quant, args.objective == "speed", machine)) is not None:
@@ -488,9 +491,10 @@ def run_plan(args: argparse.Namespace) -> int:
         no_split = no_split if no_split is not None else model_no_split(model)
     speed = None
     if machine is not None:
-        described = model if source.kind != "checkpoint" else source.config
-        if described is None:
+        if source.kind == "checkpoint" and source.config is None:
             raise InvalidOptionError("--hardware needs the model's config.json beside the checkpoint")
+        # a checkpoint's compute is its config's model's (its bytes are the plan's, from the headers)
+        described = model if source.kind != "checkpoint" else source.meta_model("plan")
         speed = result.estimate(workload, machine, described, dtype=dtype)
     if args.json:
         # The CLI builds its Workload with a dtype name (cli_inputs.kv_dtype), never a torch.dtype.

@@ -14,7 +14,13 @@ from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.memory import Budget, DeviceKey, MaxMemory, Size, normalize_max_memory
 from ..inputs.options import Balance, Objective, PlacementOptions, Strategy
 from ..plans import Plan
-from ..sizing.checkpoint import checkpoint_runtime_memory, checkpoint_tree, find_config
+from ..sizing.checkpoint import (
+    check_block_patterns,
+    checkpoint_meta_model,
+    checkpoint_runtime_memory,
+    checkpoint_tree,
+    find_config,
+)
 from ..sizing.compute import flops_per_token
 from ..sizing.quantization import offload_rule
 from ..sizing.tree import ModuleTree
@@ -22,7 +28,7 @@ from ..sizing.workload import RuntimeMemory, Workload
 from ..sizing.workload import runtime_memory as workload_runtime
 from .quantized import Planner, plan_quantized
 from .solve import plan_tree
-from .speed import plan_for_speed
+from .speed import plan_for_speed, speed_block_patterns
 
 if TYPE_CHECKING:
     import torch
@@ -224,6 +230,9 @@ def plan_checkpoint(
     config: Mapping[str, Any] | None = None,
     gpu0_reserve: Size | None = None,
     workload: Workload | None = None,
+    objective: Objective = "memory",
+    hardware: Hardware | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Plan:
     """Plan a checkpoint too big to instantiate, reading only its safetensors headers (in Rust).
 
@@ -246,19 +255,48 @@ def plan_checkpoint(
     >>> save_file({f"layers.{i}.weight": torch.zeros(256, 256) for i in range(4)}, f"{folder}/model.safetensors")
     >>> devicemap.plan_checkpoint(folder, max_memory={0: "600KiB", 1: "600KiB"}, block_pattern="layers.*").device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
+
+    ``objective="speed"`` with ``hardware`` plans for the least predicted decode time as
+    :func:`devicemap.plan` does, with every block's bytes as the headers store them, so a pre-quantized
+    checkpoint (GPTQ, AWQ, FP8, bitsandbytes, ...) is read, streamed and placed at its stored width. The
+    compute of each block comes from ``model`` (default: built on the meta device from the
+    ``config.json``, which needs transformers); the headers are cut into the speed objective's blocks
+    (a mixture-of-experts layer's routed experts apart from its attention) by the model's module names.
     """
     options = PlacementOptions.parse(
-        strategy=strategy, pins=pins, offload_buffers=offload_buffers, gpu0_reserve=gpu0_reserve
+        strategy=strategy,
+        pins=pins,
+        offload_buffers=offload_buffers,
+        gpu0_reserve=gpu0_reserve,
+        objective=objective,
     )
     path = check_path("checkpoint path", path)
     budget = normalize_max_memory(max_memory)
     check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     if workload is not None and not isinstance(workload, Workload):
         raise InvalidOptionError(f"workload must be a devicemap.Workload, got {workload!r}")
+    if options.objective != "speed" and (hardware is not None or model is not None):
+        raise InvalidOptionError(
+            "hardware= and model= are used by objective='speed'; for the memory plan use plan.estimate()"
+        )
     config = dict(config) if config is not None else find_config(path) or {}
-    tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
-    runtime = checkpoint_runtime_memory(tree, config, workload, dtype) if workload is not None else None
     # A pre-quantized checkpoint keeps its quantizer's offload rule (bitsandbytes: no CPU/disk beside GPUs).
     quantization = config.get("quantization_config")
     rule = offload_rule(quantization, pre_quantized=True) if isinstance(quantization, Mapping) else None
+    if options.objective == "speed":
+        if model is None:
+            model = checkpoint_meta_model(config, path)
+        elif not isinstance(model, _torch_module()):
+            raise InvalidOptionError(
+                f"model= must be the checkpoint's torch.nn.Module (meta device is fine), got {type(model).__name__}"
+            )
+        patterns = [*check_block_patterns(block_pattern), *speed_block_patterns(model)]
+        tree = checkpoint_tree(path, dtype=dtype, block_pattern=patterns, config=config, layer_blocks=False)
+        workload = workload if workload is not None else Workload()
+        # the model's layers carry the KV cache: they are the checkpoint's names
+        speed_runtime = workload_runtime(model, tree, workload, dtype)
+        room = rule.usable(budget) if rule is not None else budget
+        return plan_for_speed(model, tree, room, options, speed_runtime, workload, hardware, dtype)
+    tree = checkpoint_tree(path, dtype=dtype, block_pattern=block_pattern, config=config)
+    runtime = checkpoint_runtime_memory(tree, config, workload, dtype) if workload is not None else None
     return plan_tree(tree, budget, options, runtime, offload=rule)

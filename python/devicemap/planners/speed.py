@@ -94,6 +94,19 @@ def speed_no_split(model: torch.nn.Module, classes: Sequence[str]) -> list[str]:
     return [c for c in result if c not in added] + added
 
 
+def speed_block_patterns(model: torch.nn.Module) -> list[str]:
+    """Module name globs (``*`` for a layer index) of the speed objective's blocks of ``model``: what cuts a
+    checkpoint's headers into the same blocks (:func:`devicemap.plan_checkpoint`)."""
+    declared = getattr(model, "_no_split_modules", None) or []
+    classes = set(speed_no_split(model, sorted(declared)))
+    names: list[str] = []
+    for name, module in model.named_modules():
+        # named_modules lists a module before its children: an outer block hides the inner ones
+        if name and type(module).__name__ in classes and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return sorted({".".join("*" if part.isdigit() else part for part in n.split(".")) for n in names})
+
+
 def _tied_followers(tree: ModuleTree, blocks: Sequence[str]) -> set[str]:
     """Blocks sharing a tied tensor with an earlier block (not pinned: the core places them with it)."""
     index = dict.fromkeys(blocks, True)

@@ -24,15 +24,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidOptionError
 from ..inputs.arguments import check_mapping, check_path, check_strings
 from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.files import read_json_object, regular_file_status
 from .tree import ModuleTree
 from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK_CLASS = _core.BLOCK_CLASS
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
@@ -131,24 +134,72 @@ def checkpoint_tree(
     dtype: DtypeLike | None = None,
     block_pattern: str | Iterable[str] | None = None,
     config: Mapping[str, Any] | None = None,
+    layer_blocks: bool = True,
 ) -> ModuleTree:
     """The size tree of a checkpoint, from its headers (see the module docs). A pre-quantized checkpoint
-    (its ``config.json`` has a ``quantization_config``) is sized exactly as stored: ``dtype`` is not applied."""
+    (its ``config.json`` has a ``quantization_config``) is sized exactly as stored: ``dtype`` is not applied.
+    ``layer_blocks=False``: the decoder layers are not blocks by themselves, only what ``block_pattern``
+    names is (the speed objective cuts layers into attention and experts)."""
     path = Path(check_path("checkpoint path", path))
     if not path.exists():
         raise CheckpointError(f"bad checkpoint {path}: no such file or folder")
     check_mapping("config", config, "{'num_hidden_layers': 32, ...} (a parsed config.json)")
     config = dict(config) if config is not None else find_config(path) or {}
-    patterns = check_strings("block_pattern", block_pattern, "module name patterns", "'model.layers.*'") or []
+    patterns = check_block_patterns(block_pattern)
     bits = target_bits(dtype) if dtype is not None else None
     if config.get("quantization_config"):
         # Pre-quantized: the headers hold the stored sizes, quantization state (float32 scales) included,
         # which a dtype must not shrink; the floating weights are saved in the dtype they load in.
         bits = None
-    core = _core.tree_from_checkpoint(str(path), patterns, layer_counts(config), tie_groups(config), bits)
+    counts = layer_counts(config) if layer_blocks else []
+    core = _core.tree_from_checkpoint(str(path), patterns, counts, tie_groups(config), bits)
     tree = ModuleTree(core, no_split_module_classes=[BLOCK_CLASS])
     _warn_if_truncated(tree, config)
     return tree
+
+
+def check_block_patterns(block_pattern: str | Iterable[str] | None) -> list[str]:
+    """``block_pattern`` as a list of module name globs (``*``: one name component)."""
+    return check_strings("block_pattern", block_pattern, "module name patterns", "'model.layers.*'") or []
+
+
+def checkpoint_meta_model(config: Mapping[str, Any], path: str | Path) -> torch.nn.Module:
+    """The model a checkpoint's ``config.json`` describes, on the meta device: what the speed objective
+    costs its blocks' compute with (the bytes come from the headers)."""
+    if not config:
+        raise CheckpointError(
+            f"objective='speed' costs the checkpoint's modules, and {path} has no config.json beside it: "
+            "pass config= (the parsed config.json) or model= (the model on the meta device)"
+        )
+    fields = {k: v for k, v in config.items() if k != "quantization_config"}  # sizes come from the headers
+    model_type = fields.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"the config.json of {path} has no model_type: pass model= (the model on meta)")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise InvalidOptionError(
+            "objective='speed' on a checkpoint builds its model from config.json with transformers "
+            "(pip install transformers), or pass model="
+        ) from None
+    try:
+        described = transformers.AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # noqa: BLE001 - whatever transformers refuses is the config's fault
+        raise InvalidOptionError(
+            f"transformers cannot read the config.json of {path} (model_type {model_type!r}): {err}; "
+            "pass model= (the model on the meta device)"
+        ) from None
+    errors = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(described)  # type: ignore[no-any-return]
+        except Exception as err:  # noqa: BLE001 - any failure means: try the next auto class
+            errors.append(f"{auto.__name__}: {err}")
+    raise InvalidOptionError(
+        f"transformers cannot build the {model_type!r} model of {path} ({'; '.join(errors)}); pass model="
+    )
 
 
 def checkpoint_runtime_memory(
