@@ -43,12 +43,30 @@ def meta_model() -> torch.nn.Module:
         return transformers.Qwen3MoeForCausalLM(config()).to(torch.bfloat16)
 
 
-def save(folder: Path, fp8: bool = False) -> Path:
+def per_expert(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fused expert tensors (transformers 5's ``experts.gate_up_proj``) under the names published
+    checkpoints use, one module per expert (``experts.0.gate_proj.weight``, ...)."""
+    stem, _, kind = name.rpartition(".")
+    if kind == "gate_up_proj":
+        gate, up = value.chunk(2, dim=1)
+        return {
+            **{f"{stem}.{e}.gate_proj.weight": gate[e] for e in range(len(value))},
+            **{f"{stem}.{e}.up_proj.weight": up[e] for e in range(len(value))},
+        }
+    if kind == "down_proj" and stem.endswith("experts"):
+        return {f"{stem}.{e}.down_proj.weight": value[e] for e in range(len(value))}
+    return {name: value}
+
+
+def save(folder: Path, fp8: bool = False, unfused: bool = False) -> Path:
     """A random Qwen3-MoE checkpoint in bfloat16, or with its layers' matrices stored as float8 (one
-    float32 scale each), as an FP8 checkpoint stores them."""
+    float32 scale each), as an FP8 checkpoint stores them; ``unfused``: one module per expert."""
     torch.manual_seed(0)
+    state = transformers.Qwen3MoeForCausalLM(config()).to(torch.bfloat16).state_dict()
+    if unfused:
+        state = {k: v for name, value in state.items() for k, v in per_expert(name, value).items()}
     tensors = {}
-    for name, value in transformers.Qwen3MoeForCausalLM(config()).to(torch.bfloat16).state_dict().items():
+    for name, value in state.items():
         if fp8 and ".layers." in name and value.dim() >= 2:
             tensors[name] = value.to(torch.float8_e4m3fn).contiguous()
             tensors[f"{name}_scale_inv"] = torch.ones(1, dtype=torch.float32)
@@ -85,6 +103,17 @@ def test_the_headers_give_the_blocks_and_bytes_a_model_gives(tmp_path) -> None:
     fast = from_headers.estimate(workload, HARDWARE, model, dtype="bfloat16").decode.seconds
     plain = memory_plan.estimate(workload, HARDWARE, model, dtype="bfloat16").decode.seconds
     assert fast < plain
+
+
+def test_one_module_per_expert_in_the_headers_makes_the_same_blocks(tmp_path) -> None:
+    fused, unfused = (
+        speed_plan(save(tmp_path / "fused")),
+        speed_plan(save(tmp_path / "unfused", unfused=True)),
+    )
+    assert set(unfused.assignments) == set(fused.assignments)
+    for name in fused.assignments:
+        assert unfused.block_bytes(name) == fused.block_bytes(name), name
+    assert unfused.assignments == fused.assignments
 
 
 def test_a_pre_quantized_checkpoint_is_planned_at_its_stored_width(tmp_path) -> None:
