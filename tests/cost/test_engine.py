@@ -180,3 +180,58 @@ def test_calibrated_model_meets_the_readme_claim_on_held_out_rows() -> None:
         for field in module.FREE[name]:
             shipped = getattr(Engine.preset(name), field)
             assert getattr(engine, field) == pytest.approx(shipped, rel=0.06), (name, field)
+
+
+# --- quantized kernels: a fixed time per call ---------------------------------------------------------------
+
+
+def test_each_quantized_module_call_on_a_gpu_costs_the_engines_fixed_time() -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, vocab_size=512
+    )
+    import torch
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    bnb = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    plan = devicemap.plan(model, {0: "1GiB"}, dtype="float16", quantization_config=bnb)
+    workload = devicemap.Workload(batch_size=1, seq_len=16)
+    hardware = Hardware.preset("a10g")
+    free = replace(hardware, engine=replace(hardware.engine, quantized_call_seconds=()))
+    charged, plain = (
+        plan.estimate(workload, hw, model, dtype="float16").decode.seconds for hw in (hardware, free)
+    )
+    # bitsandbytes converts every Linear but the output head: 7 per Llama layer
+    assert charged - plain == pytest.approx(3 * 7 * hardware.engine.call_seconds("bitsandbytes_8bit"))
+    unquantized = devicemap.plan(model, {0: "1GiB"}, dtype="float16")
+    assert unquantized.estimate(workload, hardware, model, dtype="float16").decode.seconds == pytest.approx(
+        unquantized.estimate(workload, free, model, dtype="float16").decode.seconds
+    )
+    with pytest.raises(devicemap.InvalidOptionError, match="quantized_call_seconds"):
+        Engine("x", quantized_call_seconds=(("bitsandbytes_8bit", -1.0),))
+
+
+def calibrate_quantized() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_quantized", REPO / "benches" / "calibrate_quantized.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_call_costs_are_the_fit_and_meet_the_readme_claim() -> None:
+    pytest.importorskip("bitsandbytes")
+    module = calibrate_quantized()
+    data = module.load()
+    assert data["source"] and data["assumed"] and {r["use"] for r in data["rows"]} == {"fit", "held-out"}
+    fitted = module.fit(data["rows"])
+    for method, seconds in fitted.items():
+        assert Engine.preset("accelerate").call_seconds(method) == pytest.approx(seconds, rel=0.02), method
+    held = [r["error"] for r in module.table(data["rows"], fitted) if r["row"]["use"] == "held-out"]
+    found = re.search(r"held-out quantized latency within ([\d.]+)x", (REPO / "README.md").read_text())
+    assert found, "README.md states the held-out error of the quantized kernels' fit"
+    assert max(held) <= float(found.group(1)) + 0.005

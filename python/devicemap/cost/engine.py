@@ -69,6 +69,14 @@ class Engine:
     """Fixed seconds per forward pass (each decoded token; a prefill) outside the blocks."""
     prefill_efficiency: float = 1.0
     """Multiplies ``GPU.flop_rate`` in prefill (at most 2: see the module docstring)."""
+    quantized_call_seconds: tuple[tuple[str, float], ...] = ()
+    """Per quant method (``"bitsandbytes_4bit"``, ...), the fixed seconds one call of a quantized module's
+    GPU kernel costs per forward pass on top of the bytes it reads (dequantization, launch); methods not
+    listed cost nothing extra."""
+
+    def call_seconds(self, kernel: str | None) -> float:
+        """Fixed seconds per call of a module quantized by ``kernel`` (0 when not listed)."""
+        return dict(self.quantized_call_seconds).get(kernel, 0.0) if kernel is not None else 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -77,8 +85,23 @@ class Engine:
             raise InvalidOptionError(
                 f"Engine {self.name!r}: pinned must be True or False, got {self.pinned!r:.80}"
             )
+        calls = self.quantized_call_seconds
+        if not isinstance(calls, tuple) or not all(
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], (int, float))
+            and not isinstance(pair[1], bool)
+            and math.isfinite(pair[1])
+            and pair[1] >= 0
+            for pair in calls
+        ):
+            raise InvalidOptionError(
+                f"Engine {self.name!r}: quantized_call_seconds must be (method, seconds >= 0) pairs such as "
+                f"(('bitsandbytes_4bit', 1e-4),), got {calls!r:.80}"
+            )
         for f in fields(self):
-            if f.name in ("name", "source", "pinned"):
+            if f.name in ("name", "source", "pinned", "quantized_call_seconds"):
                 continue
             value = getattr(self, f.name)
             upper = 2.0 if f.name == "prefill_efficiency" else None if "seconds" in f.name else 1.0
@@ -136,6 +159,9 @@ ACCELERATE = Engine(
     hop_seconds=100e-6,  # not fitted (see source)
     token_overhead_seconds=0.0235,  # fitted: HF generate on a Titan RTX (2022)
     prefill_efficiency=1.0,  # not fitted: the rows' prefills are too small (or streamed) to separate it
+    # fitted by benches/calibrate_quantized.py on optimum-quanto PR #62 (A10G, transformers generate, 2023):
+    # a call of a bitsandbytes Linear at batch 1 costs this on top of its bytes
+    quantized_call_seconds=(("bitsandbytes_8bit", 627e-6), ("bitsandbytes_4bit", 109e-6)),
 )
 """The default: what ``devicemap.plan(...)`` plans and what ``dispatch`` runs (accelerate's hooks)."""
 

@@ -117,6 +117,11 @@ class BlockCost:
     """Where the block computes a pass of at least ``prefill_min_tokens`` tokens, when not ``execution``
     (a CPU-run block streamed to a GPU for prefill: :attr:`devicemap.Plan.prefill_streams`)."""
     prefill_min_tokens: int = 0
+    quantized_calls: int = 0
+    """Modules of the block whose weights a quantizer converted: each call of their kernel costs the
+    engine's fixed ``quantized_call_seconds`` for ``kernel`` on a GPU, on top of the bytes read."""
+    kernel: str | None = None
+    """The quant method of those modules (``"bitsandbytes_4bit"``, ...)."""
 
     def for_tokens(self, tokens: int) -> BlockCost:
         """The block as it runs a pass of ``tokens`` tokens (streamed to its prefill GPU above the threshold)."""
@@ -377,6 +382,8 @@ def _block_terms(
         gpu = hw.gpu(device)
         rate = gpu.read_rate(bits) * engine.gpu_read_efficiency
         read = (read_bytes + expert_read) / rate
+        if block.quantized_calls:  # a quantized kernel's fixed time per call, once per pass
+            read += block.quantized_calls * engine.call_seconds(block.kernel)
         flop_rate = gpu.flop_rate(bits) * (engine.prefill_efficiency if phase == "prefill" else 1.0)
     else:
         rate = hw.host.read_rate(bits)
@@ -550,10 +557,15 @@ def block_costs(
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     head_weight = getattr(head, "weight", None)
+    quantized = plan.tree.quantized_modules if plan.tree is not None else None
+    kernel, converted = quantized if quantized is not None else (None, frozenset[str]())
+    calls = dict.fromkeys(assignments, 0)
     for name, module in model.named_modules():
         block = closest_key(name, assignments)
         if block is None or plan.tree is None:
             continue
+        if name in converted:
+            calls[block] += 1
         if count and is_routed_experts(name.rsplit(".", 1)[-1], module, count):
             experts[block] += plan.tree.module_bytes(name)
         elif isinstance(module, torch.nn.Embedding) and module.weight is not head_weight:
@@ -575,6 +587,8 @@ def block_costs(
             lookup_rows=rows[name],
             prefill_execution=streams[name].device if name in streams else None,
             prefill_min_tokens=streams[name].min_tokens if name in streams else 0,
+            quantized_calls=calls[name],
+            kernel=kernel if calls[name] else None,
         )
         for name, storage in assignments.items()
     ]

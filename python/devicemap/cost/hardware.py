@@ -283,6 +283,7 @@ class Hardware:
         host   desktop-ddr4  mem 51.2 GB/s x0.7  bf16 1.0 TFLOP/s x0.5   fp32 1.0 TFLOP/s  disk 7.0 GB/s
         engine accelerate  stream x0.33 (pageable)  GPU read x1  CPU dense x0.86, experts x0.57  hop 100 us
         overhead 23.50 ms/pass
+               per quantized module call: bitsandbytes_8bit 627 us, bitsandbytes_4bit 109 us
         """
         rows = []
         for i, g in enumerate(self.gpus):
@@ -321,6 +322,11 @@ class Hardware:
             f"CPU dense x{e.cpu_dense_efficiency:g}, experts x{e.cpu_expert_efficiency:g}  "
             f"hop {e.hop_seconds * 1e6:.0f} us  overhead {e.token_overhead_seconds * 1e3:.2f} ms/pass"
         )
+        if e.quantized_call_seconds:
+            calls = ", ".join(
+                f"{method} {seconds * 1e6:.0f} us" for method, seconds in e.quantized_call_seconds
+            )
+            lines.append(f"       per quantized module call: {calls}")
         return "\n".join(lines)
 
 

@@ -91,6 +91,9 @@ class ModuleTree:
         """Classes the model itself declares unsplittable (transformers' ``_no_split_modules``)."""
         self.module_types: frozenset[type] = frozenset()
         """The Python types of the exported modules and parameters (empty for checkpoint trees)."""
+        self.quantized_modules: tuple[str, frozenset[str]] | None = None
+        """The quant method and the modules whose weights it converts (sized with a ``quantization_config``;
+        ``None`` otherwise): the speed model charges their kernels' fixed cost per call."""
 
     @classmethod
     def from_module(
@@ -190,6 +193,9 @@ class ModuleTree:
         core = walk.build(groups)
         tree = cls(core, no_split_module_classes=declared_no_split_classes(model))
         tree.module_types = frozenset(walk.types())
+        if loaded is not None and loaded.method is not None:
+            converted = frozenset(name.rpartition(".")[0] for name in loaded.quantized_names)
+            tree.quantized_modules = (loaded.method, converted)
         return tree
 
     # -- queries -------------------------------------------------------------------------------
