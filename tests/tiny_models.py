@@ -60,3 +60,21 @@ def big_vocab_llama_config() -> transformers.LlamaConfig:
         num_key_value_heads=2,
         tie_word_embeddings=False,
     )
+
+
+def small_qwen3_moe_config(**overrides) -> transformers.Qwen3MoeConfig:
+    """A Qwen3-MoE small enough to plan and save in a test (4 layers of 8 experts, top 2, 256 wide), whose
+    experts are the bulk of each layer as in the real ones; ``overrides`` as for :func:`tiny_llama_config`."""
+    fields = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=4096,
+    )
+    return transformers.Qwen3MoeConfig(**{**fields, **overrides})

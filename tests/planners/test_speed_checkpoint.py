@@ -13,6 +13,7 @@ import torch
 import devicemap
 from devicemap.cost.hardware import Hardware
 from devicemap.errors import CheckpointError, InvalidOptionError
+from tiny_models import small_qwen3_moe_config
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -23,19 +24,7 @@ MEMORY = {0: "16MiB", "cpu": "1GiB"}  # 8 MiB of it for the KV cache and logits
 
 
 def config() -> transformers.Qwen3MoeConfig:
-    return transformers.Qwen3MoeConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=4096,
-        tie_word_embeddings=False,
-    )
+    return small_qwen3_moe_config(tie_word_embeddings=False)
 
 
 def meta_model() -> torch.nn.Module:

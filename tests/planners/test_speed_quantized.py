@@ -10,6 +10,7 @@ import devicemap
 from devicemap.cost.hardware import Hardware
 from devicemap.errors import DoesNotFitError
 from optional_libraries import import_torchao_quantization
+from tiny_models import small_qwen3_moe_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,20 +21,8 @@ BNB_4BIT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quan
 
 
 def moe() -> torch.nn.Module:
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=4096,
-    )
     with torch.device("meta"):
-        return transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+        return transformers.Qwen3MoeForCausalLM(small_qwen3_moe_config()).to(torch.bfloat16)
 
 
 def dense() -> torch.nn.Module:

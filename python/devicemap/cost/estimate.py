@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from ..errors import InvalidOptionError
 from ..inputs.dtypes import dtype_bits, to_dtype
 from ..inputs.memory import device_key
-from ..inputs.model_config import config_count, config_value, text_config
+from ..inputs.model_config import config_count, config_value, meta_model_from_config, text_config
 from ..inputs.module_names import closest_key
 from ..sizing.compute import expert_share, flops_per_token, is_routed_experts
 from ..sizing.tree import ModuleTree
@@ -481,16 +481,7 @@ def _model_of(model_or_config: Any) -> torch.nn.Module:
             f"model_or_config must be a torch.nn.Module (meta device is fine) or a transformers config, "
             f"got {type(model_or_config).__name__}"
         )
-    errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            with torch.device("meta"):
-                return auto.from_config(model_or_config)  # type: ignore[no-any-return]
-        except Exception as error:  # noqa: BLE001 - any failure means: try the next auto class
-            errors.append(f"{auto.__name__}: {error}")
-    raise InvalidOptionError(
-        f"could not build a model from this config on the meta device ({'; '.join(errors)}); pass the model"
-    )
+    return meta_model_from_config(model_or_config, "this config", "pass the model")
 
 
 def _compute_bits(model: torch.nn.Module, plan: Placement, dtype: Any) -> int:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def text_config(config: Any) -> Any:
@@ -37,3 +40,21 @@ def config_count(config: Any, *names: str, default: int | None = None) -> int:
             f"the model config's {' / '.join(names)} is {value!r}: the workload needs a positive integer"
         )
     return value
+
+
+def meta_model_from_config(config: Any, what: str, fix: str) -> torch.nn.Module:
+    """The model a transformers config describes, on the meta device (a causal LM, else the bare model);
+    ``what`` names the config and ``fix`` the way out in the error when transformers cannot build it."""
+    import torch
+    import transformers
+
+    errors = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)  # type: ignore[no-any-return]
+        except Exception as err:  # noqa: BLE001 - any failure means: try the next auto class
+            errors.append(f"{auto.__name__}: {err}")
+    raise InvalidOptionError(
+        f"transformers cannot build a model from {what} on the meta device ({'; '.join(errors)}); {fix}"
+    )

@@ -31,6 +31,7 @@ from ..errors import CheckpointError, InvalidOptionError
 from ..inputs.arguments import check_mapping, check_path, check_strings
 from ..inputs.dtypes import DtypeLike, target_bits
 from ..inputs.files import read_json_object, regular_file_status
+from ..inputs.model_config import meta_model_from_config
 from .tree import ModuleTree
 from .workload import RuntimeMemory, Workload, compute_dtype, layer_runtime
 
@@ -176,7 +177,6 @@ def checkpoint_meta_model(config: Mapping[str, Any], path: str | Path) -> torch.
     if not isinstance(model_type, str):
         raise CheckpointError(f"the config.json of {path} has no model_type: pass model= (the model on meta)")
     try:
-        import torch
         import transformers
     except ImportError:
         raise InvalidOptionError(
@@ -190,16 +190,7 @@ def checkpoint_meta_model(config: Mapping[str, Any], path: str | Path) -> torch.
             f"transformers cannot read the config.json of {path} (model_type {model_type!r}): {err}; "
             "pass model= (the model on the meta device)"
         ) from None
-    errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            with torch.device("meta"):
-                return auto.from_config(described)  # type: ignore[no-any-return]
-        except Exception as err:  # noqa: BLE001 - any failure means: try the next auto class
-            errors.append(f"{auto.__name__}: {err}")
-    raise InvalidOptionError(
-        f"transformers cannot build the {model_type!r} model of {path} ({'; '.join(errors)}); pass model="
-    )
+    return meta_model_from_config(described, f"the config.json of {path}", "pass model=")
 
 
 def checkpoint_runtime_memory(
