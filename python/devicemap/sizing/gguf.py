@@ -111,9 +111,7 @@ def gguf_types(model: torch.nn.Module, file_type: str) -> dict[str, str]:
     )
     seventy_b = layers == 80 and getattr(config, "model_type", "") == "llama"
     output = _output_weight(model)
-    tied = output is not None and any(
-        p is output for n, p in model.named_parameters(remove_duplicate=False) if "embed" in n
-    )
+    tied = output is not None and _embedding_is_output(model, output)
     types: dict[str, str] = {}
     for name, param in model.named_parameters():
         shape = tuple(param.shape)
@@ -192,6 +190,17 @@ def _is_router(name: str, shape: tuple[int, ...], experts: int) -> bool:
         and shape[0] == experts
         and re.search(r"\.(gate|router)\b", name) is not None
     )
+
+
+def _embedding_is_output(model: torch.nn.Module, output: torch.Tensor) -> bool:
+    """Whether a token embedding is the output head's matrix: the same tensor, or a tie transformers
+    declares (``all_tied_weights_keys``; transformers 5.0 builds a model untied and ties it when loading)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    if any(p is output for n, p in named if "embed" in n):
+        return True
+    heads = {n for n, p in named if p is output}
+    declared = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return any((a in heads and "embed" in b) or (b in heads and "embed" in a) for a, b in declared.items())
 
 
 def _output_weight(model: torch.nn.Module) -> torch.Tensor | None:
