@@ -156,3 +156,39 @@ def test_the_command_plans_a_checkpoint_for_speed(tmp_path, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     assert printed["estimate"]["hardware"]["engine"] == "ideal"
     assert printed["device_map"] == speed_plan(folder).device_map
+
+
+def test_a_pre_quantized_bitsandbytes_checkpoint_pays_its_kernels_per_call(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from dataclasses import replace
+
+    from devicemap.sizing.quantization import pre_quantized_modules, quantized_sizer
+
+    bnb = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    model = meta_model()
+    sizer = quantized_sizer(model, bnb, "bfloat16", pre_quantized=True)
+    tensors = {}  # the entries bitsandbytes saves (weight, SCB), each as bytes of its stored size
+    for name, param in model.named_parameters():
+        parts = sizer.parts(name)
+        if parts is None:
+            tensors[name] = torch.zeros(param.shape, dtype=torch.bfloat16)
+        else:
+            tensors.update(
+                {entry: torch.zeros(bits // 8, dtype=torch.uint8) for entry, bits in parts.items()}
+            )
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    safetensors_torch.save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**config().to_dict(), "quantization_config": bnb}))
+    hardware = Hardware.preset("rtx-4090", host="desktop-ddr5")  # the calibrated accelerate engine
+    plan = devicemap.plan_checkpoint(
+        folder, {0: "64MiB"}, dtype="bfloat16", objective="speed", hardware=hardware
+    )
+    method, converted = pre_quantized_modules(model, bnb)
+    assert method == "bitsandbytes_8bit" and converted and plan.tree.quantized_modules == (method, converted)
+    free = replace(hardware, engine=replace(hardware.engine, quantized_call_seconds=()))
+    workload = devicemap.Workload()
+    charged, plain = (
+        plan.estimate(workload, hw, model, dtype="bfloat16").decode.seconds for hw in (hardware, free)
+    )
+    assert charged - plain == pytest.approx(len(converted) * hardware.engine.call_seconds(method))

@@ -22,7 +22,7 @@ from ..sizing.checkpoint import (
     find_config,
 )
 from ..sizing.compute import flops_per_token
-from ..sizing.quantization import offload_rule
+from ..sizing.quantization import offload_rule, pre_quantized_modules
 from ..sizing.tree import ModuleTree
 from ..sizing.workload import RuntimeMemory, Workload
 from ..sizing.workload import runtime_memory as workload_runtime
@@ -292,6 +292,8 @@ def plan_checkpoint(
             )
         patterns = [*check_block_patterns(block_pattern), *speed_block_patterns(model)]
         tree = checkpoint_tree(path, dtype=dtype, block_pattern=patterns, config=config, layer_blocks=False)
+        if isinstance(quantization, Mapping):  # its kernels' fixed cost per call (the bytes are the headers')
+            tree.quantized_modules = pre_quantized_modules(model, quantization)
         workload = workload if workload is not None else Workload()
         # the model's layers carry the KV cache: they are the checkpoint's names
         speed_runtime = workload_runtime(model, tree, workload, dtype)

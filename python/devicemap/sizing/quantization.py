@@ -197,6 +197,14 @@ class QuantizedSizer:
         return frozenset(self._parts)
 
     @property
+    def converted_modules(self) -> tuple[str, frozenset[str]] | None:
+        """The quant method and the modules whose weights it converts (``None`` without a quantizer): what
+        :attr:`devicemap.ModuleTree.quantized_modules` records for the speed model's kernel costs."""
+        if self.method is None:
+            return None
+        return self.method, frozenset(name.rpartition(".")[0] for name in self._parts)
+
+    @property
     def fp32_names(self) -> frozenset[str]:
         """The names of the tensors ``_keep_in_fp32_modules`` keeps in float32 (not quantized ones)."""
         return self._keep_fp32
@@ -338,6 +346,19 @@ def quantized_sizer(
 
 # ---------------------------------------------------------------------------------------------------
 # bitsandbytes
+
+
+def pre_quantized_modules(
+    model: torch.nn.Module, quantization_config: Any
+) -> tuple[str, frozenset[str]] | None:
+    """The quant method of a pre-quantized checkpoint's ``quantization_config`` and the modules of ``model``
+    (built from its config) that the quantizer converted, as :attr:`QuantizedSizer.converted_modules`;
+    ``None`` for a quantizer devicemap cannot size from a model (its checkpoint's bytes come from the
+    headers anyway)."""
+    try:
+        return quantized_sizer(model, quantization_config, pre_quantized=True).converted_modules
+    except InvalidOptionError:
+        return None
 
 
 def _bnb_4bit_parts(

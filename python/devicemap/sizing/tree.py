@@ -193,9 +193,8 @@ class ModuleTree:
         core = walk.build(groups)
         tree = cls(core, no_split_module_classes=declared_no_split_classes(model))
         tree.module_types = frozenset(walk.types())
-        if loaded is not None and loaded.method is not None:
-            converted = frozenset(name.rpartition(".")[0] for name in loaded.quantized_names)
-            tree.quantized_modules = (loaded.method, converted)
+        if loaded is not None:
+            tree.quantized_modules = loaded.converted_modules
         return tree
 
     # -- queries -------------------------------------------------------------------------------
