@@ -156,6 +156,9 @@ def test_the_command_plans_a_checkpoint_for_speed(tmp_path, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     assert printed["estimate"]["hardware"]["engine"] == "ideal"
     assert printed["device_map"] == speed_plan(folder).device_map
+    (folder / "config.json").unlink()
+    assert cli.main([*args, "--hardware", "rtx-4090"]) == 2
+    assert "config.json beside the checkpoint" in capsys.readouterr().err
 
 
 def test_a_pre_quantized_bitsandbytes_checkpoint_pays_its_kernels_per_call(tmp_path) -> None:

@@ -428,6 +428,9 @@ def run_plan(args: argparse.Namespace) -> int:
         execution_device = PlacementOptions.parse(execution_device=execution_device).execution_device
     machine = hardware_from_args(args, memory)
     no_split: list[str] | None = None
+    checkpoint_model: Any = (
+        None  # a checkpoint's model, built from its config.json when the speed model needs it
+    )
     if source.kind == "checkpoint":
         needs_modules = [
             flag
@@ -444,6 +447,13 @@ def run_plan(args: argparse.Namespace) -> int:
                 f"{' and '.join(needs_modules)} need the model's modules, and a checkpoint is planned from its "
                 "headers: plan its config.json (or the catalog name) instead"
             )
+        if machine is not None and source.config is None:
+            raise InvalidOptionError(
+                "--hardware and --objective speed cost the model's modules, built from its config.json: add "
+                "the model's config.json beside the checkpoint"
+            )
+        # built once, for the speed objective and the estimate (the bytes are the headers')
+        checkpoint_model = source.meta_model("plan") if machine is not None else None
         result = plan_checkpoint(
             str(source.path),
             max_memory=memory,
@@ -454,6 +464,7 @@ def run_plan(args: argparse.Namespace) -> int:
             # model its config.json describes
             objective=args.objective,
             hardware=machine if args.objective == "speed" else None,
+            model=checkpoint_model if args.objective == "speed" else None,
             **placement,
         )
     elif (shape := catalog_shape(source, args.quant, args.objective == "speed", machine)) is not None:
@@ -491,10 +502,7 @@ def run_plan(args: argparse.Namespace) -> int:
         no_split = no_split if no_split is not None else model_no_split(model)
     speed = None
     if machine is not None:
-        if source.kind == "checkpoint" and source.config is None:
-            raise InvalidOptionError("--hardware needs the model's config.json beside the checkpoint")
-        # a checkpoint's compute is its config's model's (its bytes are the plan's, from the headers)
-        described = model if source.kind != "checkpoint" else source.meta_model("plan")
+        described = model if source.kind != "checkpoint" else checkpoint_model
         speed = result.estimate(workload, machine, described, dtype=dtype)
     if args.json:
         # The CLI builds its Workload with a dtype name (cli_inputs.kv_dtype), never a torch.dtype.
